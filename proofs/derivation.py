@@ -57,10 +57,20 @@ def run(derivation: Derivation) -> Outcome:
 def is_zero(expr: sp.Expr) -> bool:
     """Decide ``expr == 0`` symbolically (cheap canonical forms first, then simplify)."""
     expr = sp.sympify(expr)
-    if expr == 0 or sp.cancel(sp.expand(expr)) == 0:
+    if expr == 0 or sp.cancel(expr) == 0 or sp.cancel(sp.expand(expr)) == 0:
         return True
     # Every base raised to a symbolic power here is a positive norm, so denesting holds.
     expr = sp.powdenest(expr, force=True)
+    if sp.cancel(sp.expand(expr)) == 0:
+        return True
+    # Roots of products of such norms: sqrt(A B) = sqrt(A) sqrt(B) once A B is factored.
+    expr = sp.expand_power_base(
+        expr.replace(
+            lambda e: e.is_Pow and not e.exp.is_integer and e.base.is_Add,
+            lambda e: sp.Pow(sp.factor(e.base), e.exp),
+        ),
+        force=True,
+    )
     if sp.cancel(sp.expand(expr)) == 0:
         return True
     return sp.simplify(expr) == 0

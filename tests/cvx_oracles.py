@@ -80,30 +80,41 @@ def np_norm(D: np.ndarray, norm: str | float) -> float:
     return float(np.linalg.norm(D.ravel(), float(norm)))
 
 
-def _solve(objective: cp.Expression, constraints: list, D: cp.Variable, unit: float) -> Oracle:
-    problem = cp.Problem(cp.Minimize(objective), constraints)
+# Clarabel settings tried in turn until one ends OPTIMAL. The defaults almost always do;
+# redundant equality constraints (D H = R with rank(H) < N, e.g. a rank-1 H with 8
+# columns) occasionally end OPTIMAL_INACCURATE or in a SolverError, and a stronger
+# static regularisation of the KKT system, or no equilibration, then converges (seen in the
+# "thorough" profile). Only the solver's numerics change, never the program.
+CLARABEL_SETTINGS = ({}, {"static_regularization_constant": 1e-7}, {"equilibrate_enable": False})
+
+
+def _run(problem: cp.Problem, solver: str, **settings) -> str:
     try:
         with warnings.catch_warnings():  # "Solution may be inaccurate": the status says so
             warnings.simplefilter("ignore", UserWarning)
-            problem.solve(solver=SOLVER)
-        status = problem.status
+            problem.solve(solver=solver, **settings)
+        return problem.status
     except cp.error.SolverError:
-        status = "solver_error"
+        return "solver_error"
+
+
+def _solve(objective: cp.Expression, constraints: list, D: cp.Variable, unit: float) -> Oracle:
+    problem = cp.Problem(cp.Minimize(objective), constraints)
+    for settings in CLARABEL_SETTINGS:
+        status = _run(problem, SOLVER, **settings)
+        if status in (cp.OPTIMAL, *INFEASIBLE):
+            break
     if status not in (cp.OPTIMAL, *INFEASIBLE):
-        # Clarabel occasionally stalls on INFEASIBLE programs whose equality constraints
-        # are redundant (D H = R with rank(H) < n): about 3% of the infeasible batch
-        # instances end in a SolverError. SCS solves the SAME program and certifies
-        # infeasibility reliably (300 of 300); it is consulted only for that verdict --
-        # its optimal values (~1e-4 accurate) are never used.
-        try:
-            problem.solve(solver=FALLBACK_SOLVER)
-            if problem.status in INFEASIBLE:
-                status = problem.status
-        except cp.error.SolverError:
-            pass
+        # Clarabel also stalls on some INFEASIBLE programs with redundant equality
+        # constraints: about 3% of the infeasible batch instances end in a SolverError.
+        # SCS solves the SAME program and certified infeasibility in 300 of 300; it is
+        # consulted only for that verdict -- its optimal values (~1e-4 accurate) are
+        # never used.
+        if _run(problem, FALLBACK_SOLVER) in INFEASIBLE:
+            status = problem.status
     if status != cp.OPTIMAL:
         return Oracle(status, None, None, unit)
-    return Oracle(problem.status, float(problem.value) * unit, np.asarray(D.value) * unit, unit)
+    return Oracle(status, float(problem.value) * unit, np.asarray(D.value) * unit, unit)
 
 
 def target_change(r: np.ndarray, h: np.ndarray, norm: str | float) -> Oracle:

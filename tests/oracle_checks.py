@@ -21,6 +21,9 @@ Tolerances (all relative) and why:
   IS the minimiser of a strictly convex norm.
 * ``ZERO_ATOL = 1e-7``: where the optimum is 0 (r = 0, m = 0), cvxpy's value of the
   normalised problem is 0 up to its absolute gap tolerance 1e-8.
+
+Every ``pytest.approx`` here passes ``abs=0``: its default absolute tolerance of 1e-12
+would otherwise accept ANY value below ~1e-12, and optimal values go down to 1e-12.
 """
 
 from __future__ import annotations
@@ -60,11 +63,11 @@ def check_against_oracle(value: float, D: np.ndarray, norm, oracle: cvx.Oracle) 
     """(a), (c), the recomputed norm of (b), and the Frobenius minimiser."""
     assert oracle.status == cp.OPTIMAL, f"cvxpy: {oracle.status}"
     recomputed = cvx.np_norm(D, norm)
-    assert recomputed == pytest.approx(value, rel=NORM_RTOL), (
+    assert recomputed == pytest.approx(value, rel=NORM_RTOL, abs=0), (
         f"||D*|| recomputed {recomputed!r} != reported value {value!r}"
     )
     # (a) agreement with the independent optimum
-    assert value == pytest.approx(oracle.value, rel=VALUE_RTOL), (
+    assert value == pytest.approx(oracle.value, rel=VALUE_RTOL, abs=0), (
         f"value {value!r} but cvxpy's optimum is {oracle.value!r} "
         f"(ratio {value / oracle.value!r})"
     )

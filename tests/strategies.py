@@ -207,12 +207,15 @@ def feasible_batch_instances(draw) -> BatchInstance:
     m, n, N = draw(dims), draw(dims), draw(dims)
     if case == "rank_deficient" and min(n, N) == 1:
         n, N = draw(st.integers(2, MAX_DIM)), draw(st.integers(2, MAX_DIM))
-    k = {"full_rank": min(n, N), "H_zero": 0}.get(case)
-    if k is None:
-        k = min(n, N) if case == "R_zero" else draw(st.integers(1, min(n, N) - 1))
+    if case == "rank_deficient":
+        k = draw(st.integers(1, min(n, N) - 1))
+    else:
+        k = 0 if case == "H_zero" else min(n, N)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     H = _low_rank(rng, n, N, k, draw(log_uniform()))
-    X = np.zeros((m, n)) if case in ("R_zero", "H_zero") else draw(log_uniform()) * rng.standard_normal((m, n))
+    X = draw(log_uniform()) * rng.standard_normal((m, n))
+    if case in ("R_zero", "H_zero"):
+        X = np.zeros((m, n))
     return BatchInstance(X @ H, H, k, case)
 
 
