@@ -105,6 +105,9 @@ CLASS_PAIR = {
     "lp": m / (2 ** (1 / q) * v_lq),
 }
 
+# Section 5: sup |GELU'(x)|, attained at x = sqrt(2) (GELU is not 1-Lipschitz).
+GELU_LIPSCHITZ = (1 + sp.erf(1)) / 2 + sp.exp(-1) / sp.sqrt(sp.pi)
+
 # Section 2: minimise ||D||_F (or ||D||_2) subject to D H = R; feasible iff R H^+ H = R.
 R_mat = sp.MatrixSymbol("R", sp.Symbol("m_rows"), sp.Symbol("N"))
 Hpinv = sp.MatrixSymbol("H_pinv", sp.Symbol("N"), sp.Symbol("n_cols"))
