@@ -85,9 +85,9 @@ def _vector(x, name: str) -> torch.Tensor:
 def _common_batch(*vectors: torch.Tensor, scalar: torch.Tensor | None = None):
     """Broadcast the batch dimensions of vectors ``(..., k)`` and an optional scalar ``(...)``."""
     shapes = [t.shape[:-1] for t in vectors] + ([] if scalar is None else [scalar.shape])
-    try:
-        batch = torch.broadcast_shapes(*shapes)
-    except RuntimeError:
+    try:  # numpy's, not torch's: torch.broadcast_shapes imports sympy on first use
+        batch = np.broadcast_shapes(*shapes)
+    except ValueError:
         raise ValueError(f"batch shapes {[tuple(s) for s in shapes]} do not broadcast") from None
     out = [t.expand(*batch, t.shape[-1]) for t in vectors]
     return out if scalar is None else (*out, scalar.expand(batch))
