@@ -11,16 +11,19 @@ problem                  convex program                         certify call
 ``batch_target_change``  ``min ||D||  s.t.  D H = R``           ``batch_target_change``
 =======================  =====================================  =========================
 
-The torch side is ONE batched call over all instances of a size (median wall time of
-several repeats, divided by the number of instances). The cvxpy side solves one instance
-at a time with Clarabel; its time is the wall time of ``prob.solve()``, compilation
-included. Each table row reports both times, their ratio and the largest relative error
-``|ours - cvxpy| / max(|cvxpy|, tiny)`` of the optimal values.
+The torch side is ONE batched call over all instances of a size (the whole API call:
+validation, value and minimiser; median wall time of several repeats, divided by the
+number of instances), on one thread by default like the solver. The cvxpy side solves one
+instance at a time with Clarabel; its time is the wall time of ``prob.solve()``,
+compilation included. Each table row reports both times, their ratio and the largest
+relative error ``|ours - cvxpy| / max(|cvxpy|, tiny)`` of the optimal values.
 
-cvxpy cannot do every cell: ``sigma_max`` becomes a semidefinite program with a
-``2n x 2n`` PSD cone (about a minute at n = 64 already), and ``D H = R`` has
-``m n N`` nonzeros in its constraint matrix. Such cells are reported as skipped; every
-other cell solves instances until its time budget is spent (at least one instance).
+cvxpy cannot do every cell in reasonable time: ``sigma_max`` becomes a semidefinite
+program with a ``2n x 2n`` PSD cone (about a minute per instance at n = 64 already), the
+entrywise max and sum norms become linear programs with ``2 m n`` inequalities (30 s to
+90 s per instance at n = 1024), and ``D H = R`` has ``m n N`` nonzeros in its constraint
+matrix. Such cells are reported as skipped (the limits are options); every other cell
+solves instances until its time budget is spent (at least one instance).
 
 Usage::
 
@@ -80,6 +83,7 @@ class Instances:
 
     @property
     def count(self) -> int:
+        """The number of instances ``B``."""
         return self.r.shape[0]
 
 
@@ -166,6 +170,8 @@ def skip_reason(problem: Problem, norm: str, size: int, args: argparse.Namespace
     """Why cvxpy is not run on a cell, or ``None`` when it is."""
     if norm == "spectral" and size > args.max_sdp_size:
         return "skipped (SDP too large)"
+    if norm in ("max", "sum") and size > args.max_lp_size:
+        return "skipped (LP too large)"
     if problem.name == "batch_target_change":
         nonzeros = size * size * max(1, size // 4)
         if nonzeros > args.max_nonzeros:
@@ -289,7 +295,8 @@ def fmt(x: float | None, spec: str = ".2e") -> str:
 def markdown_table(cells: list[Cell]) -> str:
     """The results as a markdown table, one row per cell."""
     lines = [
-        "| problem | norm | size | torch s/inst | cvxpy s/inst | cvxpy / torch | max rel. error | note |",
+        "| problem | norm | size | torch s/inst | cvxpy s/inst | cvxpy / torch "
+        "| max rel. error | note |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for c in cells:
@@ -316,18 +323,23 @@ def environment() -> dict:
 
 def markdown_report(cells: list[Cell], config: dict, env: dict, total_s: float) -> str:
     """A markdown document: how the numbers were taken, then the table."""
-    return (
-        f"# certify closed forms vs cvxpy\n\n"
-        f"Square layers m = n = size, {config['instances']} random float64 instances per size "
-        f"(seed {config['seed']}). torch: one batched call over all instances, median of "
-        f"repeats, divided by the instance count. cvxpy {env['cvxpy']} + {env['solver']}: "
-        f"wall time of `prob.solve()` (compilation included), mean over the instances solved "
-        f"within a {config['budget']:g} s budget per cell. Relative error: "
-        f"|ours - cvxpy| / |cvxpy| of the optimal value, largest over instances.\n\n"
-        f"torch {env['torch']} ({env['torch_threads']} threads), Python {env['python']}, "
-        f"{env['machine']}. Total run time {total_s:.0f} s.\n\n"
-        f"{markdown_table(cells)}\n"
+    method = (
+        f"Square layers m = n = size, {config['instances']} random float64 instances per "
+        f"size (seed {config['seed']}). torch: one batched call over all instances "
+        f"(validation, value and minimiser), median of repeats, divided by the instance "
+        f"count. cvxpy {env['cvxpy']} + {env['solver']}: wall time of `prob.solve()` "
+        f"(compilation included), mean over the instances solved within a "
+        f"{config['budget']:g} s budget per cell. Relative error: |ours - cvxpy| / |cvxpy| "
+        f"of the optimal value, largest over instances. cvxpy is skipped for sigma_max (an "
+        f"SDP) above size {config['max_sdp_size']}, for the max and sum norms (LPs) above "
+        f"size {config['max_lp_size']} and for D H = R above {config['max_nonzeros']:.0e} "
+        f"constraint nonzeros."
     )
+    machine = (
+        f"torch {env['torch']} ({env['torch_threads']} threads), Python {env['python']}, "
+        f"{env['machine']}. Total run time {total_s:.0f} s."
+    )
+    return f"# certify closed forms vs cvxpy\n\n{method}\n\n{machine}\n\n{markdown_table(cells)}\n"
 
 
 def plot_speed_ratio(cells: list[Cell], path: Path) -> None:
@@ -368,8 +380,9 @@ def write_outputs(cells: list[Cell], config: dict, total_s: float, out: Path) ->
 def progress_line(cell: Cell) -> str:
     """One line per finished cell for the progress output."""
     return (
-        f"{cell.problem:>20} {cell.norm:>8} {cell.size:>5}: torch {fmt(cell.torch_s_per_instance)} s, "
-        f"cvxpy {fmt(cell.cvxpy_s_per_instance)} s, ratio {fmt(cell.speed_ratio, '.1e')}, "
+        f"{cell.problem:>20} {cell.norm:>8} {cell.size:>5}: "
+        f"torch {fmt(cell.torch_s_per_instance)} s, cvxpy {fmt(cell.cvxpy_s_per_instance)} s, "
+        f"ratio {fmt(cell.speed_ratio, '.1e')}, "
         f"rel. err {fmt(cell.max_rel_error, '.1e')} {cell.note}"
     )
 
@@ -383,14 +396,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks",
                         help="output folder (default: results/benchmarks in the repository)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test in seconds: sizes 8 16, 2 instances, short torch timing")
+                        help="smoke test in seconds: sizes 8 16, 2 instances, short timing")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--budget", type=float, default=30.0,
-                        help="cvxpy seconds per cell; at least one instance is solved (default: 30)")
+                        help="cvxpy seconds per cell, at least one instance (default: 30)")
     parser.add_argument("--max-sdp-size", type=int, default=64,
                         help="largest size for which sigma_max (an SDP) is solved (default: 64)")
+    parser.add_argument("--max-lp-size", type=int, default=256,
+                        help="largest size for which the max and sum norms (LPs) are solved "
+                             "(default: 256)")
     parser.add_argument("--max-nonzeros", type=float, default=5e7,
                         help="largest m*n*N for cvxpy on D H = R (default: 5e7)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads (default: 1, like the solver)")
     parser.add_argument("--repeats", type=int, default=7,
                         help="minimum torch repeats per cell (default: 7)")
     parser.add_argument("--min-seconds", type=float, default=0.2,
@@ -402,7 +420,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run every (size, problem, norm) cell, then write and print the results."""
     args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     start = time.perf_counter()
     jobs = [(size, problem, norm) for size in args.sizes for problem in PROBLEMS

@@ -15,6 +15,7 @@ a number ``p > 1``    entrywise ``l_p`` (``2`` is ``"fro"``, ``inf`` is ``"max"`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,7 @@ def canonical_norm(norm: str | float) -> tuple[str, float | None]:
             f"unknown norm {norm!r}: use one of {', '.join(map(repr, NORMS))} "
             "or a number p > 1 for the entrywise l_p norm"
         )
-    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+    if isinstance(norm, numbers.Real) and not isinstance(norm, (bool, np.bool_)):
         p = float(norm)
         if p == 1.0:
             return "sum", None
@@ -103,10 +104,29 @@ def _require_feasible(infeasible: torch.Tensor, why: str) -> None:
         raise ValueError(f"infeasible at batch index {where}: {why}")
 
 
+def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
+    """``2^round(log2 max|t|)`` per batch entry (``1`` for zero rows): exact to divide by."""
+    peak = t.abs().amax(dim=-1)
+    exponent = torch.round(torch.log2(torch.where(peak > 0, peak, torch.ones_like(peak))))
+    return torch.exp2(exponent)
+
+
 def _rank_one(kernel, args, safe_vectors, zero, norm_name, p):
-    """Run a rank-one kernel where its inputs are nonzero; the solution is 0 elsewhere."""
+    """Run a rank-one kernel where its inputs are nonzero; the solution is 0 elsewhere.
+
+    Each vector is first divided by a power of two near its largest entry, and the solution
+    multiplied back: every problem here has a minimiser of degree +1 in the row-side vector
+    and -1 in ``h``, so this changes no bit of the answer but keeps squared norms (``||h||^2``
+    in the Frobenius minimiser) from overflowing or underflowing at extreme scales.
+    """
     safe = [torch.where(zero[..., None], torch.ones_like(t), t) for t in safe_vectors]
+    row_scale, col_scale = (_power_of_two_scale(t) for t in safe)
+    safe = [safe[0] / row_scale[..., None], safe[1] / col_scale[..., None]]
     value, minimiser = kernel(*safe, *args, *(() if p is None else (p,)))
+    # Section 1 (D h = r): degree +1 in r. Section 3 (<D, c h^T> = -m): degree -1 in c.
+    factor = (row_scale if not args else 1 / row_scale) / col_scale
+    value = value * factor
+    minimiser = minimiser * factor[..., None, None]
     value = torch.where(zero, torch.zeros_like(value), value)
     minimiser = torch.where(zero[..., None, None], torch.zeros_like(minimiser), minimiser)
     return MinimalPerturbation(value, minimiser, norm_name)
@@ -220,6 +240,7 @@ def class_pair_radius(logits, h, norm: str | float = "fro", *, bias: bool = Fals
     pair = getattr(kernels, f"class_pair_{name}")
     value = pair(m, safe_h, *(() if p is None else (p,)))
     value = torch.where(zero_h, torch.full_like(value, math.inf), value)
+    value = torch.where(m == 0, torch.zeros_like(value), value)  # already tied: radius 0
     return ClassPairRadius(value, runner_up, predicted, margin, minimiser, norm_name(norm))
 
 
@@ -243,6 +264,13 @@ def batch_target_change(R, H, norm: str = "fro", *, rtol: float | None = None) -
             f"R must be (..., m, N) and H (..., n, N) with the same N, got "
             f"{tuple(R.shape)} and {tuple(H.shape)}"
         )
+    try:
+        np.broadcast_shapes(R.shape[:-2], H.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"batch shapes {tuple(R.shape[:-2])} of R and {tuple(H.shape[:-2])} of H do not "
+            "broadcast"
+        ) from None
     H_pinv = torch.linalg.pinv(H)
     D = kernels.batch_minimiser(R, H_pinv)
     residual = torch.linalg.matrix_norm(D @ H - R)

@@ -2,8 +2,8 @@
 
 Nothing here uses a closed form under test. The programs are stated literally (variable
 ``D``, the linear constraint, the norm as a cvxpy atom) and solved by Clarabel with its
-default tolerances (SCS only confirms infeasibility where Clarabel stalls, see
-``_solve``).
+default tolerances (two numerical fallback settings, ``CLARABEL_SETTINGS``, where the
+defaults stall; SCS only confirms infeasibility where Clarabel cannot, see ``_solve``).
 
 Scaling. The instances span scales 1e-6..1e6 per operand, so optimal values span
 1e-12..1e12. Clarabel's stopping rules are partly absolute (``tol_gap_abs = 1e-8``,
@@ -96,11 +96,20 @@ def _run(problem: cp.Problem, solver: str, **settings) -> str:
         return problem.status
     except cp.error.SolverError:
         return "solver_error"
+    except BaseException as err:
+        # Clarabel's Rust core can panic in its PSD cone ("Eigval error", seen once in
+        # ~10^4 spectral-norm solves); pyo3 raises that as PanicException, a
+        # BaseException. Treat it as a failed solve; re-raise anything else.
+        if type(err).__name__ == "PanicException":
+            return "solver_error"
+        raise
 
 
 def _solve(objective: cp.Expression, constraints: list, D: cp.Variable, unit: float) -> Oracle:
-    problem = cp.Problem(cp.Minimize(objective), constraints)
+    # A fresh Problem per attempt: cvxpy caches the solver object on the Problem, and a
+    # failed (possibly panicked) solver must not be reused.
     for settings in CLARABEL_SETTINGS:
+        problem = cp.Problem(cp.Minimize(objective), constraints)
         status = _run(problem, SOLVER, **settings)
         if status in (cp.OPTIMAL, *INFEASIBLE):
             break
@@ -110,6 +119,7 @@ def _solve(objective: cp.Expression, constraints: list, D: cp.Variable, unit: fl
         # SCS solves the SAME program and certified infeasibility in 300 of 300; it is
         # consulted only for that verdict -- its optimal values (~1e-4 accurate) are
         # never used.
+        problem = cp.Problem(cp.Minimize(objective), constraints)
         if _run(problem, FALLBACK_SOLVER) in INFEASIBLE:
             status = problem.status
     if status != cp.OPTIMAL:

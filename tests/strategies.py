@@ -3,8 +3,8 @@
 Every instance draws its dimensions from 1..12 and a log-uniform scale from [1e-6, 1e6]
 SEPARATELY for each operand, so the ratio of the scales (and hence the optimal value)
 spans 1e-12..1e12. Entries are ``scale * sign * mantissa`` with mantissa in [1e-3, 1] (or
-an exact 0 now and then), so a vector's scale is what the instance says it is and no entry
-is subnormal. Degenerate cases are drawn with fixed probabilities (the case index shrinks
+an exact 0 now and then): the largest magnitude lies in [1e-3, 1] * scale, and no entry is
+subnormal or so small relative to the others that it is invisible to every norm. Degenerate cases are drawn with fixed probabilities (the case index shrinks
 towards 0, the generic case):
 
 * a zero operand (``h = 0``, ``r = 0``, ``c = 0``, ``m = 0``, ``H = 0``);

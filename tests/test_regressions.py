@@ -1,0 +1,52 @@
+"""Defects the oracle tests found in ``certify.perturbation``, pinned after their fixes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import certify
+
+
+def test_class_pair_h_zero_with_tied_logits_has_radius_zero():
+    # Logits (1, 1, 0): classes 0 and 1 already tie, so D = 0 does it and the radius is 0,
+    # even though no weight change can move the output when h = 0.
+    result = certify.class_pair_radius([1.0, 1.0, 0.0], [0.0, 0.0], "fro")
+    assert float(result.value) == 0.0
+    assert math.isinf(float(certify.class_pair_radius([2.0, 1.0], [0.0, 0.0], "fro").value))
+
+
+def test_numpy_integer_exponent_is_a_number():
+    by_int = certify.target_change([1.0, 2.0], [1.0, -1.0], np.int64(3))
+    by_float = certify.target_change([1.0, 2.0], [1.0, -1.0], 3.0)
+    assert float(by_int.value) == float(by_float.value)
+    assert by_int.norm == "l3.0"
+
+
+def test_batch_target_change_batch_mismatch_is_value_error():
+    with pytest.raises(ValueError, match="broadcast"):
+        certify.batch_target_change(np.ones((2, 3, 4)), np.ones((5, 2, 4)))
+
+
+@pytest.mark.parametrize("norm", ["fro", "spectral", "max", "sum", 3.0])
+@pytest.mark.parametrize("scale", [1e160, 1e-170])
+def test_closed_form_at_extreme_scales(norm, scale):
+    # ||h||_2^2 overflows (underflows) here although the answer is representable.
+    r, h = np.array([1.0]), np.array([scale, -scale])
+    result = certify.target_change(r, h, norm)
+    D = result.minimiser.numpy()
+    expected = {"fro": math.sqrt(2.0), "spectral": math.sqrt(2.0), "max": 2.0, "sum": 1.0,
+                3.0: 2 ** (2 / 3)}[norm]
+    assert float(result.value) == pytest.approx(1.0 / (expected * scale), rel=1e-12, abs=0)
+    assert D @ h == pytest.approx(r, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("norm", ["fro", "max", "sum", 1.5])
+def test_margin_functional_at_extreme_scales(norm):
+    c, h = np.array([1e-160, -2e-160]), np.array([3e170, 1e170])
+    result = certify.margin_functional(c, h, 1.0, norm)
+    D = result.minimiser.numpy()
+    assert np.sum(D * np.outer(c, h)) == pytest.approx(-1.0, rel=1e-12)
+    assert np.isfinite(float(result.value)) and float(result.value) > 0
