@@ -4,7 +4,14 @@ Importing this package registers each derivation (one per result and shape) in
 ``proofs.derivation.REGISTRY``; ``certify prove`` runs them all.
 """
 
-from proofs import batch, compression, lipschitz, margin, target_change  # noqa: F401  (register)
+from proofs import (  # noqa: F401  (importing registers the derivations)
+    batch,
+    compression,
+    cvxpy_check,
+    lipschitz,
+    margin,
+    target_change,
+)
 from proofs.derivation import REGISTRY, Derivation, DerivationError, Outcome, run
 
 __all__ = ["REGISTRY", "Derivation", "DerivationError", "Outcome", "run"]
