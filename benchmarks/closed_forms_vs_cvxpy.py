@@ -30,7 +30,8 @@ Usage::
     python benchmarks/closed_forms_vs_cvxpy.py            # default run, under ~10 minutes
     python benchmarks/closed_forms_vs_cvxpy.py --quick    # smoke test, a few seconds
 
-Writes ``closed_forms_vs_cvxpy.{json,md,png}`` to ``--out``.
+Writes ``closed_forms_vs_cvxpy.{json,md,png}`` to ``--out`` (default
+``results/benchmarks``, or ``results/benchmarks/quick`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ import certify
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import NullLocator  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "benchmarks"
 NAME = "closed_forms_vs_cvxpy"
 SOLVER = cp.CLARABEL
 TINY = np.finfo(np.float64).tiny
@@ -344,6 +346,7 @@ def markdown_report(cells: list[Cell], config: dict, env: dict, total_s: float) 
 
 def plot_speed_ratio(cells: list[Cell], path: Path) -> None:
     """Speed ratio cvxpy / torch against size, log-log, one panel per problem."""
+    sizes = sorted({c.size for c in cells})
     fig, axes = plt.subplots(1, len(PROBLEMS), figsize=(5 * len(PROBLEMS), 4), sharey=True)
     for ax, problem in zip(axes, PROBLEMS):
         for norm in problem.norms:
@@ -355,6 +358,8 @@ def plot_speed_ratio(cells: list[Cell], path: Path) -> None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=norm)
         ax.set(xscale="log", yscale="log", title=problem.name, xlabel="size (m = n)")
+        ax.set_xticks(sizes, labels=[str(size) for size in sizes], minor=False)
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     axes[0].set_ylabel("cvxpy time / torch time per instance")
@@ -393,8 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256, 1024],
                         help="layer sizes m = n (default: 16 64 256 1024)")
     parser.add_argument("--instances", type=int, default=4, help="instances per size (default: 4)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks",
-                        help="output folder (default: results/benchmarks in the repository)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: results/benchmarks in the repository, "
+                             "results/benchmarks/quick with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test in seconds: sizes 8 16, 2 instances, short timing")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -416,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.instances, args.min_seconds = [8, 16], 2, 0.01
+    if args.out is None:
+        args.out = DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT
     return args
 
 

@@ -119,7 +119,8 @@ def _rank_one(kernel, args, safe_vectors, zero, norm_name, p):
     and -1 in ``h``, so this changes no bit of the answer but keeps squared norms (``||h||^2``
     in the Frobenius minimiser) from overflowing or underflowing at extreme scales.
     """
-    safe = [torch.where(zero[..., None], torch.ones_like(t), t) for t in safe_vectors]
+    safe = [torch.where(zero[..., None], torch.ones_like(t), t) for t in safe_vectors] \
+        if zero.any() else list(safe_vectors)
     row_scale, col_scale = (_power_of_two_scale(t) for t in safe)
     safe = [safe[0] / row_scale[..., None], safe[1] / col_scale[..., None]]
     value, minimiser = kernel(*safe, *args, *(() if p is None else (p,)))
@@ -127,8 +128,9 @@ def _rank_one(kernel, args, safe_vectors, zero, norm_name, p):
     factor = (row_scale if not args else 1 / row_scale) / col_scale
     value = value * factor
     minimiser = minimiser * factor[..., None, None]
-    value = torch.where(zero, torch.zeros_like(value), value)
-    minimiser = torch.where(zero[..., None, None], torch.zeros_like(minimiser), minimiser)
+    if zero.any():  # full-size copies only when some problem is trivial
+        value = torch.where(zero, torch.zeros_like(value), value)
+        minimiser = torch.where(zero[..., None, None], torch.zeros_like(minimiser), minimiser)
     return MinimalPerturbation(value, minimiser, norm_name)
 
 
@@ -271,8 +273,13 @@ def batch_target_change(R, H, norm: str = "fro", *, rtol: float | None = None) -
             f"batch shapes {tuple(R.shape[:-2])} of R and {tuple(H.shape[:-2])} of H do not "
             "broadcast"
         ) from None
-    H_pinv = torch.linalg.pinv(H)
-    D = kernels.batch_minimiser(R, H_pinv)
+    # H^+ = V S^+ U^T from the thin SVD (cut-off as torch.linalg.pinv's default), so that
+    # ||D*||_2 = ||R V S^+||_2 needs only an m x N SVD (U has orthonormal columns).
+    U, S, Vh = torch.linalg.svd(H, full_matrices=False)
+    cutoff = max(H.shape[-2:]) * torch.finfo(H.dtype).eps * S[..., :1]
+    S_pinv = torch.where(S > cutoff, 1 / torch.where(S > 0, S, torch.ones_like(S)), torch.zeros_like(S))
+    RVS = (R @ Vh.mT) * S_pinv[..., None, :]
+    D = kernels.batch_minimiser(R, (Vh.mT * S_pinv[..., None, :]) @ U.mT)
     residual = torch.linalg.matrix_norm(D @ H - R)
     scale = torch.linalg.matrix_norm(R)
     tol = 1e-8 if rtol is None else rtol
@@ -280,5 +287,5 @@ def batch_target_change(R, H, norm: str = "fro", *, rtol: float | None = None) -
         residual > tol * scale,
         "R is not in the row space of H (R H^+ H != R): no D satisfies D H = R",
     )
-    ord = "fro" if norm == "fro" else 2
-    return MinimalPerturbation(torch.linalg.matrix_norm(D, ord=ord), D, norm)
+    value = torch.linalg.matrix_norm(RVS, ord="fro" if norm == "fro" else 2)
+    return MinimalPerturbation(value, D, norm)

@@ -67,8 +67,17 @@ def cvx_norm(D: cp.Expression, norm: str | float) -> cp.Expression:
 
 
 def np_norm(D: np.ndarray, norm: str | float) -> float:
-    """The norm recomputed with numpy, independently of certify."""
+    """The norm recomputed with numpy, independently of certify.
+
+    ``D`` is divided by a power of two first (exact) and the norm multiplied back, so the
+    squares inside numpy's Frobenius and l_p norms neither overflow nor underflow.
+    """
     D = np.asarray(D, dtype=np.float64)
+    s = pow2_scale(D)
+    return s * _np_norm(D / s, norm)
+
+
+def _np_norm(D: np.ndarray, norm: str | float) -> float:
     if norm == "fro":
         return float(np.linalg.norm(D, "fro"))
     if norm == "spectral":

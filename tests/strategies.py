@@ -4,15 +4,19 @@ Every instance draws its dimensions from 1..12 and a log-uniform scale from [1e-
 SEPARATELY for each operand, so the ratio of the scales (and hence the optimal value)
 spans 1e-12..1e12. Entries are ``scale * sign * mantissa`` with mantissa in [1e-3, 1] (or
 an exact 0 now and then): the largest magnitude lies in [1e-3, 1] * scale, and no entry is
-subnormal or so small relative to the others that it is invisible to every norm. Degenerate cases are drawn with fixed probabilities (the case index shrinks
-towards 0, the generic case):
+subnormal or so small relative to the others that it is invisible to every norm.
+Degenerate cases are drawn with fixed probabilities (the case index shrinks towards 0,
+the generic case):
 
 * a zero operand (``h = 0``, ``r = 0``, ``c = 0``, ``m = 0``, ``H = 0``);
 * a single row (``m = 1``) or a single column (``n = 1``);
 * ties among the largest magnitudes of ``h`` (and ``c``), which is where the argmax of the
   entrywise-sum minimiser has to pick one of several equally good columns;
 * for the batch problem, rank-deficient ``H = A B`` with inner dimension
-  ``k < min(n, N)``.
+  ``k < min(n, N)``;
+* ``extreme`` scales (sections 1 and 3 only): operands up to 1e+-301, where squared norms
+  overflow or underflow, with ``r / h`` (or ``c h^T``) moderate so the answer is
+  representable.
 """
 
 from __future__ import annotations
@@ -97,7 +101,13 @@ class TargetInstance:
 
 
 TARGET_CASES = [("generic", 10), ("h_zero", 2), ("r_zero", 2), ("single_row", 2),
-                ("single_col", 2), ("ties", 2)]
+                ("single_col", 2), ("ties", 2), ("extreme", 2)]
+
+# "extreme": operands far outside [1e-6, 1e6] (up to 1e+-301), where squared norms
+# over- or underflow float64 although the answer is representable. The two operands share
+# the exponent up to +-6 decades, so D* stays moderate and every entry of every operand
+# (>= 1e-3 * 1e-298) is a normal float.
+EXTREME_EXPONENT = 295.0
 
 
 @st.composite
@@ -106,7 +116,11 @@ def target_instances(draw, case: str | None = None) -> TargetInstance:
     case = case or _case(draw, TARGET_CASES)
     m = 1 if case == "single_row" else draw(dims)
     n = 1 if case == "single_col" else draw(dims)
-    r_scale, h_scale = draw(log_uniform()), draw(log_uniform())
+    if case == "extreme":
+        e = draw(st.floats(-EXTREME_EXPONENT, EXTREME_EXPONENT))
+        h_scale, r_scale = 10.0**e, 10.0 ** (e + draw(st.floats(-6.0, 6.0)))
+    else:
+        r_scale, h_scale = draw(log_uniform()), draw(log_uniform())
     r = np.zeros(m) if case == "r_zero" else draw(vectors(m, r_scale))
     h = np.zeros(n) if case == "h_zero" else draw(vectors(n, h_scale, ties=case == "ties"))
     return TargetInstance(r, h, case)
@@ -124,7 +138,7 @@ class MarginInstance:
 
 
 MARGIN_CASES = [("generic", 10), ("c_zero", 2), ("h_zero", 2), ("m_zero", 2),
-                ("single_row", 1), ("single_col", 1), ("ties", 2)]
+                ("single_row", 1), ("single_col", 1), ("ties", 2), ("extreme", 2)]
 
 
 @st.composite
@@ -134,8 +148,15 @@ def margin_instances(draw, case: str | None = None) -> MarginInstance:
     k = 1 if case == "single_row" else draw(dims)
     n = 1 if case == "single_col" else draw(dims)
     ties = case == "ties"
-    c = np.zeros(k) if case == "c_zero" else draw(vectors(k, draw(log_uniform()), ties=ties))
-    h = np.zeros(n) if case == "h_zero" else draw(vectors(n, draw(log_uniform()), ties=ties))
+    if case == "extreme":
+        # ||c|| and ||h|| up to 1e+-301 (their squares over/underflow), c h^T moderate.
+        e = draw(st.floats(-EXTREME_EXPONENT, EXTREME_EXPONENT))
+        c_scale = 10.0**e
+        h_scale = 10.0 ** (-e + draw(st.floats(-6.0, 6.0)))
+    else:
+        c_scale, h_scale = draw(log_uniform()), draw(log_uniform())
+    c = np.zeros(k) if case == "c_zero" else draw(vectors(k, c_scale, ties=ties))
+    h = np.zeros(n) if case == "h_zero" else draw(vectors(n, h_scale, ties=ties))
     m = 0.0 if case == "m_zero" else draw(signed_scales())
     return MarginInstance(c, h, m, case)
 
