@@ -240,7 +240,8 @@ def class_pair_radius(logits, h, norm: str | float = "fro", *, bias: bool = Fals
     minimiser = margin_functional(c, safe_h, m, norm).minimiser
     minimiser = torch.where(zero_h[..., None, None], torch.zeros_like(minimiser), minimiser)
     pair = getattr(kernels, f"class_pair_{name}")
-    value = pair(m, safe_h, *(() if p is None else (p,)))
+    scale = _power_of_two_scale(safe_h)  # the value has degree -1 in h: see _rank_one
+    value = pair(m, safe_h / scale[..., None], *(() if p is None else (p,))) / scale
     value = torch.where(zero_h, torch.full_like(value, math.inf), value)
     value = torch.where(m == 0, torch.zeros_like(value), value)  # already tied: radius 0
     return ClassPairRadius(value, runner_up, predicted, margin, minimiser, norm_name(norm))
@@ -287,5 +288,9 @@ def batch_target_change(R, H, norm: str = "fro", *, rtol: float | None = None) -
         residual > tol * scale,
         "R is not in the row space of H (R H^+ H != R): no D satisfies D H = R",
     )
-    value = torch.linalg.matrix_norm(RVS, ord="fro" if norm == "fro" else 2)
+    # Norms are homogeneous: divide by a power of two first so squares cannot overflow.
+    scale = torch.exp2(torch.round(torch.log2(
+        RVS.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(RVS.dtype).tiny))))
+    ord = "fro" if norm == "fro" else 2
+    value = torch.linalg.matrix_norm(RVS / scale[..., None, None], ord=ord) * scale
     return MinimalPerturbation(value, D, norm)

@@ -50,3 +50,30 @@ def test_margin_functional_at_extreme_scales(norm):
     D = result.minimiser.numpy()
     assert np.sum(D * np.outer(c, h)) == pytest.approx(-1.0, rel=1e-12)
     assert np.isfinite(float(result.value)) and float(result.value) > 0
+
+
+def scaled_fro(D: np.ndarray) -> float:
+    """||D||_F without overflow or underflow: divide by a power of two first (exact)."""
+    s = float(np.ldexp(1.0, int(np.frexp(np.max(np.abs(D)))[1])))
+    return s * float(np.linalg.norm(D / s))
+
+
+@pytest.mark.parametrize("norm", ["fro", "spectral"])
+@pytest.mark.parametrize("scale", [1e160, 1e-170])
+def test_class_pair_radius_value_at_extreme_scales(norm, scale):
+    # logits (1, 0): m = 1; h = (s, s): ||h||_2 = sqrt(2) s; radius 1 / (sqrt(2) sqrt(2) s).
+    result = certify.class_pair_radius([1.0, 0.0], [scale, scale], norm)
+    assert scaled_fro(result.minimiser.numpy()) == pytest.approx(1 / (2 * scale), rel=1e-12,
+                                                                 abs=0)
+    assert float(result.value) == pytest.approx(1 / (2 * scale), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160, 1e-170])
+def test_batch_target_change_fro_value_at_extreme_scales(scale):
+    rng = np.random.default_rng(0)
+    H, X = rng.standard_normal((3, 3)), rng.standard_normal((2, 3))
+    result = certify.batch_target_change(scale * (X @ H), H, "fro")
+    D = result.minimiser.numpy()
+    # The minimiser itself is right (pinv is scale-safe); its norm must be the value.
+    assert scaled_fro(D) == pytest.approx(scale * np.linalg.norm(X), rel=1e-9, abs=0)
+    assert float(result.value) == pytest.approx(scaled_fro(D), rel=1e-12, abs=0)
