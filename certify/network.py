@@ -1,0 +1,292 @@
+"""A network as a chain of steps that certificates can reason about.
+
+``Network.from_module`` traces a ``torch.nn.Module`` with ``torch.fx`` and turns it into a
+tuple of small frozen steps, in float64:
+
+* ``Affine``: ``nn.Linear`` or ``nn.Conv2d`` (a following BatchNorm is folded in, so the
+  weight certified is the deployed, folded one);
+* ``Activation``: ReLU, LeakyReLU, Tanh, Sigmoid, GELU;
+* ``Flatten``; ``Pool``: average or max pooling (2-D);
+* Dropout and Identity are dropped (eval mode).
+
+Anything else raises ``UnsupportedModelError`` naming the module and what is supported.
+Residual additions are not handled yet: they raise the same error.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains a layer or connection that certify cannot reason about."""
+
+
+SUPPORTED = (
+    "Linear, Conv2d, BatchNorm1d/2d (after an affine layer), ReLU, LeakyReLU, Tanh, "
+    "Sigmoid, GELU, Flatten, AvgPool2d, MaxPool2d, Dropout, Identity"
+)
+
+# sup |phi'| of each activation (derived in proofs/lipschitz.py; GELU at x = sqrt(2)).
+GELU_LIPSCHITZ = (1 + math.erf(1)) / 2 + math.exp(-1) / math.sqrt(math.pi)
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``z = W h + b``; for a convolution ``Z = W P + b`` with ``P`` the im2col patches."""
+
+    name: str
+    weight: torch.Tensor  # (m, n) or (c_out, c_in, k_h, k_w)
+    bias: torch.Tensor  # (m,) or (c_out,)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @property
+    def is_conv(self) -> bool:
+        return self.weight.ndim == 4
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The weight as a matrix ``(m, n)``: a kernel is reshaped to ``c_out x (c_in k k)``."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return F.linear(x, self.weight, self.bias)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer input as columns ``h``: ``(B, n, 1)`` dense, ``(B, c_in k k, L)`` conv."""
+        if not self.is_conv:
+            return x[..., None]
+        k = self.weight.shape[-2:]
+        return F.unfold(x, k, dilation=self.dilation, padding=self.padding, stride=self.stride)
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    kind: str  # relu, leaky_relu, tanh, sigmoid, gelu
+    slope: float = 0.0  # negative slope of leaky_relu
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "relu":
+            return torch.relu(x)
+        if self.kind == "leaky_relu":
+            return F.leaky_relu(x, self.slope)
+        if self.kind == "gelu":
+            return F.gelu(x)
+        return torch.tanh(x) if self.kind == "tanh" else torch.sigmoid(x)
+
+    @property
+    def lipschitz(self) -> float:
+        """``sup |phi'|``: the constant in every norm, as phi acts entrywise."""
+        return {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": GELU_LIPSCHITZ,
+                "leaky_relu": max(1.0, abs(self.slope))}[self.kind]
+
+
+@dataclass(frozen=True)
+class Flatten:
+    name: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    lipschitz_l2 = lipschitz_linf = 1.0
+
+
+@dataclass(frozen=True)
+class Pool:
+    """2-D average or max pooling with a square window."""
+
+    name: str
+    kind: str  # avg or max
+    kernel: int
+    stride: int
+    padding: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "avg":
+            return F.avg_pool2d(x, self.kernel, self.stride, self.padding)
+        return F.max_pool2d(x, self.kernel, self.stride, self.padding)
+
+    @property
+    def overlap(self) -> int:
+        """Most windows one input entry lies in, along one axis."""
+        return math.ceil(self.kernel / self.stride)
+
+    @property
+    def lipschitz_l2(self) -> float:
+        """Average: ``sqrt(||A||_1 ||A||_inf) = overlap / k``; max: ``overlap``."""
+        return self.overlap / self.kernel if self.kind == "avg" else float(self.overlap)
+
+    lipschitz_linf = 1.0
+
+
+Step = Affine | Activation | Flatten | Pool
+
+
+@dataclass(frozen=True)
+class Network:
+    steps: tuple[Step, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def run(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Apply steps ``start, start + 1, ...`` to ``x``."""
+        for step in self.steps[start:]:
+            x = step(x)
+        return x
+
+    def trace(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The input of every step, then the output: ``len(steps) + 1`` tensors."""
+        values = [x]
+        for step in self.steps:
+            values.append(step(values[-1]))
+        return values
+
+    @property
+    def affine_indices(self) -> list[int]:
+        return [i for i, s in enumerate(self.steps) if isinstance(s, Affine)]
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "Network":
+        return cls(tuple(_steps(module)))
+
+
+def _fold_batchnorm(affine: Affine, bn: nn.Module, name: str) -> Affine:
+    """``gamma (W h + b - mu) / sqrt(var + eps) + beta`` as one affine layer."""
+    if bn.running_mean is None:
+        raise UnsupportedModelError(f"{name}: BatchNorm without running statistics")
+    scale = bn.weight.detach().double() if bn.weight is not None else 1.0
+    scale = scale / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.detach().double() if bn.bias is not None else 0.0
+    shape = (-1,) + (1,) * (affine.weight.ndim - 1)
+    weight = affine.weight * scale.reshape(shape)
+    bias = (affine.bias - bn.running_mean.double()) * scale + shift
+    return Affine(f"{affine.name}+{name}", weight, bias, affine.stride, affine.padding,
+                  affine.dilation)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _from_module(name: str, m: nn.Module) -> Step | None:
+    if isinstance(m, nn.Linear):
+        bias = m.bias if m.bias is not None else torch.zeros(m.out_features)
+        return Affine(name, m.weight.detach().double(), bias.detach().double())
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise UnsupportedModelError(
+                f"{name}: Conv2d with groups={m.groups}, padding={m.padding!r}, "
+                f"padding_mode={m.padding_mode!r}; supported: groups=1, numeric zero padding"
+            )
+        bias = m.bias if m.bias is not None else torch.zeros(m.out_channels)
+        return Affine(name, m.weight.detach().double(), bias.detach().double(), _pair(m.stride),
+                      _pair(m.padding), _pair(m.dilation))
+    kinds = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+    if type(m) in kinds:
+        return Activation(name, kinds[type(m)])
+    if isinstance(m, nn.LeakyReLU):
+        return Activation(name, "leaky_relu", float(m.negative_slope))
+    if isinstance(m, nn.GELU):
+        if m.approximate != "none":
+            raise UnsupportedModelError(f"{name}: GELU(approximate={m.approximate!r})")
+        return Activation(name, "gelu")
+    if isinstance(m, nn.Flatten):
+        if m.start_dim != 1 or m.end_dim != -1:
+            raise UnsupportedModelError(f"{name}: Flatten must flatten all but the batch axis")
+        return Flatten(name)
+    if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)):
+        kernel, stride, padding = (_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size,
+                                                       m.padding))
+        if len({kernel[0], kernel[1]}) != 1 or len(set(stride)) != 1 or len(set(padding)) != 1 \
+                or getattr(m, "ceil_mode", False) or getattr(m, "dilation", 1) not in (1, (1, 1)):
+            raise UnsupportedModelError(f"{name}: only square pooling windows without dilation "
+                                        "or ceil_mode are supported")
+        kind = "avg" if isinstance(m, nn.AvgPool2d) else "max"
+        if kind == "avg" and padding[0] and not m.count_include_pad:
+            raise UnsupportedModelError(f"{name}: AvgPool2d(count_include_pad=False)")
+        return Pool(name, kind, kernel[0], stride[0], padding[0])
+    if isinstance(m, (nn.Dropout, nn.Identity)):
+        return None
+    raise UnsupportedModelError(
+        f"{name}: {type(m).__name__} is not supported; supported layers: {SUPPORTED}"
+    )
+
+
+_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid"}
+
+
+def _steps(module: nn.Module) -> list[Step]:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    module = module.eval()
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception as err:  # fx raises many types for untraceable Python control flow
+        raise UnsupportedModelError(
+            f"cannot trace {type(module).__name__} with torch.fx ({type(err).__name__}: {err}); "
+            "certify needs a model without data-dependent control flow"
+        ) from None
+    steps: list[Step] = []
+    previous = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if previous is not None:
+                raise UnsupportedModelError("the model must take exactly one input tensor")
+            previous = node
+            continue
+        if node.op == "output":
+            break
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if node.target in (operator.add, torch.add) or len(inputs) != 1:
+            raise UnsupportedModelError(
+                f"{node.name}: residual additions and multi-input operations are not "
+                f"supported yet; supported layers: {SUPPORTED}"
+            )
+        if inputs[0] is not previous:
+            raise UnsupportedModelError(f"{node.name}: the graph must be a chain of layers")
+        previous = node
+        step = _node_step(module, node)
+        if step is None:
+            continue
+        if isinstance(step, nn.Module):  # BatchNorm: fold into the affine layer before it
+            if not steps or not isinstance(steps[-1], Affine):
+                raise UnsupportedModelError(f"{node.target}: BatchNorm must follow a Linear or "
+                                            "Conv2d layer so that it can be folded into it")
+            steps[-1] = _fold_batchnorm(steps[-1], step, str(node.target))
+            continue
+        steps.append(step)
+    if not any(isinstance(s, Affine) for s in steps):
+        raise UnsupportedModelError("the model has no Linear or Conv2d layer to certify")
+    return steps
+
+
+def _node_step(module: nn.Module, node: torch.fx.Node):
+    if node.op == "call_module":
+        sub = module.get_submodule(node.target)
+        if isinstance(sub, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return sub
+        return _from_module(str(node.target), sub)
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        return Activation(node.name, _FUNCTIONS[node.target])
+    if node.op == "call_function" and node.target is torch.flatten and node.args[1:] == (1,):
+        return Flatten(node.name)
+    if node.op == "call_method" and node.target in ("relu", "tanh", "sigmoid"):
+        return Activation(node.name, node.target)
+    if node.op == "call_method" and node.target == "flatten" and tuple(node.args[1:]) == (1,):
+        return Flatten(node.name)
+    raise UnsupportedModelError(
+        f"{node.name}: operation {node.op} {getattr(node.target, '__name__', node.target)} "
+        f"is not supported; supported layers: {SUPPORTED}"
+    )
