@@ -262,8 +262,12 @@ def witness(network, index, P, y, norm, bias, out_shape, start=None, iterations:
         Z = _apply(layer, W + D, P, bias, out_shape)
         _, g, m, ratio = first_order(network, index, P, Z, y, norm)
         j = ratio.argmin(dim=-1)
+        # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
+        stuck = ~torch.isfinite(ratio[rows, j])
         step = _step(_gradient(g[rows, j], P), m[rows, j] * overshoot, norm)
-        D = torch.where(done[:, None, None], D, D + step)
+        D = torch.where((done | stuck)[:, None, None], D, D + step)
+        if (done | stuck).all():
+            break
     found = _flips(network, index, layer, W, D, P, y, bias, out_shape)
     lo, hi = torch.zeros(B, dtype=W.dtype), torch.ones(B, dtype=W.dtype)
     for _ in range(30):
@@ -297,7 +301,9 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
     else:
         upper, _ = witness(network, index, P, y, norm, bias, Z.shape[1:])
         lower_global = global_lower(network, index, P, y, margins, norm) * (1 - SAFETY)
-        cap = torch.where(torch.isfinite(upper), upper, 2 * estimate + lower_global)
+        # Bisection needs a finite bracket; without a witness, try far beyond the estimate.
+        fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
+        cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
         lower_local = local_lower(network, index, P, Z, y, norm, lower_global, cap) \
             * (1 - SAFETY)
         lower = torch.maximum(lower_global, lower_local)

@@ -1,0 +1,175 @@
+"""Soundness of the per-layer radii: attacks inside ``lower`` never change a class,
+witnesses at ``upper`` always do, and the last dense layer is exact (THEORY.md 3 to 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from certify.network import Affine, Network, UnsupportedModelError
+from certify.radius import _apply, _columns, _weight, layer_radii, predictions, witness
+
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1)]
+
+
+@st.composite
+def mlps(draw):
+    widths = draw(st.lists(st.integers(2, 12), min_size=1, max_size=3))
+    classes = draw(st.integers(2, 5))
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    layers, n = [nn.Flatten()], 6
+    for w in widths:
+        layers += [nn.Linear(n, w), draw(st.sampled_from(ACTIVATIONS))()]
+        n = w
+    layers.append(nn.Linear(n, classes))
+    return nn.Sequential(*layers).double().eval(), (6,)
+
+
+@st.composite
+def cnns(draw):
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    c = draw(st.integers(1, 3))
+    pool = draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Identity()]))
+    model = nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1, stride=draw(st.sampled_from([1, 2]))),
+        nn.BatchNorm2d(c), draw(st.sampled_from(ACTIVATIONS))(), pool, nn.Flatten(),
+    )
+    features = model(torch.zeros(1, 1, 6, 6)).shape[1]
+    model.append(nn.Linear(features, draw(st.integers(2, 4))))
+    bn = model[1]
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 2.0)
+    return model.double().eval(), (1, 6, 6)
+
+
+def perturbed_classes(net: Network, x, index, D, bias) -> torch.Tensor:
+    """Forward pass with layer ``index``'s weight replaced by ``W + D`` (per input)."""
+    layer = net.steps[index]
+    values = net.trace(x)
+    P = _columns(layer, values[index], bias)
+    Z = _apply(layer, _weight(layer, bias) + D, P, bias, values[index + 1].shape[1:])
+    return net.run(Z, index + 1).argmax(-1)
+
+
+def pgd_attack(net, x, index, radius, norm, bias, steps=40) -> torch.Tensor:
+    """Projected gradient descent on the smallest margin over ``||D|| <= radius``."""
+    layer = net.steps[index]
+    W = _weight(layer, bias)
+    y, _ = predictions(net, x)
+    values = net.trace(x)
+    P = _columns(layer, values[index], bias)
+    out_shape = values[index + 1].shape[1:]
+    D = (torch.rand(len(x), *W.shape, dtype=W.dtype) - 0.5) * 1e-3
+    for _ in range(steps):
+        D.requires_grad_(True)
+        logits = net.run(_apply(layer, W + D, P, bias, out_shape), index + 1)
+        other = logits.scatter(-1, y[:, None], -torch.inf).amax(-1)
+        margin = logits.gather(-1, y[:, None])[:, 0] - other
+        (grad,) = torch.autograd.grad(margin.sum(), D)
+        with torch.no_grad():
+            if norm == "fro":
+                step = grad / torch.linalg.matrix_norm(grad).clamp_min(1e-300)[:, None, None]
+                D = D - 0.25 * radius[:, None, None] * step
+                scale = (radius / torch.linalg.matrix_norm(D).clamp_min(1e-300)).clamp(max=1.0)
+                D = D * scale[:, None, None]
+            else:
+                D = D - 0.25 * radius[:, None, None] * torch.sign(grad)
+                D = torch.maximum(torch.minimum(D, radius[:, None, None]), -radius[:, None, None])
+    return D.detach()
+
+
+def random_ball(shape, radius, norm) -> torch.Tensor:
+    D = torch.randn(*shape, dtype=torch.float64)
+    if norm == "fro":
+        return D * (radius / torch.linalg.matrix_norm(D))[:, None, None]
+    return torch.sign(D) * radius[:, None, None]  # a vertex of the max-norm ball
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.one_of(mlps(), cnns()), st.sampled_from(["fro", "max"]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_attacks_inside_lower_never_change_the_class(model_and_shape, norm, bias, seed):
+    model, shape = model_and_shape
+    torch.manual_seed(seed)
+    net = Network.from_module(model)
+    x = torch.randn(6, *shape, dtype=torch.float64)
+    y, _ = predictions(net, x)
+    for index in net.affine_indices:
+        r = layer_radii(net, x, index, norm, bias)
+        assert torch.all(r.lower <= r.upper)
+        assert torch.all(r.lower >= 0)
+        # lower = inf (the layer's input is 0: no weight change moves anything): attack big.
+        inside = torch.where(torch.isfinite(r.lower), 0.999 * r.lower, torch.full_like(r.lower, 1e6))
+        W = _weight(net.steps[index], bias)
+        for D in (pgd_attack(net, x, index, inside, norm, bias),
+                  random_ball((len(x), *W.shape), inside, norm)):
+            assert torch.equal(perturbed_classes(net, x, index, D, bias), y), (
+                f"layer {r.layer}, {norm}: an attack inside 0.999 * lower changed a class"
+            )
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.one_of(mlps(), cnns()), st.sampled_from(["fro", "max"]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_witnesses_change_the_class_and_match_upper(model_and_shape, norm, bias, seed):
+    model, shape = model_and_shape
+    torch.manual_seed(seed)
+    net = Network.from_module(model)
+    x = torch.randn(6, *shape, dtype=torch.float64)
+    y, _ = predictions(net, x)
+    for index in net.affine_indices:
+        layer = net.steps[index]
+        values = net.trace(x)
+        P = _columns(layer, values[index], bias)
+        upper, D = witness(net, index, P, y, norm, bias, values[index + 1].shape[1:])
+        found = torch.isfinite(upper)
+        changed = perturbed_classes(net, x, index, D, bias) != y
+        assert torch.all(changed[found])
+        measured = torch.linalg.matrix_norm(D) if norm == "fro" else D.abs().amax(dim=(-2, -1))
+        assert torch.allclose(measured[found], upper[found], rtol=1e-12)
+
+
+@given(mlps(), st.sampled_from(["fro", "max"]), st.booleans())
+@settings(max_examples=20, deadline=None)
+def test_last_layer_lower_equals_upper(model_and_shape, norm, bias):
+    model, shape = model_and_shape
+    net = Network.from_module(model)
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    r = layer_radii(net, x, net.affine_indices[-1], norm, bias)
+    assert r.method == "exact"
+    np.testing.assert_allclose(r.lower.numpy(), r.upper.numpy(), rtol=1e-8)
+
+
+def test_batchnorm_is_folded_and_outputs_agree():
+    model, shape = cnns().example()
+    net = Network.from_module(model)
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    assert torch.allclose(net(x), model(x), atol=1e-12)
+    assert sum(isinstance(s, Affine) for s in net.steps) == 2
+
+
+@pytest.mark.parametrize("module,match", [
+    (nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=-1)), "Softmax is not supported"),
+    (nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)), "must follow a Linear or Conv2d"),
+    (nn.Sequential(nn.ReLU()), "no Linear or Conv2d"),
+])
+def test_unsupported_models_are_named(module, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        Network.from_module(module)
+
+
+def test_residual_connection_is_refused_clearly():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(x + self.a(x))
+
+    with pytest.raises(UnsupportedModelError, match="residual"):
+        Network.from_module(Residual())
