@@ -77,6 +77,13 @@ def np_norm(D: np.ndarray, norm: str | float) -> float:
     return s * _np_norm(D / s, norm)
 
 
+def vec_norm(x: np.ndarray, ord: float) -> float:
+    """``np.linalg.norm(x, ord)`` of a vector, scaled by a power of two like ``np_norm``."""
+    x = np.asarray(x, dtype=np.float64)
+    s = pow2_scale(x)
+    return s * float(np.linalg.norm(x / s, ord))
+
+
 def _np_norm(D: np.ndarray, norm: str | float) -> float:
     if norm == "fro":
         return float(np.linalg.norm(D, "fro"))

@@ -14,9 +14,9 @@ the generic case):
   entrywise-sum minimiser has to pick one of several equally good columns;
 * for the batch problem, rank-deficient ``H = A B`` with inner dimension
   ``k < min(n, N)``;
-* ``extreme`` scales (sections 1 and 3 only): operands up to 1e+-301, where squared norms
-  overflow or underflow, with ``r / h`` (or ``c h^T``) moderate so the answer is
-  representable.
+* ``extreme`` scales: operands up to 1e+-301, where squared norms overflow or underflow,
+  with ``r / h`` (``c h^T``, logits / h) moderate so the answer is representable; for
+  ``D H = R`` it is ``D* ~ X`` itself that is extreme.
 """
 
 from __future__ import annotations
@@ -103,11 +103,19 @@ class TargetInstance:
 TARGET_CASES = [("generic", 10), ("h_zero", 2), ("r_zero", 2), ("single_row", 2),
                 ("single_col", 2), ("ties", 2), ("extreme", 2)]
 
-# "extreme": operands far outside [1e-6, 1e6] (up to 1e+-301), where squared norms
-# over- or underflow float64 although the answer is representable. The two operands share
-# the exponent up to +-6 decades, so D* stays moderate and every entry of every operand
-# (>= 1e-3 * 1e-298) is a normal float.
+# "extreme": operands far outside [1e-6, 1e6], where squared norms over- or underflow
+# float64 although the answer is representable: a decimal exponent of magnitude 160..295
+# (so ||x||_2^2 is beyond 1e+-308 even when the largest entry is 1e-3 * scale). The two
+# operands share the exponent up to +-6 decades, so D* stays moderate and every entry of
+# every operand (>= 1e-3 * 1e-301) is a normal float.
 EXTREME_EXPONENT = 295.0
+
+
+def extreme_exponents() -> st.SearchStrategy[float]:
+    """A decimal exponent with magnitude in [160, 295] and a random sign."""
+    return st.tuples(st.floats(160.0, EXTREME_EXPONENT), st.booleans()).map(
+        lambda t: -t[0] if t[1] else t[0]
+    )
 
 
 @st.composite
@@ -117,7 +125,7 @@ def target_instances(draw, case: str | None = None) -> TargetInstance:
     m = 1 if case == "single_row" else draw(dims)
     n = 1 if case == "single_col" else draw(dims)
     if case == "extreme":
-        e = draw(st.floats(-EXTREME_EXPONENT, EXTREME_EXPONENT))
+        e = draw(extreme_exponents())
         h_scale, r_scale = 10.0**e, 10.0 ** (e + draw(st.floats(-6.0, 6.0)))
     else:
         r_scale, h_scale = draw(log_uniform()), draw(log_uniform())
@@ -150,7 +158,7 @@ def margin_instances(draw, case: str | None = None) -> MarginInstance:
     ties = case == "ties"
     if case == "extreme":
         # ||c|| and ||h|| up to 1e+-301 (their squares over/underflow), c h^T moderate.
-        e = draw(st.floats(-EXTREME_EXPONENT, EXTREME_EXPONENT))
+        e = draw(extreme_exponents())
         c_scale = 10.0**e
         h_scale = 10.0 ** (-e + draw(st.floats(-6.0, 6.0)))
     else:
@@ -173,7 +181,7 @@ class ClassPairInstance:
 
 
 CLASS_PAIR_CASES = [("generic", 10), ("top_tie", 2), ("h_zero", 2), ("single_col", 2),
-                    ("ties", 2)]
+                    ("ties", 2), ("extreme", 2)]
 
 
 @st.composite
@@ -184,7 +192,9 @@ def class_pair_instances(draw, case: str | None = None, max_classes: int = 6
     Logits are ``scale * k / 1000`` for integers ``k`` in [-1000, 1000]: two logits either
     tie exactly or differ by at least ``1e-3 * scale``, so a forward pass in float64
     resolves a ``1e-6`` relative change of the margin. ``top_tie`` makes the top logit
-    shared (margin 0). ``seed`` seeds the random weight matrix of the forward-pass check.
+    shared (margin 0). ``extreme``: ``h`` up to 1e+-301 and the logits within 6 decades of
+    it (so the radius is moderate). ``seed`` seeds the random weight matrix of the
+    forward-pass check.
     """
     case = case or _case(draw, CLASS_PAIR_CASES)
     n_classes = draw(st.integers(2, max_classes))
@@ -193,10 +203,14 @@ def class_pair_instances(draw, case: str | None = None, max_classes: int = 6
         top = int(np.argmax(ints))
         other = draw(st.integers(0, n_classes - 2))
         ints[other if other < top else other + 1] = ints[top]
-    logits = draw(log_uniform()) * np.asarray(ints, dtype=np.float64) / 1000.0
+    if case == "extreme":
+        e = draw(extreme_exponents())
+        h_scale, logit_scale = 10.0**e, 10.0 ** (e + draw(st.floats(-6.0, 6.0)))
+    else:
+        h_scale, logit_scale = draw(log_uniform()), draw(log_uniform())
+    logits = logit_scale * np.asarray(ints, dtype=np.float64) / 1000.0
     n = 1 if case == "single_col" else draw(dims)
-    h = np.zeros(n) if case == "h_zero" else draw(vectors(n, draw(log_uniform()),
-                                                          ties=case == "ties"))
+    h = np.zeros(n) if case == "h_zero" else draw(vectors(n, h_scale, ties=case == "ties"))
     return ClassPairInstance(logits, h, draw(st.integers(0, 2**32 - 1)), case)
 
 
@@ -217,13 +231,16 @@ def _low_rank(rng: np.random.Generator, n: int, N: int, k: int, scale: float) ->
     return scale * (rng.standard_normal((n, k)) @ rng.standard_normal((k, N))) / math.sqrt(k)
 
 
-BATCH_FEASIBLE_CASES = [("full_rank", 6), ("rank_deficient", 6), ("R_zero", 1), ("H_zero", 1)]
+BATCH_FEASIBLE_CASES = [("full_rank", 6), ("rank_deficient", 6), ("R_zero", 1), ("H_zero", 1),
+                        ("extreme", 2)]
 
 
 @st.composite
 def feasible_batch_instances(draw) -> BatchInstance:
     """``R = X H`` (so ``D H = R`` is feasible) with ``H`` full rank or ``H = A B``,
-    ``k < min(n, N)``; ``R = 0`` and ``H = R = 0`` as degenerate cases."""
+    ``k < min(n, N)``; ``R = 0`` and ``H = R = 0`` as degenerate cases; ``extreme``: full
+    rank ``H`` within 6 decades of 1 and ``X`` (hence ``R`` and ``D*``) near 1e+-160..295,
+    where ``||D*||_F^2`` over- or underflows."""
     case = _case(draw, BATCH_FEASIBLE_CASES)
     m, n, N = draw(dims), draw(dims), draw(dims)
     if case == "rank_deficient" and min(n, N) == 1:
@@ -233,8 +250,13 @@ def feasible_batch_instances(draw) -> BatchInstance:
     else:
         k = 0 if case == "H_zero" else min(n, N)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    H = _low_rank(rng, n, N, k, draw(log_uniform()))
-    X = draw(log_uniform()) * rng.standard_normal((m, n))
+    if case == "extreme":
+        x_scale = 10.0 ** draw(extreme_exponents())
+        h_scale = 10.0 ** draw(st.floats(-6.0, 6.0))
+    else:
+        h_scale, x_scale = draw(log_uniform()), draw(log_uniform())
+    H = _low_rank(rng, n, N, k, h_scale)
+    X = x_scale * rng.standard_normal((m, n))
     if case in ("R_zero", "H_zero"):
         X = np.zeros((m, n))
     return BatchInstance(X @ H, H, k, case)
