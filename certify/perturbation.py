@@ -274,23 +274,26 @@ def batch_target_change(R, H, norm: str = "fro", *, rtol: float | None = None) -
             f"batch shapes {tuple(R.shape[:-2])} of R and {tuple(H.shape[:-2])} of H do not "
             "broadcast"
         ) from None
+    # D* = R H^+ has degree +1 in R and -1 in H: solve for R and H divided by powers of two
+    # near their largest entries (exact), so no square over- or underflows, and scale back.
+    r_scale = _power_of_two_scale(R.flatten(-2))[..., None, None]
+    h_scale = _power_of_two_scale(H.flatten(-2))[..., None, None]
+    R, H = R / r_scale, H / h_scale
     # H^+ = V S^+ U^T from the thin SVD (cut-off as torch.linalg.pinv's default), so that
     # ||D*||_2 = ||R V S^+||_2 needs only an m x N SVD (U has orthonormal columns).
     U, S, Vh = torch.linalg.svd(H, full_matrices=False)
     cutoff = max(H.shape[-2:]) * torch.finfo(H.dtype).eps * S[..., :1]
-    S_pinv = torch.where(S > cutoff, 1 / torch.where(S > 0, S, torch.ones_like(S)), torch.zeros_like(S))
+    S_pinv = torch.where(S > cutoff, 1 / torch.where(S > 0, S, torch.ones_like(S)),
+                         torch.zeros_like(S))
     RVS = (R @ Vh.mT) * S_pinv[..., None, :]
     D = kernels.batch_minimiser(R, (Vh.mT * S_pinv[..., None, :]) @ U.mT)
     residual = torch.linalg.matrix_norm(D @ H - R)
-    scale = torch.linalg.matrix_norm(R)
     tol = 1e-8 if rtol is None else rtol
     _require_feasible(
-        residual > tol * scale,
+        residual > tol * torch.linalg.matrix_norm(R),
         "R is not in the row space of H (R H^+ H != R): no D satisfies D H = R",
     )
-    # Norms are homogeneous: divide by a power of two first so squares cannot overflow.
-    scale = torch.exp2(torch.round(torch.log2(
-        RVS.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(RVS.dtype).tiny))))
-    ord = "fro" if norm == "fro" else 2
-    value = torch.linalg.matrix_norm(RVS / scale[..., None, None], ord=ord) * scale
+    factor = r_scale / h_scale
+    value = torch.linalg.matrix_norm(RVS, ord="fro" if norm == "fro" else 2) * factor[..., 0, 0]
+    D = D * factor
     return MinimalPerturbation(value, D, norm)

@@ -59,22 +59,30 @@ def assert_feasible(D: np.ndarray, h: np.ndarray, r: np.ndarray) -> None:
     assert residual <= FEAS_RTOL * scale, f"D h != r: residual {residual:.3e}, scale {scale:.3e}"
 
 
-def check_against_oracle(value: float, D: np.ndarray, norm, oracle: cvx.Oracle) -> None:
-    """(a), (c), the recomputed norm of (b), and the Frobenius minimiser."""
+def check_against_oracle(value: float, D: np.ndarray, norm, oracle: cvx.Oracle,
+                         slack: float = 0.0) -> None:
+    """(a), (c), the recomputed norm of (b), and the Frobenius minimiser.
+
+    ``slack``: an absolute allowance for the oracle's own inaccuracy beyond its gap
+    tolerance (an a-posteriori bound from its constraint residual; 0 for rank-one
+    problems, see ``test_oracle_batch.oracle_slack``).
+    """
     assert oracle.status == cp.OPTIMAL, f"cvxpy: {oracle.status}"
     recomputed = cvx.np_norm(D, norm)
     assert recomputed == pytest.approx(value, rel=NORM_RTOL, abs=0), (
         f"||D*|| recomputed {recomputed!r} != reported value {value!r}"
     )
     # (a) agreement with the independent optimum
-    assert value == pytest.approx(oracle.value, rel=VALUE_RTOL, abs=0), (
+    assert abs(value - oracle.value) <= VALUE_RTOL * abs(value) + slack, (
         f"value {value!r} but cvxpy's optimum is {oracle.value!r} "
-        f"(ratio {value / oracle.value!r})"
+        f"(ratio {value / oracle.value!r}, slack {slack!r})"
     )
     # (c) optimality: the solver finds nothing smaller than our value
-    assert oracle.value >= value * (1 - VALUE_RTOL), (
+    assert oracle.value >= value * (1 - VALUE_RTOL) - slack, (
         f"cvxpy found ||D|| = {oracle.value!r} < ours {value!r}: ours is not minimal"
     )
     if norm == "fro":
-        err = cvx.np_norm(D - oracle.D, "fro") / cvx.np_norm(D, "fro")
-        assert err <= D_RTOL, f"Frobenius minimiser differs from cvxpy's by {err:.3e} (relative)"
+        err = cvx.np_norm(D - oracle.D, "fro")
+        assert err <= D_RTOL * cvx.np_norm(D, "fro") + slack, (
+            f"Frobenius minimiser differs from cvxpy's by {err:.3e} (absolute)"
+        )

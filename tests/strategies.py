@@ -12,8 +12,8 @@ the generic case):
 * a single row (``m = 1``) or a single column (``n = 1``);
 * ties among the largest magnitudes of ``h`` (and ``c``), which is where the argmax of the
   entrywise-sum minimiser has to pick one of several equally good columns;
-* for the batch problem, rank-deficient ``H = A B`` with inner dimension
-  ``k < min(n, N)``;
+* for the batch problem, rank-deficient ``H`` (rank ``k < min(n, N)``, condition number
+  on its row space <= 100);
 * ``extreme`` scales: operands up to 1e+-301, where squared norms overflow or underflow,
   with ``r / h`` (``c h^T``, logits / h) moderate so the answer is representable; for
   ``D H = R`` it is ``D* ~ X`` itself that is extreme.
@@ -226,9 +226,20 @@ class BatchInstance:
 
 
 def _low_rank(rng: np.random.Generator, n: int, N: int, k: int, scale: float) -> np.ndarray:
+    """A random ``n x N`` matrix of rank ``k``: ``U diag(s) V^T`` with orthonormal ``U``, ``V``
+    and nonzero singular values ``s`` log-uniform in ``[1e-2, 1] * scale``.
+
+    The condition number of ``H`` on its row space is capped at 100 on purpose: the
+    oracle's value is only as good as its constraint residual (~1e-8) times that condition
+    number (a Gaussian ``A B`` reached 2e5, and cvxpy's optimum then sat 1.2e-5 below the
+    exact ``||R H^{-1}||_2``), see ``test_oracle_batch.oracle_slack``.
+    """
     if k == 0:
         return np.zeros((n, N))
-    return scale * (rng.standard_normal((n, k)) @ rng.standard_normal((k, N))) / math.sqrt(k)
+    U = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    V = np.linalg.qr(rng.standard_normal((N, k)))[0]
+    s = 10.0 ** rng.uniform(-2.0, 0.0, k)
+    return scale * (U * s) @ V.T
 
 
 BATCH_FEASIBLE_CASES = [("full_rank", 6), ("rank_deficient", 6), ("R_zero", 1), ("H_zero", 1),
@@ -237,7 +248,7 @@ BATCH_FEASIBLE_CASES = [("full_rank", 6), ("rank_deficient", 6), ("R_zero", 1), 
 
 @st.composite
 def feasible_batch_instances(draw) -> BatchInstance:
-    """``R = X H`` (so ``D H = R`` is feasible) with ``H`` full rank or ``H = A B``,
+    """``R = X H`` (so ``D H = R`` is feasible) with ``H`` full rank or of rank
     ``k < min(n, N)``; ``R = 0`` and ``H = R = 0`` as degenerate cases; ``extreme``: full
     rank ``H`` within 6 decades of 1 and ``X`` (hence ``R`` and ``D*``) near 1e+-160..295,
     where ``||D*||_F^2`` over- or underflows."""
@@ -267,7 +278,7 @@ BATCH_INFEASIBLE_CASES = [("wide", 4), ("rank_deficient", 4), ("H_zero", 1)]
 
 @st.composite
 def infeasible_batch_instances(draw) -> BatchInstance:
-    """Generic ``R`` with ``rank(H) < N``: ``N > n`` (``wide``), ``H = A B`` with
+    """Generic ``R`` with ``rank(H) < N``: ``N > n`` (``wide``), ``H`` of rank
     ``k < N`` (``rank_deficient``), or ``H = 0``. Such ``R`` lies outside the row space of
     ``H`` with probability one; the tests also check it numerically."""
     case = _case(draw, BATCH_INFEASIBLE_CASES)

@@ -144,8 +144,10 @@ def test_last_layer_lower_equals_upper(model_and_shape, norm, bias):
     np.testing.assert_allclose(r.lower.numpy(), r.upper.numpy(), rtol=1e-8)
 
 
-def test_batchnorm_is_folded_and_outputs_agree():
-    model, shape = cnns().example()
+@settings(max_examples=10, deadline=None)
+@given(cnns())
+def test_batchnorm_is_folded_and_outputs_agree(model_and_shape):
+    model, shape = model_and_shape
     net = Network.from_module(model)
     x = torch.randn(4, *shape, dtype=torch.float64)
     assert torch.allclose(net(x), model(x), atol=1e-12)

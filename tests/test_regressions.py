@@ -77,3 +77,21 @@ def test_batch_target_change_fro_value_at_extreme_scales(scale):
     # The minimiser itself is right (pinv is scale-safe); its norm must be the value.
     assert scaled_fro(D) == pytest.approx(scale * np.linalg.norm(X), rel=1e-9, abs=0)
     assert float(result.value) == pytest.approx(scaled_fro(D), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("norm", ["fro", "spectral"])
+@pytest.mark.parametrize("scale", [1e160, 1e-170])
+def test_batch_target_change_infeasible_at_extreme_scales(norm, scale):
+    # D [1, 1] = s I has no solution (rank(H) = 1 < N = 2), at any scale s != 0; unscaled,
+    # the residual and the tolerance both overflow (or underflow) and the check passed.
+    with pytest.raises(ValueError, match="not in the row space of H"):
+        certify.batch_target_change(scale * np.eye(2), np.array([[1.0, 1.0]]), norm)
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160])
+def test_batch_target_change_feasible_at_extreme_scales(scale):
+    H = np.array([[1.0, 2.0], [0.5, -1.0], [3.0, 0.0]]) * scale
+    X = np.array([[1.0, -2.0, 0.5]])
+    result = certify.batch_target_change(X @ H, H)
+    D = result.minimiser.numpy()
+    np.testing.assert_allclose(D @ (H / scale), X @ (H / scale), rtol=1e-10)
