@@ -51,6 +51,7 @@ class LayerRadii:
     lower_global: torch.Tensor
     lower_local: torch.Tensor
     method: str  # "exact" for the last dense layer, else "lipschitz+interval"
+    witness: "Witness"  # attains ``upper`` where it is finite
 
 
 def predictions(network: Network, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,14 +71,6 @@ def _columns(layer: Affine, h: torch.Tensor, bias: bool) -> torch.Tensor:
 def _weight(layer: Affine, bias: bool) -> torch.Tensor:
     W = layer.matrix
     return torch.cat([W, layer.bias[:, None]], dim=1) if bias else W
-
-
-def _apply(layer: Affine, weight: torch.Tensor, P: torch.Tensor, bias: bool, out_shape):
-    """``Z = weight P~`` (+ the fixed bias unless it is perturbed), shaped like the output."""
-    Z = torch.matmul(weight, P)  # (B, m, L)
-    if not bias:
-        Z = Z + layer.bias[:, None]
-    return Z.reshape(P.shape[0], *out_shape)
 
 
 def region_scale(P: torch.Tensor, norm: str) -> torch.Tensor:
@@ -263,18 +256,80 @@ def _step(G: torch.Tensor, m: torch.Tensor, norm: str) -> torch.Tensor:
     return -m[:, None, None] * torch.sign(G) / G.abs().sum(dim=(-2, -1))[:, None, None]
 
 
+@dataclass(frozen=True)
+class Witness:
+    """Per-input weight perturbations that change the class.
+
+    Dense layers: every DeepFool step is rank one with the same right factor
+    (``h~`` for Frobenius, ``sign(h~)`` for entrywise max), so ``D = left right^T`` is stored
+    as its two factors (``(B, m)`` and ``(B, n)``). Convolutions: ``full`` is ``(B, m, n)``.
+    """
+
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+
+    def matrix(self) -> torch.Tensor:
+        return self.full if self.full is not None else self.left[:, :, None] * self.right[:, None, :]
+
+    def norm(self, norm: str) -> torch.Tensor:
+        if self.full is not None:
+            return _norm(self.full, norm)
+        ord = 2 if norm == "fro" else math.inf
+        return torch.linalg.vector_norm(self.left, ord=ord, dim=-1) * \
+            torch.linalg.vector_norm(self.right, ord=ord, dim=-1)
+
+    def scaled(self, t: torch.Tensor) -> "Witness":
+        if self.full is not None:
+            return Witness(full=t[:, None, None] * self.full)
+        return Witness(left=t[:, None] * self.left, right=self.right)
+
+    def change(self, P: torch.Tensor) -> torch.Tensor:
+        """``D P~`` as ``(B, m, L)``."""
+        if self.full is not None:
+            return torch.matmul(self.full, P)
+        return self.left[:, :, None] * (self.right[:, :, None] * P).sum(dim=1, keepdim=True)
+
+
 def _norm(D: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.linalg.matrix_norm(D) if norm == "fro" else D.abs().amax(dim=(-2, -1))
 
 
-def _flips(network, index, layer, W, D, P, y, bias, out_shape) -> torch.Tensor:
+def _perturbed(network, index, layer, W, D: Witness, P, bias, out_shape) -> torch.Tensor:
+    """``Z = (W + D) P~`` (+ the fixed bias), shaped like the layer's output."""
+    Z = torch.matmul(W, P) + D.change(P)
+    if not bias:
+        Z = Z + layer.bias[:, None]
+    return Z.reshape(P.shape[0], *out_shape)
+
+
+def _flips(network, index, layer, W, D: Witness, P, y, bias, out_shape) -> torch.Tensor:
     """Forward pass with the perturbed weights ``W + D``: did the class change?"""
-    Z = _apply(layer, W + D, P, bias, out_shape)
+    Z = _perturbed(network, index, layer, W, D, P, bias, out_shape)
     return network.run(Z, index + 1).argmax(-1) != y
 
 
-def witness(network, index, P, y, norm, bias, out_shape, start=None, iterations: int = 50,
-            overshoot: float = 1.02):
+def _start(W, P, norm, start) -> Witness:
+    if start is not None:
+        return start
+    if P.shape[-1] > 1:
+        return Witness(full=torch.zeros(P.shape[0], *W.shape, dtype=W.dtype))
+    h = P[..., 0]
+    right = h if norm == "fro" else torch.sign(h)
+    return Witness(left=torch.zeros(P.shape[0], W.shape[0], dtype=W.dtype), right=right)
+
+
+def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) -> torch.Tensor:
+    """Left factor of the section-3 step for ``G = g h^T`` (the right factor is fixed)."""
+    if norm == "fro":
+        scale = (g**2).sum(-1) * (h**2).sum(-1)
+        return -m[:, None] * g / scale[:, None]
+    scale = g.abs().sum(-1) * h.abs().sum(-1)
+    return -m[:, None] * torch.sign(g) / scale[:, None]
+
+
+def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None = None,
+            iterations: int = 50, overshoot: float = 1.02) -> tuple[torch.Tensor, Witness]:
     """A verified ``D`` that changes the class, per input; ``(upper, D)``.
 
     Weight-space DeepFool from ``start`` (zero by default): step to the minimal-norm ``D``
@@ -285,30 +340,35 @@ def witness(network, index, P, y, norm, bias, out_shape, start=None, iterations:
     layer = network.steps[index]
     W = _weight(layer, bias)
     B = P.shape[0]
-    D = torch.zeros(B, *W.shape, dtype=W.dtype) if start is None else start.clone()
+    D = _start(W, P, norm, start)
     rows = torch.arange(B)
     for _ in range(iterations):
         done = _flips(network, index, layer, W, D, P, y, bias, out_shape)
         if done.all():
             break
-        Z = _apply(layer, W + D, P, bias, out_shape)
+        Z = _perturbed(network, index, layer, W, D, P, bias, out_shape)
         _, g, m, ratio = first_order(network, index, P, Z, y, norm)
         j = ratio.argmin(dim=-1)
         # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
         stuck = ~torch.isfinite(ratio[rows, j])
-        step = _step(_gradient(g[rows, j], P), m[rows, j] * overshoot, norm)
-        D = torch.where((done | stuck)[:, None, None], D, D + step)
-        if (done | stuck).all():
+        keep = (done | stuck)
+        if D.full is not None:
+            step = _step(_gradient(g[rows, j], P), m[rows, j] * overshoot, norm)
+            D = Witness(full=torch.where(keep[:, None, None], D.full, D.full + step))
+        else:
+            step = _dense_step(g[rows, j][..., 0], m[rows, j] * overshoot, P[..., 0], norm)
+            D = Witness(left=torch.where(keep[:, None], D.left, D.left + step), right=D.right)
+        if keep.all():
             break
     found = _flips(network, index, layer, W, D, P, y, bias, out_shape)
     lo, hi = torch.zeros(B, dtype=W.dtype), torch.ones(B, dtype=W.dtype)
     for _ in range(30):
         mid = (lo + hi) / 2
-        flip = _flips(network, index, layer, W, mid[:, None, None] * D, P, y, bias, out_shape)
+        flip = _flips(network, index, layer, W, D.scaled(mid), P, y, bias, out_shape)
         hi = torch.where(flip & found, mid, hi)
         lo = torch.where(flip & found, lo, mid)
-    D = hi[:, None, None] * D
-    upper = torch.where(found, _norm(D, norm), torch.full_like(hi, math.inf))
+    D = D.scaled(hi)
+    upper = torch.where(found, D.norm(norm), torch.full_like(hi, math.inf))
     return upper, D
 
 
@@ -326,12 +386,12 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
     if index == len(network.steps) - 1 and not layer.is_conv:
         pair = class_pair_radius(values[-1], h, norm, bias=bias)
         # The exact minimiser makes two logits tie; a hair beyond it must change the class.
-        upper, _ = witness(network, index, P, y, norm, bias, Z.shape[1:],
-                           start=pair.minimiser * (1 + 1e-9))
+        upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:],
+                           start=Witness(full=pair.minimiser * (1 + 1e-9)))
         lower = lower_global = lower_local = pair.value * (1 - SAFETY)
         method = "exact"
     else:
-        upper, _ = witness(network, index, P, y, norm, bias, Z.shape[1:])
+        upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:])
         lower_global = global_lower(network, index, P, y, margins, norm) * (1 - SAFETY)
         # Bisection needs a finite bracket; without a witness, try far beyond the estimate.
         fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
@@ -344,4 +404,4 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")
     return LayerRadii(layer.name, tuple(layer.weight.shape), norm, lower, upper, estimate,
-                      lower_global, lower_local, method)
+                      lower_global, lower_local, method, D)

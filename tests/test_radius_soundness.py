@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certify.network import Affine, Network, UnsupportedModelError
-from certify.radius import _apply, _columns, _weight, layer_radii, predictions, witness
+from certify.radius import _columns, _weight, layer_radii, predictions, witness
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1)]
 
@@ -44,6 +44,14 @@ def cnns(draw):
     bn.running_mean.uniform_(-0.2, 0.2)
     bn.running_var.uniform_(0.5, 2.0)
     return model.double().eval(), (1, 6, 6)
+
+
+def _apply(layer: Affine, weight, P, bias: bool, out_shape) -> torch.Tensor:
+    """The layer's output with a per-input weight ``(B, m, n)`` (the fixed bias added)."""
+    Z = torch.matmul(weight, P)
+    if not bias:
+        Z = Z + layer.bias[:, None]
+    return Z.reshape(P.shape[0], *out_shape)
 
 
 def perturbed_classes(net: Network, x, index, D, bias) -> torch.Tensor:
@@ -125,7 +133,8 @@ def test_witnesses_change_the_class_and_match_upper(model_and_shape, norm, bias,
         layer = net.steps[index]
         values = net.trace(x)
         P = _columns(layer, values[index], bias)
-        upper, D = witness(net, index, P, y, norm, bias, values[index + 1].shape[1:])
+        upper, found_witness = witness(net, index, P, y, norm, bias, values[index + 1].shape[1:])
+        D = found_witness.matrix()
         found = torch.isfinite(upper)
         changed = perturbed_classes(net, x, index, D, bias) != y
         assert torch.all(changed[found])
