@@ -20,6 +20,7 @@ observed error). Comparisons with a radius add a relative margin of ``COMPARE_SL
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -152,3 +153,49 @@ def threshold_prune_ratio(W, radius_max=None, radius_fro=None) -> float:
     # Both error sequences increase with k, so the safe k form a prefix.
     count = int(torch.nonzero(safe)[-1, 0])
     return count / (len(safe) - 1)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The compression levels that provably change no certified prediction (section 6).
+
+    ``rank``: truncation to any rank ``>= rank`` is safe. ``bits`` and ``bits_per_channel``:
+    symmetric quantisation to ``>= bits`` (``None``: not even 64 bits). ``prune_ratio``: the
+    largest safe fraction of smallest-magnitude weights.
+    """
+
+    rank: int
+    bits: int | None
+    bits_per_channel: int | None
+    prune_ratio: float
+
+
+def thresholds(W, radius: float, norm: str, dense: bool = True) -> Thresholds:
+    """Thresholds of a weight matrix against the smallest certified radius in ``norm``.
+
+    ``fro``: for one input of a dense layer the Frobenius and spectral radii coincide
+    (section 4), so the truncation error is ``sigma_{r+1}``; for a convolution
+    (``dense=False``) the radius is a Frobenius one and the error is the Frobenius tail.
+    Quantisation error ``sqrt(m n) s / 2``; pruning error ``||P||_F``.
+    ``max``: ``||E||_max <= ||E||_2 = sigma_{r+1}``; quantisation ``s / 2``; pruning the
+    largest pruned magnitude.
+    """
+    W = _matrix(W)
+    if norm == "fro":
+        errors = truncation_error(W)
+        safe = _below(errors.spectral if dense else errors.frobenius, radius)
+        per_entry = radius / math.sqrt(W.numel())  # ||E||_F <= sqrt(m n) ||E||_max
+        return Thresholds(
+            int(torch.nonzero(safe)[0, 0]),
+            threshold_bits(W, per_entry),
+            threshold_bits(W, per_entry, per_channel=True),
+            threshold_prune_ratio(W, radius_fro=radius),
+        )
+    if norm == "max":
+        return Thresholds(
+            threshold_rank(W, radius),
+            threshold_bits(W, radius),
+            threshold_bits(W, radius, per_channel=True),
+            threshold_prune_ratio(W, radius_max=radius),
+        )
+    raise ValueError(f"norm must be 'fro' or 'max', got {norm!r}")

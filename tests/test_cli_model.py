@@ -1,0 +1,104 @@
+"""`certify model` writes a certificate that `certify check` confirms in numpy, and any
+tampering with a claim is refuted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from certify.certificate import FORMAT
+from certify.cli import main
+
+
+def export(model: nn.Module, x: torch.Tensor, path) -> None:
+    torch.onnx.export(model.eval(), (x[:1],), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def certified(request, tmp_path_factory):
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "mlp":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+        x = torch.randn(12, 4, 4)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2), nn.ReLU(), nn.AvgPool2d(1),
+                              nn.Flatten(), nn.Linear(12, 3))
+        x = torch.randn(12, 1, 6, 6)
+    export(model, x, tmp / "model.onnx")
+    np.savez(tmp / "data.npz", x=x.numpy())
+    args = [str(tmp / "model.onnx"), "--data", str(tmp / "data.npz")]
+    assert main(["model", *args, "--out", str(tmp / "cert.json"), "--plot", str(tmp / "c.png")]) == 0
+    return tmp, args
+
+
+def run_check(tmp, args, document=None) -> int:
+    if document is not None:
+        (tmp / "tampered.json").write_text(json.dumps(document))
+        (tmp / "tampered.witnesses.npz").write_bytes((tmp / "cert.witnesses.npz").read_bytes())
+        return main(["check", str(tmp / "tampered.json"), *args])
+    return main(["check", str(tmp / "cert.json"), *args])
+
+
+def test_certificate_schema_and_check(certified, capsys):
+    tmp, args = certified
+    document = json.loads((tmp / "cert.json").read_text())
+    assert document["format"] == FORMAT
+    assert {"model_sha256", "inputs_sha256", "tool_version", "predictions", "layers"} <= set(document)
+    for layer in document["layers"]:
+        assert {"name", "shape", "fro", "max"} <= set(layer)
+        for norm in ("fro", "max"):
+            claims = layer[norm]
+            assert len(claims["lower"]) == len(claims["upper"]) == len(document["predictions"])
+            assert set(claims["threshold"]) == {"rank", "bits", "bits_per_channel", "prune_ratio"}
+    assert (tmp / "c.png").stat().st_size > 0
+    assert run_check(tmp, args) == 0
+    assert "0 refuted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tamper", ["lower", "upper", "prediction", "rank"])
+def test_tampered_claims_are_refuted(certified, tamper):
+    tmp, args = certified
+    document = json.loads((tmp / "cert.json").read_text())
+    hidden = document["layers"][0]["fro"]
+    if tamper == "lower":  # claim twice the verified upper bound: impossible
+        hidden["lower"][0] = 2 * hidden["upper"][0]
+    elif tamper == "upper":
+        hidden["upper"][0] = 0.5 * hidden["upper"][0]
+    elif tamper == "prediction":
+        document["predictions"][0] = (document["predictions"][0] + 1) % 3
+    else:  # claim that truncation to rank 0 is safe
+        hidden["threshold"]["rank"] = 0
+    assert run_check(tmp, args, document) == 1
+
+
+def test_lower_inflated_below_upper_is_refuted(certified):
+    # A lower bound between the true certificate and the witness: neither the Lipschitz
+    # bound nor interval propagation confirms it, unless it is already tight.
+    tmp, args = certified
+    document = json.loads((tmp / "cert.json").read_text())
+    claims = document["layers"][0]["max"]
+    lower, upper = np.array(claims["lower"]), np.array(claims["upper"])
+    loose = np.nonzero(lower < 0.5 * upper)[0]
+    if loose.size == 0:
+        pytest.skip("every lower bound is already within a factor 2 of its witness")
+    claims["lower"][int(loose[0])] = 0.99 * upper[loose[0]]
+    assert run_check(tmp, args, document) == 1
+
+
+def test_bad_data_gets_a_clear_error(certified, tmp_path):
+    tmp, args = certified
+    np.savez(tmp_path / "nox.npz", y=np.zeros(3))
+    with pytest.raises(SystemExit, match="no array 'x'"):
+        main(["model", args[0], "--data", str(tmp_path / "nox.npz"), "--out", str(tmp_path / "o")])
+    np.savez(tmp_path / "shape.npz", x=np.zeros((3, 7)))
+    with pytest.raises(SystemExit, match="do not fit the model"):
+        main(["model", args[0], "--data", str(tmp_path / "shape.npz"), "--out", str(tmp_path / "o")])
+    np.savez(tmp_path / "nan.npz", x=np.full((2, 4, 4), np.nan))
+    with pytest.raises(SystemExit, match="finite"):
+        main(["model", args[0], "--data", str(tmp_path / "nan.npz"), "--out", str(tmp_path / "o")])
