@@ -46,8 +46,8 @@ def canonical_norm(norm: str | float) -> tuple[str, float | None]:
         if norm in NORMS:
             return norm, None
         raise ValueError(
-            f"unknown norm {norm!r}: use one of {', '.join(map(repr, NORMS))} "
-            "or a number p > 1 for the entrywise l_p norm"
+            f"unknown norm {norm!r}: use one of {', '.join(map(repr, NORMS))} or a number "
+            "p >= 1 for the entrywise l_p norm"
         )
     if isinstance(norm, numbers.Real) and not isinstance(norm, (bool, np.bool_)):
         p = float(norm)
@@ -59,7 +59,10 @@ def canonical_norm(norm: str | float) -> tuple[str, float | None]:
             return "max", None
         if p > 1.0 and math.isfinite(p):
             return "lp", p
-    raise ValueError(f"entrywise l_p norm needs a number p >= 1, got {norm!r}")
+    raise ValueError(
+        f"unknown norm {norm!r}: use one of {', '.join(map(repr, NORMS))} or a number p >= 1 "
+        "for the entrywise l_p norm (1 is 'sum', 2 is 'fro', inf is 'max')"
+    )
 
 
 def as_float64(x, name: str) -> torch.Tensor:
@@ -256,6 +259,8 @@ def batch_target_change(R, H, norm: str = "fro", *, rtol: float | None = None) -
     ``R (..., m, N)``, ``H (..., n, N)``. Entrywise norms have no closed form here (they
     decouple by rows into linear programs) and are rejected.
     """
+    if not isinstance(norm, str):  # an exponent: 2 is "fro"
+        norm = canonical_norm(norm)[0]
     if norm not in ("fro", "spectral"):
         raise ValueError(
             f"batch_target_change supports 'fro' and 'spectral', got {norm!r}: entrywise "

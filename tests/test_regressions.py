@@ -95,3 +95,10 @@ def test_batch_target_change_feasible_at_extreme_scales(scale):
     result = certify.batch_target_change(X @ H, H)
     D = result.minimiser.numpy()
     np.testing.assert_allclose(D @ (H / scale), X @ (H / scale), rtol=1e-10)
+
+
+def test_batch_target_change_accepts_exponent_two_as_frobenius():
+    H = np.array([[1.0, 0.0], [0.0, 2.0]])
+    R = np.array([[1.0, 1.0]])
+    assert float(certify.batch_target_change(R, H, 2).value) == pytest.approx(
+        float(certify.batch_target_change(R, H, "fro").value), rel=1e-15)
