@@ -97,15 +97,23 @@ def random_ball(shape, radius, norm) -> torch.Tensor:
     return torch.sign(D) * radius[:, None, None]  # a vertex of the max-norm ball
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.one_of(mlps(), cnns()), st.sampled_from(["fro", "max"]), st.booleans(),
-       st.integers(0, 2**31 - 1))
-def test_attacks_inside_lower_never_change_the_class(model_and_shape, norm, bias, seed):
+def certification_problem(model_and_shape, seed: int):
+    """The traced network, six random inputs and their predicted classes."""
     model, shape = model_and_shape
     torch.manual_seed(seed)
     net = Network.from_module(model)
     x = torch.randn(6, *shape, dtype=torch.float64)
-    y, _ = predictions(net, x)
+    return net, x, predictions(net, x)[0]
+
+
+PROBLEMS = (st.one_of(mlps(), cnns()), st.sampled_from(["fro", "max"]), st.booleans(),
+            st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(*PROBLEMS)
+def test_attacks_inside_lower_never_change_the_class(model_and_shape, norm, bias, seed):
+    net, x, y = certification_problem(model_and_shape, seed)
     for index in net.affine_indices:
         r = layer_radii(net, x, index, norm, bias)
         assert torch.all(r.lower <= r.upper)
@@ -121,14 +129,9 @@ def test_attacks_inside_lower_never_change_the_class(model_and_shape, norm, bias
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.one_of(mlps(), cnns()), st.sampled_from(["fro", "max"]), st.booleans(),
-       st.integers(0, 2**31 - 1))
+@given(*PROBLEMS)
 def test_witnesses_change_the_class_and_match_upper(model_and_shape, norm, bias, seed):
-    model, shape = model_and_shape
-    torch.manual_seed(seed)
-    net = Network.from_module(model)
-    x = torch.randn(6, *shape, dtype=torch.float64)
-    y, _ = predictions(net, x)
+    net, x, y = certification_problem(model_and_shape, seed)
     for index in net.affine_indices:
         layer = net.steps[index]
         values = net.trace(x)
