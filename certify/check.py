@@ -169,7 +169,10 @@ def interval_certified(network: Network, index: int, z: np.ndarray, P, rho: np.n
         radius = np.broadcast_to(r[:, None, :], (len(z), z.shape[1], r.shape[1])).reshape(z.shape)
         ball = None
     lo, hi = z - radius, z + radius
+    nominal = z  # the l2 ball is centred on the unperturbed point
     for step in network.steps[index + 1:-1]:
+        if ball is not None:
+            nominal = forward(Network((step,)), nominal)
         if isinstance(step, Affine):
             center, rad = (lo + hi) / 2, (hi - lo) / 2
             Pc, spatial = columns(step, center, False)
@@ -177,11 +180,12 @@ def interval_certified(network: Network, index: int, z: np.ndarray, P, rho: np.n
             c = affine(step, Pc, spatial, step.matrix.numpy(), False)
             zero_bias = Affine(step.name, step.weight, step.bias * 0)
             width = affine(zero_bias, Pr, spatial, np.abs(step.matrix.numpy()), False) * (1 + 1e-12)
+            lo, hi = c - width, c + width
             if ball is not None:
                 rows = np.linalg.norm(step.matrix.numpy(), axis=1) * (1 + step.matrix.shape[1] * 1e-15)
                 rows = rows[:, None, None] if step.is_conv else rows
-                width = np.minimum(width, rows * ball.reshape(-1, *[1] * (c.ndim - 1)))
-            lo, hi = c - width, c + width
+                reach = rows * ball.reshape(-1, *[1] * (c.ndim - 1)) * (1 + 1e-12)
+                lo, hi = np.maximum(lo, nominal - reach), np.minimum(hi, nominal + reach)
         elif isinstance(step, Activation) and step.kind == "gelu":
             a, b = _activation(step, lo), _activation(step, hi)
             inside = (lo <= -0.7517916) & (hi >= -0.7517916)
@@ -199,11 +203,13 @@ def interval_certified(network: Network, index: int, z: np.ndarray, P, rho: np.n
     C = W[y][:, None, :] - W[None]
     center, rad = (hi + lo) / 2, (hi - lo) / 2
     value = np.einsum("bcn,bn->bc", C, center) + (b[y][:, None] - b[None])
-    spread = np.einsum("bcn,bn->bc", np.abs(C), rad)
-    if ball is not None:
-        spread = np.minimum(spread, np.linalg.norm(C, axis=-1) * ball[:, None])
+    lower = value - np.einsum("bcn,bn->bc", np.abs(C), rad)
+    if ball is not None:  # Cauchy-Schwarz around the unperturbed point
+        at_nominal = np.einsum("bcn,bn->bc", C, nominal) + (b[y][:, None] - b[None])
+        lower = np.maximum(lower, at_nominal - np.linalg.norm(C, axis=-1) * ball[:, None]
+                           * (1 + 1e-12))
     tol = 1e-10 * (np.einsum("bcn,bn->bc", np.abs(C), np.abs(center) + rad) + np.abs(b).max())
-    ok = value - spread > tol
+    ok = lower > tol
     ok[np.arange(len(y)), y] = True
     return ok.all(axis=-1)
 

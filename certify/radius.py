@@ -158,31 +158,34 @@ def interval_certified(network: Network, start: int, z: torch.Tensor, radius: to
     """Is every margin positive for all ``dz`` in the box ``|dz| <= radius`` (and, when given,
     the l2 ball ``||dz|| <= ball``)?  ``(B,)``
 
-    Interval bound propagation, intersected with an l2 ball carried along by operator norms:
-    through an affine step each entry moves by at most ``min(|W_i| r, ||W_i||_2 ball)``, so
-    the result is never worse than the global Lipschitz bound and usually much better.
+    Interval bound propagation, intersected with an l2 ball around the unperturbed point
+    carried along by operator norms: after an affine step each entry lies within
+    ``||W_i||_2 ball`` of its unperturbed value as well as in its interval, so the result is
+    never worse than the global Lipschitz bound and usually much better.
     """
     lo, hi = z - radius, z + radius
+    nominal = z  # the unperturbed point: the l2 ball is centred on it, not on the box
     for step in network.steps[start:-1]:
-        if isinstance(step, Affine) and ball is not None:
-            lo, hi = _interval(step, lo, hi)
-            center = (lo + hi) / 2
-            reach = _row_norms(step) * ball.reshape(-1, *[1] * (lo.ndim - 1))
-            lo, hi = torch.maximum(lo, center - reach), torch.minimum(hi, center + reach)
-        else:
-            lo, hi = _interval(step, lo, hi)
+        lo, hi = _interval(step, lo, hi)
         if ball is not None:
+            nominal = step(nominal)
+            if isinstance(step, Affine):
+                reach = _row_norms(step) * ball.reshape(-1, *[1] * (lo.ndim - 1))
+                lo = torch.maximum(lo, nominal - reach * (1 + 1e-12))
+                hi = torch.minimum(hi, nominal + reach * (1 + 1e-12))
             ball = _ball_step(step, ball)
     last = network.steps[-1]
     W, b = last.weight, last.bias
     C = W[y][:, None, :] - W[None, :, :]  # (B, C, n): c_j^T W_L
     center, rad = (hi + lo) / 2, (hi - lo) / 2
     value = torch.einsum("bcn,bn->bc", C, center) + (b[y][:, None] - b[None, :])
-    spread = torch.einsum("bcn,bn->bc", C.abs(), rad)
-    if ball is not None:
-        spread = torch.minimum(spread, torch.linalg.vector_norm(C, dim=-1) * ball[:, None])
+    lower = value - torch.einsum("bcn,bn->bc", C.abs(), rad)
+    if ball is not None:  # Cauchy-Schwarz around the unperturbed point
+        at_nominal = torch.einsum("bcn,bn->bc", C, nominal) + (b[y][:, None] - b[None, :])
+        lower = torch.maximum(lower, at_nominal - torch.linalg.vector_norm(C, dim=-1) *
+                              ball[:, None] * (1 + 1e-12))
     scale = torch.einsum("bcn,bn->bc", C.abs(), center.abs() + rad) + b.abs().max()
-    ok = value - spread > 1e-10 * scale
+    ok = lower > 1e-10 * scale
     ok = ok.scatter(-1, y[:, None], True)
     return ok.all(dim=-1)
 
