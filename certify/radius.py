@@ -202,12 +202,17 @@ def local_lower(network, index, P, z, y, norm, start_lo, start_hi, steps: int = 
             r = (rho[:, None] * scale)[:, None, :].expand(-1, out_shape[0], -1)
         return r.reshape(z.shape)
 
-    lo = torch.zeros_like(start_lo)
-    hi = start_hi.clone()
+    def certified(rho: torch.Tensor) -> torch.Tensor:
+        ball = rho * scale if norm == "fro" else None
+        return interval_certified(network, index + 1, z, radius(rho), y, ball)
+
+    # The propagation contains the Lipschitz chain, so it certifies the global bound: start
+    # the bracket there (checked, not assumed), and the local bound is never below it.
+    lo = torch.where(certified(start_lo), start_lo, torch.zeros_like(start_lo))
+    hi = torch.maximum(start_hi, lo)
     for _ in range(steps):
         mid = (lo + hi) / 2
-        ball = mid * scale if norm == "fro" else None
-        ok = interval_certified(network, index + 1, z, radius(mid), y, ball)
+        ok = certified(mid)
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     return lo
@@ -399,9 +404,12 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
         # Bisection needs a finite bracket; without a witness, try far beyond the estimate.
         fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
         cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
-        lower_local = local_lower(network, index, P, Z, y, norm, lower_global, cap) \
-            * (1 - SAFETY)
-        lower = torch.maximum(lower_global, lower_local)
+        # The bracket starts at lower_global, itself certified: keep it where bisection
+        # could not improve on it by more than the safety margin.
+        lower_local = torch.maximum(
+            lower_global, local_lower(network, index, P, Z, y, norm, lower_global, cap)
+            * (1 - SAFETY))
+        lower = lower_local
         method = "lipschitz+interval"
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()

@@ -187,3 +187,12 @@ def test_residual_connection_is_refused_clearly():
 
     with pytest.raises(UnsupportedModelError, match="residual"):
         Network.from_module(Residual())
+
+
+@settings(max_examples=15, deadline=None)
+@given(*PROBLEMS)
+def test_local_bound_is_never_below_the_global_bound(model_and_shape, norm, bias, seed):
+    net, x, _ = certification_problem(model_and_shape, seed)
+    for index in net.affine_indices[:-1]:
+        r = layer_radii(net, x, index, norm, bias)
+        assert torch.all(r.lower_local >= r.lower_global)
