@@ -31,6 +31,7 @@ import torch
 
 from certify import lipschitz
 from certify.compression import singular_values_upper
+from certify.linear_bounds import margin_lower_bounds
 from certify.network import Activation, Affine, Flatten, Network, Pool
 from certify.perturbation import class_pair_radius
 
@@ -161,11 +162,15 @@ def interval_certified(network: Network, start: int, z: torch.Tensor, radius: to
     Interval bound propagation, intersected with an l2 ball around the unperturbed point
     carried along by operator norms: after an affine step each entry lies within
     ``||W_i||_2 ball`` of its unperturbed value as well as in its interval, so the result is
-    never worse than the global Lipschitz bound and usually much better.
+    never worse than the global Lipschitz bound. The intervals then feed CROWN-style linear
+    bounds (``certify.linear_bounds``); each margin keeps the better of the two.
     """
     lo, hi = z - radius, z + radius
     nominal = z  # the unperturbed point: the l2 ball is centred on it, not on the box
+    inputs = []
+    region_ball = ball
     for step in network.steps[start:-1]:
+        inputs.append((lo, hi))
         lo, hi = _interval(step, lo, hi)
         if ball is not None:
             nominal = step(nominal)
@@ -184,6 +189,8 @@ def interval_certified(network: Network, start: int, z: torch.Tensor, radius: to
         at_nominal = torch.einsum("bcn,bn->bc", C, nominal) + (b[y][:, None] - b[None, :])
         lower = torch.maximum(lower, at_nominal - torch.linalg.vector_norm(C, dim=-1) *
                               ball[:, None] * (1 + 1e-12))
+    crown = margin_lower_bounds(network, start, z, inputs, y, radius, region_ball)
+    lower = torch.maximum(lower, crown)
     scale = torch.einsum("bcn,bn->bc", C.abs(), center.abs() + rad) + b.abs().max()
     ok = lower > 1e-10 * scale
     ok = ok.scatter(-1, y[:, None], True)
