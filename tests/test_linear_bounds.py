@@ -1,0 +1,47 @@
+"""Interval and CROWN-style margin bounds never exceed margins sampled inside the region."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from certify.radius import _interval
+from certify.linear_bounds import margin_lower_bounds
+from certify.network import Network
+from test_radius_soundness import cnns, mlps
+
+
+def margins(net: Network, start: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    o = net.run(z, start)
+    return o.gather(-1, y[:, None]) - o
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.one_of(mlps(), cnns()), st.booleans(), st.floats(1e-3, 2.0), st.integers(0, 2**31 - 1))
+def test_crown_bounds_hold_at_sampled_points(model_and_shape, use_ball, size, seed):
+    model, shape = model_and_shape
+    torch.manual_seed(seed)
+    net = Network.from_module(model)
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    for index in net.affine_indices[:-1]:
+        z = net.trace(x)[index + 1]
+        y = net(x).argmax(-1)
+        radius = torch.full_like(z, size)
+        ball = torch.full((len(z),), size, dtype=z.dtype) if use_ball else None
+        lo, hi = z - radius, z + radius
+        inputs = []
+        for step in net.steps[index + 1:-1]:
+            inputs.append((lo, hi))
+            lo, hi = _interval(step, lo, hi)
+        bound = margin_lower_bounds(net, index + 1, z, inputs, y, radius, ball)
+        for _ in range(20):
+            delta = (2 * torch.rand_like(z) - 1) * radius
+            if use_ball:  # a point of the ball (which lies inside the box)
+                flat = delta.reshape(len(z), -1)
+                delta = (flat / flat.norm(dim=-1, keepdim=True) * size *
+                         torch.rand(len(z), 1, dtype=z.dtype) ** 0.1).reshape(z.shape)
+            sampled = margins(net, index + 1, z + delta, y)
+            assert torch.all(bound <= sampled + 1e-9 * (1 + sampled.abs())), (
+                f"layer {index}: a margin bound exceeds a sampled margin"
+            )
