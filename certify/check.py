@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -170,7 +171,9 @@ def interval_certified(network: Network, index: int, z: np.ndarray, P, rho: np.n
         ball = None
     lo, hi = z - radius, z + radius
     nominal = z  # the l2 ball is centred on the unperturbed point
+    inputs, region_ball = [], ball
     for step in network.steps[index + 1:-1]:
+        inputs.append((lo, hi))
         if ball is not None:
             nominal = forward(Network((step,)), nominal)
         if isinstance(step, Affine):
@@ -208,10 +211,80 @@ def interval_certified(network: Network, index: int, z: np.ndarray, P, rho: np.n
         at_nominal = np.einsum("bcn,bn->bc", C, nominal) + (b[y][:, None] - b[None])
         lower = np.maximum(lower, at_nominal - np.linalg.norm(C, axis=-1) * ball[:, None]
                            * (1 + 1e-12))
+    lower = np.maximum(lower, linear_lower(network, index + 1, z, inputs, y, radius, region_ball))
     tol = 1e-10 * (np.einsum("bcn,bn->bc", np.abs(C), np.abs(center) + rad) + np.abs(b).max())
     ok = lower > tol
     ok[np.arange(len(y)), y] = True
     return ok.all(axis=-1)
+
+
+def _fold(cols: np.ndarray, out_shape, layer) -> np.ndarray:
+    """Adjoint of ``_unfold``: ``(N, C k_h k_w, L) -> (N, C, H, W)``, summing overlaps."""
+    N, (C, H, W) = len(cols), out_shape
+    k_h, k_w = layer.weight.shape[-2:]
+    (p_h, p_w), (s_h, s_w), (d_h, d_w) = layer.padding, layer.stride, layer.dilation
+    out = np.zeros((N, C, H + 2 * p_h, W + 2 * p_w))
+    H_out = (H + 2 * p_h - (k_h - 1) * d_h - 1) // s_h + 1
+    W_out = (W + 2 * p_w - (k_w - 1) * d_w - 1) // s_w + 1
+    cols = cols.reshape(N, C, k_h, k_w, H_out, W_out)
+    for i in range(k_h):
+        for j in range(k_w):
+            out[:, :, i * d_h: i * d_h + s_h * H_out: s_h, j * d_w: j * d_w + s_w * W_out: s_w] \
+                += cols[:, :, i, j]
+    return out[:, :, p_h: p_h + H, p_w: p_w + W]
+
+
+def linear_lower(network: Network, start: int, z: np.ndarray, inputs, y: np.ndarray,
+                 radius: np.ndarray, ball) -> np.ndarray:
+    """Numpy CROWN-style margin lower bounds (the method of ``certify.linear_bounds``)."""
+    W, b = network.steps[-1].weight.numpy(), network.steps[-1].bias.numpy()
+    A = W[y][:, None, :] - W[None]
+    d = b[y][:, None] - b[None]
+    B, C = A.shape[:2]
+    for step, (lo, hi) in zip(reversed(network.steps[start:-1]), reversed(inputs)):
+        if isinstance(step, Affine):
+            bias = step.bias.numpy()
+            if step.is_conv:
+                d = d + (A * bias[:, None, None]).reshape(B, C, -1).sum(-1)
+                cols = np.einsum("km,bcml->bckl", step.matrix.numpy(), A.reshape(B, C, A.shape[2], -1))
+                A = _fold(cols.reshape(B * C, cols.shape[2], -1), lo.shape[1:], step)
+                A = A.reshape(B, C, *lo.shape[1:])
+            else:
+                d = d + A @ bias
+                A = A @ step.weight.numpy()
+        elif isinstance(step, Activation) and step.kind in ("relu", "leaky_relu"):
+            negative = step.slope if step.kind == "leaky_relu" else 0.0
+            unstable = (lo < 0) & (hi > 0)
+            f_lo, f_hi = _activation(step, lo), _activation(step, hi)
+            chord = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0), 0.0)
+            stable = np.where(lo >= 0, 1.0, negative)
+            s_upper = np.where(unstable, chord, stable)
+            b_upper = np.where(unstable, f_lo - chord * lo + 1e-12 * (abs(f_lo) + abs(f_hi)), 0.0)
+            s_lower = np.where(unstable, np.where(hi >= -lo, 1.0, negative), stable)
+            positive, negative_part = np.clip(A, 0, None), np.clip(A, None, 0)
+            d = d + (negative_part * b_upper[:, None]).reshape(B, C, -1).sum(-1)
+            A = positive * s_lower[:, None] + negative_part * s_upper[:, None]
+        elif isinstance(step, Flatten):
+            A = A.reshape(B, C, *lo.shape[1:])
+        elif isinstance(step, Pool) and step.kind == "avg":
+            k, s, p = step.kernel, step.stride, step.padding
+            pool = SimpleNamespace(weight=np.zeros((1, 1, k, k)), padding=(p, p), stride=(s, s),
+                                   dilation=(1, 1))
+            cols = np.repeat(A.reshape(B * C * A.shape[2], 1, -1), k * k, axis=1) / (k * k)
+            A = _fold(cols, (1, *lo.shape[2:]), pool).reshape(B, C, *lo.shape[1:])
+        else:  # constant interval bounds, as in certify.linear_bounds
+            f_lo, f_hi = forward(Network((step,)), lo), forward(Network((step,)), hi)
+            low, high = np.minimum(f_lo, f_hi), np.maximum(f_lo, f_hi)
+            if isinstance(step, Activation) and step.kind == "gelu":
+                low = np.where((lo <= -0.7517916) & (hi >= -0.7517916), -0.17, low)
+            return d + (np.clip(A, 0, None) * low[:, None] + np.clip(A, None, 0)
+                        * high[:, None]).reshape(B, C, -1).sum(-1)
+    flat = A.reshape(B, C, -1)
+    value = np.einsum("bcn,bn->bc", flat, z.reshape(B, -1)) + d
+    box = value - np.einsum("bcn,bn->bc", np.abs(flat), radius.reshape(B, -1))
+    if ball is None:
+        return box
+    return np.maximum(box, value - np.linalg.norm(flat, axis=-1) * ball[:, None])
 
 
 def exact_last_layer(h: np.ndarray, logits: np.ndarray, y: np.ndarray, norm: str,

@@ -145,17 +145,24 @@ def _row_norms(step: Affine) -> torch.Tensor:
     return rows[:, None, None] if step.is_conv else rows
 
 
-def _ball_step(step, ball: torch.Tensor) -> torch.Tensor:
-    """An l2 radius for the output of ``step`` given one for its input (section 5)."""
-    if isinstance(step, Affine):
-        return ball * lipschitz.operator_norm_l2(step)
-    if isinstance(step, Activation):
-        return ball * step.lipschitz
-    return ball * step.lipschitz_l2
+def ball_factors(network: Network, start: int) -> list[tuple[float, torch.Tensor | None]]:
+    """Per step from ``start`` (the logits layer excluded): its l2 Lipschitz constant and,
+    for affine steps, the row norms ``||W_i||_2`` (computed once, reused by every bisection
+    step: the operator norms need an SVD)."""
+    factors = []
+    for step in network.steps[start:-1]:
+        if isinstance(step, Affine):
+            factors.append((lipschitz.operator_norm_l2(step), _row_norms(step)))
+        elif isinstance(step, Activation):
+            factors.append((step.lipschitz, None))
+        else:
+            factors.append((step.lipschitz_l2, None))
+    return factors
 
 
 def interval_certified(network: Network, start: int, z: torch.Tensor, radius: torch.Tensor,
-                       y: torch.Tensor, ball: torch.Tensor | None = None) -> torch.Tensor:
+                       y: torch.Tensor, ball: torch.Tensor | None = None,
+                       factors: list | None = None) -> torch.Tensor:
     """Is every margin positive for all ``dz`` in the box ``|dz| <= radius`` (and, when given,
     the l2 ball ``||dz|| <= ball``)?  ``(B,)``
 
@@ -169,16 +176,19 @@ def interval_certified(network: Network, start: int, z: torch.Tensor, radius: to
     nominal = z  # the unperturbed point: the l2 ball is centred on it, not on the box
     inputs = []
     region_ball = ball
-    for step in network.steps[start:-1]:
+    if ball is not None and factors is None:
+        factors = ball_factors(network, start)
+    for i, step in enumerate(network.steps[start:-1]):
         inputs.append((lo, hi))
         lo, hi = _interval(step, lo, hi)
         if ball is not None:
             nominal = step(nominal)
-            if isinstance(step, Affine):
-                reach = _row_norms(step) * ball.reshape(-1, *[1] * (lo.ndim - 1))
+            lip, rows = factors[i]
+            if rows is not None:
+                reach = rows * ball.reshape(-1, *[1] * (lo.ndim - 1))
                 lo = torch.maximum(lo, nominal - reach * (1 + 1e-12))
                 hi = torch.minimum(hi, nominal + reach * (1 + 1e-12))
-            ball = _ball_step(step, ball)
+            ball = ball * lip
     last = network.steps[-1]
     W, b = last.weight, last.bias
     C = W[y][:, None, :] - W[None, :, :]  # (B, C, n): c_j^T W_L
@@ -209,9 +219,11 @@ def local_lower(network, index, P, z, y, norm, start_lo, start_hi, steps: int = 
             r = (rho[:, None] * scale)[:, None, :].expand(-1, out_shape[0], -1)
         return r.reshape(z.shape)
 
+    factors = ball_factors(network, index + 1) if norm == "fro" else None
+
     def certified(rho: torch.Tensor) -> torch.Tensor:
         ball = rho * scale if norm == "fro" else None
-        return interval_certified(network, index + 1, z, radius(rho), y, ball)
+        return interval_certified(network, index + 1, z, radius(rho), y, ball, factors)
 
     # The propagation contains the Lipschitz chain, so it certifies the global bound: start
     # the bracket there (checked, not assumed), and the local bound is never below it.

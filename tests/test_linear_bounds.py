@@ -45,3 +45,28 @@ def test_crown_bounds_hold_at_sampled_points(model_and_shape, use_ball, size, se
             assert torch.all(bound <= sampled + 1e-9 * (1 + sampled.abs())), (
                 f"layer {index}: a margin bound exceeds a sampled margin"
             )
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.one_of(mlps(), cnns()), st.booleans(), st.floats(1e-3, 1.0), st.integers(0, 2**31 - 1))
+def test_numpy_checker_recomputes_the_same_bounds(model_and_shape, use_ball, size, seed):
+    from certify.check import linear_lower
+
+    model, shape = model_and_shape
+    torch.manual_seed(seed)
+    net = Network.from_module(model)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    y = net(x).argmax(-1)
+    for index in net.affine_indices[:-1]:
+        z = net.trace(x)[index + 1]
+        radius = torch.full_like(z, size)
+        ball = torch.full((len(z),), size, dtype=z.dtype) if use_ball else None
+        lo, hi, inputs = z - radius, z + radius, []
+        for step in net.steps[index + 1:-1]:
+            inputs.append((lo, hi))
+            lo, hi = _interval(step, lo, hi)
+        ours = margin_lower_bounds(net, index + 1, z, inputs, y, radius, ball)
+        theirs = linear_lower(net, index + 1, z.numpy(), [(a.numpy(), b.numpy()) for a, b in inputs],
+                              y.numpy(), radius.numpy(), None if ball is None else ball.numpy())
+        finite = torch.isfinite(ours)
+        assert torch.allclose(ours[finite], torch.from_numpy(theirs)[finite], rtol=1e-9, atol=1e-9)
