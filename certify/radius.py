@@ -322,18 +322,23 @@ def _norm(D: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.linalg.matrix_norm(D) if norm == "fro" else D.abs().amax(dim=(-2, -1))
 
 
-def _perturbed(network, index, layer, W, D: Witness, P, bias, out_shape) -> torch.Tensor:
-    """``Z = (W + D) P~`` (+ the fixed bias), shaped like the layer's output."""
-    Z = torch.matmul(W, P) + D.change(P)
-    if not bias:
-        Z = Z + layer.bias[:, None]
-    return Z.reshape(P.shape[0], *out_shape)
+def _unperturbed(layer, W, P, bias) -> torch.Tensor:
+    """``W P~`` (+ the fixed bias) as ``(B, m, L)``: one matrix product for dense layers."""
+    if P.shape[-1] == 1:
+        Z = (P[..., 0] @ W.T)[..., None]
+    else:
+        Z = torch.matmul(W, P)
+    return Z if bias else Z + layer.bias[:, None]
 
 
-def _flips(network, index, layer, W, D: Witness, P, y, bias, out_shape) -> torch.Tensor:
+def _perturbed(Z0: torch.Tensor, D: Witness, P, out_shape) -> torch.Tensor:
+    """``Z = (W + D) P~ (+ b) = Z0 + D P~``, shaped like the layer's output."""
+    return (Z0 + D.change(P)).reshape(P.shape[0], *out_shape)
+
+
+def _flips(network, index, Z0, D: Witness, P, y, out_shape) -> torch.Tensor:
     """Forward pass with the perturbed weights ``W + D``: did the class change?"""
-    Z = _perturbed(network, index, layer, W, D, P, bias, out_shape)
-    return network.run(Z, index + 1).argmax(-1) != y
+    return network.run(_perturbed(Z0, D, P, out_shape), index + 1).argmax(-1) != y
 
 
 def _start(W, P, norm, start) -> Witness:
@@ -368,12 +373,13 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
     W = _weight(layer, bias)
     B = P.shape[0]
     D = _start(W, P, norm, start)
+    Z0 = _unperturbed(layer, W, P, bias)  # computed once: every step only adds D P~
     rows = torch.arange(B)
     for _ in range(iterations):
-        done = _flips(network, index, layer, W, D, P, y, bias, out_shape)
+        done = _flips(network, index, Z0, D, P, y, out_shape)
         if done.all():
             break
-        Z = _perturbed(network, index, layer, W, D, P, bias, out_shape)
+        Z = _perturbed(Z0, D, P, out_shape)
         _, g, m, ratio = first_order(network, index, P, Z, y, norm)
         j = ratio.argmin(dim=-1)
         # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
@@ -387,11 +393,11 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
             D = Witness(left=torch.where(keep[:, None], D.left, D.left + step), right=D.right)
         if keep.all():
             break
-    found = _flips(network, index, layer, W, D, P, y, bias, out_shape)
+    found = _flips(network, index, Z0, D, P, y, out_shape)
     lo, hi = torch.zeros(B, dtype=W.dtype), torch.ones(B, dtype=W.dtype)
     for _ in range(30):
         mid = (lo + hi) / 2
-        flip = _flips(network, index, layer, W, D.scaled(mid), P, y, bias, out_shape)
+        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape)
         hi = torch.where(flip & found, mid, hi)
         lo = torch.where(flip & found, lo, mid)
     D = D.scaled(hi)
