@@ -147,13 +147,15 @@ def layer_radii_in_phases(network: Network, x: torch.Tensor, index: int, norm: s
     with clock("witness"):
         upper, _ = R.witness(network, index, P, y, norm, False, Z.shape[1:])
     with clock("global"):
-        lower_global = R.global_lower(network, index, P, y, margins, norm) * (1 - R.SAFETY)
+        scale = R.region_scale(P, norm)
+        factors = R.downstream_factors(network, index + 1, norm)
+        lower_global = R.global_lower(network, scale, factors, y, margins, norm) * (1 - R.SAFETY)
     with clock("local"):
         fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
         cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
         lower_local = torch.maximum(
-            lower_global, R.local_lower(network, index, P, Z, y, norm, lower_global, cap)
-            * (1 - R.SAFETY))
+            lower_global, R.local_lower(network, index, Z, y, norm, scale, factors, lower_global,
+                                        cap) * (1 - R.SAFETY))
     return lower_local, upper
 
 

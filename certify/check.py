@@ -24,7 +24,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import erf
 
 from certify.lipschitz import patch_overlap
-from certify.network import Activation, Affine, Flatten, Network, Pool
+from certify.network import GELU_ARGMIN, GELU_FLOOR, Activation, Affine, Flatten, Network, Pool
 
 SLACK = 1e-9  # relative tolerance for equalities between two float64 computations
 
@@ -191,8 +191,8 @@ def interval_certified(network: Network, index: int, z: np.ndarray, P, rho: np.n
                 lo, hi = np.maximum(lo, nominal - reach), np.minimum(hi, nominal + reach)
         elif isinstance(step, Activation) and step.kind == "gelu":
             a, b = _activation(step, lo), _activation(step, hi)
-            inside = (lo <= -0.7517916) & (hi >= -0.7517916)
-            lo, hi = np.where(inside, -0.17, np.minimum(a, b)), np.maximum(a, b)
+            inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
+            lo, hi = np.where(inside, GELU_FLOOR, np.minimum(a, b)), np.maximum(a, b)
         elif isinstance(step, Activation):
             lo, hi = _activation(step, lo), _activation(step, hi)
         elif isinstance(step, Flatten):
@@ -276,7 +276,7 @@ def linear_lower(network: Network, start: int, z: np.ndarray, inputs, y: np.ndar
             f_lo, f_hi = forward(Network((step,)), lo), forward(Network((step,)), hi)
             low, high = np.minimum(f_lo, f_hi), np.maximum(f_lo, f_hi)
             if isinstance(step, Activation) and step.kind == "gelu":
-                low = np.where((lo <= -0.7517916) & (hi >= -0.7517916), -0.17, low)
+                low = np.where((lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN), GELU_FLOOR, low)
             return d + (np.clip(A, 0, None) * low[:, None] + np.clip(A, None, 0)
                         * high[:, None]).reshape(B, C, -1).sum(-1)
     flat = A.reshape(B, C, -1)

@@ -86,13 +86,8 @@ def margin_lower_bounds(network: Network, start: int, z: torch.Tensor,
             A = A.reshape(*A.shape[:2], *lo.shape[1:])
         elif isinstance(step, Pool) and step.kind == "avg":
             A = _adjoint(step, A, lo.shape[1:])
-        else:  # a monotone map without a linear relaxation here: its interval as a constant
-            f_lo, f_hi = step(lo), step(hi)
-            low = torch.minimum(f_lo, f_hi)
-            high = torch.maximum(f_lo, f_hi)
-            if isinstance(step, Activation) and step.kind == "gelu":
-                inside = (lo <= -0.7517916) & (hi >= -0.7517916)
-                low = torch.where(inside, torch.full_like(low, -0.17), low)
+        else:  # no linear relaxation here: the step's output interval as a constant
+            low, high = step.interval(lo, hi)
             return d + _sum(A.clamp(min=0) * low[:, None] + A.clamp(max=0) * high[:, None])
     flat = A.reshape(*A.shape[:2], -1)
     value = torch.einsum("bcn,bn->bc", flat, z.reshape(len(z), -1)) + d

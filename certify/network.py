@@ -35,6 +35,10 @@ SUPPORTED = (
 
 # sup |phi'| of each activation (derived in proofs/lipschitz.py; GELU at x = sqrt(2)).
 GELU_LIPSCHITZ = (1 + math.erf(1)) / 2 + math.exp(-1) / math.sqrt(math.pi)
+# GELU decreases left of its minimiser and increases right of it; its minimum is -0.16997...,
+# so GELU_FLOOR is a lower bound of it.
+GELU_ARGMIN = -0.7517916
+GELU_FLOOR = -0.17
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,15 @@ class Affine:
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         return F.linear(x, self.weight, self.bias)
 
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor):
+        """Bounds of the output over the box ``[lo, hi]``: centre +- ``|W|`` radius."""
+        center, radius = (hi + lo) / 2, (hi - lo) / 2
+        c = self(center)
+        abs_step = Affine(self.name, self.weight.abs(), torch.zeros_like(self.bias), self.stride,
+                          self.padding, self.dilation)
+        r = abs_step(radius) * (1 + 1e-12)
+        return c - r, c + r
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """The layer input as columns ``h``: ``(B, n, 1)`` dense, ``(B, c_in k k, L)`` conv."""
         if not self.is_conv:
@@ -85,6 +98,15 @@ class Activation:
             return F.gelu(x)
         return torch.tanh(x) if self.kind == "tanh" else torch.sigmoid(x)
 
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor):
+        """Bounds of the output over ``[lo, hi]``: monotone maps take the end points."""
+        f_lo, f_hi = self(lo), self(hi)
+        if self.kind != "gelu":
+            return f_lo, f_hi
+        low = torch.minimum(f_lo, f_hi)
+        inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
+        return torch.where(inside, torch.full_like(low, GELU_FLOOR), low), torch.maximum(f_lo, f_hi)
+
     @property
     def lipschitz(self) -> float:
         """``sup |phi'|``: the constant in every norm, as phi acts entrywise."""
@@ -98,6 +120,9 @@ class Flatten:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
+
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor):
+        return self(lo), self(hi)
 
     lipschitz_l2 = lipschitz_linf = 1.0
 
@@ -116,6 +141,10 @@ class Pool:
         if self.kind == "avg":
             return F.avg_pool2d(x, self.kernel, self.stride, self.padding)
         return F.max_pool2d(x, self.kernel, self.stride, self.padding)
+
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor):
+        """Both poolings are monotone (average pooling has nonnegative weights)."""
+        return self(lo), self(hi)
 
     @property
     def overlap(self) -> int:

@@ -87,20 +87,6 @@ def region_scale(P: torch.Tensor, norm: str) -> torch.Tensor:
     return P.abs().sum(dim=1) * (1 + P.shape[1] * 1e-15)  # (B, L)
 
 
-def _downstream_lipschitz(network: Network, start: int, norm: str) -> float:
-    """Product of the operator norms of steps ``start .. len - 2`` (the last is the logits layer)."""
-    total = 1.0
-    for step in network.steps[start:-1]:
-        if isinstance(step, Affine):
-            total *= lipschitz.operator_norm_l2(step) if norm == "fro" else \
-                lipschitz.operator_norm_linf(step)
-        elif isinstance(step, Activation):
-            total *= step.lipschitz
-        else:
-            total *= step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf
-    return total
-
-
 def _class_rows(network: Network, y: torch.Tensor, norm: str) -> torch.Tensor:
     """``||W_L^T (e_y - e_j)||`` (l2 for fro, l1 for max), ``(B, C)``, inf at ``j = y``."""
     W = network.steps[-1].weight
@@ -110,33 +96,16 @@ def _class_rows(network: Network, y: torch.Tensor, norm: str) -> torch.Tensor:
     return rows.scatter(-1, y[:, None], math.inf)
 
 
-def global_lower(network: Network, index: int, P: torch.Tensor, y, margins, norm: str):
-    """Section 5: ``min_j m_j / (||W_L^T c_j|| prod ||W_k|| L_phi * scale(P~))``."""
-    lip = _downstream_lipschitz(network, index + 1, norm)
-    scale = region_scale(P, norm)
+def global_lower(network: Network, scale: torch.Tensor, factors, y, margins, norm: str):
+    """Section 5: ``min_j m_j / (||W_L^T c_j|| prod ||W_k|| L_phi * scale(P~))``.
+
+    ``scale`` is ``region_scale(P~, norm)``; ``factors`` are ``downstream_factors``.
+    """
+    lip = math.prod(f for f, _ in factors)
     if norm == "max":
         scale = scale.amax(dim=-1)
     bound = (margins / (_class_rows(network, y, norm) * lip)).scatter(-1, y[:, None], math.inf)
     return bound.amin(dim=-1) / scale
-
-
-def _interval(step, lo: torch.Tensor, hi: torch.Tensor):
-    if isinstance(step, Affine):
-        center, radius = (hi + lo) / 2, (hi - lo) / 2
-        c = step(center)
-        abs_step = Affine(step.name, step.weight.abs(), torch.zeros_like(step.bias), step.stride,
-                          step.padding, step.dilation)
-        r = abs_step(radius) * (1 + 1e-12)
-        return c - r, c + r
-    if isinstance(step, Activation) and step.kind == "gelu":
-        x_min = -0.7517916  # GELU decreases left of its minimiser and increases right of it
-        low = torch.minimum(step(lo), step(hi))
-        inside = (lo <= x_min) & (hi >= x_min)
-        low = torch.where(inside, torch.full_like(low, -0.17), low)  # min GELU > -0.16997
-        return low, torch.maximum(step(lo), step(hi))
-    if isinstance(step, Pool) and step.kind == "avg" or isinstance(step, Flatten):
-        return step(lo), step(hi)
-    return step(lo), step(hi)  # monotone entrywise maps and max pooling
 
 
 def _row_norms(step: Affine) -> torch.Tensor:
@@ -145,18 +114,22 @@ def _row_norms(step: Affine) -> torch.Tensor:
     return rows[:, None, None] if step.is_conv else rows
 
 
-def ball_factors(network: Network, start: int) -> list[tuple[float, torch.Tensor | None]]:
-    """Per step from ``start`` (the logits layer excluded): its l2 Lipschitz constant and,
-    for affine steps, the row norms ``||W_i||_2`` (computed once, reused by every bisection
-    step: the operator norms need an SVD)."""
+def downstream_factors(network: Network, start: int, norm: str):
+    """Per step from ``start`` (the logits layer excluded): its Lipschitz constant in the
+    norm's geometry (l2 for ``fro``, l_inf for ``max``) and, for affine steps under ``fro``,
+    the row norms ``||W_i||_2``. Computed once per layer and shared by the global bound and
+    every bisection step of the local one (the l2 operator norms need an SVD)."""
     factors = []
     for step in network.steps[start:-1]:
         if isinstance(step, Affine):
-            factors.append((lipschitz.operator_norm_l2(step), _row_norms(step)))
+            if norm == "fro":
+                factors.append((lipschitz.operator_norm_l2(step), _row_norms(step)))
+            else:
+                factors.append((lipschitz.operator_norm_linf(step), None))
         elif isinstance(step, Activation):
             factors.append((step.lipschitz, None))
         else:
-            factors.append((step.lipschitz_l2, None))
+            factors.append((step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf, None))
     return factors
 
 
@@ -177,10 +150,10 @@ def interval_certified(network: Network, start: int, z: torch.Tensor, radius: to
     inputs = []
     region_ball = ball
     if ball is not None and factors is None:
-        factors = ball_factors(network, start)
+        factors = downstream_factors(network, start, "fro")
     for i, step in enumerate(network.steps[start:-1]):
         inputs.append((lo, hi))
-        lo, hi = _interval(step, lo, hi)
+        lo, hi = step.interval(lo, hi)
         if ball is not None:
             nominal = step(nominal)
             lip, rows = factors[i]
@@ -207,9 +180,13 @@ def interval_certified(network: Network, start: int, z: torch.Tensor, radius: to
     return ok.all(dim=-1)
 
 
-def local_lower(network, index, P, z, y, norm, start_lo, start_hi, steps: int = 20):
-    """Largest ``rho`` (by bisection) with the section-4 region certified by IBP."""
-    scale = region_scale(P, norm)  # (B,) or (B, L)
+def local_lower(network, index, z, y, norm, scale, factors, start_lo, start_hi,
+                steps: int = 20):
+    """Largest ``rho`` (by bisection) with the section-4 region certified by IBP and CROWN.
+
+    ``scale`` is ``region_scale(P~, norm)`` (``(B,)`` or ``(B, L)``); ``factors`` are
+    ``downstream_factors``.
+    """
     out_shape = z.shape[1:]
 
     def radius(rho: torch.Tensor) -> torch.Tensor:
@@ -219,11 +196,10 @@ def local_lower(network, index, P, z, y, norm, start_lo, start_hi, steps: int = 
             r = (rho[:, None] * scale)[:, None, :].expand(-1, out_shape[0], -1)
         return r.reshape(z.shape)
 
-    factors = ball_factors(network, index + 1) if norm == "fro" else None
-
     def certified(rho: torch.Tensor) -> torch.Tensor:
         ball = rho * scale if norm == "fro" else None
-        return interval_certified(network, index + 1, z, radius(rho), y, ball, factors)
+        return interval_certified(network, index + 1, z, radius(rho), y, ball,
+                                  factors if norm == "fro" else None)
 
     # The propagation contains the Lipschitz chain, so it certifies the global bound: start
     # the bracket there (checked, not assumed), and the local bound is never below it.
@@ -425,15 +401,17 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
         method = "exact"
     else:
         upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:])
-        lower_global = global_lower(network, index, P, y, margins, norm) * (1 - SAFETY)
+        scale = region_scale(P, norm)
+        factors = downstream_factors(network, index + 1, norm)
+        lower_global = global_lower(network, scale, factors, y, margins, norm) * (1 - SAFETY)
         # Bisection needs a finite bracket; without a witness, try far beyond the estimate.
         fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
         cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
         # The bracket starts at lower_global, itself certified: keep it where bisection
         # could not improve on it by more than the safety margin.
         lower_local = torch.maximum(
-            lower_global, local_lower(network, index, P, Z, y, norm, lower_global, cap)
-            * (1 - SAFETY))
+            lower_global, local_lower(network, index, Z, y, norm, scale, factors, lower_global,
+                                      cap) * (1 - SAFETY))
         lower = lower_local
         method = "lipschitz+interval"
     if (lower > upper).any():

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from certify.linear_bounds import margin_lower_bounds
 from certify.network import Network
-from certify.radius import _interval
 from test_radius_soundness import cnns, mlps
 
 PROBLEMS = (st.one_of(mlps(), cnns()), st.booleans(), st.floats(1e-3, 2.0),
@@ -32,7 +31,7 @@ def regions(model_and_shape, use_ball: bool, size: float, seed: int, count: int 
         lo, hi, inputs = z - radius, z + radius, []
         for step in net.steps[index + 1:-1]:
             inputs.append((lo, hi))
-            lo, hi = _interval(step, lo, hi)
+            lo, hi = step.interval(lo, hi)
         yield net, index, z, y, radius, ball, inputs
 
 
