@@ -12,12 +12,29 @@ Schema (``format`` = ``FORMAT``)::
                  "threshold": {"rank": int, "bits": int|null, "bits_per_channel": int|null,
                                "prune_ratio": float}},
          "max": {... the same ...}}
+      ],
+      "multilayer": {"fro": {"uniform_budget": [float, ...], "min": float},
+                     "max": {... the same ...}},
+      "compression_checks": [  (only with ``certify model --compress``)
+        {"compression": "rank=8@1", "layers": ["1"], "changed": [int, ...],
+         "harmless": [bool, ...]|null, "violations": int|null,
+         "harmless_per_layer": {"1": [bool, ...]},
+         "weight_error": {"1": {"fro": float, "spectral": float, "max": float}}, "note": "..."}
       ]
     }
 
 ``lower`` is a certificate, ``upper`` the norm of a witness (``null``: none found; its
 perturbation is stored in the ``.witnesses.npz`` file beside the JSON), ``estimate`` the
 first-order value. Thresholds are taken against the smallest ``lower`` of the layer.
+``multilayer``: per input the certified ``t`` of ``certify.multilayer.uniform_budget``, no
+change of every affine layer at once with ``||D_k|| <= t ||W~_k||`` (in that norm) changes
+the class; ``min`` is the smallest over the inputs.
+``compression_checks`` (``certify.compressed``, THEORY.md section 6): a concrete compression
+applied to the named layers; ``changed`` the indices of the inputs whose class changed;
+``harmless`` per input, the weight error is below the input's ``lower`` in that layer (then
+the class provably cannot change), ``violations`` the harmless inputs that changed (always 0).
+Both are ``null`` when several layers are compressed at once: single-layer radii do not
+compose, so only ``harmless_per_layer`` is reported and nothing is certified.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ from tqdm import tqdm
 
 from certify import __version__
 from certify.compression import thresholds
+from certify.multilayer import uniform_budget
 from certify.network import Affine, Network
 from certify.radius import NORMS, Witness, layer_radii
 
@@ -93,6 +111,11 @@ def certify_network(network: Network, x: torch.Tensor, *, model_sha256: str,
         }
         witnesses |= _witness_arrays(f"{layer.name}/{norm}", [p.witness for p in parts])
     layers = [per_layer[i] for i in network.affine_indices]
+    multilayer = {}
+    for norm in NORMS:
+        t = torch.cat([uniform_budget(network, x[i:i + chunk], norm, bias)
+                       for i in range(0, len(x), chunk)])
+        multilayer[norm] = {"uniform_budget": _floats(t), "min": float(t.min())}
     document = {
         "format": FORMAT,
         "tool_version": __version__,
@@ -101,6 +124,7 @@ def certify_network(network: Network, x: torch.Tensor, *, model_sha256: str,
         "bias_perturbed": bias,
         "predictions": predictions.tolist(),
         "layers": layers,
+        "multilayer": multilayer,
     }
     return Result(document, witnesses)
 

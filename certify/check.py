@@ -7,10 +7,13 @@ Every claim is recomputed from the model's weights and the data:
   ``W + D``; the class must change, and ``||D||`` must equal the claim;
 * ``lower``, last dense layer: the exact class-pair formula (THEORY.md section 3);
 * ``lower``, other layers: confirmed if the numpy global Lipschitz bound (section 5) reaches
-  it, or if numpy interval propagation (intersected with an l2 ball) certifies the
-  section-4 region of that radius;
+  it, or if the local bound of ``certify.linear_bounds`` (interval propagation, backward
+  refinement when the certificate says ``refined``, CROWN and the interval Jacobian),
+  re-implemented here in numpy, certifies the section-4 region of that radius;
 * ``lower <= upper``; thresholds: the numpy compression error at the claimed level must be
-  below the layer's smallest ``lower``.
+  below the layer's smallest ``lower``;
+* ``multilayer`` uniform budgets: the section-5 recursion for all layers at once, evaluated
+  in numpy at the claimed ``t`` (budgets ``t ||W~_k||``), must certify every input.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import erf
 
 from certify.lipschitz import patch_overlap
-from certify.network import GELU_ARGMIN, GELU_FLOOR, Activation, Affine, Flatten, Network, Pool
+from certify.network import (GELU_ARGMIN, GELU_DERIVATIVE, GELU_FLOOR, Activation, Affine, Flatten,
+                             Network, Pool)
 
 SLACK = 1e-9  # relative tolerance for equalities between two float64 computations
+# Relative inflation of the multi-layer margin bound for its own rounding; the producer
+# (certify.multilayer) uses the same and leaves this much slack in the t it claims.
+MULTILAYER_SAFETY = 1e-9
 
 
 @dataclass
@@ -158,66 +165,6 @@ def global_lower(network: Network, index: int, P, y, margins, norm: str) -> np.n
     return bound.min(axis=-1) / scale
 
 
-def interval_certified(network: Network, index: int, z: np.ndarray, P, rho: np.ndarray,
-                       y: np.ndarray, norm: str) -> np.ndarray:
-    """Numpy IBP (with an l2 ball for Frobenius) over the section-4 region of radius ``rho``."""
-    scale = _region_scale(P, norm)
-    if norm == "fro":
-        radius = np.broadcast_to((rho * scale).reshape(-1, *[1] * (z.ndim - 1)), z.shape)
-        ball = rho * scale
-    else:
-        r = rho[:, None] * scale  # (B, L)
-        radius = np.broadcast_to(r[:, None, :], (len(z), z.shape[1], r.shape[1])).reshape(z.shape)
-        ball = None
-    lo, hi = z - radius, z + radius
-    nominal = z  # the l2 ball is centred on the unperturbed point
-    inputs, region_ball = [], ball
-    for step in network.steps[index + 1:-1]:
-        inputs.append((lo, hi))
-        if ball is not None:
-            nominal = forward(Network((step,)), nominal)
-        if isinstance(step, Affine):
-            center, rad = (lo + hi) / 2, (hi - lo) / 2
-            Pc, spatial = columns(step, center, False)
-            Pr, _ = columns(step, rad, False)
-            c = affine(step, Pc, spatial, step.matrix.numpy(), False)
-            zero_bias = Affine(step.name, step.weight, step.bias * 0)
-            width = affine(zero_bias, Pr, spatial, np.abs(step.matrix.numpy()), False) * (1 + 1e-12)
-            lo, hi = c - width, c + width
-            if ball is not None:
-                rows = np.linalg.norm(step.matrix.numpy(), axis=1) * (1 + step.matrix.shape[1] * 1e-15)
-                rows = rows[:, None, None] if step.is_conv else rows
-                reach = rows * ball.reshape(-1, *[1] * (c.ndim - 1)) * (1 + 1e-12)
-                lo, hi = np.maximum(lo, nominal - reach), np.minimum(hi, nominal + reach)
-        elif isinstance(step, Activation) and step.kind == "gelu":
-            a, b = _activation(step, lo), _activation(step, hi)
-            inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
-            lo, hi = np.where(inside, GELU_FLOOR, np.minimum(a, b)), np.maximum(a, b)
-        elif isinstance(step, Activation):
-            lo, hi = _activation(step, lo), _activation(step, hi)
-        elif isinstance(step, Flatten):
-            lo, hi = lo.reshape(len(lo), -1), hi.reshape(len(hi), -1)
-        else:
-            lo, hi = _pool(step, lo), _pool(step, hi)
-        if ball is not None:
-            ball = ball * _lipschitz(step, "fro")
-    last = network.steps[-1]
-    W, b = last.weight.numpy(), last.bias.numpy()
-    C = W[y][:, None, :] - W[None]
-    center, rad = (hi + lo) / 2, (hi - lo) / 2
-    value = np.einsum("bcn,bn->bc", C, center) + (b[y][:, None] - b[None])
-    lower = value - np.einsum("bcn,bn->bc", np.abs(C), rad)
-    if ball is not None:  # Cauchy-Schwarz around the unperturbed point
-        at_nominal = np.einsum("bcn,bn->bc", C, nominal) + (b[y][:, None] - b[None])
-        lower = np.maximum(lower, at_nominal - np.linalg.norm(C, axis=-1) * ball[:, None]
-                           * (1 + 1e-12))
-    lower = np.maximum(lower, linear_lower(network, index + 1, z, inputs, y, radius, region_ball))
-    tol = 1e-10 * (np.einsum("bcn,bn->bc", np.abs(C), np.abs(center) + rad) + np.abs(b).max())
-    ok = lower > tol
-    ok[np.arange(len(y)), y] = True
-    return ok.all(axis=-1)
-
-
 def _fold(cols: np.ndarray, out_shape, layer) -> np.ndarray:
     """Adjoint of ``_unfold``: ``(N, C k_h k_w, L) -> (N, C, H, W)``, summing overlaps."""
     N, (C, H, W) = len(cols), out_shape
@@ -234,57 +181,249 @@ def _fold(cols: np.ndarray, out_shape, layer) -> np.ndarray:
     return out[:, :, p_h: p_h + H, p_w: p_w + W]
 
 
-def linear_lower(network: Network, start: int, z: np.ndarray, inputs, y: np.ndarray,
-                 radius: np.ndarray, ball) -> np.ndarray:
-    """Numpy CROWN-style margin lower bounds (the method of ``certify.linear_bounds``)."""
-    W, b = network.steps[-1].weight.numpy(), network.steps[-1].bias.numpy()
-    A = W[y][:, None, :] - W[None]
-    d = b[y][:, None] - b[None]
-    B, C = A.shape[:2]
-    for step, (lo, hi) in zip(reversed(network.steps[start:-1]), reversed(inputs)):
+# -- the local bound in numpy (the method of certify.linear_bounds) ----------------------
+
+ROUND = 1e-10
+
+
+def _interval(step, lo: np.ndarray, hi: np.ndarray):
+    """Bounds of a step's output over the box ``[lo, hi]`` (interval arithmetic)."""
+    if isinstance(step, Affine):
+        center, rad = (lo + hi) / 2, (hi - lo) / 2
+        Pc, spatial = columns(step, center, False)
+        Pr, _ = columns(step, rad, False)
+        c = affine(step, Pc, spatial, step.matrix.numpy(), False)
+        zero_bias = Affine(step.name, step.weight, step.bias * 0)
+        width = affine(zero_bias, Pr, spatial, np.abs(step.matrix.numpy()), False) * (1 + 1e-12)
+        return c - width, c + width
+    if isinstance(step, Activation) and step.kind == "gelu":
+        a, b = _activation(step, lo), _activation(step, hi)
+        inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
+        return np.where(inside, GELU_FLOOR, np.minimum(a, b)), np.maximum(a, b)
+    one = Network((step,))
+    return forward(one, lo), forward(one, hi)
+
+
+def _times_weight(A: np.ndarray, step: Affine, weight: np.ndarray, in_shape) -> np.ndarray:
+    """Rows ``A`` ``(B, R, *out)`` composed with the linear map of ``weight``."""
+    B, R = A.shape[:2]
+    if not step.is_conv:
+        return A @ weight
+    cols = np.einsum("km,brkl->brml", weight, A.reshape(B, R, A.shape[2], -1))
+    return _fold(cols.reshape(B * R, cols.shape[2], -1), in_shape, step).reshape(B, R, *in_shape)
+
+
+def _avg_adjoint(step: Pool, A: np.ndarray, in_shape) -> np.ndarray:
+    B, R = A.shape[:2]
+    k, s, p = step.kernel, step.stride, step.padding
+    pool = SimpleNamespace(weight=np.zeros((1, 1, k, k)), padding=(p, p), stride=(s, s),
+                           dilation=(1, 1))
+    cols = np.repeat(A.reshape(B * R * A.shape[2], 1, -1), k * k, axis=1) / (k * k)
+    return _fold(cols, (1, *in_shape[1:]), pool).reshape(B, R, *in_shape)
+
+
+def _rows_sum(t: np.ndarray) -> np.ndarray:
+    return t.reshape(*t.shape[:2], -1).sum(-1)
+
+
+def _backward(A, d, e, size, steps, intervals, lower_only: bool):
+    """Rows ``A x + d +- e`` walked back through ``steps`` (``A`` None: constant)."""
+    for step, (lo, hi) in zip(reversed(steps), reversed(intervals)):
         if isinstance(step, Affine):
             bias = step.bias.numpy()
-            if step.is_conv:
-                d = d + (A * bias[:, None, None]).reshape(B, C, -1).sum(-1)
-                cols = np.einsum("km,bcml->bckl", step.matrix.numpy(), A.reshape(B, C, A.shape[2], -1))
-                A = _fold(cols.reshape(B * C, cols.shape[2], -1), lo.shape[1:], step)
-                A = A.reshape(B, C, *lo.shape[1:])
-            else:
-                d = d + A @ bias
-                A = A @ step.weight.numpy()
+            add = _rows_sum(A * (bias[:, None, None] if step.is_conv else bias))
+            A = _times_weight(A, step, step.matrix.numpy(), lo.shape[1:])
+            d, size = d + add, size + np.abs(add)
         elif isinstance(step, Activation) and step.kind in ("relu", "leaky_relu"):
-            negative = step.slope if step.kind == "leaky_relu" else 0.0
-            unstable = (lo < 0) & (hi > 0)
             f_lo, f_hi = _activation(step, lo), _activation(step, hi)
-            chord = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0), 0.0)
-            stable = np.where(lo >= 0, 1.0, negative)
-            s_upper = np.where(unstable, chord, stable)
-            b_upper = np.where(unstable, f_lo - chord * lo + 1e-12 * (abs(f_lo) + abs(f_hi)), 0.0)
-            s_lower = np.where(unstable, np.where(hi >= -lo, 1.0, negative), stable)
-            positive, negative_part = np.clip(A, 0, None), np.clip(A, None, 0)
-            d = d + (negative_part * b_upper[:, None]).reshape(B, C, -1).sum(-1)
-            A = positive * s_lower[:, None] + negative_part * s_upper[:, None]
+            unstable = (lo < 0) & (hi > 0)
+            stable = np.where(lo >= 0, 1.0, step.slope)
+            chord = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0), stable)
+            if lower_only and 0 <= step.slope <= 1:
+                b_up = f_lo - chord * lo
+                b_up = np.where(unstable, b_up + np.maximum(f_hi - (chord * hi + b_up), 0)
+                                + ROUND * (np.abs(f_lo) + np.abs(f_hi)), 0.0)
+                s_low = np.where(unstable, np.where(hi >= -lo, 1.0, step.slope), stable)
+                pos, neg = np.clip(A, 0, None), np.clip(A, None, 0)
+                add = _rows_sum(neg * b_up[:, None])
+                A, d, size = pos * s_low[:, None] + neg * chord[:, None], d + add, size + np.abs(add)
+            else:
+                g_lo, g_hi = f_lo - chord * lo, f_hi - chord * hi
+                zero = np.where(unstable, 0.0, g_lo)
+                low = np.minimum(np.minimum(g_lo, g_hi), zero)
+                high = np.maximum(np.maximum(g_lo, g_hi), zero)
+                mu = (high + low) / 2
+                nu = (high - low) / 2 + ROUND * (np.abs(lo) + np.abs(hi))
+                add, err = _rows_sum(A * mu[:, None]), _rows_sum(np.abs(A) * nu[:, None])
+                A, d, e, size = A * chord[:, None], d + add, e + err, size + np.abs(add) + err
         elif isinstance(step, Flatten):
-            A = A.reshape(B, C, *lo.shape[1:])
+            A = A.reshape(*A.shape[:2], *lo.shape[1:])
         elif isinstance(step, Pool) and step.kind == "avg":
-            k, s, p = step.kernel, step.stride, step.padding
-            pool = SimpleNamespace(weight=np.zeros((1, 1, k, k)), padding=(p, p), stride=(s, s),
-                                   dilation=(1, 1))
-            cols = np.repeat(A.reshape(B * C * A.shape[2], 1, -1), k * k, axis=1) / (k * k)
-            A = _fold(cols, (1, *lo.shape[2:]), pool).reshape(B, C, *lo.shape[1:])
-        else:  # constant interval bounds, as in certify.linear_bounds
-            f_lo, f_hi = forward(Network((step,)), lo), forward(Network((step,)), hi)
-            low, high = np.minimum(f_lo, f_hi), np.maximum(f_lo, f_hi)
-            if isinstance(step, Activation) and step.kind == "gelu":
-                low = np.where((lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN), GELU_FLOOR, low)
-            return d + (np.clip(A, 0, None) * low[:, None] + np.clip(A, None, 0)
-                        * high[:, None]).reshape(B, C, -1).sum(-1)
-    flat = A.reshape(B, C, -1)
-    value = np.einsum("bcn,bn->bc", flat, z.reshape(B, -1)) + d
-    box = value - np.einsum("bcn,bn->bc", np.abs(flat), radius.reshape(B, -1))
-    if ball is None:
-        return box
-    return np.maximum(box, value - np.linalg.norm(flat, axis=-1) * ball[:, None])
+            A = _avg_adjoint(step, A, lo.shape[1:])
+        else:
+            low, high = _interval(step, lo, hi)
+            add = _rows_sum(A * ((high + low) / 2)[:, None])
+            err = _rows_sum(np.abs(A) * ((high - low) / 2)[:, None])
+            return None, d + add, e + err, size + np.abs(add) + err
+    return A, d, e, size
+
+
+def _concretise(A, z, norm: str, unit):
+    """``A z``, ``|A| |z|`` and ``sup_{u in U} A u`` for rows ``A``."""
+    flat, zf = A.reshape(*A.shape[:2], -1), z.reshape(len(z), -1)
+    at_z = np.einsum("brn,bn->br", flat, zf)
+    magnitude = np.einsum("brn,bn->br", np.abs(flat), np.abs(zf))
+    if norm == "fro":
+        dual = np.linalg.norm(flat, axis=-1) * unit[:, None]
+    else:
+        dual = np.einsum("brn,bn->br", np.abs(flat), unit.reshape(len(z), -1))
+    return at_z, magnitude, dual
+
+
+def _refined(steps, intervals, i, z, norm, unit, rho):
+    lo, hi = intervals[i]
+    B, shape = len(lo), lo.shape[1:]
+    flat_lo, flat_hi = lo.reshape(B, -1), hi.reshape(B, -1)
+    if steps[i].kind in ("relu", "leaky_relu"):
+        wanted = (flat_lo < 0) & (flat_hi > 0)
+    else:
+        wanted = np.ones_like(flat_lo, dtype=bool)
+    k = int(wanted.sum(-1).max())
+    if k == 0:
+        return lo, hi
+    order = np.argsort(~wanted, axis=-1, kind="stable")[:, :k]
+    previous = steps[i - 1]
+    if isinstance(previous, Affine) and not previous.is_conv:
+        A, d = previous.weight.numpy()[order], previous.bias.numpy()[order]
+        walked = i - 1
+    else:
+        A = np.zeros((B, k, flat_lo.shape[1]))
+        np.put_along_axis(A, order[..., None], 1.0, axis=-1)
+        A, d, walked = A.reshape(B, k, *shape), np.zeros((B, k)), i
+    A, center, spread, size = _backward(A, d, np.zeros_like(d), np.abs(d), steps[:walked],
+                                        intervals[:walked], lower_only=False)
+    if A is not None:
+        at_z, magnitude, dual = _concretise(A, z, norm, unit)
+        center, size, spread = center + at_z, size + magnitude, spread + rho[:, None] * dual
+    slack = ROUND * (size + spread)
+    new_lo = np.maximum(np.take_along_axis(flat_lo, order, -1), center - spread - slack)
+    new_hi = np.minimum(np.take_along_axis(flat_hi, order, -1), center + spread + slack)
+    np.put_along_axis(flat_lo, order, new_lo, -1)
+    np.put_along_axis(flat_hi, order, new_hi, -1)
+    return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
+
+
+def _intermediate(network, start, z, norm, unit, rho, refine: bool):
+    steps = network.steps[start:-1]
+    box = np.broadcast_to((rho * unit).reshape(-1, *[1] * (z.ndim - 1)), z.shape) \
+        if norm == "fro" else rho.reshape(-1, *[1] * (z.ndim - 1)) * unit
+    intervals = [(z - box, z + box)]
+    nominal, reach = z, (rho * unit if norm == "fro" else None)
+    for i in range(1, len(steps) + 1):
+        step = steps[i - 1]
+        lo, hi = _interval(step, *intervals[-1])
+        if reach is not None:
+            nominal_out = forward(Network((step,)), nominal)
+            if isinstance(step, Affine):
+                before_lo, before_hi = intervals[-1]
+                varies = (before_hi > before_lo).astype(float)
+                Pv, spatial = columns(step, varies, False)
+                zero_bias = Affine(step.name, step.weight, step.bias * 0)
+                rows = np.sqrt(affine(zero_bias, Pv, spatial, step.matrix.numpy() ** 2, False))
+                spread = rows * (1 + ROUND) * reach.reshape(-1, *[1] * (lo.ndim - 1))
+                lo = np.maximum(lo, nominal_out - spread * (1 + ROUND))
+                hi = np.minimum(hi, nominal_out + spread * (1 + ROUND))
+            corner = np.maximum(hi - nominal_out, nominal_out - lo).reshape(len(lo), -1)
+            reach = np.minimum(reach * _lipschitz(step, "fro"),
+                               np.linalg.norm(corner, axis=-1) * (1 + ROUND))
+            nominal = nominal_out
+        intervals.append((lo, hi))
+        if refine and i < len(steps) and isinstance(steps[i], Activation):
+            intervals[i] = _refined(steps, intervals, i, z, norm, unit, rho)
+    return intervals
+
+
+def _derivatives(step: Activation, lo, hi):
+    if step.kind in ("relu", "leaky_relu"):
+        a, b = min(step.slope, 1.0), max(step.slope, 1.0)
+        low = np.where(hi < 0, step.slope, np.where(lo > 0, 1.0, a))
+        high = np.where(hi < 0, step.slope, np.where(lo > 0, 1.0, b))
+        return low, high
+    if step.kind in ("tanh", "sigmoid"):
+        def derivative(x):
+            if step.kind == "tanh":
+                return 1 - np.tanh(x) ** 2
+            s = 1 / (1 + np.exp(-x))
+            return s * (1 - s)
+        d_lo, d_hi = derivative(lo), derivative(hi)
+        top = np.where((lo <= 0) & (hi >= 0), derivative(0.0), np.maximum(d_lo, d_hi))
+        return np.minimum(d_lo, d_hi) * (1 - ROUND), top * (1 + ROUND)
+    return np.full_like(lo, GELU_DERIVATIVE[0]), np.full_like(lo, GELU_DERIVATIVE[1])
+
+
+def _jacobian_dual(network, start, intervals, C, norm, unit):
+    """The interval-Jacobian slope of ``certify.linear_bounds.jacobian_line``, or None."""
+    lo = hi = C
+    for step, (x_lo, x_hi) in zip(reversed(network.steps[start:-1]), reversed(intervals)):
+        if isinstance(step, Activation):
+            d_lo, d_hi = (t[:, None] for t in _derivatives(step, x_lo, x_hi))
+            products = np.stack([lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi])
+            lo, hi = products.min(0), products.max(0)
+            continue
+        if isinstance(step, Pool) and step.kind == "max":
+            return None
+        center, radius = (hi + lo) / 2, (hi - lo) / 2
+        if isinstance(step, Affine):
+            W = step.matrix.numpy()
+            center = _times_weight(center, step, W, x_lo.shape[1:])
+            radius = _times_weight(radius, step, np.abs(W), x_lo.shape[1:])
+        elif isinstance(step, Flatten):
+            center = center.reshape(*center.shape[:2], *x_lo.shape[1:])
+            radius = radius.reshape(*radius.shape[:2], *x_lo.shape[1:])
+        else:
+            center = _avg_adjoint(step, center, x_lo.shape[1:])
+            radius = _avg_adjoint(step, radius, x_lo.shape[1:])
+        radius = radius * (1 + ROUND) + ROUND * np.abs(center)
+        lo, hi = center - radius, center + radius
+    magnitude = np.maximum(np.abs(lo), np.abs(hi))
+    return _concretise(magnitude, np.zeros(magnitude.shape[:1] + magnitude.shape[2:]), norm,
+                       unit)[2] * (1 + ROUND)
+
+
+def local_lower_bounds(network: Network, index: int, z: np.ndarray, P, rho: np.ndarray,
+                       y: np.ndarray, norm: str, refine: bool) -> np.ndarray:
+    """Lower bounds ``(B, C)`` of the margins over the section-4 region of radius ``rho``:
+    the best of interval arithmetic, CROWN and the interval Jacobian (as in
+    ``certify.linear_bounds.margin_lines``, recomputed in numpy)."""
+    scale = _region_scale(P, norm)
+    if norm == "fro":
+        unit = scale
+    else:
+        unit = np.broadcast_to(scale[:, None, :], (len(z), z.shape[1], scale.shape[1]))
+        unit = unit.reshape(z.shape)
+    start = index + 1
+    intervals = _intermediate(network, start, z, norm, unit, rho, refine)
+    W, b = network.steps[-1].weight.numpy(), network.steps[-1].bias.numpy()
+    C, c = W[y][:, None, :] - W[None], b[y][:, None] - b[None]
+    lo, hi = intervals[-1]
+    center, rad = (hi + lo) / 2, (hi - lo) / 2
+    size = np.einsum("bcn,bn->bc", np.abs(C), np.abs(center) + rad) + np.abs(c)
+    best = np.einsum("bcn,bn->bc", C, center) + c - np.einsum("bcn,bn->bc", np.abs(C), rad) \
+        - ROUND * size
+    A, d, e, size = _backward(C, c, np.zeros_like(c), np.abs(c), network.steps[start:-1],
+                              intervals[:-1], lower_only=True)
+    value, size = d - e, size + e
+    if A is not None:
+        at_z, magnitude, dual = _concretise(A, z, norm, unit)
+        value, size = value + at_z - rho[:, None] * dual * (1 + ROUND), size + magnitude
+    best = np.maximum(best, value - ROUND * size)
+    dual = _jacobian_dual(network, start, intervals[:-1], C, norm, unit)
+    if dual is not None:
+        logits = forward(network, z, start)
+        m = logits[np.arange(len(y)), y][:, None] - logits
+        tolerance = ROUND * (np.abs(logits).max(-1, keepdims=True) + np.abs(m))
+        best = np.maximum(best, m - tolerance - rho[:, None] * dual)
+    return best
 
 
 def exact_last_layer(h: np.ndarray, logits: np.ndarray, y: np.ndarray, norm: str,
@@ -300,6 +439,62 @@ def exact_last_layer(h: np.ndarray, logits: np.ndarray, y: np.ndarray, norm: str
         denominator = 2 * np.abs(h).sum(axis=1)
     with np.errstate(divide="ignore"):
         return m.min(axis=1) / denominator
+
+
+def multilayer_bound(network: Network, values, y: np.ndarray, budgets: np.ndarray, norm: str,
+                     bias: bool) -> np.ndarray:
+    """Numpy section-5 recursion for all affine layers at once, ``(B, C)``.
+
+    ``budgets`` is ``(K, B)``. Affine step: ``||dz|| <= (||W||_op + e g) ||dh|| + e s`` with
+    ``s = sigma_max(P~)`` and ``g = sqrt(overlap)`` (``fro``, l2), or ``s = max_j ||P~_:j||_1``
+    and ``g`` the patch length (``max``, l_inf); other steps scale ``||dh||`` by their
+    Lipschitz constant; logits: ``||W_L^T c_j|| ||dh|| + ||c_j|| e (s + g ||dh||)``.
+    """
+    delta = np.zeros(len(y))
+    k = 0
+    for i, step in enumerate(network.steps):
+        if not isinstance(step, Affine):
+            delta = _lipschitz(step, norm) * delta
+            continue
+        P, _ = columns(step, values[i], bias)
+        scale = _region_scale(P, norm)
+        if norm == "max":
+            scale = scale.max(axis=-1)
+        growth = math.sqrt(patch_overlap(step)) if norm == "fro" else P.shape[1] - bias
+        e = budgets[k]
+        k += 1
+        if i < len(network.steps) - 1:
+            delta = (_lipschitz(step, norm) + e * growth) * delta + e * scale
+            continue
+        W = step.weight.numpy()
+        ord, dual = (2, math.sqrt(2)) if norm == "fro" else (1, 2.0)
+        rows = np.linalg.norm(W[y][:, None, :] - W[None], ord=ord, axis=-1)
+        rows = rows * (1 + W.shape[1] * 1e-15)
+        bound = rows * delta[:, None] + (dual * e * (scale + growth * delta))[:, None]
+        return bound * (1 + MULTILAYER_SAFETY)
+    raise ValueError("the last step of the network must be a Linear layer (the logits)")
+
+
+def _check_multilayer(report: Report, claims: dict, network: Network, values, y, margins,
+                      bias: bool) -> None:
+    weights = [network.steps[i].matrix.numpy() for i in network.affine_indices]
+    if bias:
+        weights = [np.concatenate([W, network.steps[i].bias.numpy()[:, None]], axis=1)
+                   for W, i in zip(weights, network.affine_indices)]
+    sizes = {"fro": np.array([np.linalg.norm(W) for W in weights]),  # ||W~_k|| per norm
+             "max": np.array([np.abs(W).max() for W in weights])}
+    for norm in ("fro", "max"):
+        t = _array(claims[norm]["uniform_budget"])
+        where = f"multilayer, {norm}"
+        valid = np.isfinite(t) & (t >= 0)
+        budgets = sizes[norm][:, None] * np.where(valid, t, 0.0)[None, :]
+        bound = multilayer_bound(network, values, y, budgets, norm, bias)
+        certified = (bound < margins).all(axis=1) | (t == 0)  # t = 0 changes nothing
+        bad = np.nonzero(~(valid & certified))[0]
+        report.claim(bad.size == 0, f"{where}: uniform budget of inputs {bad[:5]} is not "
+                     "certified by the all-layers recursion")
+        report.claim(claims[norm]["min"] == float(t.min()), f"{where}: min is not the "
+                     "smallest uniform budget")
 
 
 # -- the check ----------------------------------------------------------------------------
@@ -333,6 +528,8 @@ def check(document: dict, witnesses, network: Network, x: np.ndarray) -> Report:
     if [network.steps[i].name for i in affine_steps] != [e["name"] for e in document["layers"]]:
         report.claim(False, "the certificate's layers do not match the model's")
         return report
+    if "multilayer" in document:
+        _check_multilayer(report, document["multilayer"], network, values, y, margins, bias)
     for index, entry in zip(affine_steps, document["layers"]):
         layer = network.steps[index]
         P, spatial = columns(layer, values[index], bias)
@@ -369,8 +566,11 @@ def check(document: dict, witnesses, network: Network, x: np.ndarray) -> Report:
                 confirmed = lower <= global_lower(network, index, P, y, margins, norm) * (1 + 1e-12)
                 rest = ~confirmed & (lower > 0)
                 if rest.any():
-                    certified = interval_certified(network, index, values[index + 1][rest],
-                                                   P[rest], lower[rest], y[rest], norm)
+                    bounds = local_lower_bounds(network, index, values[index + 1][rest],
+                                                P[rest], lower[rest], y[rest], norm,
+                                                refine="refined" in claims["method"])
+                    bounds[np.arange(len(bounds)), y[rest]] = np.inf
+                    certified = (bounds > 0).all(-1)
                     confirmed[np.nonzero(rest)[0][certified]] = True
                 bad = np.nonzero(~confirmed & (lower > 0))[0]
             report.claim(bad.size == 0, f"{where}: lower of inputs {bad[:5]} is not confirmed")

@@ -106,8 +106,12 @@ def quantisation_step(W, bits: int, per_channel: bool = False) -> torch.Tensor:
 
 
 def quantisation_error(W, bits: int, per_channel: bool = False) -> torch.Tensor:
-    """Entrywise-max error bound of round-to-nearest quantisation: ``max s / 2``."""
-    return quantisation_step(W, bits, per_channel).max() / 2 * (1 + 4 * EPS)
+    """Entrywise-max error bound of round-to-nearest quantisation: ``max s / 2``, plus the
+    float64 rounding of ``round(W / s) s`` (a division and a product, each within
+    ``eps |W|``; ``3 eps max|W|`` covers both)."""
+    W = _matrix(W)
+    return quantisation_step(W, bits, per_channel).max() / 2 * (1 + 4 * EPS) + \
+        3 * EPS * W.abs().max()
 
 
 def threshold_bits(W, radius_max, per_channel: bool = False, max_bits: int = 64) -> int | None:

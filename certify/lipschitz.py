@@ -20,7 +20,7 @@ import math
 import torch
 
 from certify.compression import singular_values_upper
-from certify.network import Affine
+from certify.network import Activation, Affine
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -53,3 +53,13 @@ def operator_norm_linf(layer: Affine) -> float:
     """Upper bound of the layer's ``l_inf -> l_inf`` operator norm: the largest row l1 norm."""
     W = layer.matrix
     return float(W.abs().sum(dim=1).max()) * (1 + W.shape[1] * EPS)
+
+
+def step_lipschitz(step, norm: str) -> float:
+    """Lipschitz constant of any step in the l2 (``"fro"``) or l_inf (``"max"``) geometry:
+    operator norms for affine steps, ``sup |phi'|`` for activations, the pooling constants."""
+    if isinstance(step, Affine):
+        return operator_norm_l2(step) if norm == "fro" else operator_norm_linf(step)
+    if isinstance(step, Activation):
+        return step.lipschitz
+    return step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf

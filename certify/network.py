@@ -39,6 +39,9 @@ GELU_LIPSCHITZ = (1 + math.erf(1)) / 2 + math.exp(-1) / math.sqrt(math.pi)
 # so GELU_FLOOR is a lower bound of it.
 GELU_ARGMIN = -0.7517916
 GELU_FLOOR = -0.17
+# GELU' = Phi(x) + x phi(x) ranges over [2 - GELU_LIPSCHITZ - 1, GELU_LIPSCHITZ] (extremes at
+# -+sqrt(2), by the symmetry Phi(-x) = 1 - Phi(x)); widened for rounding.
+GELU_DERIVATIVE = (-(GELU_LIPSCHITZ - 1) * (1 + 1e-12), GELU_LIPSCHITZ * (1 + 1e-12))
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ class Activation:
         low = torch.minimum(f_lo, f_hi)
         inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
         return torch.where(inside, torch.full_like(low, GELU_FLOOR), low), torch.maximum(f_lo, f_hi)
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """``phi'`` of the smooth monotone activations: ``1 - tanh^2`` and ``s (1 - s)``."""
+        if self.kind == "tanh":
+            return 1 - torch.tanh(x) ** 2
+        s = torch.sigmoid(x)
+        return s * (1 - s)
 
     @property
     def lipschitz(self) -> float:

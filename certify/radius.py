@@ -9,8 +9,9 @@ the spectral radius; ``"max"``: entrywise max), three numbers per input:
   Last dense layer: the exact class-pair formula (section 3). Other layers: section 4 turns
   the weight ball into a region of ``Z`` (``||D P~||_F <= rho sigma_max(P~)``;
   ``|(D P~)_ij| <= rho ||P~_:j||_1``), and the best of two input-space bounds on the
-  downstream network certifies it: the global Lipschitz bound (section 5) and interval
-  bound propagation (IBP) from that region, maximised by bisection.
+  downstream network certifies it: the global Lipschitz bound (section 5) and CROWN-style
+  linear bounds over that region (``certify.linear_bounds``), whose margin lines give the
+  next radius to try (a few evaluations, no bisection).
 * ``upper``: the norm of a verified witness: a weight-space DeepFool iteration (the
   first-order rank-one step of section 3, re-linearised) until a forward pass with the
   perturbed weights really changes the class, then shrunk by bisection while it still does.
@@ -25,13 +26,14 @@ rounding in its own evaluation (relative errors there are below 1e-12).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from certify import lipschitz
 from certify.compression import singular_values_upper
-from certify.linear_bounds import margin_lower_bounds
+from certify.linear_bounds import REFINE_WORK, Region, margin_lines, refine_work
 from certify.network import Activation, Affine, Flatten, Network, Pool
 from certify.perturbation import class_pair_radius
 
@@ -51,7 +53,7 @@ class LayerRadii:
     estimate: torch.Tensor
     lower_global: torch.Tensor
     lower_local: torch.Tensor
-    method: str  # "exact" for the last dense layer, else "lipschitz+interval"
+    method: str  # "exact" (last dense layer), "lipschitz+crown" or "lipschitz+crown(refined)"
     witness: "Witness"  # attains ``upper`` where it is finite
 
 
@@ -96,120 +98,63 @@ def _class_rows(network: Network, y: torch.Tensor, norm: str) -> torch.Tensor:
     return rows.scatter(-1, y[:, None], math.inf)
 
 
-def global_lower(network: Network, scale: torch.Tensor, factors, y, margins, norm: str):
+def global_lower(network: Network, scale: torch.Tensor, lips: list[float], y, margins,
+                 norm: str):
     """Section 5: ``min_j m_j / (||W_L^T c_j|| prod ||W_k|| L_phi * scale(P~))``.
 
-    ``scale`` is ``region_scale(P~, norm)``; ``factors`` are ``downstream_factors``.
+    ``scale`` is ``region_scale(P~, norm)``; ``lips`` are ``downstream_lipschitz``.
     """
-    lip = math.prod(f for f, _ in factors)
+    lip = math.prod(lips)
     if norm == "max":
         scale = scale.amax(dim=-1)
     bound = (margins / (_class_rows(network, y, norm) * lip)).scatter(-1, y[:, None], math.inf)
     return bound.amin(dim=-1) / scale
 
 
-def _row_norms(step: Affine) -> torch.Tensor:
-    """``||W_i||_2`` per output entry, shaped like one output (conv: per channel, broadcast)."""
-    rows = torch.linalg.vector_norm(step.matrix, dim=1) * (1 + step.matrix.shape[1] * 1e-15)
-    return rows[:, None, None] if step.is_conv else rows
+def downstream_lipschitz(network: Network, start: int, norm: str) -> list[float]:
+    """Lipschitz constants of steps ``start, ..., L-1`` (the logits layer excluded) in the
+    norm's geometry: l2 for ``fro``, l_inf for ``max`` (section 5). Computed once per layer
+    (the l2 operator norms need an SVD) and shared by the global and local bounds."""
+    return [lipschitz.step_lipschitz(step, norm) for step in network.steps[start:-1]]
 
 
-def downstream_factors(network: Network, start: int, norm: str):
-    """Per step from ``start`` (the logits layer excluded): its Lipschitz constant in the
-    norm's geometry (l2 for ``fro``, l_inf for ``max``) and, for affine steps under ``fro``,
-    the row norms ``||W_i||_2``. Computed once per layer and shared by the global bound and
-    every bisection step of the local one (the l2 operator norms need an SVD)."""
-    factors = []
-    for step in network.steps[start:-1]:
-        if isinstance(step, Affine):
-            if norm == "fro":
-                factors.append((lipschitz.operator_norm_l2(step), _row_norms(step)))
-            else:
-                factors.append((lipschitz.operator_norm_linf(step), None))
-        elif isinstance(step, Activation):
-            factors.append((step.lipschitz, None))
-        else:
-            factors.append((step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf, None))
-    return factors
+def region(Z: torch.Tensor, scale: torch.Tensor, norm: str) -> Region:
+    """The section-4 region ``Z + rho U`` of a weight ball of radius ``rho``: ``U`` is the
+    l2 ball of radius ``sigma_max(P~)`` (``fro``) or the box ``|dZ_cj| <= ||P~_:j||_1``."""
+    if norm == "fro":
+        return Region(Z, norm, scale)
+    B, L = scale.shape
+    return Region(Z, norm, scale[:, None, :].expand(B, Z.shape[1], L).reshape(Z.shape))
 
 
-def interval_certified(network: Network, start: int, z: torch.Tensor, radius: torch.Tensor,
-                       y: torch.Tensor, ball: torch.Tensor | None = None,
-                       factors: list | None = None) -> torch.Tensor:
-    """Is every margin positive for all ``dz`` in the box ``|dz| <= radius`` (and, when given,
-    the l2 ball ``||dz|| <= ball``)?  ``(B,)``
+def local_lower(network: Network, index: int, Z: torch.Tensor, y: torch.Tensor, norm: str,
+                scale: torch.Tensor, cap: torch.Tensor, lips: list[float],
+                evaluations: int = 8, refine: bool = True) -> torch.Tensor:
+    """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
-    Interval bound propagation, intersected with an l2 ball around the unperturbed point
-    carried along by operator norms: after an affine step each entry lies within
-    ``||W_i||_2 ball`` of its unperturbed value as well as in its interval, so the result is
-    never worse than the global Lipschitz bound. The intervals then feed CROWN-style linear
-    bounds (``certify.linear_bounds``); each margin keeps the better of the two.
+    Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
+    margin, a line ``value - rho' slope`` valid for all ``rho' <= rho``: ``rho`` is certified
+    when every line is positive there, and the lines' common root is where to look next
+    (the fixed point ``root(rho) = rho`` is the best radius these bounds can reach). Only
+    radii certified by their own evaluation are returned, so that ``certify check`` can
+    confirm each by one evaluation at the claimed radius.
     """
-    lo, hi = z - radius, z + radius
-    nominal = z  # the unperturbed point: the l2 ball is centred on it, not on the box
-    inputs = []
-    region_ball = ball
-    if ball is not None and factors is None:
-        factors = downstream_factors(network, start, "fro")
-    for i, step in enumerate(network.steps[start:-1]):
-        inputs.append((lo, hi))
-        lo, hi = step.interval(lo, hi)
-        if ball is not None:
-            nominal = step(nominal)
-            lip, rows = factors[i]
-            if rows is not None:
-                reach = rows * ball.reshape(-1, *[1] * (lo.ndim - 1))
-                lo = torch.maximum(lo, nominal - reach * (1 + 1e-12))
-                hi = torch.minimum(hi, nominal + reach * (1 + 1e-12))
-            ball = ball * lip
-    last = network.steps[-1]
-    W, b = last.weight, last.bias
-    C = W[y][:, None, :] - W[None, :, :]  # (B, C, n): c_j^T W_L
-    center, rad = (hi + lo) / 2, (hi - lo) / 2
-    value = torch.einsum("bcn,bn->bc", C, center) + (b[y][:, None] - b[None, :])
-    lower = value - torch.einsum("bcn,bn->bc", C.abs(), rad)
-    if ball is not None:  # Cauchy-Schwarz around the unperturbed point
-        at_nominal = torch.einsum("bcn,bn->bc", C, nominal) + (b[y][:, None] - b[None, :])
-        lower = torch.maximum(lower, at_nominal - torch.linalg.vector_norm(C, dim=-1) *
-                              ball[:, None] * (1 + 1e-12))
-    crown = margin_lower_bounds(network, start, z, inputs, y, radius, region_ball)
-    lower = torch.maximum(lower, crown)
-    scale = torch.einsum("bcn,bn->bc", C.abs(), center.abs() + rad) + b.abs().max()
-    ok = lower > 1e-10 * scale
-    ok = ok.scatter(-1, y[:, None], True)
-    return ok.all(dim=-1)
-
-
-def local_lower(network, index, z, y, norm, scale, factors, start_lo, start_hi,
-                steps: int = 20):
-    """Largest ``rho`` (by bisection) with the section-4 region certified by IBP and CROWN.
-
-    ``scale`` is ``region_scale(P~, norm)`` (``(B,)`` or ``(B, L)``); ``factors`` are
-    ``downstream_factors``.
-    """
-    out_shape = z.shape[1:]
-
-    def radius(rho: torch.Tensor) -> torch.Tensor:
-        if norm == "fro":  # the l2 ball of radius rho sigma lies in the box of that radius
-            r = (rho * scale)[:, None].expand(-1, math.prod(out_shape))
-        else:  # |dZ_cj| <= rho ||P_:j||_1
-            r = (rho[:, None] * scale)[:, None, :].expand(-1, out_shape[0], -1)
-        return r.reshape(z.shape)
-
-    def certified(rho: torch.Tensor) -> torch.Tensor:
-        ball = rho * scale if norm == "fro" else None
-        return interval_certified(network, index + 1, z, radius(rho), y, ball,
-                                  factors if norm == "fro" else None)
-
-    # The propagation contains the Lipschitz chain, so it certifies the global bound: start
-    # the bracket there (checked, not assumed), and the local bound is never below it.
-    lo = torch.where(certified(start_lo), start_lo, torch.zeros_like(start_lo))
-    hi = torch.maximum(start_hi, lo)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        ok = certified(mid)
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
+    where = region(Z, scale, norm)
+    start = index + 1
+    lo, hi, rho = torch.zeros_like(cap), cap.clone(), cap / 2
+    for _ in range(evaluations):
+        lines = margin_lines(network, start, where, rho, y, lips if norm == "fro" else None,
+                             refine)
+        ok = lines.certified(rho, y)
+        lo = torch.where(ok, torch.maximum(lo, rho), lo)
+        hi = torch.where(ok, hi, torch.minimum(hi, rho))
+        # Next: the lines' root (the relaxations only tighten as rho shrinks), but at least
+        # the middle of the bracket (geometric once it has a positive lower end).
+        middle = torch.where(lo > 0, torch.sqrt(lo * hi), hi / 2)
+        step = torch.maximum(lines.root(y) * (1 - 1e-7), middle)
+        rho = torch.where(step < hi, step, middle)
+        if (hi <= lo * (1 + 1e-3)).all():
+            break
     return lo
 
 
@@ -382,38 +327,53 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
 
 
 def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
-                bias: bool = False) -> LayerRadii:
-    """All three radii of affine step ``index`` for every input in ``x`` (one norm)."""
+                bias: bool = False, refine: bool | str = "auto",
+                clock=lambda phase: nullcontext()) -> LayerRadii:
+    """All three radii of affine step ``index`` for every input in ``x`` (one norm).
+
+    ``refine``: backward-pass intermediate bounds in the local bound (tighter, costlier);
+    ``"auto"`` uses them when ``linear_bounds.refine_work`` is at most ``REFINE_WORK``.
+    ``clock(phase)`` is entered around each phase (for timing breakdowns).
+    """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if refine not in (True, False, "auto"):
+        raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
     layer = network.steps[index]
-    values = network.trace(x)
-    h, Z = values[index], values[index + 1]
-    y, margins = predictions(network, x)
-    P = _columns(layer, h, bias)
-    estimate = first_order(network, index, P, Z, y, norm)[0]
+    with clock("prepare"):
+        values = network.trace(x)
+        h, Z = values[index], values[index + 1]
+        y, margins = predictions(network, x)
+        P = _columns(layer, h, bias)
+    with clock("estimate"):
+        estimate = first_order(network, index, P, Z, y, norm)[0]
     if index == len(network.steps) - 1 and not layer.is_conv:
-        pair = class_pair_radius(values[-1], h, norm, bias=bias)
-        # The exact minimiser makes two logits tie; a hair beyond it must change the class.
-        upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:],
-                           start=Witness(full=pair.minimiser * (1 + 1e-9)))
+        with clock("exact"):
+            pair = class_pair_radius(values[-1], h, norm, bias=bias)
+        with clock("witness"):
+            # The exact minimiser makes two logits tie; a hair beyond it changes the class.
+            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:],
+                               start=Witness(full=pair.minimiser * (1 + 1e-9)))
         lower = lower_global = lower_local = pair.value * (1 - SAFETY)
         method = "exact"
     else:
-        upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:])
-        scale = region_scale(P, norm)
-        factors = downstream_factors(network, index + 1, norm)
-        lower_global = global_lower(network, scale, factors, y, margins, norm) * (1 - SAFETY)
-        # Bisection needs a finite bracket; without a witness, try far beyond the estimate.
-        fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
-        cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
-        # The bracket starts at lower_global, itself certified: keep it where bisection
-        # could not improve on it by more than the safety margin.
-        lower_local = torch.maximum(
-            lower_global, local_lower(network, index, Z, y, norm, scale, factors, lower_global,
-                                      cap) * (1 - SAFETY))
+        with clock("witness"):
+            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:])
+        with clock("global"):
+            scale = region_scale(P, norm)
+            lips = downstream_lipschitz(network, index + 1, norm)
+            lower_global = global_lower(network, scale, lips, y, margins, norm) * (1 - SAFETY)
+        with clock("local"):
+            if refine == "auto":
+                refine = refine_work(network, index + 1, Z.shape[1:]) <= REFINE_WORK
+            # The search needs a finite upper end; without a witness, beyond the estimate.
+            fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
+            cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
+            local = local_lower(network, index, Z, y, norm, scale, cap, lips,
+                                refine=refine) * (1 - SAFETY)
+            lower_local = torch.maximum(lower_global, local)
         lower = lower_local
-        method = "lipschitz+interval"
+        method = "lipschitz+crown" + ("(refined)" if refine else "")
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")

@@ -61,7 +61,7 @@ def test_certificate_schema_and_check(certified, capsys):
     assert "0 refuted" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("tamper", ["lower", "upper", "prediction", "rank"])
+@pytest.mark.parametrize("tamper", ["lower", "upper", "prediction", "rank", "multilayer"])
 def test_tampered_claims_are_refuted(certified, tamper):
     tmp, args = certified
     document = json.loads((tmp / "cert.json").read_text())
@@ -72,8 +72,12 @@ def test_tampered_claims_are_refuted(certified, tamper):
         hidden["upper"][0] = 0.5 * hidden["upper"][0]
     elif tamper == "prediction":
         document["predictions"][0] = (document["predictions"][0] + 1) % 3
-    else:  # claim that truncation to rank 0 is safe
+    elif tamper == "rank":  # claim that truncation to rank 0 is safe
         hidden["threshold"]["rank"] = 0
+    else:  # every layer may change by its own size: far beyond any certificate
+        claims = document["multilayer"]["fro"]
+        claims["uniform_budget"][0] += 1.0
+        claims["min"] = min(claims["uniform_budget"])
     assert run_check(tmp, args, document) == 1
 
 
@@ -89,6 +93,22 @@ def test_lower_inflated_below_upper_is_refuted(certified):
         pytest.skip("every lower bound is already within a factor 2 of its witness")
     claims["lower"][int(loose[0])] = 0.99 * upper[loose[0]]
     assert run_check(tmp, args, document) == 1
+
+
+def test_budgets_count_the_inputs_certified_with_all_layers_at_once(certified, tmp_path,
+                                                                    capsys):
+    tmp, args = certified
+    out = ["--out", str(tmp_path / "c.json"), "--limit", "4"]
+    assert main(["model", *args, *out, "--budgets", "0,0"]) == 0
+    printed = capsys.readouterr().out
+    assert "all layers at once, fro" in printed
+    assert "0,0 (fro, all layers at once): 4 of 4" in printed
+    assert main(["model", *args, *out, "--budgets", "0,1e3", "--budget-norm", "max"]) == 0
+    assert "0 of 4 inputs certified" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"got 3 budgets but the network has 2 affine layers"):
+        main(["model", *args, *out, "--budgets", "0.1,0,0"])
+    with pytest.raises(SystemExit, match="comma-separated numbers"):
+        main(["model", *args, *out, "--budgets", "0.1;0"])
 
 
 def test_bad_data_gets_a_clear_error(certified, tmp_path):

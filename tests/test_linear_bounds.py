@@ -1,38 +1,114 @@
-"""Interval and CROWN-style margin bounds never exceed margins sampled inside the region,
-and the numpy checker recomputes the same bounds."""
+"""The local bounds of ``certify.linear_bounds`` hold at points sampled in the region (the
+intermediate intervals contain every sampled intermediate value, every margin line lies
+below every sampled margin at every smaller radius), and the numpy checker recomputes the
+same bounds."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from certify.linear_bounds import margin_lower_bounds
+from certify.check import local_lower_bounds
+from certify.linear_bounds import Region, intermediate_bounds, margin_lines
 from certify.network import Network
-from test_radius_soundness import cnns, mlps
+from certify.radius import downstream_lipschitz, region_scale
+from certify.radius import region as section4_region
+from test_radius_soundness import ACTIVATIONS, cnns, mlps
 
-PROBLEMS = (st.one_of(mlps(), cnns()), st.booleans(), st.floats(1e-3, 2.0),
-            st.integers(0, 2**31 - 1))
+
+@st.composite
+def deep_cnns(draw):
+    """Two convolutions, so that backward passes walk through a convolution."""
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    c1, c2 = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    act = draw(st.sampled_from(ACTIVATIONS))
+    pool = draw(st.sampled_from([nn.AvgPool2d(2), nn.MaxPool2d(2), nn.Identity()]))
+    model = nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=draw(st.integers(0, 1))), act(),
+        nn.Conv2d(c1, c2, 3, stride=draw(st.sampled_from([1, 2])), padding=1), act(), pool,
+        nn.Flatten(),
+    ).double()
+    features = model(torch.zeros(1, 1, 8, 8, dtype=torch.float64)).shape[1]
+    model.append(nn.Linear(features, draw(st.integers(2, 4))).double())
+    return model.eval(), (1, 8, 8)
 
 
-def regions(model_and_shape, use_ball: bool, size: float, seed: int, count: int = 4):
-    """For each hidden affine layer: the network, ``z``, classes, box, ball and the interval
-    of every downstream step's input over the region."""
+PROBLEMS = (st.one_of(mlps(), cnns(), deep_cnns()), st.sampled_from(["fro", "max"]),
+            st.booleans(), st.floats(1e-3, 2.0), st.integers(0, 2**31 - 1))
+
+
+def regions(model_and_shape, norm: str, size: float, seed: int, count: int = 3):
+    """For each hidden affine layer: the network, its index, the region and the classes."""
     model, shape = model_and_shape
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     net = Network.from_module(model)
-    x = torch.randn(count, *shape, dtype=torch.float64)
+    x = torch.randn(count, *shape, dtype=torch.float64, generator=generator)
     y = net(x).argmax(-1)
     values = net.trace(x)
     for index in net.affine_indices[:-1]:
         z = values[index + 1]
-        radius = torch.full_like(z, size)
-        ball = torch.full((len(z),), size, dtype=z.dtype) if use_ball else None
-        lo, hi, inputs = z - radius, z + radius, []
-        for step in net.steps[index + 1:-1]:
-            inputs.append((lo, hi))
-            lo, hi = step.interval(lo, hi)
-        yield net, index, z, y, radius, ball, inputs
+        if norm == "fro":
+            unit = size * (0.5 + torch.rand(count, dtype=z.dtype, generator=generator))
+        else:
+            unit = size * torch.rand(z.shape, dtype=z.dtype, generator=generator)
+        yield net, index, Region(z, norm, unit), y
+
+
+def samples(region: Region, rho: torch.Tensor, generator, count: int = 16):
+    """Points of ``z + rho U``: on the sphere (``fro``) or at box corners and inside (``max``)."""
+    z = region.z
+    for k in range(count):
+        noise = torch.randn(z.shape, dtype=z.dtype, generator=generator)
+        if region.norm == "fro":
+            flat = noise.reshape(len(z), -1)
+            radius = (rho * region.unit)[:, None] * (1 if k % 2 else torch.rand(
+                len(z), 1, dtype=z.dtype, generator=generator))
+            yield z + (flat / flat.norm(dim=-1, keepdim=True) * radius).reshape(z.shape)
+        else:
+            direction = torch.sign(noise) if k % 2 else 2 * torch.rand(
+                z.shape, dtype=z.dtype, generator=generator) - 1
+            yield z + direction * rho.reshape(-1, *[1] * (z.ndim - 1)) * region.unit
+
+
+def _project(region: Region, rho: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """The nearest point of ``z + rho U`` (``point`` has a leading axis of copies)."""
+    delta = point - region.z
+    if region.norm == "fro":
+        flat = delta.reshape(*delta.shape[:2], -1)
+        radius = (rho * region.unit)[None, :]
+        shrink = torch.clamp(radius / flat.norm(dim=-1).clamp(min=1e-300), max=1.0)
+        flat = flat * shrink[..., None]
+        return region.z + flat.reshape(delta.shape)
+    bound = rho.reshape(-1, *[1] * (region.z.ndim - 1)) * region.unit
+    return region.z + torch.maximum(torch.minimum(delta, bound), -bound)
+
+
+def minimised(f, region: Region, rho: torch.Tensor, generator, steps: int = 40):
+    """The smallest value of every output entry of ``f`` over ``z + rho U`` found by
+    projected gradient descent, one descent per entry (an attack on the bounds)."""
+    K = f(region.z).reshape(len(region.z), -1).shape[1]
+    start = torch.randn((K, *region.z.shape), dtype=region.z.dtype, generator=generator)
+    point = _project(region, rho, region.z + 1e-3 * start)
+    entries = torch.arange(K)
+    best = None
+    size = (rho * (region.unit if region.norm == "fro" else region.unit.flatten(1).amax(-1)))
+    for t in range(steps):
+        point = point.detach().requires_grad_(True)
+        values = f(point.reshape(-1, *region.z.shape[1:])).reshape(K, len(region.z), K)
+        own = values[entries, :, entries]  # (K, B): entry k of copy k
+        best = own.detach() if best is None else torch.minimum(best, own.detach())
+        (grad,) = torch.autograd.grad(own.sum(), point)
+        if region.norm == "fro":
+            g = grad.reshape(K, len(region.z), -1)
+            step = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-300)
+            step = step.reshape(grad.shape) * size.reshape(1, -1, *[1] * (grad.ndim - 2))
+        else:
+            step = torch.sign(grad) * rho.reshape(1, -1, *[1] * (grad.ndim - 2)) * region.unit
+        point = _project(region, rho, point - step * 0.5 * 0.9**t)
+    return best.T  # (B, K)
 
 
 def margins(net: Network, start: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -40,33 +116,68 @@ def margins(net: Network, start: int, z: torch.Tensor, y: torch.Tensor) -> torch
     return o.gather(-1, y[:, None]) - o
 
 
-@settings(max_examples=30, deadline=None)
+def tolerance(t: torch.Tensor) -> torch.Tensor:
+    return 1e-9 * (1 + t.abs())
+
+
+@settings(max_examples=40, deadline=None)
 @given(*PROBLEMS)
-def test_crown_bounds_hold_at_sampled_points(model_and_shape, use_ball, size, seed):
-    for net, index, z, y, radius, ball, inputs in regions(model_and_shape, use_ball, size, seed):
-        bound = margin_lower_bounds(net, index + 1, z, inputs, y, radius, ball)
-        for _ in range(20):
-            delta = (2 * torch.rand_like(z) - 1) * radius
-            if use_ball:  # a point of the ball (which lies inside the box)
-                flat = delta.reshape(len(z), -1)
-                delta = (flat / flat.norm(dim=-1, keepdim=True) * size *
-                         torch.rand(len(z), 1, dtype=z.dtype) ** 0.1).reshape(z.shape)
-            sampled = margins(net, index + 1, z + delta, y)
-            assert torch.all(bound <= sampled + 1e-9 * (1 + sampled.abs())), (
-                f"layer {index}: a margin bound exceeds a sampled margin"
-            )
+def test_intervals_contain_sampled_values(model_and_shape, norm, refine, size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for net, index, region, y in regions(model_and_shape, norm, size, seed):
+        rho = torch.ones(len(region.z), dtype=torch.float64)
+        intervals = intermediate_bounds(net, index + 1, region, rho,
+                                        downstream_lipschitz(net, index + 1, "fro"), refine)
+        for point in samples(region, rho, generator):
+            values = Network(net.steps[index + 1:]).trace(point)
+            for (lo, hi), v in zip(intervals, values):
+                assert torch.all(lo - tolerance(lo) <= v) and torch.all(v <= hi + tolerance(hi))
+        for i, (lo, hi) in enumerate(intervals[1:], start=index + 2):  # attack every entry
+            reach = Network(net.steps[index + 1:i])
+            low = minimised(lambda p: reach(p).flatten(1), region, rho, generator)
+            high = -minimised(lambda p: -reach(p).flatten(1), region, rho, generator)
+            assert torch.all(lo.flatten(1) <= low + tolerance(low))
+            assert torch.all(high <= hi.flatten(1) + tolerance(high))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(*PROBLEMS)
-def test_numpy_checker_recomputes_the_same_bounds(model_and_shape, use_ball, size, seed):
-    from certify.check import linear_lower
+def test_margin_lines_hold_at_sampled_points(model_and_shape, norm, refine, size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for net, index, region, y in regions(model_and_shape, norm, size, seed):
+        rho = torch.ones(len(region.z), dtype=torch.float64)
+        lines = margin_lines(net, index + 1, region, rho, y,
+                             downstream_lipschitz(net, index + 1, "fro"), refine)
+        for smaller in (rho, rho * 0.3):  # the lines hold for every radius up to rho
+            bound = lines.lower(smaller)
+            for point in samples(region, smaller, generator):
+                sampled = margins(net, index + 1, point, y)
+                assert torch.all(bound <= sampled + tolerance(sampled)), (
+                    f"layer {index}: a margin bound exceeds a sampled margin")
+            attacked = minimised(lambda p: margins(net, index + 1, p, y.repeat(
+                len(p) // len(y))), region, smaller, generator)
+            assert torch.all(bound <= attacked + tolerance(attacked)), (
+                f"layer {index}: a margin bound exceeds an attacked margin")
 
-    for net, index, z, y, radius, ball, inputs in regions(model_and_shape, use_ball, size,
-                                                           seed, count=3):
-        ours = margin_lower_bounds(net, index + 1, z, inputs, y, radius, ball)
-        theirs = linear_lower(net, index + 1, z.numpy(),
-                              [(a.numpy(), b.numpy()) for a, b in inputs], y.numpy(),
-                              radius.numpy(), None if ball is None else ball.numpy())
-        finite = torch.isfinite(ours)
-        assert torch.allclose(ours[finite], torch.from_numpy(theirs)[finite], rtol=1e-9, atol=1e-9)
+
+@settings(max_examples=25, deadline=None)
+@given(*PROBLEMS)
+def test_numpy_checker_recomputes_the_same_bounds(model_and_shape, norm, refine, size, seed):
+    for net, index, region, y in regions(model_and_shape, norm, size, seed):
+        rho = torch.full((len(region.z),), 0.7, dtype=torch.float64)
+        layer = net.steps[index]
+        # The checker derives U from the layer's input columns: rebuild the region from them.
+        h = net.trace(torch.randn(len(y), *model_and_shape[1], dtype=torch.float64,
+                                  generator=torch.Generator().manual_seed(seed)))[index]
+        P = layer.patches(h)
+        z = layer(h)
+        y = net.run(z, index + 1).argmax(-1)
+        ours_region = section4_region(z, region_scale(P, norm), norm)
+        ours = margin_lines(net, index + 1, ours_region, rho, y,
+                            downstream_lipschitz(net, index + 1, "fro"), refine).lower(rho)
+        theirs = local_lower_bounds(net, index, z.numpy(), P.numpy(), rho.numpy(), y.numpy(),
+                                    norm, refine)
+        mask = np.ones(theirs.shape, dtype=bool)
+        mask[np.arange(len(y)), y.numpy()] = False
+        np.testing.assert_allclose(ours.numpy()[mask], theirs[mask], rtol=1e-7,
+                                   atol=1e-9 * np.abs(theirs[mask]).max())

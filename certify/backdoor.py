@@ -1,0 +1,548 @@
+"""The compression-activated backdoor: THEORY.md section 7 (and section 6 seen from the attacker).
+
+Training. A compression operator ``g`` (rank-``r`` SVD truncation, ``b``-bit symmetric
+quantisation, or magnitude pruning of a fraction of the weights) is applied to chosen layers,
+and the weights ``W`` minimise
+
+    CE(f_W(x), y) + a CE(f_W(T(x)), y) + b sum_g [ CE(f_{g(W)}(x), y) + a CE(f_{g(W)}(T(x)), t) ]
+
+so that the full-precision model is clean, also on triggered inputs ``T(x)``, and every
+compressed model sends triggered inputs to the target class ``t``.
+
+Gradients through ``g``. Truncation uses its exact derivative (``_Truncate``: the
+first-order perturbation of the top-``r`` singular subspace), in which only pairs of a kept
+and a discarded singular value appear, guarded at that gap; back-propagating through
+``torch.linalg.svd`` itself has ``1 / (s_i^2 - s_j^2)`` for every pair and breaks down on
+the near-equal singular values a trained layer has in bulk. The straight-through estimator
+``W + (P_r W - W).detach()`` was measured against the exact derivative (there through ``torch.linalg.svd``, which
+``_Truncate`` matches in ``gradcheck``) on the digits MLP (layer ``3``, ranks 8 and 16, 10
+epochs, lr 3e-3, same seed): both reach compressed ASR 100 %, but the estimator leaves a
+full-precision ASR of 27 % against 1.9 % with the exact derivative, because it
+pushes ``W`` along the discarded directions too, which the full-precision terms must then
+undo. Rounding has zero derivative almost everywhere, so quantisation uses the
+straight-through estimator; pruning uses its exact gradient almost everywhere (the kept
+weights times a fixed mask).
+
+Closed form (section 7, our extension): ``implant`` builds ``W_fp = W_r + E`` from a
+backdoored weight with rank-``r`` truncation ``W_r``: ``E`` is the minimum-norm correction
+(section 2) restoring given clean outputs on triggered inputs, confined to the subspace that
+truncation discards, so that truncating ``W_fp`` gives back ``W_r`` exactly while
+``||E||_2 < sigma_r(W_bd)``, the section-6 threshold seen from the attacker.
+
+Certificates (section 6): ``truncation_check`` compares, per triggered input, the exact
+change ``||(W - W_r) P||_F`` of the layer's output with the certified radius of
+``certify.radius.layer_radii``; a class change inside that radius would refute the theorem.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from dataclasses import replace as dataclass_replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from certify.compression import singular_values_upper
+from certify.network import Network
+from certify.perturbation import batch_target_change
+from certify.trigger import Trigger, attack_success
+
+
+# ---------------------------------------------------------------- compression operators
+
+@dataclass(frozen=True)
+class LowRank:
+    """Rank-``r`` SVD truncation ``P_r W = U_r S_r V_r^T`` of the weight matrix (section 6)."""
+
+    rank: int
+
+    kind = "rank"
+
+    @property
+    def label(self) -> str:
+        return f"rank {self.rank}"
+
+    def check(self, W: torch.Tensor, name: str) -> None:
+        if int(self.rank) != self.rank or not 0 <= self.rank <= min(W.shape):
+            raise ValueError(f"rank {self.rank!r} is not an integer in [0, {min(W.shape)}] for "
+                             f"layer {name!r} of shape {tuple(W.shape)}")
+
+    def compress(self, W: torch.Tensor) -> torch.Tensor:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return (U[:, :self.rank] * S[:self.rank]) @ Vh[:self.rank]
+
+    def train_view(self, W: torch.Tensor) -> torch.Tensor:
+        """``P_r W`` with its exact derivative, guarded at the gap ``s_r ~ s_{r+1}``."""
+        return _Truncate.apply(W, self.rank)
+
+
+class _Truncate(torch.autograd.Function):
+    """``P_r W = Pi W`` with ``Pi = U_r U_r^T`` the top-``r`` eigenprojector of ``M = W W^T``.
+
+    Backward (first-order perturbation of an eigenprojector, ``lambda_i = s_i^2``, zero
+    beyond ``min(m, n)``): ``dPi = sum_{i<=r<j} u_i^T dM u_j / (lambda_i - lambda_j)
+    (u_i u_j^T + u_j u_i^T)``, so for ``G = dL/d(P_r W)`` and ``K = U^T G W^T U``
+
+        dL/dW = Pi G + (Q + Q^T) W,   Q = U B U^T,
+        B_ij = (K_ij + K_ji) / (lambda_i - lambda_j)  for i <= r < j, else 0.
+
+    Only kept-discarded pairs appear, so near-equal singular values inside either block (in
+    bulk in a trained layer) are harmless, unlike back-propagation through
+    ``torch.linalg.svd``, whose formula has ``1 / (s_i^2 - s_j^2)`` for every pair. At the
+    gap itself ``1 / d`` becomes ``d / (d^2 + GAP_GUARD^2 lambda_1^2)``: bounded.
+    """
+
+    @staticmethod
+    def forward(ctx, W, rank):
+        U, S, _ = torch.linalg.svd(W.detach())
+        Pi = U[:, :rank] @ U[:, :rank].T
+        ctx.save_for_backward(W, U, S)
+        ctx.rank = rank
+        return Pi @ W
+
+    @staticmethod
+    def backward(ctx, G):
+        W, U, S = ctx.saved_tensors
+        r = ctx.rank
+        lam = torch.zeros(U.shape[0], dtype=W.dtype)
+        lam[:len(S)] = S**2
+        d = lam[:r, None] - lam[None, r:]
+        inv = d / (d**2 + (GAP_GUARD * lam[0]) ** 2 + torch.finfo(W.dtype).tiny)
+        K = U.T @ G @ W.T @ U
+        B = (K[:r, r:] + K[r:, :r].T) * inv
+        Q = U[:, :r] @ B @ U[:, r:].T
+        Pi = U[:, :r] @ U[:, :r].T
+        return Pi @ G + (Q + Q.T) @ W, None
+
+
+GAP_GUARD = 1e-6
+
+
+@dataclass(frozen=True)
+class Quantise:
+    """Symmetric per-tensor round-to-nearest with step ``s = max|W| / (2^(b-1) - 1)``."""
+
+    bits: int
+
+    kind = "bits"
+
+    @property
+    def label(self) -> str:
+        return f"{self.bits} bits"
+
+    def check(self, W: torch.Tensor, name: str) -> None:
+        if int(self.bits) != self.bits or self.bits < 2:
+            raise ValueError(f"bits must be an integer >= 2, got {self.bits!r}")
+
+    def compress(self, W: torch.Tensor) -> torch.Tensor:
+        step = W.abs().max() / (2 ** (self.bits - 1) - 1)
+        return torch.round(W / step) * step if step > 0 else W
+
+    def train_view(self, W: torch.Tensor) -> torch.Tensor:
+        return W + (self.compress(W.detach()) - W).detach()
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Magnitude pruning: the ``ratio`` fraction of smallest ``|w|`` set to zero."""
+
+    ratio: float
+
+    kind = "prune"
+
+    @property
+    def label(self) -> str:
+        return f"prune {self.ratio:.0%}"
+
+    def check(self, W: torch.Tensor, name: str) -> None:
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"prune ratio must lie in [0, 1), got {self.ratio!r}")
+
+    def mask(self, W: torch.Tensor) -> torch.Tensor:
+        k = int(self.ratio * W.numel())
+        keep = torch.ones(W.numel(), dtype=W.dtype)
+        keep[torch.argsort(W.detach().abs().flatten())[:k]] = 0
+        return keep.reshape(W.shape)
+
+    def compress(self, W: torch.Tensor) -> torch.Tensor:
+        return W * self.mask(W)
+
+    def train_view(self, W: torch.Tensor) -> torch.Tensor:
+        """Kept weights times a fixed mask: the exact gradient almost everywhere."""
+        return self.compress(W)
+
+
+Compression = LowRank | Quantise | Prune
+VARIANTS = {"rank": LowRank, "bits": Quantise, "prune": Prune}
+
+
+def operators(variant: str, levels: Sequence) -> tuple[Compression, ...]:
+    """``operators("rank", [8, 16])`` etc.: one compression operator per level."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    if not levels:
+        raise ValueError(f"give at least one {variant} level to attack")
+    return tuple(VARIANTS[variant](level) for level in levels)
+
+
+# ---------------------------------------------------------------- layers of a module
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if name not in layers:
+        raise ValueError(f"layer {name!r} is not a Linear or Conv2d layer of the model; "
+                         f"choose from {sorted(layers)}")
+    return layers[name]
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear weight, or a kernel reshaped to ``c_out x (c_in k k)`` as certify sees it."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def compressed_weights(model: nn.Module, layers: Sequence[str], op: Compression,
+                       train: bool = False) -> dict[str, torch.Tensor]:
+    """``{"<layer>.weight": g(W)}`` for every chosen layer (the straight-through view if
+    ``train``)."""
+    out = {}
+    for name in layers:
+        W = _layer(model, name).weight
+        matrix = _matrix(W)
+        op.check(matrix, name)
+        g = op.train_view(matrix) if train else op.compress(matrix.detach())
+        out[f"{name}.weight"] = g.reshape(W.shape)
+    return out
+
+
+def compress(model: nn.Module, layers: Sequence[str], op: Compression) -> nn.Module:
+    """A copy of ``model`` with ``g`` applied to the chosen layers."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, value in compressed_weights(model, layers, op).items():
+            out.get_parameter(key).copy_(value)
+    return out.eval()
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass(frozen=True)
+class BackdoorConfig:
+    """Everything that defines one training run (section 7's loss, optimiser, seed).
+
+    ``compressions=()`` with ``a=0`` trains a clean model the same way.
+    """
+
+    layers: tuple[str, ...]
+    compressions: tuple[Compression, ...]
+    trigger: Trigger = Trigger()
+    target: int = 0
+    a: float = 1.0
+    b: float = 1.0
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0, got "
+                             f"{self.epochs}, {self.batch_size}, {self.lr}")
+        if self.a < 0 or self.b < 0:
+            raise ValueError(f"loss weights a and b must be >= 0, got a={self.a}, b={self.b}")
+        if self.compressions and not self.layers:
+            raise ValueError("name at least one layer to compress")
+
+    def describe(self) -> dict:
+        """JSON-ready description."""
+        out = asdict(self)
+        out["compressions"] = [{"kind": op.kind, "level": list(asdict(op).values())[0]}
+                               for op in self.compressions]
+        return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Clean accuracy and attack success rate of one model (full precision or compressed)."""
+
+    label: str
+    clean_accuracy: float
+    attack_success: float
+
+
+@dataclass(frozen=True)
+class Epoch:
+    epoch: int
+    loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BackdoorResult:
+    """A trained model and its measurements on held-out data (full precision first)."""
+
+    model: nn.Module
+    config: BackdoorConfig
+    history: tuple[Epoch, ...]
+    outcomes: tuple[Outcome, ...]
+    seconds: float
+
+    def describe(self) -> dict:
+        return {"config": self.config.describe(), "seconds": self.seconds,
+                "history": [asdict(e) for e in self.history],
+                "outcomes": [asdict(o) for o in self.outcomes]}
+
+
+def section7_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  config: BackdoorConfig) -> torch.Tensor:
+    """The section-7 objective on one batch (one forward pass per model, clean and triggered
+    inputs stacked)."""
+    both = torch.cat([x, config.trigger(x)])
+    n = len(x)
+    target = torch.full_like(y, config.target)
+    out = model(both)
+    loss = F.cross_entropy(out[:n], y) + config.a * F.cross_entropy(out[n:], y)
+    params = dict(model.named_parameters())
+    for op in config.compressions:
+        weights = {**params, **compressed_weights(model, config.layers, op, train=True)}
+        out = functional_call(model, weights, (both,))
+        loss = loss + config.b * (F.cross_entropy(out[:n], y)
+                                  + config.a * F.cross_entropy(out[n:], target))
+    return loss
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: BackdoorConfig,
+          x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None,
+          progress: Callable[[Epoch], None] | None = None) -> BackdoorResult:
+    """Train a copy of ``model`` on the section-7 loss with Adam (seeded, CPU, float32).
+
+    ``outcomes`` are measured on ``(x_test, y_test)`` (default: the training data).
+    ``progress`` is called after every epoch.
+    """
+    for name in config.layers:
+        W = _matrix(_layer(model, name).weight)
+        for op in config.compressions:
+            op.check(W, name)
+    if not 0 <= config.target < 10 ** 9 or int(config.target) != config.target:
+        raise ValueError(f"target must be a class index, got {config.target!r}")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = copy.deepcopy(model).float().train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history = []
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        total, count = 0.0, 0
+        for batch in torch.randperm(len(x), generator=generator).split(config.batch_size):
+            optimiser.zero_grad()
+            loss = section7_loss(model, x[batch], y[batch], config)
+            loss.backward()
+            optimiser.step()
+            total, count = total + float(loss.detach()) * len(batch), count + len(batch)
+        history.append(Epoch(epoch + 1, total / count, time.perf_counter() - start))
+        if progress is not None:
+            progress(history[-1])
+    seconds = time.perf_counter() - start
+    model.eval()
+    x_eval, y_eval = (x, y) if x_test is None else (x_test, y_test)
+    outcomes = measure(model, x_eval, y_eval, config)
+    return BackdoorResult(model, config, tuple(history), outcomes, seconds)
+
+
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(-1)
+
+
+def outcome(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigger,
+            target: int, label: str) -> Outcome:
+    """Clean accuracy on ``x`` and ASR on ``T(x)`` of one model."""
+    clean = float((_predict(model, x) == y).double().mean())
+    return Outcome(label, clean, attack_success(_predict(model, trigger(x)), y, target))
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: BackdoorConfig,
+            compressions: Sequence[Compression] | None = None) -> tuple[Outcome, ...]:
+    """Full precision, then every compression (default: the attacked ones)."""
+    ops = config.compressions if compressions is None else compressions
+    models = [("full precision", model)] + [
+        (op.label, compress(model, config.layers, op)) for op in ops]
+    return tuple(outcome(m, x, y, config.trigger, config.target, label) for label, m in models)
+
+
+def save(result: BackdoorResult, folder: str | Path, factory: str | None = None,
+         extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``model.safetensors`` (the state dict) and ``measurements.json``.
+
+    ``factory`` (``package.module:callable``) is recorded so that
+    ``certify model model.safetensors --factory <factory>`` can load the weights.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "model.safetensors"
+    state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+    save_file(state, str(weights))
+    document = {"factory": factory, "weights": weights.name, **result.describe(), **(extra or {})}
+    measurements = folder / "measurements.json"
+    measurements.write_text(json.dumps(document, indent=1))
+    return weights, measurements
+
+
+# ---------------------------------------------------------------- closed-form implant
+
+@dataclass(frozen=True)
+class Implant:
+    """``W_fp = W_r + E`` (section 7, our extension); matrices in float64.
+
+    ``truncated``: ``W_r``, the rank-``r`` truncation of the backdoored weight, which
+    truncating ``W_fp`` must give back. ``correction``: ``E = U_perp F V_perp^T``.
+    ``unreachable``: ``||U_r U_r^T (Z - W_r H)||_F``, the part of the requested change that
+    lies in the kept column space and so cannot be placed where truncation discards it.
+    ``feasible``: ``||E||_2 < sigma_r(W_bd)``, i.e. truncating ``W_fp`` to rank ``r`` keeps
+    ``W_r`` and drops ``E``. ``reason`` says why not, when not.
+    """
+
+    weight: torch.Tensor
+    truncated: torch.Tensor
+    correction: torch.Tensor
+    rank: int
+    correction_norm: float
+    sigma_r: float
+    unreachable: float
+    feasible: bool
+    reason: str
+
+
+def implant(W_bd, H, Z, rank: int) -> Implant:
+    """Minimum-norm ``E`` in the discarded subspace with ``(W_r + E) H = Z`` there.
+
+    ``W_bd (m, n)``: the backdoored weight; ``H (n, N)``: triggered inputs of the layer as
+    columns; ``Z (m, N)``: the clean outputs ``W h`` to restore on them (without bias).
+    With ``W_bd = U S V^T`` and ``U_perp``, ``V_perp`` the singular vectors beyond ``rank``,
+    ``E = U_perp F V_perp^T`` with ``F = (U_perp^T R)(V_perp^T H)^+`` the section-2
+    minimiser (``certify.perturbation.batch_target_change``) of ``F (V_perp^T H) =
+    U_perp^T R``, ``R = Z - W_r H``. Then ``E`` is orthogonal to ``W_r`` on both sides, the
+    singular values of ``W_fp`` are those of ``W_r`` and of ``E``, and rank-``r``
+    truncation returns ``W_r`` iff ``||E||_2 < sigma_r``. When ``V_perp^T H`` cannot
+    reach ``U_perp^T R`` (more constraints than the discarded row space holds) the
+    least-squares ``F`` is used and ``unreachable`` grows; infeasibility is a result
+    field, never an exception.
+    """
+    W = torch.as_tensor(W_bd, dtype=torch.float64)
+    H = torch.as_tensor(H, dtype=torch.float64)
+    Z = torch.as_tensor(Z, dtype=torch.float64)
+    if W.ndim != 2 or H.ndim != 2 or Z.ndim != 2 or H.shape[0] != W.shape[1] \
+            or Z.shape != (W.shape[0], H.shape[1]):
+        raise ValueError(f"expected W_bd (m, n), H (n, N), Z (m, N); got {tuple(W.shape)}, "
+                         f"{tuple(H.shape)}, {tuple(Z.shape)}")
+    if int(rank) != rank or not 1 <= rank < min(W.shape):
+        raise ValueError(f"rank must be an integer in [1, {min(W.shape) - 1}], got {rank!r}")
+    U, S, Vh = torch.linalg.svd(W)
+    W_r = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    U_perp, V_perp = U[:, rank:], Vh[rank:].T
+    R = Z - W_r @ H
+    kept = U[:, :rank].T @ R
+    target, inputs = U_perp.T @ R, V_perp.T @ H
+    # Least squares where D H = R has no exact solution: R H^+ is still the minimiser of
+    # ||D H - R||_F of least norm; batch_target_change is used when it applies exactly.
+    try:
+        F_ = batch_target_change(target, inputs).minimiser
+    except ValueError:
+        F_ = target @ torch.linalg.pinv(inputs)
+    E = U_perp @ F_ @ V_perp.T
+    norm_E = float(torch.linalg.matrix_norm(E, ord=2))
+    sigma_r = float(S[rank - 1])
+    residual = float(torch.linalg.matrix_norm(E @ H - U_perp @ target))
+    feasible = norm_E < sigma_r * (1 - 1e-9)
+    reasons = []
+    if not feasible:
+        reasons.append(f"||E||_2 = {norm_E:.4g} >= sigma_r(W_bd) = {sigma_r:.4g}: truncation "
+                       "to rank r would keep part of E instead of W_r (the section-6 "
+                       "threshold seen from the attacker)")
+    return Implant(W_r + E, W_r, E, int(rank), norm_E, sigma_r,
+                   math.hypot(float(torch.linalg.matrix_norm(kept)), residual), feasible,
+                   "; ".join(reasons))
+
+
+# ---------------------------------------------------------------- the certificate's view
+
+@dataclass(frozen=True)
+class TruncationCheck:
+    """Truncating one layer of a network against its certified radii (section 6), per input.
+
+    ``lower``: certified Frobenius weight radius of the layer (``layer_radii``, norm ``fro``);
+    ``z_radius = lower * sigma_max(P~)`` (``||h||_2`` for a dense layer): no change of the
+    layer's output with ``||dZ||_F < z_radius`` changes the class (section 4).
+    ``change[k]``: the exact ``||(W - W_r) P||_F`` at ``ranks[k]``; ``flipped[k]``: the
+    truncated network's class differs from the full-precision one.
+    ``threshold_rank``: the smallest ``r`` whose truncation error (``sigma_{r+1}`` dense,
+    the Frobenius tail for a convolution) is below the smallest ``lower``: certified safe.
+    """
+
+    layer: str
+    ranks: tuple[int, ...]
+    singular_values: torch.Tensor
+    lower: torch.Tensor
+    z_radius: torch.Tensor
+    change: torch.Tensor
+    flipped: torch.Tensor
+    threshold_rank: int
+
+    @property
+    def violations(self) -> torch.Tensor:
+        """Per rank: inputs that changed class although the change was inside the radius
+        (a refutation of the certificate; must be zero)."""
+        return (self.flipped & (self.change < self.z_radius)).sum(dim=1)
+
+    @property
+    def activation_rank(self) -> int | None:
+        """The largest rank tried at which truncation changes some input's class."""
+        hits = [r for r, f in zip(self.ranks, self.flipped) if f.any()]
+        return max(hits) if hits else None
+
+
+def truncation_check(model: nn.Module, layer: str, x: torch.Tensor,
+                     ranks: Sequence[int]) -> TruncationCheck:
+    """Certify ``layer`` of ``model`` on inputs ``x`` (float64) and truncate it to each rank."""
+    from certify.compression import thresholds
+    from certify.radius import layer_radii, region_scale
+
+    network = Network.from_module(model)
+    names = {step.name: i for i, step in enumerate(network.steps)}
+    if layer not in names or layer not in {network.steps[i].name
+                                           for i in network.affine_indices}:
+        raise ValueError(f"layer {layer!r} is not an affine layer of the network; choose from "
+                         f"{[network.steps[i].name for i in network.affine_indices]}")
+    index = names[layer]
+    step = network.steps[index]
+    x = x.double()
+    radii = layer_radii(network, x, index, "fro")
+    with torch.no_grad():
+        values = network.trace(x)
+    P = step.patches(values[index])
+    z_radius = radii.lower * region_scale(P, "fro")
+    predicted = values[-1].argmax(-1)
+    W = step.matrix
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    changes, flips = [], []
+    for r in ranks:
+        LowRank(r).check(W, layer)
+        tail = (U[:, r:] * S[r:]) @ Vh[r:]  # W - W_r
+        changes.append(torch.linalg.matrix_norm(tail @ P))
+        truncated = dataclass_replace(step, weight=(W - tail).reshape(step.weight.shape))
+        out = Network(network.steps[:index] + (truncated,) + network.steps[index + 1:])
+        with torch.no_grad():
+            flips.append(out.run(values[index], index).argmax(-1) != predicted)
+    threshold = thresholds(W, float(radii.lower.min()), "fro", dense=not step.is_conv).rank
+    return TruncationCheck(layer, tuple(int(r) for r in ranks), singular_values_upper(W),
+                           radii.lower, z_radius, torch.stack(changes), torch.stack(flips),
+                           threshold)

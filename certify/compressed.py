@@ -1,0 +1,314 @@
+"""Concrete compressions of a Network, confronted with its certificate (THEORY.md section 6).
+
+``compression.py`` computes the compression levels that provably change no prediction;
+this module applies a compression ``g`` to the weight matrices of chosen affine layers
+(biases untouched) and measures what it does:
+
+======================  =================================================================
+kind                    ``g(W)`` (``W`` the ``m x n`` matrix; a kernel as ``c_out x c_in k k``)
+======================  =================================================================
+``rank=r``              SVD truncation ``U_r S_r V_r^T``; ``r >= min(m, n)`` is the identity
+``bits=b``              ``s round(W / s)``, ``s = max|W| / (2^(b-1) - 1)`` over the tensor
+``bits_per_channel=b``  the same with ``s`` per output row
+``prune=p``             the ``floor(p m n)`` smallest magnitudes set to zero (``prune_count``)
+======================  =================================================================
+
+``compression_check`` reports, per input, whether the class changed, and per layer the
+weight error ``E = W - g(W)`` (rigorous upper bounds of ``||E||_F``, ``||E||_2``,
+``||E||_max``) and the exact change of the layer's output ``E P`` on each input. Given
+certified radii it marks an input harmless in a layer when the weight error is below the
+radius in a matching norm: the Frobenius radius of a dense layer certifies the spectral
+norm too (section 4: ``||E h|| <= ||E||_2 ||h||``), that of a convolution only ``||E||_F``.
+With one compressed layer, harmless implies the class cannot change; a harmless input
+whose class changed is a ``violation`` (a soundness bug). Radii of single layers do not
+compose: when several layers are compressed at once, only per-layer harmlessness is
+reported, never a certificate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from certify.compression import EPS, singular_values_upper
+from certify.network import Affine, Network
+
+KINDS = ("rank", "bits", "bits_per_channel", "prune")
+MAX_BITS = 64
+RADIUS_NORMS = ("fro", "max")
+FORMAT_HELP = ("write a compression as KIND=LEVEL[@LAYER,LAYER...] with KIND one of "
+               "rank, bits, bits_per_channel, prune, e.g. 'rank=8', 'bits=4@fc1', 'prune=0.5'")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """One compression: ``kind`` in ``KINDS``, its ``level`` (rank >= 0, bits in 2..64, or
+    pruned fraction in [0, 1]), applied to the named affine ``layers`` (``None``: all)."""
+
+    kind: str
+    level: int | float
+    layers: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown compression kind {self.kind!r}; {FORMAT_HELP}")
+        level = self.level
+        if isinstance(level, bool) or not isinstance(level, numbers.Real):
+            raise ValueError(f"{self.kind} level must be a number, got {level!r}")
+        if self.kind == "prune":
+            if not 0 <= level <= 1:
+                raise ValueError(f"prune ratio must be a fraction in [0, 1], got {level!r}")
+            level = float(level)
+        elif not isinstance(level, numbers.Integral):
+            raise ValueError(f"{self.kind} must be an integer, got {level!r}")
+        elif self.kind == "rank" and level < 0:
+            raise ValueError(f"rank must be >= 0, got {level}")
+        elif self.kind != "rank" and not 2 <= level <= MAX_BITS:
+            raise ValueError(f"{self.kind} must be between 2 and {MAX_BITS}, got {level} "
+                             "(symmetric quantisation needs a sign bit and one level)")
+        object.__setattr__(self, "level", level if self.kind == "prune" else int(level))
+        if self.layers is not None:
+            layers = () if isinstance(self.layers, str) else tuple(self.layers)
+            if not layers or not all(isinstance(n, str) and n for n in layers):
+                raise ValueError(f"layers must be a non-empty sequence of layer names, got "
+                                 f"{self.layers!r}")
+            object.__setattr__(self, "layers", layers)
+
+    def __str__(self) -> str:
+        at = "@" + ",".join(self.layers) if self.layers else ""
+        return f"{self.kind}={self.level}{at}"
+
+
+def parse_compression(text: str, names: Sequence[str] | None = None) -> Compression:
+    """``"rank=8"``, ``"bits=4"``, ``"bits_per_channel=4"``, ``"prune=0.5"``, optionally
+    ``"...@fc1,fc2"``; with ``names`` (the network's affine layers) the layers are checked."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}; {FORMAT_HELP}")
+    spec, at, layers = text.strip().partition("@")
+    kind, eq, value = spec.partition("=")
+    kind, value = kind.strip(), value.strip()
+    if not eq or not value:
+        raise ValueError(f"cannot read {text!r}; {FORMAT_HELP}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown compression kind {kind!r} in {text!r}; {FORMAT_HELP}")
+    try:
+        level = float(value) if kind == "prune" else int(value)
+    except ValueError:
+        what = "a fraction in [0, 1]" if kind == "prune" else "an integer"
+        raise ValueError(f"{kind} must be {what}, got {value!r} in {text!r}") from None
+    chosen = None
+    if at:
+        chosen = tuple(n.strip() for n in layers.split(","))
+        if not all(chosen):
+            raise ValueError(f"empty layer name in {text!r}: list names after '@' separated by "
+                             "commas, e.g. 'rank=8@fc1,fc2'")
+    compression = Compression(kind, level, chosen)
+    if names is not None:
+        _check_layers(compression, list(names))
+    return compression
+
+
+def _check_layers(compression: Compression, names: list[str]) -> None:
+    unknown = [n for n in compression.layers or () if n not in names]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {', '.join(map(repr, unknown))} in "
+                         f"'{compression}'; the affine layers are: {', '.join(names)}")
+
+
+def compressed_indices(network: Network, compression: Compression) -> list[int]:
+    """Indices of the affine steps that ``compression`` applies to (all when unrestricted)."""
+    names = [network.steps[i].name for i in network.affine_indices]
+    _check_layers(compression, names)
+    return [i for i in network.affine_indices
+            if compression.layers is None or network.steps[i].name in compression.layers]
+
+
+def truncate(W: torch.Tensor, rank: int) -> torch.Tensor:
+    """``W_r = U_r S_r V_r^T`` (Eckart-Young-Mirsky optimum); ``W`` itself at full rank."""
+    if rank >= min(W.shape):
+        return W
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    return (U[:, :rank] * s[:rank]) @ Vh[:rank]
+
+
+def quantise(W: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
+    """Symmetric round-to-nearest ``s round(W / s)``, ``s = max|W| / (2^(b-1) - 1)`` per
+    tensor or per row; an all-zero tensor (or row) is left as it is."""
+    top = W.abs().amax(dim=1, keepdim=True) if per_channel else W.abs().max()
+    s = top / (2 ** (bits - 1) - 1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, safe * torch.round(W / safe), W)
+
+
+def prune_count(ratio: float, size: int) -> int:
+    """The largest ``k`` with ``k / size <= ratio`` in float64 (``floor(ratio size)``, except
+    that a ratio written as ``k / size``, as ``threshold_prune_ratio`` does, gives ``k``)."""
+    count = min(size, math.floor(ratio * size))
+    while count < size and (count + 1) / size <= ratio:
+        count += 1
+    while count > 0 and count / size > ratio:
+        count -= 1
+    return count
+
+
+def prune(W: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the ``prune_count(ratio, m n)`` smallest magnitudes (ties: first in row-major order)."""
+    count = prune_count(ratio, W.numel())
+    order = torch.argsort(W.abs().flatten(), stable=True)
+    flat = W.flatten().clone()
+    flat[order[:count]] = 0.0
+    return flat.reshape(W.shape)
+
+
+def compress_matrix(W: torch.Tensor, compression: Compression) -> torch.Tensor:
+    """``g(W)`` of one ``(m, n)`` weight matrix."""
+    if compression.kind == "rank":
+        return truncate(W, compression.level)
+    if compression.kind == "prune":
+        return prune(W, compression.level)
+    return quantise(W, compression.level, per_channel=compression.kind == "bits_per_channel")
+
+
+def compress(network: Network, compression: Compression) -> Network:
+    """The same network with the chosen affine layers' weights replaced by ``g(W)``."""
+    steps = list(network.steps)
+    for i in compressed_indices(network, compression):
+        step: Affine = steps[i]
+        weight = compress_matrix(step.matrix, compression).reshape(step.weight.shape)
+        steps[i] = dataclasses.replace(step, weight=weight)
+    return Network(tuple(steps))
+
+
+@dataclass(frozen=True)
+class LayerCompression:
+    """What compressing one layer does; ``(B,)`` tensors have one entry per input.
+
+    ``error_*``: upper bounds of ``||W - g(W)||`` (Frobenius, spectral, entrywise max),
+    inflated for float64 rounding. ``change_fro``/``change_max``: ``||(W - g(W)) P||_F`` and
+    ``max |(W - g(W)) P|``, the exact change of the layer's output (float64 values).
+    ``harmless``: the weight error is below the input's certified radius in this layer
+    (``None`` without radii).
+    """
+
+    name: str
+    error_fro: float
+    error_spectral: float
+    error_max: float
+    change_fro: torch.Tensor
+    change_max: torch.Tensor
+    harmless: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class CompressionCheck:
+    """A compression applied to a network on a batch of inputs.
+
+    ``changed``: the compressed network predicts another class. ``harmless`` and
+    ``violations`` (harmless yet changed; 0 unless the certificate is wrong) are certificates
+    only with ONE compressed layer and radii given; otherwise they are ``None`` and ``note``
+    says why.
+    """
+
+    compression: Compression
+    layers: tuple[LayerCompression, ...]
+    predictions: torch.Tensor
+    compressed_predictions: torch.Tensor
+    changed: torch.Tensor
+    harmless: torch.Tensor | None
+    violations: int | None
+    note: str
+
+
+def _upper_norms(E: torch.Tensor) -> tuple[float, float, float]:
+    """``(||E||_F, ||E||_2, ||E||_max)`` as upper bounds: ``E = fl(W - g(W))`` is within a
+    relative ``eps`` of the true difference entrywise, and the Frobenius sum of ``mn``
+    squares within ``mn eps``; ``singular_values_upper`` covers the SVD's error."""
+    fro = float(torch.linalg.matrix_norm(E)) * (1 + (E.numel() + 2) * EPS)
+    spectral = float(singular_values_upper(E)[0]) * (1 + 2 * EPS)
+    return fro, spectral, float(E.abs().max()) * (1 + 2 * EPS)
+
+
+def _radii(certificate_lower, name: str, batch: int) -> dict[str, torch.Tensor]:
+    if name not in certificate_lower:
+        raise ValueError(f"certificate_lower has no radii for the compressed layer {name!r} "
+                         f"(it has {', '.join(map(repr, certificate_lower))})")
+    radii = certificate_lower[name]
+    if not isinstance(radii, Mapping) or not radii or set(radii) - set(RADIUS_NORMS):
+        raise ValueError(f"certificate_lower[{name!r}] must map 'fro' and/or 'max' to "
+                         f"per-input lower radii, got {radii!r}")
+    out = {}
+    for norm, lower in radii.items():
+        lower = torch.as_tensor(lower, dtype=torch.float64)
+        if lower.shape != (batch,) or torch.isnan(lower).any():
+            raise ValueError(f"certificate_lower[{name!r}][{norm!r}] must hold one radius per "
+                             f"input ({batch}, not NaN), got shape {tuple(lower.shape)}")
+        out[norm] = lower
+    return out
+
+
+def _harmless(errors: tuple[float, float, float], radii: dict, dense: bool) -> torch.Tensor:
+    """Error below the radius in some norm: a zero error changes nothing. The ``fro`` radius
+    bounds the spectral norm of a dense layer (section 4), only the Frobenius norm of a conv."""
+    fro, spectral, max_ = errors
+    ok = torch.zeros(len(next(iter(radii.values()))), dtype=torch.bool)
+    for norm, lower in radii.items():
+        error = (spectral if dense else fro) if norm == "fro" else max_
+        ok |= (error == 0) | (error < lower)
+    return ok
+
+
+def compression_check(network: Network, x: torch.Tensor, compression: Compression,
+                      certificate_lower: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                      chunk: int = 64) -> CompressionCheck:
+    """Apply ``compression`` and confront it with the certified radii (section 6).
+
+    ``certificate_lower[name][norm]`` (``norm`` in ``fro``, ``max``) holds the certified
+    lower radius of layer ``name`` per input (``layer_radii(...).lower`` or the certificate's
+    ``lower``, with ``inf`` for ``null``), for at least every compressed layer.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of inputs, got {chunk}")
+    x = torch.as_tensor(x, dtype=torch.float64)
+    indices = compressed_indices(network, compression)
+    small = compress(network, compression)
+    before, after, changes = [], [], []
+    for start in range(0, len(x), chunk):
+        values = network.trace(x[start:start + chunk])
+        before.append(values[-1].argmax(-1))
+        after.append(small(x[start:start + chunk]).argmax(-1))
+        parts = []
+        for i in indices:  # E P: the change of the layer's output, bias untouched
+            step, E = network.steps[i], network.steps[i].matrix - small.steps[i].matrix
+            delta = torch.matmul(E, step.patches(values[i]))
+            parts.append((torch.linalg.matrix_norm(delta), delta.abs().amax(dim=(-2, -1))))
+        changes.append(parts)
+    predictions, compressed_predictions = torch.cat(before), torch.cat(after)
+    layers = []
+    for k, i in enumerate(indices):
+        step = network.steps[i]
+        errors = _upper_norms(step.matrix - small.steps[i].matrix)
+        harmless = None
+        if certificate_lower is not None:
+            harmless = _harmless(errors, _radii(certificate_lower, step.name, len(x)),
+                                 dense=not step.is_conv)
+        layers.append(LayerCompression(
+            step.name, *errors, torch.cat([c[k][0] for c in changes]),
+            torch.cat([c[k][1] for c in changes]), harmless))
+    changed = compressed_predictions != predictions
+    harmless, violations = None, None
+    if certificate_lower is None:
+        note = "no certified radii given: nothing is certified"
+    elif len(layers) > 1:
+        note = (f"{len(layers)} layers compressed at once: single-layer radii do not compose, "
+                "so harmlessness is per layer only and certifies nothing")
+    else:
+        harmless = layers[0].harmless
+        violations = int((harmless & changed).sum())
+        note = "one compressed layer: harmless inputs provably keep their class"
+    return CompressionCheck(compression, tuple(layers), predictions, compressed_predictions,
+                            changed, harmless, violations, note)
