@@ -8,10 +8,8 @@ and both norms (``"fro"``, ``"max"``), it certifies the held-out inputs with
 
 * speed: the total ``layer_radii`` time against one forward plus backward pass of the same
   model over the same inputs (float64, as certify computes, and float32), and where the time
-  goes: the steps of ``layer_radii`` (prepare, first-order estimate, witness, global
-  Lipschitz bound, local interval bound by bisection, exact last-layer formula) are run again
-  one by one, exactly as ``layer_radii`` calls them, and timed; the script checks that they
-  reproduce ``layer_radii``'s radii bit for bit;
+  goes: ``layer_radii``'s clock hook times its phases (prepare, first-order estimate,
+  witness, global Lipschitz bound, local linear bound, exact last-layer formula);
 * tightness: per layer, medians of ``lower / upper``, ``lower_global / upper`` and
   ``lower_local / upper`` over the inputs that have a witness (finite ``upper``), and how
   often the local bound falls below the global one;
@@ -122,43 +120,6 @@ def forward_backward_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return statistics.median(times[1:])
 
 
-def layer_radii_in_phases(network: Network, x: torch.Tensor, index: int, norm: str,
-                          clock: PhaseClock) -> tuple[torch.Tensor, torch.Tensor]:
-    """``layer_radii(network, x, index, norm)`` (no bias) step by step, timing each step.
-
-    The calls and their order are those of ``certify.radius.layer_radii``; returns
-    ``(lower, upper)`` so that the caller can check that both agree.
-    """
-    with clock("prepare"):
-        layer = network.steps[index]
-        values = network.trace(x)
-        h, Z = values[index], values[index + 1]
-        y, margins = R.predictions(network, x)
-        P = layer.patches(h)
-    with clock("estimate"):
-        estimate = R.first_order(network, index, P, Z, y, norm)[0]
-    if index == len(network.steps) - 1 and not layer.is_conv:
-        with clock("exact"):
-            pair = class_pair_radius(values[-1], h, norm)
-        with clock("witness"):
-            upper, _ = R.witness(network, index, P, y, norm, False, Z.shape[1:],
-                                 start=R.Witness(full=pair.minimiser * (1 + 1e-9)))
-        return pair.value * (1 - R.SAFETY), upper
-    with clock("witness"):
-        upper, _ = R.witness(network, index, P, y, norm, False, Z.shape[1:])
-    with clock("global"):
-        scale = R.region_scale(P, norm)
-        factors = R.downstream_factors(network, index + 1, norm)
-        lower_global = R.global_lower(network, scale, factors, y, margins, norm) * (1 - R.SAFETY)
-    with clock("local"):
-        fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
-        cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
-        lower_local = torch.maximum(
-            lower_global, R.local_lower(network, index, Z, y, norm, scale, factors, lower_global,
-                                        cap) * (1 - R.SAFETY))
-    return lower_local, upper
-
-
 # --------------------------------------------------------------------------- certification
 
 
@@ -175,8 +136,8 @@ class LayerResult:
     lower_global: torch.Tensor
     lower_local: torch.Tensor
     seconds: float  # layer_radii, all chunks
-    phases: dict[str, float]  # the same work, step by step
-    breakdown_mismatches: int  # inputs where the step-by-step radii differ from layer_radii
+    phases: dict[str, float]  # the same calls, per phase (layer_radii's clock hook)
+    method: str
 
 
 def layer_label(network: Network, index: int) -> str:
@@ -189,22 +150,19 @@ def layer_label(network: Network, index: int) -> str:
 
 def certify_layer(network: Network, x: torch.Tensor, index: int, norm: str, chunk: int,
                   desc: str) -> LayerResult:
-    """``layer_radii`` over ``x`` in chunks, each chunk timed, then timed again in phases."""
-    parts, seconds, mismatches = defaultdict(list), 0.0, 0
+    """``layer_radii`` over ``x`` in chunks, timed in total and per phase (its clock hook)."""
+    parts, seconds = defaultdict(list), 0.0
     clock = PhaseClock()
     for batch in tqdm(x.split(chunk), desc=desc, leave=False, unit="chunk"):
         start = time.perf_counter()
-        radii = R.layer_radii(network, batch, index, norm)
+        radii = R.layer_radii(network, batch, index, norm, clock=clock)
         seconds += time.perf_counter() - start
         for field in ("lower", "upper", "estimate", "lower_global", "lower_local"):
             parts[field].append(getattr(radii, field))
-        lower, upper = layer_radii_in_phases(network, batch, index, norm, clock)
-        same = (lower == radii.lower) & ((upper == radii.upper) | (upper.isinf() &
-                                                                  radii.upper.isinf()))
-        mismatches += int((~same).sum())
+        method = radii.method
     merged = {k: torch.cat(v) for k, v in parts.items()}
     return LayerResult(layer_label(network, index), index, norm, seconds=seconds,
-                       phases=dict(clock.seconds), breakdown_mismatches=mismatches, **merged)
+                       phases=dict(clock.seconds), method=method, **merged)
 
 
 # --------------------------------------------------------------------------- summaries
@@ -322,12 +280,12 @@ def benchmark_model(name: str, model: nn.Module, training: mnist_models.Training
             "forward_backward_float32_seconds": f32,
             "ratio_float64": certify_seconds / f64,
             "ratio_float32": certify_seconds / f32,
-            "breakdown_mismatches": sum(r.breakdown_mismatches for r in results.values()),
         },
         "layers": [
             {"label": results[index, "fro"].label, "index": index,
              "hidden": index != network.affine_indices[-1],
              "norms": {norm: {"seconds": results[index, norm].seconds,
+                              "method": results[index, norm].method,
                               "phase_seconds": results[index, norm].phases,
                               **tightness(results[index, norm])} for norm in NORMS},
              "compression": compression_summary(network, results[index, "fro"],
@@ -374,30 +332,31 @@ def markdown(report: dict) -> str:
                    f"{tr['train_accuracy']:.3f} | {tr['test_accuracy']:.3f} | {m['inputs']:,} |")
     out += ["", "Speed: all affine layers, both norms, against one forward + backward pass "
             "over the same inputs.", "",
-            "| model | certify s | same, step by step s | fwd+bwd s (f64) | ratio (f64) "
+            "| model | certify s | fwd+bwd s (f64) | ratio (f64) "
             "| fwd+bwd s (f32) | ratio (f32) | " + " | ".join(PHASES) + " |",
-            "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PHASES)]
+            "|---|---:|---:|---:|---:|---:|" + "---:|" * len(PHASES)]
     for m in report["models"]:
         t = m["timing"]
         shares = [f"{100 * t['phase_seconds'][p] / t['phase_seconds_total']:.0f}%"
                   for p in PHASES]
         out.append(f"| {m['model']} | {t['certify_seconds']:.1f} | "
-                   f"{t['phase_seconds_total']:.1f} | "
                    f"{t['forward_backward_float64_seconds']:.3g} | {t['ratio_float64']:,.0f} | "
                    f"{t['forward_backward_float32_seconds']:.3g} | {t['ratio_float32']:,.0f} | "
                    + " | ".join(shares) + " |")
     out += ["", "Per layer: seconds (all inputs) and where they go; medians over inputs; "
             "ratios over inputs with a witness.", "",
-            "| model | layer | norm | s | estimate | witness | global | local | median lower "
+            "| model | layer | norm | local method | s | estimate | witness | global | local "
+            "| median lower "
             "| median upper | median estimate | lower/upper | global/upper | local/upper "
             "| local < global (worst rel.) |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in report["models"]:
         for layer in m["layers"]:
             for norm, t in layer["norms"].items():
                 ps = t["phase_seconds"]
                 out.append(
-                    f"| {m['model']} | {layer['label']} | {norm} | {t['seconds']:.1f} | "
+                    f"| {m['model']} | {layer['label']} | {norm} | {t['method']} | "
+                    f"{t['seconds']:.1f} | "
                     + " | ".join(f"{ps.get(p, 0.0):.1f}" for p in
                                  ("estimate", "witness", "global", "local"))
                     + f" | {fmt(t['lower']['median'])} | {fmt(t['upper']['median'])} | "

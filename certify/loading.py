@@ -259,17 +259,52 @@ def onnx_crosscheck(
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file's bytes (an ONNX model's external data files are not included)."""
+    """Hex SHA-256 of the model file's bytes; for an ONNX model whose weights live in
+    external data files, those files' names and bytes too (sorted by name), so that a
+    certificate pins every weight it speaks about."""
+    path = Path(path)
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        _hash_file(digest, path)
     except FileNotFoundError:
         raise ModelLoadError(f"file not found: {path}") from None
     except IsADirectoryError:
         raise ModelLoadError(f"not a file: {path}") from None
+    if path.suffix == ".onnx":
+        for name in _onnx_external_files(path):
+            digest.update(name.encode())
+            try:
+                _hash_file(digest, path.parent / name)
+            except OSError:
+                raise ModelLoadError(f"{path.name}: its external data file {name!r} cannot be "
+                                     "read; keep it beside the model") from None
     return digest.hexdigest()
+
+
+def _hash_file(digest, path: Path) -> None:
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def _onnx_external_files(path: Path) -> list[str]:
+    """Names of the external data files an ONNX model refers to (relative, inside its folder)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []  # not readable as ONNX: loading reports that, with a clear message
+    names = set()
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if Path(location).is_absolute() or ".." in Path(location).parts:
+                raise ModelLoadError(f"{path.name}: external data location {location!r} "
+                                     "points outside the model's folder")
+            names.add(location)
+    return sorted(names)
 
 
 # --------------------------------------------------------------------------------------------

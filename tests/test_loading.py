@@ -635,3 +635,39 @@ def test_pt2_crafted_graph_is_refused(files, tmp_path, old, new, message):
     path = _rewrite_pt2(files["mlp.pt2"], tmp_path / "evil.pt2", edit)
     with pytest.raises(ModelLoadError, match=message):
         load_model(path)
+
+
+def _external_onnx(tmp_path: Path, location: str = "weights.bin") -> Path:
+    """An ONNX model whose every initializer lives in one external data file."""
+    model = model_factories.build_mlp()
+    inline = _export_onnx(model, tmp_path / "inline.onnx")
+    path = tmp_path / "external.onnx"
+    onnx.save_model(onnx.load(str(inline)), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=location, size_threshold=0)
+    return path
+
+
+def test_sha256_covers_onnx_external_data(tmp_path):
+    path = _external_onnx(tmp_path)
+    before = file_sha256(path)
+    assert before != hashlib.sha256(path.read_bytes()).hexdigest()  # data is included
+    data = tmp_path / "weights.bin"
+    flipped = bytearray(data.read_bytes())
+    flipped[-1] ^= 1
+    data.write_bytes(bytes(flipped))
+    assert file_sha256(path) != before  # a changed weight changes the certificate's hash
+    data.unlink()
+    with pytest.raises(ModelLoadError, match="external data file 'weights.bin'"):
+        file_sha256(path)
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    path = _external_onnx(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.bin"
+    onnx.save_model(model, str(path))
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        file_sha256(path)
