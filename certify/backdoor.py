@@ -527,7 +527,8 @@ def truncation_check(model: nn.Module, layer: str, x: torch.Tensor,
     x = x.double()
     radii = layer_radii(network, x, index, "fro")
     with torch.no_grad():
-        values = network.trace(x)
+        states = network.trace_states(x)
+        values = [value for value, _ in states]
     P = step.patches(values[index])
     z_radius = radii.lower * region_scale(P, "fro")
     predicted = values[-1].argmax(-1)
@@ -541,7 +542,7 @@ def truncation_check(model: nn.Module, layer: str, x: torch.Tensor,
         truncated = dataclass_replace(step, weight=(W - tail).reshape(step.weight.shape))
         out = Network(network.steps[:index] + (truncated,) + network.steps[index + 1:])
         with torch.no_grad():
-            flips.append(out.run(values[index], index).argmax(-1) != predicted)
+            flips.append(out.run(values[index], index, states[index][1]).argmax(-1) != predicted)
     threshold = thresholds(W, float(radii.lower.min()), "fro", dense=not step.is_conv).rank
     return TruncationCheck(layer, tuple(int(r) for r in ranks), singular_values_upper(W),
                            radii.lower, z_radius, torch.stack(changes), torch.stack(flips),

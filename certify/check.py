@@ -14,6 +14,11 @@ Every claim is recomputed from the model's weights and the data:
   below the layer's smallest ``lower``;
 * ``multilayer`` uniform budgets: the section-5 recursion for all layers at once, evaluated
   in numpy at the claimed ``t`` (budgets ``t ||W~_k||``), must certify every input.
+
+Residual blocks (``Save``/``Swap``/``Add`` steps) run on a stack here too (``_move``): every
+pass from a layer continues with the values saved on the stack after it (constants), the
+Lipschitz constants and the multi-layer deviations of the branches add up, and the backward
+passes carry a stack of rows whose leftovers multiply the saved constants.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import erf
 
 from certify.lipschitz import patch_overlap
-from certify.network import (GELU_ARGMIN, GELU_DERIVATIVE, GELU_FLOOR, Activation, Affine, Flatten,
-                             Network, Pool)
+from certify.network import (GELU_ARGMIN, GELU_DERIVATIVE, GELU_FLOOR, Activation, Add, Affine,
+                             Flatten, Network, Pool, Save, Swap)
 
 SLACK = 1e-9  # relative tolerance for equalities between two float64 computations
 # Relative inflation of the multi-layer margin bound for its own rounding; the producer
@@ -107,9 +112,26 @@ def _pool(step: Pool, x: np.ndarray) -> np.ndarray:
     return windows.mean(axis=(-2, -1)) if step.kind == "avg" else windows.max(axis=(-2, -1))
 
 
-def forward(network: Network, x: np.ndarray, start: int = 0) -> np.ndarray:
+def _move(step, value, stack: tuple, add=np.add):
+    """A stack step on ``(value, stack)``: push a copy, exchange with the top, add the top."""
+    if isinstance(step, Save):
+        return value, stack + (value,)
+    if not stack:
+        raise ValueError(f"{step.name}: nothing saved on the stack to pop")
+    if isinstance(step, Swap):
+        return stack[-1], stack[:-1] + (value,)
+    return add(value, stack[-1]), stack[:-1]
+
+
+STACK = (Save, Swap, Add)
+
+
+def forward(network: Network, x: np.ndarray, start: int = 0, stack: tuple = ()) -> np.ndarray:
+    """The network from step ``start`` on, ``stack`` the values saved on the stack there."""
     for step in network.steps[start:]:
-        if isinstance(step, Affine):
+        if isinstance(step, STACK):
+            x, stack = _move(step, x, stack)
+        elif isinstance(step, Affine):
             P, spatial = columns(step, x, False)
             x = affine(step, P, spatial, step.matrix.numpy(), False)
         elif isinstance(step, Activation):
@@ -121,11 +143,20 @@ def forward(network: Network, x: np.ndarray, start: int = 0) -> np.ndarray:
     return x
 
 
+def layer_states(network: Network, x: np.ndarray) -> list[tuple[np.ndarray, tuple]]:
+    """``(current value, stack)`` before every step, then after the last one."""
+    states = [(x, ())]
+    for step in network.steps:
+        value, stack = states[-1]
+        if isinstance(step, STACK):
+            states.append(_move(step, value, stack))
+        else:
+            states.append((forward(Network((step,)), value), stack))
+    return states
+
+
 def layer_inputs(network: Network, x: np.ndarray) -> list[np.ndarray]:
-    values = [x]
-    for i in range(len(network.steps)):
-        values.append(forward(Network(network.steps[i:i + 1]), values[-1]))
-    return values
+    return [value for value, _ in layer_states(network, x)]
 
 
 # -- bounds in numpy ----------------------------------------------------------------------
@@ -152,11 +183,25 @@ def _region_scale(P: np.ndarray, norm: str) -> np.ndarray:
     return np.abs(P).sum(axis=1) * (1 + P.shape[1] * 1e-15)
 
 
+def _downstream(steps, norm: str) -> float:
+    """Lipschitz constant of ``steps`` (values saved before them fixed): products along a
+    chain, a residual block's branches summed (the constants ride the stack, saved ones 0)."""
+    current, saved = 1.0, ()
+    for step in steps:
+        if isinstance(step, STACK):
+            if not saved and not isinstance(step, Save):
+                saved = (0.0,)  # the top was saved before these steps: a constant
+            current, saved = _move(step, current, saved, add=lambda a, b: a + b)
+        else:
+            current = current * _lipschitz(step, norm)
+    return current
+
+
 def global_lower(network: Network, index: int, P, y, margins, norm: str) -> np.ndarray:
     W = network.steps[-1].weight.numpy()
     ord = 2 if norm == "fro" else 1
     rows = np.linalg.norm(W[y][:, None, :] - W[None], ord=ord, axis=-1) * (1 + W.shape[1] * 1e-15)
-    lip = math.prod(_lipschitz(s, norm) for s in network.steps[index + 1:-1])
+    lip = _downstream(network.steps[index + 1:-1], norm)
     scale = _region_scale(P, norm)
     if norm == "max":
         scale = scale.max(axis=-1)
@@ -226,9 +271,25 @@ def _rows_sum(t: np.ndarray) -> np.ndarray:
     return t.reshape(*t.shape[:2], -1).sum(-1)
 
 
-def _backward(A, d, e, size, steps, intervals, lower_only: bool):
-    """Rows ``A x + d +- e`` walked back through ``steps`` (``A`` None: constant)."""
+def _backward(A, d, e, size, steps, intervals, lower_only: bool, stack: tuple = ()):
+    """Rows ``A x + d +- e`` walked back through ``steps`` (``A`` None: constant); ``stack``
+    holds the (constant) values saved on the stack before ``steps[0]``."""
+    saved = []  # rows on the top stack values; None: zero rows
     for step, (lo, hi) in zip(reversed(steps), reversed(intervals)):
+        if isinstance(step, Add):
+            saved.append(A)
+            continue
+        if isinstance(step, Swap):
+            top = saved.pop() if saved else None
+            saved.append(A)
+            A = top
+            continue
+        if isinstance(step, Save):
+            top = saved.pop() if saved else None
+            A = top if A is None else A if top is None else A + top
+            continue
+        if A is None:
+            continue
         if isinstance(step, Affine):
             bias = step.bias.numpy()
             add = _rows_sum(A * (bias[:, None, None] if step.is_conv else bias))
@@ -264,7 +325,13 @@ def _backward(A, d, e, size, steps, intervals, lower_only: bool):
             low, high = _interval(step, lo, hi)
             add = _rows_sum(A * ((high + low) / 2)[:, None])
             err = _rows_sum(np.abs(A) * ((high - low) / 2)[:, None])
-            return None, d + add, e + err, size + np.abs(add) + err
+            A, d, e, size = None, d + add, e + err, size + np.abs(add) + err
+    if any(rows is not None for rows in saved[:max(len(saved) - len(stack), 0)]):
+        raise ValueError("rows left for values saved before the start, but no stack given")
+    for rows, value in zip(reversed(saved), reversed(stack)):
+        if rows is not None:
+            add = _rows_sum(rows * value[:, None])
+            d, size = d + add, size + _rows_sum(np.abs(rows) * np.abs(value)[:, None])
     return A, d, e, size
 
 
@@ -280,7 +347,7 @@ def _concretise(A, z, norm: str, unit):
     return at_z, magnitude, dual
 
 
-def _refined(steps, intervals, i, z, norm, unit, rho):
+def _refined(steps, intervals, i, z, norm, unit, rho, stack):
     lo, hi = intervals[i]
     B, shape = len(lo), lo.shape[1:]
     flat_lo, flat_hi = lo.reshape(B, -1), hi.reshape(B, -1)
@@ -301,7 +368,7 @@ def _refined(steps, intervals, i, z, norm, unit, rho):
         np.put_along_axis(A, order[..., None], 1.0, axis=-1)
         A, d, walked = A.reshape(B, k, *shape), np.zeros((B, k)), i
     A, center, spread, size = _backward(A, d, np.zeros_like(d), np.abs(d), steps[:walked],
-                                        intervals[:walked], lower_only=False)
+                                        intervals[:walked], lower_only=False, stack=stack)
     if A is not None:
         at_z, magnitude, dual = _concretise(A, z, norm, unit)
         center, size, spread = center + at_z, size + magnitude, spread + rho[:, None] * dual
@@ -313,14 +380,33 @@ def _refined(steps, intervals, i, z, norm, unit, rho):
     return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
 
 
-def _intermediate(network, start, z, norm, unit, rho, refine: bool):
+def _interval_add(a, b):
+    (a_lo, a_hi), (b_lo, b_hi) = a, b
+    return (a_lo + b_lo - ROUND * (np.abs(a_lo) + np.abs(b_lo)),
+            a_hi + b_hi + ROUND * (np.abs(a_hi) + np.abs(b_hi)))
+
+
+def _intermediate(network, start, z, norm, unit, rho, refine: bool, stack: tuple = ()):
     steps = network.steps[start:-1]
     box = np.broadcast_to((rho * unit).reshape(-1, *[1] * (z.ndim - 1)), z.shape) \
         if norm == "fro" else rho.reshape(-1, *[1] * (z.ndim - 1)) * unit
     intervals = [(z - box, z + box)]
     nominal, reach = z, (rho * unit if norm == "fro" else None)
+    # The stacks of intervals, nominal values and l2 reaches (saved constants: reach 0).
+    saved_box, saved_nominal = tuple((v, v) for v in stack), stack
+    saved_reach = tuple(np.zeros(len(z)) for _ in stack)
     for i in range(1, len(steps) + 1):
         step = steps[i - 1]
+        if isinstance(step, STACK):
+            interval, saved_box = _move(step, intervals[-1], saved_box, add=_interval_add)
+            intervals.append(interval)
+            nominal, saved_nominal = _move(step, nominal, saved_nominal)
+            if reach is not None:
+                reach, saved_reach = _move(step, reach, saved_reach,
+                                           add=lambda a, b: (a + b) * (1 + ROUND))
+            if refine and i < len(steps) and isinstance(steps[i], Activation):
+                intervals[i] = _refined(steps, intervals, i, z, norm, unit, rho, stack)
+            continue
         lo, hi = _interval(step, *intervals[-1])
         if reach is not None:
             nominal_out = forward(Network((step,)), nominal)
@@ -339,7 +425,7 @@ def _intermediate(network, start, z, norm, unit, rho, refine: bool):
             nominal = nominal_out
         intervals.append((lo, hi))
         if refine and i < len(steps) and isinstance(steps[i], Activation):
-            intervals[i] = _refined(steps, intervals, i, z, norm, unit, rho)
+            intervals[i] = _refined(steps, intervals, i, z, norm, unit, rho, stack)
     return intervals
 
 
@@ -364,7 +450,23 @@ def _derivatives(step: Activation, lo, hi):
 def _jacobian_dual(network, start, intervals, C, norm, unit):
     """The interval-Jacobian slope of ``certify.linear_bounds.jacobian_line``, or None."""
     lo = hi = C
+    saved = []  # interval rows (lo, hi) on the top stack values; None: zero rows
     for step, (x_lo, x_hi) in zip(reversed(network.steps[start:-1]), reversed(intervals)):
+        if isinstance(step, Add):
+            saved.append(None if lo is None else (lo, hi))
+            continue
+        if isinstance(step, Swap):
+            top = saved.pop() if saved else None
+            saved.append(None if lo is None else (lo, hi))
+            lo, hi = top if top is not None else (None, None)
+            continue
+        if isinstance(step, Save):
+            top = saved.pop() if saved else None
+            if top is not None:
+                lo, hi = top if lo is None else _interval_add((lo, hi), top)
+            continue
+        if lo is None:
+            continue
         if isinstance(step, Activation):
             d_lo, d_hi = (t[:, None] for t in _derivatives(step, x_lo, x_hi))
             products = np.stack([lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi])
@@ -385,16 +487,19 @@ def _jacobian_dual(network, start, intervals, C, norm, unit):
             radius = _avg_adjoint(step, radius, x_lo.shape[1:])
         radius = radius * (1 + ROUND) + ROUND * np.abs(center)
         lo, hi = center - radius, center + radius
+    if lo is None:  # the margins do not depend on z
+        return np.zeros(C.shape[:2])
     magnitude = np.maximum(np.abs(lo), np.abs(hi))
     return _concretise(magnitude, np.zeros(magnitude.shape[:1] + magnitude.shape[2:]), norm,
                        unit)[2] * (1 + ROUND)
 
 
 def local_lower_bounds(network: Network, index: int, z: np.ndarray, P, rho: np.ndarray,
-                       y: np.ndarray, norm: str, refine: bool) -> np.ndarray:
+                       y: np.ndarray, norm: str, refine: bool, stack: tuple = ()) -> np.ndarray:
     """Lower bounds ``(B, C)`` of the margins over the section-4 region of radius ``rho``:
     the best of interval arithmetic, CROWN and the interval Jacobian (as in
-    ``certify.linear_bounds.margin_lines``, recomputed in numpy)."""
+    ``certify.linear_bounds.margin_lines``, recomputed in numpy). ``stack``: the values saved
+    on the stack after the layer (inside a residual block), constants."""
     scale = _region_scale(P, norm)
     if norm == "fro":
         unit = scale
@@ -402,7 +507,7 @@ def local_lower_bounds(network: Network, index: int, z: np.ndarray, P, rho: np.n
         unit = np.broadcast_to(scale[:, None, :], (len(z), z.shape[1], scale.shape[1]))
         unit = unit.reshape(z.shape)
     start = index + 1
-    intervals = _intermediate(network, start, z, norm, unit, rho, refine)
+    intervals = _intermediate(network, start, z, norm, unit, rho, refine, stack)
     W, b = network.steps[-1].weight.numpy(), network.steps[-1].bias.numpy()
     C, c = W[y][:, None, :] - W[None], b[y][:, None] - b[None]
     lo, hi = intervals[-1]
@@ -411,7 +516,7 @@ def local_lower_bounds(network: Network, index: int, z: np.ndarray, P, rho: np.n
     best = np.einsum("bcn,bn->bc", C, center) + c - np.einsum("bcn,bn->bc", np.abs(C), rad) \
         - ROUND * size
     A, d, e, size = _backward(C, c, np.zeros_like(c), np.abs(c), network.steps[start:-1],
-                              intervals[:-1], lower_only=True)
+                              intervals[:-1], lower_only=True, stack=stack)
     value, size = d - e, size + e
     if A is not None:
         at_z, magnitude, dual = _concretise(A, z, norm, unit)
@@ -419,7 +524,7 @@ def local_lower_bounds(network: Network, index: int, z: np.ndarray, P, rho: np.n
     best = np.maximum(best, value - ROUND * size)
     dual = _jacobian_dual(network, start, intervals[:-1], C, norm, unit)
     if dual is not None:
-        logits = forward(network, z, start)
+        logits = forward(network, z, start, stack)
         m = logits[np.arange(len(y)), y][:, None] - logits
         tolerance = ROUND * (np.abs(logits).max(-1, keepdims=True) + np.abs(m))
         best = np.maximum(best, m - tolerance - rho[:, None] * dual)
@@ -450,9 +555,12 @@ def multilayer_bound(network: Network, values, y: np.ndarray, budgets: np.ndarra
     and ``g`` the patch length (``max``, l_inf); other steps scale ``||dh||`` by their
     Lipschitz constant; logits: ``||W_L^T c_j|| ||dh|| + ||c_j|| e (s + g ||dh||)``.
     """
-    delta = np.zeros(len(y))
+    delta, saved = np.zeros(len(y)), ()
     k = 0
     for i, step in enumerate(network.steps):
+        if isinstance(step, STACK):  # a residual block adds its branches' deviations
+            delta, saved = _move(step, delta, saved)
+            continue
         if not isinstance(step, Affine):
             delta = _lipschitz(step, norm) * delta
             continue
@@ -518,7 +626,8 @@ def _array(values) -> np.ndarray:
 def check(document: dict, witnesses, network: Network, x: np.ndarray) -> Report:
     report = Report()
     bias = document["bias_perturbed"]
-    values = layer_inputs(network, x)
+    states = layer_states(network, x)
+    values = [value for value, _ in states]
     logits = values[-1]
     y = logits.argmax(axis=1)
     report.claim(list(y) == document["predictions"], "predictions differ from a numpy forward")
@@ -550,7 +659,7 @@ def check(document: dict, witnesses, network: Network, x: np.ndarray) -> Report:
                 if not bias:
                     Z = Z + layer.bias.numpy()[:, None]
                 Z = Z.reshape(len(x), W.shape[0], *spatial) if spatial else Z[..., 0]
-                flipped = forward(network, Z, index + 1).argmax(axis=1) != y
+                flipped = forward(network, Z, index + 1, states[index + 1][1]).argmax(axis=1) != y
                 bad = np.nonzero(found & ~flipped)[0]
                 report.claim(bad.size == 0, f"{where}: witnesses of inputs {bad[:5]} do not "
                              "change the class")
@@ -566,9 +675,10 @@ def check(document: dict, witnesses, network: Network, x: np.ndarray) -> Report:
                 confirmed = lower <= global_lower(network, index, P, y, margins, norm) * (1 + 1e-12)
                 rest = ~confirmed & (lower > 0)
                 if rest.any():
+                    stack = tuple(v[rest] for v in states[index + 1][1])
                     bounds = local_lower_bounds(network, index, values[index + 1][rest],
                                                 P[rest], lower[rest], y[rest], norm,
-                                                refine="refined" in claims["method"])
+                                                refine="refined" in claims["method"], stack=stack)
                     bounds[np.arange(len(bounds)), y[rest]] = np.inf
                     certified = (bounds > 0).all(-1)
                     confirmed[np.nonzero(rest)[0][certified]] = True

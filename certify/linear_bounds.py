@@ -17,7 +17,14 @@ step by linear functions that bound it on known intervals of its input:
   adaptive lines: below ``s x`` (``s`` = 1 or the negative slope), above the chord (for a
   negative slope outside ``[0, 1]`` the function is not convex: the symmetric relaxation);
 * any other step (tanh, sigmoid, GELU, max pooling) ends the walk: its output interval
-  enters as a constant.
+  enters as a constant;
+* residual blocks (``Save``, ``Swap``, ``Add``; ``certify.network``): the rows carry a stack
+  like the values. Backwards, ``Add`` pushes a copy of the rows for its popped operand,
+  ``Swap`` exchanges the rows with the top of that stack and ``Save`` adds the popped rows
+  to them. Rows left on the stack at ``z`` belong to values saved before the layer (``z``
+  inside a branch): constants, ``Region.stack``, that enter ``d``. Interval propagation
+  carries a stack of intervals (the saved constants are points) and the l2 reach a stack
+  of reaches (``Add`` sums them).
 
 Intermediate bounds. The input of every activation is bounded by interval propagation,
 then, for the entries whose interval contains 0 (or every entry of a smooth activation), by
@@ -40,7 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from certify.lipschitz import step_lipschitz
-from certify.network import GELU_DERIVATIVE, Activation, Affine, Flatten, Network, Pool
+from certify.network import (GELU_DERIVATIVE, STACK_STEPS, Activation, Add, Affine, Flatten,
+                             Network, Pool, Save, Swap)
 
 ROUND = 1e-10
 
@@ -51,11 +59,14 @@ class Region:
 
     ``norm == "fro"``: ``U`` is the l2 ball of radius ``unit`` ``(B,)``;
     ``norm == "max"``: ``U`` is the box ``|dz| <= unit`` (``unit`` shaped like ``z``).
+    ``stack``: the values on the stack at ``z`` (inside a residual block), which the
+    perturbation does not move.
     """
 
     z: torch.Tensor
     norm: str
     unit: torch.Tensor
+    stack: tuple = ()
 
     def box(self, rho: torch.Tensor) -> torch.Tensor:
         """Per-entry radius of the smallest box around ``rho U`` (shaped like ``z``)."""
@@ -167,13 +178,35 @@ def _constant(f: _Linear, step, lo, hi) -> _Linear:
     return _Linear(None, f.d + d_add, f.e + e_add, f.size + d_add.abs() + e_add)
 
 
-def _backward(f: _Linear, steps, intervals, lower_only: bool) -> _Linear:
-    """Walk ``f`` back through ``steps``; ``intervals[i]`` bounds the input of ``steps[i]``.
+def _plus(A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor | None:
+    """Sum of two row sets, ``None`` standing for rows of zeros."""
+    return A if B is None else B if A is None else A + B
+
+
+def _backward(f: _Linear, steps, intervals, lower_only: bool, stack: tuple = ()) -> _Linear:
+    """Walk ``f`` back through ``steps``; ``intervals[i]`` bounds the input of ``steps[i]``
+    and ``stack`` holds the constant values on the stack before ``steps[0]``.
 
     ``lower_only``: CROWN's adaptive lines (a lower bound of ``A x + d``; ``e`` stays 0);
     otherwise the symmetric relaxation (``A x + d +- e`` bounds both ways).
     """
+    saved = []  # rows on the topmost stack values (top last); None: rows of zeros
     for step, (lo, hi) in zip(reversed(steps), reversed(intervals)):
+        if isinstance(step, Add):  # current + pop(): the popped operand gets the same rows
+            saved.append(f.A)
+            continue
+        if isinstance(step, Swap):
+            top = saved.pop() if saved else None
+            saved.append(f.A)
+            f = _Linear(top, f.d, f.e, f.size)
+            continue
+        if isinstance(step, Save):
+            f = _Linear(_plus(f.A, saved.pop() if saved else None), f.d, f.e, f.size)
+            continue
+        if f.A is None:
+            if all(rows is None for rows in saved):
+                break
+            continue
         if isinstance(step, Affine):
             f = _through_affine(f, step, lo.shape[1:])
         elif isinstance(step, Activation) and _piecewise_linear(step):
@@ -193,7 +226,15 @@ def _backward(f: _Linear, steps, intervals, lower_only: bool) -> _Linear:
         elif isinstance(step, Pool) and step.kind == "avg":
             f = _Linear(_adjoint(step, f.A, lo.shape[1:]), f.d, f.e, f.size)
         else:
-            return _constant(f, step, lo, hi)
+            f = _constant(f, step, lo, hi)
+    # Rows left on the stack multiply the values saved before the walk's start: constants.
+    if any(rows is not None for rows in saved[:max(len(saved) - len(stack), 0)]):
+        raise ValueError("the bounds start inside a residual block: give the values saved on "
+                         "the stack there (Region.stack)")
+    for rows, value in zip(reversed(saved), reversed(stack)):
+        if rows is not None:
+            d_add = _sum(rows * value[:, None])
+            f = _Linear(f.A, f.d + d_add, f.e, f.size + _sum(rows.abs() * value.abs()[:, None]))
     return f
 
 
@@ -201,18 +242,23 @@ def _needs_bounds(step) -> bool:
     return isinstance(step, Activation)
 
 
-REFINE_WORK = 1e8  # per input; the MNIST MLP's first layer (about 1e9) is over it
+REFINE_WORK = 1e6  # per input: on the MNIST models refinement costs much and gains little
 
 
-def refine_work(network: Network, start: int, shape) -> float:
+def refine_work(network: Network, start: int, shape, stack: tuple = ()) -> float:
     """Multiply-adds per input of the backward-pass refinement of the steps after ``start``
-    (``shape``: one output of step ``start - 1``): for each activation, its input entries
+    (``shape``: one output of step ``start - 1``; ``stack``: the values saved on the stack
+    there, for their shapes): for each activation, its input entries
     times the work of walking back (an affine step costs its multiply-adds; a dense one
     right before the activation costs nothing, its rows are taken as they are).
     ``refine="auto"`` refines when this is at most ``REFINE_WORK``."""
     work, walked, last = 0.0, 0.0, 0.0
     x = torch.zeros(1, *shape, dtype=torch.float64)
+    stack = tuple(torch.zeros_like(value[:1]) for value in stack)
     for step in network.steps[start:-1]:
+        if isinstance(step, STACK_STEPS):
+            x, stack = step.move(x, stack)
+            continue
         if _needs_bounds(step):
             work += x.numel() * (walked - last)
         out = step(x)
@@ -243,13 +289,14 @@ def _refine(steps, intervals, i: int, region: Region, rho: torch.Tensor):
     if isinstance(previous, Affine) and not previous.is_conv:
         A, d = previous.weight[order], previous.bias[order]
         f = _Linear(A, d, torch.zeros_like(d), d.abs())
-        f = _backward(f, steps[:i - 1], intervals[:i - 1], lower_only=False)
+        f = _backward(f, steps[:i - 1], intervals[:i - 1], lower_only=False,
+                      stack=region.stack)
     else:
         A = torch.zeros(B, k, math.prod(shape), dtype=lo.dtype)
         A.scatter_(-1, order[..., None], 1.0)
         d = torch.zeros(B, k, dtype=lo.dtype)
         f = _Linear(A.reshape(B, k, *shape), d, d, d)
-        f = _backward(f, steps[:i], intervals[:i], lower_only=False)
+        f = _backward(f, steps[:i], intervals[:i], lower_only=False, stack=region.stack)
     center, size, spread = f.d, f.size, f.e
     if f.A is not None:
         value, magnitude = region.value(f.A)
@@ -285,6 +332,20 @@ def _reach_rows(step: Affine, varies: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(square(varies.to(step.weight.dtype))) * (1 + ROUND)
 
 
+def _next_interval(step, interval, nominal, reach):
+    """Interval propagation through one step; for an affine step and the l2 ball also
+    ``nominal +- ||W_i restricted to the inputs that vary||_2 reach``, intersected."""
+    lo, hi = step.interval(*interval)
+    if reach is not None and isinstance(step, Affine):
+        before_lo, before_hi = interval
+        rows = _reach_rows(step, before_hi > before_lo)
+        nominal_out = step(nominal)
+        spread = rows * reach.reshape(-1, *[1] * (lo.ndim - 1))
+        lo = torch.maximum(lo, nominal_out - spread * (1 + ROUND))
+        hi = torch.minimum(hi, nominal_out + spread * (1 + ROUND))
+    return lo, hi
+
+
 def intermediate_bounds(network: Network, start: int, region: Region, rho: torch.Tensor,
                         operator_norms: list[float] | None = None, refine: bool = True):
     """Intervals containing the input of every step ``start, ..., L-1`` (the logits layer
@@ -295,6 +356,9 @@ def intermediate_bounds(network: Network, start: int, region: Region, rho: torch
     of the interval's farthest corner, whichever is smaller; ``W_i`` keeps only the inputs
     that can move, as a ReLU that is off on the whole region is constant), then refined by
     backward passes. ``operator_norms[i]`` is the l2 Lipschitz constant of step ``start+i``.
+    Residual blocks: the intervals, nominal values and reaches before every step are the
+    current ones; each has its stack (the region's saved values: points, reach 0), and
+    ``Add`` adds intervals (widened for rounding) and reaches.
     """
     steps = network.steps[start:-1]
     box = region.box(rho)
@@ -303,27 +367,38 @@ def intermediate_bounds(network: Network, start: int, region: Region, rho: torch
     reach = rho * region.unit if region.norm == "fro" else None
     if reach is not None and operator_norms is None:
         operator_norms = [step_lipschitz(step, "fro") for step in steps]
+    saved_intervals = tuple((value, value) for value in region.stack)
+    saved_nominal = region.stack
+    saved_reach = tuple(torch.zeros_like(reach) for _ in region.stack) if reach is not None \
+        else ()
     for i in range(1, len(steps) + 1):
         step = steps[i - 1]
-        lo, hi = step.interval(*intervals[-1])
-        if reach is not None:
-            before_lo, before_hi = intervals[-1]
-            if isinstance(step, Affine):
-                rows = _reach_rows(step, before_hi > before_lo)
+        if isinstance(step, STACK_STEPS):
+            interval, saved_intervals = step.move(intervals[-1], saved_intervals, _interval_sum)
+            intervals.append(interval)
+            if reach is not None:
+                nominal, saved_nominal = step.move(nominal, saved_nominal)
+                reach, saved_reach = step.move(reach, saved_reach,
+                                               lambda a, b: (a + b) * (1 + ROUND))
+        else:
+            intervals.append(_next_interval(step, intervals[-1], nominal, reach))
+            if reach is not None:
+                lo, hi = intervals[-1]
                 nominal_out = step(nominal)
-                spread = rows * reach.reshape(-1, *[1] * (lo.ndim - 1))
-                lo = torch.maximum(lo, nominal_out - spread * (1 + ROUND))
-                hi = torch.minimum(hi, nominal_out + spread * (1 + ROUND))
-            else:
-                nominal_out = step(nominal)
-            corner = torch.maximum(hi - nominal_out, nominal_out - lo).flatten(1)
-            reach = torch.minimum(reach * operator_norms[i - 1],
-                                  torch.linalg.vector_norm(corner, dim=-1) * (1 + ROUND))
-            nominal = nominal_out
-        intervals.append((lo, hi))
+                corner = torch.maximum(hi - nominal_out, nominal_out - lo).flatten(1)
+                reach = torch.minimum(reach * operator_norms[i - 1],
+                                      torch.linalg.vector_norm(corner, dim=-1) * (1 + ROUND))
+                nominal = nominal_out
         if refine and i < len(steps) and _needs_bounds(steps[i]):
             intervals[i] = _refine(steps, intervals, i, region, rho)
     return intervals
+
+
+def _interval_sum(a, b):
+    """``[a_lo + b_lo, a_hi + b_hi]``, widened for the rounding of the two sums."""
+    (a_lo, a_hi), (b_lo, b_hi) = a, b
+    lo, hi = a_lo + b_lo, a_hi + b_hi
+    return (lo - ROUND * (a_lo.abs() + b_lo.abs()), hi + ROUND * (a_hi.abs() + b_hi.abs()))
 
 
 def jacobian_line(network: Network, start: int, region: Region, intervals, y: torch.Tensor):
@@ -332,13 +407,29 @@ def jacobian_line(network: Network, start: int, region: Region, intervals, y: to
     Every Jacobian of the margins along a segment in the region lies in the interval
     Jacobian, computed backwards: ``c_j^T W_L``, then each activation multiplies by its
     derivative range on the step's input interval, each linear step by its matrix (in
-    interval arithmetic). The bound is the region's dual norm of the entrywise largest
-    magnitude. ``None`` where a step (max pooling) has no interval derivative here.
+    interval arithmetic); residual blocks as in ``_backward``, with interval rows (``Save``
+    adds them). The bound is the region's dual norm of the entrywise largest magnitude.
+    ``None`` where a step (max pooling) has no interval derivative here.
     """
     last = network.steps[-1]
     C = last.weight[y][:, None, :] - last.weight[None, :, :]
-    lo, hi = C, C
+    rows, saved = (C, C), []  # interval rows (lo, hi); None: zero rows (constants)
     for step, (x_lo, x_hi) in zip(reversed(network.steps[start:-1]), reversed(intervals)):
+        if isinstance(step, Add):  # the popped operand gets the same rows
+            saved.append(rows)
+            continue
+        if isinstance(step, Swap):
+            top = saved.pop() if saved else None
+            saved.append(rows)
+            rows = top
+            continue
+        if isinstance(step, Save):
+            top = saved.pop() if saved else None
+            rows = rows if top is None else top if rows is None else _interval_sum(rows, top)
+            continue
+        if rows is None:
+            continue
+        lo, hi = rows
         if isinstance(step, Activation):
             d_lo, d_hi = (t[:, None] for t in _derivative_range(step, x_lo, x_hi))
             products = (lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi)
@@ -346,6 +437,7 @@ def jacobian_line(network: Network, start: int, region: Region, intervals, y: to
                                torch.minimum(products[2], products[3]))
             hi = torch.maximum(torch.maximum(products[0], products[1]),
                                torch.maximum(products[2], products[3]))
+            rows = lo, hi
             continue
         if isinstance(step, Pool) and step.kind == "max":
             return None
@@ -360,7 +452,11 @@ def jacobian_line(network: Network, start: int, region: Region, intervals, y: to
             center = _adjoint(step, center, x_lo.shape[1:])
             radius = _adjoint(step, radius, x_lo.shape[1:])
         radius = radius * (1 + ROUND) + ROUND * center.abs()
-        lo, hi = center - radius, center + radius
+        rows = center - radius, center + radius
+    # Rows left on the stack belong to values saved before z: constants, no slope.
+    if rows is None:
+        return torch.zeros(C.shape[:2], dtype=C.dtype)
+    lo, hi = rows
     return region.dual(torch.maximum(lo.abs(), hi.abs())) * (1 + ROUND)
 
 
@@ -404,7 +500,7 @@ def margin_lines(network: Network, start: int, region: Region, rho: torch.Tensor
     ibp_size = torch.einsum("bcn,bn->bc", C.abs(), center.abs() + radius) + c.abs()
     ibp = ibp_value + c - torch.einsum("bcn,bn->bc", C.abs(), radius) - ROUND * ibp_size
     f = _backward(_Linear(C, c, torch.zeros_like(c), c.abs()), network.steps[start:-1],
-                  intervals[:-1], lower_only=True)
+                  intervals[:-1], lower_only=True, stack=region.stack)
     value, size = f.d - f.e, f.size + f.e
     if f.A is None:
         slope = torch.zeros_like(value)
@@ -415,7 +511,7 @@ def margin_lines(network: Network, start: int, region: Region, rho: torch.Tensor
     values, slopes = [value - ROUND * size], [slope]
     jacobian = jacobian_line(network, start, region, intervals[:-1], y)
     if jacobian is not None:  # anchored at the unperturbed margins
-        margins = network.run(region.z, start)
+        margins = network.run(region.z, start, region.stack)
         m = margins.gather(-1, y[:, None]) - margins
         values.append(m - ROUND * (margins.abs().amax(-1, keepdim=True) + m.abs()))
         slopes.append(jacobian)

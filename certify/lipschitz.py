@@ -11,6 +11,9 @@ spectral norm from below and is never used here.
 * ``l_inf -> l_inf`` norms (entrywise-max certificates): the largest absolute row sum of
   the weight matrix, exact for dense layers and an upper bound for convolutions (padding
   only removes terms). Sums are inflated by ``n eps`` for the rounding of the summation.
+* Residual blocks (``Save``/``Swap``/``Add`` steps of ``certify.network``): the constant of
+  ``f(x) + g(x)`` is at most ``L_f + L_g`` (triangle inequality, any norm), so constants are
+  combined by the same stack machine as the values (``downstream_constant``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import torch
 
 from certify.compression import singular_values_upper
-from certify.network import Activation, Affine
+from certify.network import STACK_STEPS, Activation, Add, Affine, Save, Swap
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -55,11 +58,39 @@ def operator_norm_linf(layer: Affine) -> float:
     return float(W.abs().sum(dim=1).max()) * (1 + W.shape[1] * EPS)
 
 
-def step_lipschitz(step, norm: str) -> float:
+def step_lipschitz(step, norm: str) -> float | None:
     """Lipschitz constant of any step in the l2 (``"fro"``) or l_inf (``"max"``) geometry:
-    operator norms for affine steps, ``sup |phi'|`` for activations, the pooling constants."""
+    operator norms for affine steps, ``sup |phi'|`` for activations, the pooling constants;
+    ``None`` for the stack steps, which ``downstream_constant`` combines instead."""
+    if isinstance(step, STACK_STEPS):
+        return None
     if isinstance(step, Affine):
         return operator_norm_l2(step) if norm == "fro" else operator_norm_linf(step)
     if isinstance(step, Activation):
         return step.lipschitz
     return step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf
+
+
+def downstream_constant(steps, constants) -> float:
+    """Lipschitz constant of the map from the current value before ``steps`` to the current
+    value after them, the values already on the stack held fixed (THEORY.md sections 4, 5).
+
+    ``constants[i]`` is ``step_lipschitz(steps[i])``. The constants run through the stack
+    machine of the values: a step multiplies the current one, ``Save`` pushes it, ``Swap``
+    exchanges it with the top, ``Add`` gives ``L_current + L_popped`` (``||f + g||_Lip <=
+    ||f||_Lip + ||g||_Lip``); a value saved before ``steps`` is a constant, ``L = 0``. Without
+    residual blocks this is the product ``1 * c_0 * c_1 ...``, in that order.
+    """
+    current, saved = 1.0, []
+    for step, constant in zip(steps, constants):
+        if isinstance(step, Save):
+            saved.append(current)
+        elif isinstance(step, Swap):
+            top = saved.pop() if saved else 0.0
+            saved.append(current)
+            current = top
+        elif isinstance(step, Add):
+            current = current + (saved.pop() if saved else 0.0)
+        else:
+            current = current * constant
+    return current

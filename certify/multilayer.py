@@ -27,6 +27,11 @@ The geometry follows the norm of ``D``:
   length when dense), so ``||v~||`` is ``max_j ||P~(h)_:j||_1`` and growth ``n``.
   Last layer: ``||c_j||_1 = 2``, ``||W_L^T c_j||_1``.
 
+Residual blocks (``Save``/``Swap``/``Add`` steps, ``certify.network``): the change of
+``f(h) + g(h)`` is at most the sum of the branches' changes, so the bounds on ``||dh||`` run
+through the stack machine of the values (``Save`` pushes the bound, ``Swap`` exchanges it
+with the top, ``Add`` adds the popped one).
+
 The class is certified when ``(1 + SAFETY) |Delta m_j|``-bound ``< m_j`` for every
 ``j != y``: operator norms, ``sigma_max`` and row norms are rigorous float64 upper bounds
 (``certify.lipschitz``, ``certify.radius.region_scale``) and ``SAFETY`` (relative 1e-9)
@@ -43,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from certify import lipschitz
-from certify.network import Activation, Affine, Network
+from certify.network import STACK_STEPS, Activation, Affine, Network
 from certify.radius import NORMS, SAFETY, _class_rows, _columns, _weight, predictions, \
     region_scale
 
@@ -84,7 +89,8 @@ class _Layer:
 class _Chain:
     """The network reduced to the recursion's constants for a batch of inputs."""
 
-    steps: tuple  # every step before the logits layer: a _Layer or a Lipschitz constant
+    steps: tuple  # every step before the logits layer: a _Layer, a Lipschitz constant or
+    # a stack step (Save, Swap, Add)
     last: _Layer
     rows: torch.Tensor  # (B, C) ||W_L^T c_j||_dual, 0 at j = y
     dual: float  # ||c_j||_dual: sqrt(2) or 2
@@ -122,6 +128,8 @@ def _chain(network: Network, x: torch.Tensor, norm: str, bias: bool) -> _Chain:
     for step, h in zip(network.steps[:-1], values):
         if isinstance(step, Affine):
             steps.append(_layer(step, h, norm, bias))
+        elif isinstance(step, STACK_STEPS):
+            steps.append(step)
         elif isinstance(step, Activation):
             steps.append(step.lipschitz)
         else:  # Flatten, Pool
@@ -134,14 +142,18 @@ def _chain(network: Network, x: torch.Tensor, norm: str, bias: bool) -> _Chain:
 def _margin_bound(chain: _Chain, budgets: torch.Tensor) -> torch.Tensor:
     """The section-5 recursion, ``(B, C)``; ``budgets`` is ``(K, B)`` (one row per layer).
 
-    ``||dz|| <= (||W||_op + e growth) ||dh|| + e ||h~||``, Lipschitz steps scale ``||dh||``;
+    ``||dz|| <= (||W||_op + e growth) ||dh|| + e ||h~||``, Lipschitz steps scale ``||dh||``,
+    residual blocks add the bounds of their branches (stack steps move them like values);
     at the logits ``||W_L^T c_j|| ||dh|| + ||c_j|| e_L (||h~|| + growth ||dh||)``, times
     ``1 + SAFETY``.
     """
     delta = torch.zeros_like(chain.last.scale)
+    saved = ()
     k = 0
     for step in chain.steps:
-        if isinstance(step, _Layer):
+        if isinstance(step, STACK_STEPS):
+            delta, saved = step.move(delta, saved)
+        elif isinstance(step, _Layer):
             e = budgets[k]
             delta = (step.operator + e * step.growth) * delta + e * step.scale
             k += 1

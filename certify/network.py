@@ -7,16 +7,24 @@ tuple of small frozen steps, in float64:
   weight certified is the deployed, folded one);
 * ``Activation``: ReLU, LeakyReLU, Tanh, Sigmoid, GELU;
 * ``Flatten``; ``Pool``: average or max pooling (2-D);
-* Dropout and Identity are dropped (eval mode).
+* Dropout and Identity are dropped (eval mode);
+* residual additions ``f(x) + g(x)`` (``+``, ``torch.add``, ``Tensor.add``), through three
+  stack steps (THEORY.md section 4: the reduction only needs the downstream map from ``z`` to
+  ``o``). The chain stays flat, so every affine layer keeps one index: a block forking at
+  ``x`` becomes ``... x, Save, [branch f], Swap, [branch g], Add``. The value flowing
+  through the chain is ``(current, stack)``; ``Save`` pushes a copy of the current value,
+  ``Swap`` exchanges it with the top of the stack, ``Add`` adds the popped top to it. An
+  identity shortcut is a branch without steps; nested and sequential blocks nest the same
+  way (the fork of an addition is the nearest node every path to both operands passes).
 
 Anything else raises ``UnsupportedModelError`` naming the module and what is supported.
-Residual additions are not handled yet: they raise the same error.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +38,8 @@ class UnsupportedModelError(ValueError):
 
 SUPPORTED = (
     "Linear, Conv2d, BatchNorm1d/2d (after an affine layer), ReLU, LeakyReLU, Tanh, "
-    "Sigmoid, GELU, Flatten, AvgPool2d, MaxPool2d, Dropout, Identity"
+    "Sigmoid, GELU, Flatten, AvgPool2d, MaxPool2d, Dropout, Identity, and residual "
+    "additions of two branches (x + f(x), f(x) + g(x))"
 )
 
 # sup |phi'| of each activation (derived in proofs/lipschitz.py; GELU at x = sqrt(2)).
@@ -169,7 +178,55 @@ class Pool:
     lipschitz_linf = 1.0
 
 
-Step = Affine | Activation | Flatten | Pool
+def _top(step, stack: tuple) -> tuple:
+    if not stack:
+        raise ValueError(f"{step.name}: the stack is empty; a network run from inside a residual "
+                         "block needs the values saved before it: pass "
+                         "stack=network.trace_states(x)[start][1]")
+    return stack[-1], stack[:-1]
+
+
+@dataclass(frozen=True)
+class Save:
+    """A residual block's fork: push a copy of the current value."""
+
+    name: str
+
+    def move(self, x, stack: tuple, add: Callable = operator.add):
+        return x, stack + (x,)
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Between a block's branches: exchange the current value with the top of the stack."""
+
+    name: str
+
+    def move(self, x, stack: tuple, add: Callable = operator.add):
+        top, rest = _top(self, stack)
+        return top, rest + (x,)
+
+
+@dataclass(frozen=True)
+class Add:
+    """A residual addition: ``current + pop()``. ``add`` lets bounds carry their own sums."""
+
+    name: str
+
+    def move(self, x, stack: tuple, add: Callable = operator.add):
+        top, rest = _top(self, stack)
+        return add(x, top), rest
+
+
+Step = Affine | Activation | Flatten | Pool | Save | Swap | Add
+STACK_STEPS = (Save, Swap, Add)
+
+
+def advance(step: Step, x: torch.Tensor, stack: tuple) -> tuple[torch.Tensor, tuple]:
+    """One step on the state ``(current, stack)``."""
+    if isinstance(step, STACK_STEPS):
+        return step.move(x, stack)
+    return step(x), stack
 
 
 @dataclass(frozen=True)
@@ -179,18 +236,23 @@ class Network:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
 
-    def run(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Apply steps ``start, start + 1, ...`` to ``x``."""
+    def run(self, x: torch.Tensor, start: int = 0, stack: tuple = ()) -> torch.Tensor:
+        """Apply steps ``start, start + 1, ...`` to ``x``; ``stack``: the values saved on the
+        stack at ``start`` (``trace_states(x)[start][1]``; empty outside residual blocks)."""
         for step in self.steps[start:]:
-            x = step(x)
+            x, stack = advance(step, x, stack)
         return x
 
-    def trace(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The input of every step, then the output: ``len(steps) + 1`` tensors."""
-        values = [x]
+    def trace_states(self, x: torch.Tensor, stack: tuple = ()) -> list[tuple[torch.Tensor, tuple]]:
+        """The state ``(current, stack)`` before every step, then after the last one."""
+        states = [(x, tuple(stack))]
         for step in self.steps:
-            values.append(step(values[-1]))
-        return values
+            states.append(advance(step, *states[-1]))
+        return states
+
+    def trace(self, x: torch.Tensor, stack: tuple = ()) -> list[torch.Tensor]:
+        """The (current) input of every step, then the output: ``len(steps) + 1`` tensors."""
+        return [value for value, _ in self.trace_states(x, stack)]
 
     @property
     def affine_indices(self) -> list[int]:
@@ -266,6 +328,101 @@ def _from_module(name: str, m: nn.Module) -> Step | None:
 _FUNCTIONS = {torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid"}
 
 
+_ADDS = (operator.add, torch.add)
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or \
+        (node.op == "call_method" and node.target == "add")
+
+
+def _operands(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The one input of a layer, or the two operands of a residual addition."""
+    if _is_add(node):
+        if node.kwargs or len(node.args) != 2 or not all(
+                isinstance(a, torch.fx.Node) for a in node.args):
+            raise UnsupportedModelError(
+                f"{node.name}: only additions of two tensors computed from the input are "
+                f"supported (x + f(x)); got arguments {node.args} {node.kwargs or ''}")
+        return list(node.args)
+    inputs = node.all_input_nodes
+    if len(inputs) != 1:
+        raise UnsupportedModelError(
+            f"{node.name}: {getattr(node.target, '__name__', node.target)} takes "
+            f"{len(inputs)} tensors; of the operations on several tensors only residual "
+            f"additions are supported; supported layers: {SUPPORTED}")
+    return inputs
+
+
+class _Graph:
+    """The steps of an fx graph: a chain, with residual blocks laid out by their forks."""
+
+    def __init__(self, module: nn.Module, graph: torch.fx.Graph):
+        self.module, self.forks, self.emitted = module, {}, set()
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            raise UnsupportedModelError("the model must take exactly one input tensor")
+        self.input = inputs[0]
+        output = next(n for n in graph.nodes if n.op == "output")
+        if not isinstance(output.args[0], torch.fx.Node):
+            raise UnsupportedModelError("the model must return exactly one tensor (the logits)")
+        self.output = output.args[0]
+
+    def fork(self, node: torch.fx.Node) -> torch.fx.Node:
+        """The immediate dominator: a layer's input, or for an addition the nearest node
+        that every path from the input to both operands passes."""
+        if node not in self.forks:
+            if node.op not in ("call_module", "call_function", "call_method"):
+                raise UnsupportedModelError(
+                    f"{node.name}: a {node.op} node (a constant or an attribute) feeds the "
+                    "network; every tensor must be computed from the one input")
+            a, *b = _operands(node)
+            if b:
+                above = set(self.path(b[0]))
+                a = next(n for n in self.path(a) if n in above)
+            self.forks[node] = a
+        return self.forks[node]
+
+    def path(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """``node`` and its forks up to the input."""
+        nodes = [node]
+        while nodes[-1] is not self.input:
+            nodes.append(self.fork(nodes[-1]))
+        return nodes
+
+    def sequence(self, node: torch.fx.Node, stop: torch.fx.Node) -> list[Step]:
+        """The steps computing ``node`` from the value of ``stop`` (a fork of ``node``)."""
+        path = []
+        while node is not stop:
+            path.append(node)
+            node = self.fork(node)
+        steps: list[Step] = []
+        for node in reversed(path):
+            if node in self.emitted:
+                raise UnsupportedModelError(
+                    f"{node.name}: its value is used both inside and after a residual block; "
+                    "certify needs every layer to run once (blocks must nest)")
+            self.emitted.add(node)
+            if _is_add(node):
+                a, b = _operands(node)
+                fork = self.fork(node)
+                steps += [Save(f"{node.name}/save"), *self.sequence(a, fork),
+                          Swap(f"{node.name}/swap"), *self.sequence(b, fork), Add(node.name)]
+                continue
+            step = _node_step(self.module, node)
+            if step is None:
+                continue
+            if isinstance(step, nn.Module):  # BatchNorm: fold into the affine layer before it
+                if not steps or not isinstance(steps[-1], Affine):
+                    raise UnsupportedModelError(
+                        f"{node.target}: BatchNorm must follow a Linear or Conv2d layer (in "
+                        "the same branch) so that it can be folded into it")
+                steps[-1] = _fold_batchnorm(steps[-1], step, str(node.target))
+                continue
+            steps.append(step)
+        return steps
+
+
 def _steps(module: nn.Module) -> list[Step]:
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
@@ -277,37 +434,14 @@ def _steps(module: nn.Module) -> list[Step]:
             f"cannot trace {type(module).__name__} with torch.fx ({type(err).__name__}: {err}); "
             "certify needs a model without data-dependent control flow"
         ) from None
-    steps: list[Step] = []
-    previous = None
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if previous is not None:
-                raise UnsupportedModelError("the model must take exactly one input tensor")
-            previous = node
-            continue
-        if node.op == "output":
-            break
-        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if node.target in (operator.add, torch.add) or len(inputs) != 1:
-            raise UnsupportedModelError(
-                f"{node.name}: residual additions and multi-input operations are not "
-                f"supported yet; supported layers: {SUPPORTED}"
-            )
-        if inputs[0] is not previous:
-            raise UnsupportedModelError(f"{node.name}: the graph must be a chain of layers")
-        previous = node
-        step = _node_step(module, node)
-        if step is None:
-            continue
-        if isinstance(step, nn.Module):  # BatchNorm: fold into the affine layer before it
-            if not steps or not isinstance(steps[-1], Affine):
-                raise UnsupportedModelError(f"{node.target}: BatchNorm must follow a Linear or "
-                                            "Conv2d layer so that it can be folded into it")
-            steps[-1] = _fold_batchnorm(steps[-1], step, str(node.target))
-            continue
-        steps.append(step)
+    parsed = _Graph(module, graph)
+    steps = parsed.sequence(parsed.output, parsed.input)
     if not any(isinstance(s, Affine) for s in steps):
         raise UnsupportedModelError("the model has no Linear or Conv2d layer to certify")
+    if isinstance(steps[-1], Add):
+        raise UnsupportedModelError(
+            f"{steps[-1].name}: the logits come out of a residual addition; certify needs the "
+            "last layer to be a Linear layer after every residual block")
     return steps
 
 

@@ -18,6 +18,12 @@ the spectral radius; ``"max"``: entrywise max), three numbers per input:
 * ``estimate``: the first-order back-propagated-margin value ``min_j m_j / ||g_j P~^T||_dual``
   (section 3); an estimate, not a bound.
 
+Residual blocks (``Save``/``Swap``/``Add`` steps, ``certify.network``): the values on the
+stack after the layer were saved before it or computed in the other branch, so they are
+constants of the downstream map from ``Z``; every forward pass from the layer continues with
+the unperturbed stack, and the global Lipschitz constant is combined by the stack rule
+(``lipschitz.downstream_constant``: a block's constant is the sum of its branches').
+
 Floating point: everything is float64, operator norms are rigorous upper bounds
 (``certify.lipschitz``), and every lower bound is multiplied by ``1 - SAFETY`` to absorb
 rounding in its own evaluation (relative errors there are below 1e-12).
@@ -98,38 +104,43 @@ def _class_rows(network: Network, y: torch.Tensor, norm: str) -> torch.Tensor:
     return rows.scatter(-1, y[:, None], math.inf)
 
 
-def global_lower(network: Network, scale: torch.Tensor, lips: list[float], y, margins,
+def global_lower(network: Network, scale: torch.Tensor, lips: list[float | None], y, margins,
                  norm: str):
-    """Section 5: ``min_j m_j / (||W_L^T c_j|| prod ||W_k|| L_phi * scale(P~))``.
+    """Section 5: ``min_j m_j / (||W_L^T c_j|| L * scale(P~))``, ``L`` the Lipschitz constant
+    of the steps between the layer and the logits layer: ``prod ||W_k|| L_phi`` for a chain,
+    branches summed in residual blocks (``lipschitz.downstream_constant``).
 
     ``scale`` is ``region_scale(P~, norm)``; ``lips`` are ``downstream_lipschitz``.
     """
-    lip = math.prod(lips)
+    lip = lipschitz.downstream_constant(network.steps[len(network.steps) - 1 - len(lips):-1],
+                                        lips)
     if norm == "max":
         scale = scale.amax(dim=-1)
     bound = (margins / (_class_rows(network, y, norm) * lip)).scatter(-1, y[:, None], math.inf)
     return bound.amin(dim=-1) / scale
 
 
-def downstream_lipschitz(network: Network, start: int, norm: str) -> list[float]:
+def downstream_lipschitz(network: Network, start: int, norm: str) -> list[float | None]:
     """Lipschitz constants of steps ``start, ..., L-1`` (the logits layer excluded) in the
-    norm's geometry: l2 for ``fro``, l_inf for ``max`` (section 5). Computed once per layer
+    norm's geometry: l2 for ``fro``, l_inf for ``max`` (section 5); ``None`` for the stack
+    steps of residual blocks (``lipschitz.step_lipschitz``). Computed once per layer
     (the l2 operator norms need an SVD) and shared by the global and local bounds."""
     return [lipschitz.step_lipschitz(step, norm) for step in network.steps[start:-1]]
 
 
-def region(Z: torch.Tensor, scale: torch.Tensor, norm: str) -> Region:
+def region(Z: torch.Tensor, scale: torch.Tensor, norm: str, stack: tuple = ()) -> Region:
     """The section-4 region ``Z + rho U`` of a weight ball of radius ``rho``: ``U`` is the
-    l2 ball of radius ``sigma_max(P~)`` (``fro``) or the box ``|dZ_cj| <= ||P~_:j||_1``."""
+    l2 ball of radius ``sigma_max(P~)`` (``fro``) or the box ``|dZ_cj| <= ||P~_:j||_1``;
+    ``stack``: the values saved on the stack after the layer (constants)."""
     if norm == "fro":
-        return Region(Z, norm, scale)
+        return Region(Z, norm, scale, stack)
     B, L = scale.shape
-    return Region(Z, norm, scale[:, None, :].expand(B, Z.shape[1], L).reshape(Z.shape))
+    return Region(Z, norm, scale[:, None, :].expand(B, Z.shape[1], L).reshape(Z.shape), stack)
 
 
 def local_lower(network: Network, index: int, Z: torch.Tensor, y: torch.Tensor, norm: str,
-                scale: torch.Tensor, cap: torch.Tensor, lips: list[float],
-                evaluations: int = 8, refine: bool = True) -> torch.Tensor:
+                scale: torch.Tensor, cap: torch.Tensor, lips: list[float | None],
+                evaluations: int = 8, refine: bool = True, stack: tuple = ()) -> torch.Tensor:
     """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
@@ -137,9 +148,10 @@ def local_lower(network: Network, index: int, Z: torch.Tensor, y: torch.Tensor, 
     when every line is positive there, and the lines' common root is where to look next
     (the fixed point ``root(rho) = rho`` is the best radius these bounds can reach). Only
     radii certified by their own evaluation are returned, so that ``certify check`` can
-    confirm each by one evaluation at the claimed radius.
+    confirm each by one evaluation at the claimed radius. ``stack``: the values saved on the
+    stack after the layer.
     """
-    where = region(Z, scale, norm)
+    where = region(Z, scale, norm, stack)
     start = index + 1
     lo, hi, rho = torch.zeros_like(cap), cap.clone(), cap / 2
     for _ in range(evaluations):
@@ -158,10 +170,11 @@ def local_lower(network: Network, index: int, Z: torch.Tensor, y: torch.Tensor, 
     return lo
 
 
-def _margin_gradients(network, index, Z, y):
-    """``g_j = d m_j / d Z`` for every class ``j`` as ``(B, C, m, L)``, and the logits."""
+def _margin_gradients(network, index, Z, y, stack=()):
+    """``g_j = d m_j / d Z`` for every class ``j`` as ``(B, C, m, L)``, and the logits
+    (``stack``: the values saved on the stack after the layer, held fixed)."""
     Z = Z.detach().requires_grad_(True)
-    logits = network.run(Z, index + 1)
+    logits = network.run(Z, index + 1, stack)
     grads = []
     for j in range(logits.shape[-1]):
         m = logits.gather(-1, y[:, None])[:, 0] - logits[:, j]
@@ -189,9 +202,9 @@ def _dual(G: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.linalg.matrix_norm(G) if norm == "fro" else G.abs().sum(dim=(-2, -1))
 
 
-def first_order(network, index, P, Z, y, norm):
+def first_order(network, index, P, Z, y, norm, stack=()):
     """Section 3 estimate ``min_j m_j / ||g_j P~^T||_dual``; also ``g``, the margins and ratios."""
-    g, logits = _margin_gradients(network, index, Z, y)
+    g, logits = _margin_gradients(network, index, Z, y, stack)
     m = logits.gather(-1, y[:, None]) - logits
     ratio = (m / _dual_norms(g, P, norm)).scatter(-1, y[:, None], math.inf)
     return ratio.amin(dim=-1), g, m, ratio
@@ -257,9 +270,9 @@ def _perturbed(Z0: torch.Tensor, D: Witness, P, out_shape) -> torch.Tensor:
     return (Z0 + D.change(P)).reshape(P.shape[0], *out_shape)
 
 
-def _flips(network, index, Z0, D: Witness, P, y, out_shape) -> torch.Tensor:
+def _flips(network, index, Z0, D: Witness, P, y, out_shape, stack) -> torch.Tensor:
     """Forward pass with the perturbed weights ``W + D``: did the class change?"""
-    return network.run(_perturbed(Z0, D, P, out_shape), index + 1).argmax(-1) != y
+    return network.run(_perturbed(Z0, D, P, out_shape), index + 1, stack).argmax(-1) != y
 
 
 def _start(W, P, norm, start) -> Witness:
@@ -282,13 +295,15 @@ def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) ->
 
 
 def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None = None,
-            iterations: int = 50, overshoot: float = 1.02) -> tuple[torch.Tensor, Witness]:
+            iterations: int = 50, overshoot: float = 1.02,
+            stack: tuple = ()) -> tuple[torch.Tensor, Witness]:
     """A verified ``D`` that changes the class, per input; ``(upper, D)``.
 
     Weight-space DeepFool from ``start`` (zero by default): step to the minimal-norm ``D``
     that zeroes the linearised smallest margin (section 3), re-linearise, repeat until a
     forward pass with ``W + D`` changes the class; then shrink ``t D`` by bisection while it
-    still does. ``upper`` is ``inf`` where no witness was found.
+    still does. ``upper`` is ``inf`` where no witness was found. ``stack``: the values saved
+    on the stack after the layer (``network.trace_states(x)[index + 1][1]``).
     """
     layer = network.steps[index]
     W = _weight(layer, bias)
@@ -297,11 +312,11 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
     Z0 = _unperturbed(layer, W, P, bias)  # computed once: every step only adds D P~
     rows = torch.arange(B)
     for _ in range(iterations):
-        done = _flips(network, index, Z0, D, P, y, out_shape)
+        done = _flips(network, index, Z0, D, P, y, out_shape, stack)
         if done.all():
             break
         Z = _perturbed(Z0, D, P, out_shape)
-        _, g, m, ratio = first_order(network, index, P, Z, y, norm)
+        _, g, m, ratio = first_order(network, index, P, Z, y, norm, stack)
         j = ratio.argmin(dim=-1)
         # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
         stuck = ~torch.isfinite(ratio[rows, j])
@@ -314,11 +329,11 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
             D = Witness(left=torch.where(keep[:, None], D.left, D.left + step), right=D.right)
         if keep.all():
             break
-    found = _flips(network, index, Z0, D, P, y, out_shape)
+    found = _flips(network, index, Z0, D, P, y, out_shape, stack)
     lo, hi = torch.zeros(B, dtype=W.dtype), torch.ones(B, dtype=W.dtype)
     for _ in range(30):
         mid = (lo + hi) / 2
-        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape)
+        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, stack)
         hi = torch.where(flip & found, mid, hi)
         lo = torch.where(flip & found, lo, mid)
     D = D.scaled(hi)
@@ -341,15 +356,15 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
         raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
     layer = network.steps[index]
     with clock("prepare"):
-        values = network.trace(x)
-        h, Z = values[index], values[index + 1]
+        states = network.trace_states(x)
+        h, (Z, stack) = states[index][0], states[index + 1]
         y, margins = predictions(network, x)
         P = _columns(layer, h, bias)
     with clock("estimate"):
-        estimate = first_order(network, index, P, Z, y, norm)[0]
+        estimate = first_order(network, index, P, Z, y, norm, stack)[0]
     if index == len(network.steps) - 1 and not layer.is_conv:
         with clock("exact"):
-            pair = class_pair_radius(values[-1], h, norm, bias=bias)
+            pair = class_pair_radius(states[-1][0], h, norm, bias=bias)
         with clock("witness"):
             # The exact minimiser makes two logits tie; a hair beyond it changes the class.
             upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:],
@@ -358,19 +373,19 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
         method = "exact"
     else:
         with clock("witness"):
-            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:])
+            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:], stack=stack)
         with clock("global"):
             scale = region_scale(P, norm)
             lips = downstream_lipschitz(network, index + 1, norm)
             lower_global = global_lower(network, scale, lips, y, margins, norm) * (1 - SAFETY)
         with clock("local"):
             if refine == "auto":
-                refine = refine_work(network, index + 1, Z.shape[1:]) <= REFINE_WORK
+                refine = refine_work(network, index + 1, Z.shape[1:], stack) <= REFINE_WORK
             # The search needs a finite upper end; without a witness, beyond the estimate.
             fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
             cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
             local = local_lower(network, index, Z, y, norm, scale, cap, lips,
-                                refine=refine) * (1 - SAFETY)
+                                refine=refine, stack=stack) * (1 - SAFETY)
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
         method = "lipschitz+crown" + ("(refined)" if refine else "")

@@ -20,8 +20,20 @@ from certify.compressed import (Compression, compress, compressed_indices, compr
 from certify.compression import threshold_rank
 from certify.network import Network
 from certify.radius import layer_radii
+from certify.testing import networks
 from tests.test_cli_model import export
-from tests.test_radius_soundness import cnns, mlps
+
+
+def mlps():
+    """Dense models on 6 features, from the strategies users get (``certify.testing``)."""
+    return networks(layer_types=("linear",), input_shape=(6,), widths=(2, 12), depth=(1, 3),
+                    batchnorm=False, trained=False).map(lambda m: (m, (6,)))
+
+
+def cnns():
+    """One convolution (BatchNorm, activation, pooling drawn) on 1 x 6 x 6 inputs."""
+    return networks(layer_types=("conv",), input_shape=(1, 6, 6), widths=(1, 3), depth=1,
+                    trained=False).map(lambda m: (m, (1, 6, 6)))
 
 EPS = np.finfo(np.float64).eps
 

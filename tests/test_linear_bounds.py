@@ -16,7 +16,7 @@ from certify.linear_bounds import Region, intermediate_bounds, margin_lines
 from certify.network import Network
 from certify.radius import downstream_lipschitz, region_scale
 from certify.radius import region as section4_region
-from test_radius_soundness import ACTIVATIONS, cnns, mlps
+from test_radius_soundness import ACTIVATIONS, Residual, cnns, mlps, residual_cnns, residual_mlps
 
 
 @st.composite
@@ -36,7 +36,23 @@ def deep_cnns(draw):
     return model.eval(), (1, 8, 8)
 
 
-PROBLEMS = (st.one_of(mlps(), cnns(), deep_cnns()), st.sampled_from(["fro", "max"]),
+@st.composite
+def residual_tails(draw):
+    """A layer whose downstream network is a block and starts inside another: Linear, act,
+    ``[[Linear, act] + Linear shortcut, act, Linear] + identity``, act, Linear. The bounds
+    of the inner layers start with saved values on the stack."""
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    w = draw(st.integers(2, 6))
+    act = draw(st.sampled_from(ACTIVATIONS))
+    inner = Residual(nn.Sequential(nn.Linear(w, w), act()), nn.Linear(w, w))
+    model = nn.Sequential(nn.Linear(6, w), act(),
+                          Residual(nn.Sequential(inner, act(), nn.Linear(w, w)), nn.Identity()),
+                          act(), nn.Linear(w, draw(st.integers(2, 4))))
+    return model.double().eval(), (6,)
+
+
+PROBLEMS = (st.one_of(mlps(), cnns(), deep_cnns(), residual_mlps(), residual_cnns(),
+                      residual_tails()), st.sampled_from(["fro", "max"]),
             st.booleans(), st.floats(1e-3, 2.0), st.integers(0, 2**31 - 1))
 
 
@@ -47,14 +63,14 @@ def regions(model_and_shape, norm: str, size: float, seed: int, count: int = 3):
     net = Network.from_module(model)
     x = torch.randn(count, *shape, dtype=torch.float64, generator=generator)
     y = net(x).argmax(-1)
-    values = net.trace(x)
+    states = net.trace_states(x)
     for index in net.affine_indices[:-1]:
-        z = values[index + 1]
+        z, stack = states[index + 1]
         if norm == "fro":
             unit = size * (0.5 + torch.rand(count, dtype=z.dtype, generator=generator))
         else:
             unit = size * torch.rand(z.shape, dtype=z.dtype, generator=generator)
-        yield net, index, Region(z, norm, unit), y
+        yield net, index, Region(z, norm, unit, stack), y
 
 
 def samples(region: Region, rho: torch.Tensor, generator, count: int = 16):
@@ -111,8 +127,13 @@ def minimised(f, region: Region, rho: torch.Tensor, generator, steps: int = 40):
     return best.T  # (B, K)
 
 
-def margins(net: Network, start: int, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    o = net.run(z, start)
+def copies(stack: tuple, n: int) -> tuple:
+    """The saved values for ``n`` stacked copies of the batch (``minimised``'s layout)."""
+    return tuple(v.repeat(n // len(v), *[1] * (v.ndim - 1)) for v in stack)
+
+
+def margins(net: Network, start: int, z: torch.Tensor, y: torch.Tensor, stack=()) -> torch.Tensor:
+    o = net.run(z, start, copies(stack, len(z)))
     return o.gather(-1, y[:, None]) - o
 
 
@@ -129,13 +150,19 @@ def test_intervals_contain_sampled_values(model_and_shape, norm, refine, size, s
         intervals = intermediate_bounds(net, index + 1, region, rho,
                                         downstream_lipschitz(net, index + 1, "fro"), refine)
         for point in samples(region, rho, generator):
-            values = Network(net.steps[index + 1:]).trace(point)
+            values = Network(net.steps[index + 1:]).trace(point, region.stack)
             for (lo, hi), v in zip(intervals, values):
                 assert torch.all(lo - tolerance(lo) <= v) and torch.all(v <= hi + tolerance(hi))
         for i, (lo, hi) in enumerate(intervals[1:], start=index + 2):  # attack every entry
+            if torch.equal(lo, hi):  # a value saved before the layer (after a Swap): fixed
+                continue
             reach = Network(net.steps[index + 1:i])
-            low = minimised(lambda p: reach(p).flatten(1), region, rho, generator)
-            high = -minimised(lambda p: -reach(p).flatten(1), region, rho, generator)
+
+            def current(p, sign):
+                return sign * reach.run(p, 0, copies(region.stack, len(p))).flatten(1)
+
+            low = minimised(lambda p: current(p, 1), region, rho, generator)
+            high = -minimised(lambda p: current(p, -1), region, rho, generator)
             assert torch.all(lo.flatten(1) <= low + tolerance(low))
             assert torch.all(high <= hi.flatten(1) + tolerance(high))
 
@@ -151,11 +178,11 @@ def test_margin_lines_hold_at_sampled_points(model_and_shape, norm, refine, size
         for smaller in (rho, rho * 0.3):  # the lines hold for every radius up to rho
             bound = lines.lower(smaller)
             for point in samples(region, smaller, generator):
-                sampled = margins(net, index + 1, point, y)
+                sampled = margins(net, index + 1, point, y, region.stack)
                 assert torch.all(bound <= sampled + tolerance(sampled)), (
                     f"layer {index}: a margin bound exceeds a sampled margin")
             attacked = minimised(lambda p: margins(net, index + 1, p, y.repeat(
-                len(p) // len(y))), region, smaller, generator)
+                len(p) // len(y)), region.stack), region, smaller, generator)
             assert torch.all(bound <= attacked + tolerance(attacked)), (
                 f"layer {index}: a margin bound exceeds an attacked margin")
 
@@ -167,16 +194,16 @@ def test_numpy_checker_recomputes_the_same_bounds(model_and_shape, norm, refine,
         rho = torch.full((len(region.z),), 0.7, dtype=torch.float64)
         layer = net.steps[index]
         # The checker derives U from the layer's input columns: rebuild the region from them.
-        h = net.trace(torch.randn(len(y), *model_and_shape[1], dtype=torch.float64,
-                                  generator=torch.Generator().manual_seed(seed)))[index]
+        states = net.trace_states(torch.randn(len(y), *model_and_shape[1], dtype=torch.float64,
+                                              generator=torch.Generator().manual_seed(seed)))
+        h, (z, stack) = states[index][0], states[index + 1]
         P = layer.patches(h)
-        z = layer(h)
-        y = net.run(z, index + 1).argmax(-1)
-        ours_region = section4_region(z, region_scale(P, norm), norm)
+        y = net.run(z, index + 1, stack).argmax(-1)
+        ours_region = section4_region(z, region_scale(P, norm), norm, stack)
         ours = margin_lines(net, index + 1, ours_region, rho, y,
                             downstream_lipschitz(net, index + 1, "fro"), refine).lower(rho)
         theirs = local_lower_bounds(net, index, z.numpy(), P.numpy(), rho.numpy(), y.numpy(),
-                                    norm, refine)
+                                    norm, refine, tuple(v.numpy() for v in stack))
         mask = np.ones(theirs.shape, dtype=bool)
         mask[np.arange(len(y)), y.numpy()] = False
         np.testing.assert_allclose(ours.numpy()[mask], theirs[mask], rtol=1e-7,

@@ -11,12 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_radius_soundness import ACTIVATIONS, certification_problem, cnns, mlps
+from test_radius_soundness import (ACTIVATIONS, certification_problem, cnns, mlps,
+                                   residual_cnns, residual_mlps)
 from torch import nn
 
 from certify import check
 from certify.multilayer import PRECISION, multilayer_bound, uniform_budget
-from certify.network import Network
+from certify.network import Network, advance
 from certify.radius import _columns, _weight, layer_radii, predictions
 
 
@@ -35,7 +36,8 @@ def two_conv_cnns(draw):
     return model.double().eval(), (1, 6, 6)
 
 
-PROBLEMS = (st.one_of(mlps(), cnns(), two_conv_cnns()), st.sampled_from(["fro", "max"]),
+MODELS = st.one_of(mlps(), cnns(), two_conv_cnns(), residual_mlps(), residual_cnns())
+PROBLEMS = (MODELS, st.sampled_from(["fro", "max"]),
             st.booleans(), st.integers(0, 2**31 - 1))
 
 
@@ -48,6 +50,7 @@ def weight_sizes(net: Network, norm: str, bias: bool) -> list[float]:
 def perturbed_logits(net: Network, x, Ds: list[torch.Tensor], bias: bool) -> torch.Tensor:
     """Forward pass with every affine weight ``W~_k + D_k`` (``D_k`` is ``(B, m, n)``)."""
     Ds = iter(Ds)
+    stack = ()
     for i, step in enumerate(net.steps):
         if i in net.affine_indices:
             P = _columns(step, x, bias)
@@ -56,7 +59,7 @@ def perturbed_logits(net: Network, x, Ds: list[torch.Tensor], bias: bool) -> tor
                 Z = Z + step.bias[:, None]
             x = Z.reshape(step(x).shape)
         else:
-            x = step(x)
+            x, stack = advance(step, x, stack)
     return x
 
 
@@ -210,7 +213,7 @@ def test_recursion_is_attained_on_width_one_chains(chain, norm):
 
 @pytest.mark.parametrize("norm", ["fro", "max"])  # both norms on every kind of network
 @settings(max_examples=15, deadline=None)
-@given(st.one_of(mlps(), cnns(), two_conv_cnns()), st.booleans(), st.integers(0, 2**31 - 1))
+@given(MODELS, st.booleans(), st.integers(0, 2**31 - 1))
 def test_numpy_checker_confirms_the_budget_and_refutes_an_inflated_one(norm, model_and_shape,
                                                                        bias, seed):
     net, x, _ = certification_problem(model_and_shape, seed)

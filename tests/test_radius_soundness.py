@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.network import Affine, Network, UnsupportedModelError
+from certify.network import Add, Affine, Network, Save, Swap, UnsupportedModelError
 from certify.radius import _columns, _weight, layer_radii, predictions, witness
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1)]
@@ -46,6 +46,59 @@ def cnns(draw):
     return model.double().eval(), (1, 6, 6)
 
 
+class Residual(nn.Module):
+    """``main(x) + shortcut(x)``: a residual block (``nn.Identity()`` as the skip)."""
+
+    def __init__(self, main: nn.Module, shortcut: nn.Module):
+        super().__init__()
+        self.main, self.shortcut = main, shortcut
+
+    def forward(self, x):
+        return self.main(x) + self.shortcut(x)
+
+
+@st.composite
+def residual_mlps(draw):
+    """Linear, activation, then one or two blocks ``[Linear, act, Linear] + skip`` (identity
+    or Linear shortcut, the first one possibly nested in an outer identity block), each
+    followed by an activation, and the logits layer."""
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    w = draw(st.integers(2, 8))
+    act = draw(st.sampled_from(ACTIVATIONS))
+    layers = [nn.Flatten(), nn.Linear(6, w), act()]
+    for _ in range(draw(st.integers(1, 2))):
+        shortcut = nn.Linear(w, w) if draw(st.booleans()) else nn.Identity()
+        block = Residual(nn.Sequential(nn.Linear(w, w), act(), nn.Linear(w, w)), shortcut)
+        if draw(st.booleans()):  # nested: (block(x) + x)
+            block = Residual(nn.Sequential(block, act()), nn.Identity())
+        layers += [block, act()]
+    layers.append(nn.Linear(w, draw(st.integers(2, 4))))
+    return nn.Sequential(*layers).double().eval(), (6,)
+
+
+@st.composite
+def residual_cnns(draw):
+    """Conv-BN-act, a block ``[Conv-BN-act-Conv] + skip`` (identity, or a 1x1 convolution,
+    with stride 2 in both branches when it is drawn), act, pooling, Linear on 1x6x6."""
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    c = draw(st.integers(1, 3))
+    act = draw(st.sampled_from(ACTIVATIONS))
+    stride = draw(st.sampled_from([1, 2]))
+    shortcut = nn.Conv2d(c, c, 1, stride=stride) if stride == 2 or draw(st.booleans()) \
+        else nn.Identity()
+    main = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, stride=stride), nn.BatchNorm2d(c), act(),
+                         nn.Conv2d(c, c, 3, padding=1))
+    model = nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), act(), Residual(main, shortcut), act(),
+        draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Identity()])), nn.Flatten(),
+    )
+    model.append(nn.Linear(model(torch.zeros(1, 1, 6, 6)).shape[1], draw(st.integers(2, 4))))
+    for bn in (model[1], main[1]):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model.double().eval(), (1, 6, 6)
+
+
 def _apply(layer: Affine, weight, P, bias: bool, out_shape) -> torch.Tensor:
     """The layer's output with a per-input weight ``(B, m, n)`` (the fixed bias added)."""
     Z = torch.matmul(weight, P)
@@ -57,10 +110,10 @@ def _apply(layer: Affine, weight, P, bias: bool, out_shape) -> torch.Tensor:
 def perturbed_classes(net: Network, x, index, D, bias) -> torch.Tensor:
     """Forward pass with layer ``index``'s weight replaced by ``W + D`` (per input)."""
     layer = net.steps[index]
-    values = net.trace(x)
-    P = _columns(layer, values[index], bias)
-    Z = _apply(layer, _weight(layer, bias) + D, P, bias, values[index + 1].shape[1:])
-    return net.run(Z, index + 1).argmax(-1)
+    states = net.trace_states(x)
+    P = _columns(layer, states[index][0], bias)
+    Z = _apply(layer, _weight(layer, bias) + D, P, bias, states[index + 1][0].shape[1:])
+    return net.run(Z, index + 1, states[index + 1][1]).argmax(-1)
 
 
 def pgd_attack(net, x, index, radius, norm, bias, steps=40) -> torch.Tensor:
@@ -68,13 +121,13 @@ def pgd_attack(net, x, index, radius, norm, bias, steps=40) -> torch.Tensor:
     layer = net.steps[index]
     W = _weight(layer, bias)
     y, _ = predictions(net, x)
-    values = net.trace(x)
-    P = _columns(layer, values[index], bias)
-    out_shape = values[index + 1].shape[1:]
+    states = net.trace_states(x)
+    P = _columns(layer, states[index][0], bias)
+    out_shape, stack = states[index + 1][0].shape[1:], states[index + 1][1]
     D = (torch.rand(len(x), *W.shape, dtype=W.dtype) - 0.5) * 1e-3
     for _ in range(steps):
         D.requires_grad_(True)
-        logits = net.run(_apply(layer, W + D, P, bias, out_shape), index + 1)
+        logits = net.run(_apply(layer, W + D, P, bias, out_shape), index + 1, stack)
         other = logits.scatter(-1, y[:, None], -torch.inf).amax(-1)
         margin = logits.gather(-1, y[:, None])[:, 0] - other
         (grad,) = torch.autograd.grad(margin.sum(), D)
@@ -106,8 +159,8 @@ def certification_problem(model_and_shape, seed: int):
     return net, x, predictions(net, x)[0]
 
 
-PROBLEMS = (st.one_of(mlps(), cnns()), st.sampled_from(["fro", "max"]), st.booleans(),
-            st.integers(0, 2**31 - 1))
+PROBLEMS = (st.one_of(mlps(), cnns(), residual_mlps(), residual_cnns()),
+            st.sampled_from(["fro", "max"]), st.booleans(), st.integers(0, 2**31 - 1))
 
 
 @settings(max_examples=25, deadline=None)
@@ -134,9 +187,10 @@ def test_witnesses_change_the_class_and_match_upper(model_and_shape, norm, bias,
     net, x, y = certification_problem(model_and_shape, seed)
     for index in net.affine_indices:
         layer = net.steps[index]
-        values = net.trace(x)
-        P = _columns(layer, values[index], bias)
-        upper, found_witness = witness(net, index, P, y, norm, bias, values[index + 1].shape[1:])
+        states = net.trace_states(x)
+        P = _columns(layer, states[index][0], bias)
+        upper, found_witness = witness(net, index, P, y, norm, bias, states[index + 1][0].shape[1:],
+                                       stack=states[index + 1][1])
         D = found_witness.matrix()
         found = torch.isfinite(upper)
         changed = perturbed_classes(net, x, index, D, bias) != y
@@ -176,17 +230,73 @@ def test_unsupported_models_are_named(module, match):
         Network.from_module(module)
 
 
-def test_residual_connection_is_refused_clearly():
-    class Residual(nn.Module):
+class _TwoBranches(nn.Module):
+    """``combine(relu(a(x)), tanh(b(x)))`` followed by a Linear layer."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.a, self.b, self.out, self.combine = nn.Linear(3, 3), nn.Linear(3, 3), \
+            nn.Linear(3, 2), combine
+
+    def forward(self, x):
+        return self.out(self.combine(torch.relu(self.a(x)), torch.tanh(self.b(x))))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.one_of(residual_mlps(), residual_cnns()))
+def test_residual_models_trace_to_stack_steps_that_compute_the_model(model_and_shape):
+    model, shape = model_and_shape
+    net = Network.from_module(model)
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    assert torch.allclose(net(x), model(x), atol=1e-12)
+    kinds = [type(s) for s in net.steps]
+    assert kinds.count(Save) == kinds.count(Swap) == kinds.count(Add) >= 1
+    # Every affine module appears once (BatchNorm folded), and a run from the middle of a
+    # block with the saved stack gives the same logits.
+    modules = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(net.affine_indices) == len(modules)
+    states = net.trace_states(x)
+    for i, (value, stack) in enumerate(states):
+        assert torch.allclose(net.run(value, i, stack), states[-1][0], atol=1e-12)
+
+
+def test_residual_forms_and_their_limits():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for combine in (lambda a, b: a + b, torch.add, lambda a, b: a.add(b), lambda a, b: a + a):
+        model = _TwoBranches(combine).double()
+        assert torch.allclose(Network.from_module(model)(x), model(x), atol=1e-12)
+    for combine, match in ((lambda a, b: torch.cat([a, b], 1)[:, :3], r"cat takes 2 tensors"),
+                           (lambda a, b: a * b, r"mul takes 2 tensors"),
+                           (lambda a, b: a + 1, r"only additions of two tensors"),
+                           (lambda a, b: torch.add(a, b, alpha=2), r"only additions of two")):
+        with pytest.raises(UnsupportedModelError, match=match) as error:
+            Network.from_module(_TwoBranches(combine))
+        assert "not supported yet" not in str(error.value)
+
+    class LogitsAdded(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
 
         def forward(self, x):
-            return self.b(x + self.a(x))
+            return self.a(x) + self.b(x)
 
-    with pytest.raises(UnsupportedModelError, match="residual"):
-        Network.from_module(Residual())
+    with pytest.raises(UnsupportedModelError, match="logits come out of a residual addition"):
+        Network.from_module(LogitsAdded())
+
+    class Crossing(nn.Module):  # q is used inside the block r and after it: no nesting
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            p = self.a(x)
+            q = self.b(p)
+            return self.c((q + p) + q)
+
+    with pytest.raises(UnsupportedModelError, match="used both inside and after"):
+        Network.from_module(Crossing())
 
 
 @settings(max_examples=15, deadline=None)

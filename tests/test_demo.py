@@ -1,0 +1,118 @@
+"""`certify demo --quick` end to end: its files, `certify check` on both certificates, and
+every number of its table recomputed independently in numpy from the files it wrote."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from certify import small_models
+from certify.cli import main
+from certify.demo import FACTORY, LAYER, QUICK
+from certify.trigger import Trigger
+
+MODELS = ("clean", "backdoored")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def split(demo):
+    return small_models.load("mnist", seed=demo[1]["config"]["seed"])
+
+
+def test_writes_every_file(demo):
+    out, _ = demo
+    for name in ("demo.png", "summary.json", "summary.md", "triggered.npz"):
+        assert (out / name).stat().st_size > 0, name
+    for model in MODELS:
+        for name in ("model.safetensors", "measurements.json", "certificate.json",
+                     "certificate.witnesses.npz"):
+            assert (out / model / name).stat().st_size > 0, f"{model}/{name}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_certificates_pass_certify_check(demo, model, capsys):
+    out, _ = demo
+    assert main(["check", str(out / model / "certificate.json"),
+                 str(out / model / "model.safetensors"), "--factory", FACTORY,
+                 "--data", str(out / "triggered.npz")]) == 0
+    assert " 0 refuted" in capsys.readouterr().out
+
+
+def _forward(weights: dict, x: np.ndarray, W3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Layer-3 input ``h`` and logits of the MLP with layer 3's matrix replaced by ``W3``."""
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    h = np.maximum(x.reshape(len(x), -1) @ w["1.weight"].T + w["1.bias"], 0)
+    z = np.maximum(h @ W3.T + w["3.bias"], 0)
+    return h, z @ w["5.weight"].T + w["5.bias"]
+
+
+def _truncated(W: np.ndarray, rank: int) -> np.ndarray:
+    U, s, Vt = np.linalg.svd(W)
+    return (U[:, :rank] * s[:rank]) @ Vt[:rank]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_table_recomputed_in_numpy(demo, split, model):
+    """Per rank: certified share and changed share on the triggered inputs (certified from
+    the JSON radius and the exact ||(W - W_r) h||), no certified input that changes class,
+    and accuracy / ASR on the test split, all from the written files."""
+    out, summary = demo
+    report = summary["models"][model]
+    weights = load_file(str(out / model / "model.safetensors"))
+    W = weights[f"{LAYER}.weight"].astype(np.float64)
+    with np.load(out / "triggered.npz") as data:
+        x = data["x"]
+    layer = next(e for e in json.loads((out / model / "certificate.json").read_text())["layers"]
+                 if e["name"] == LAYER)
+    lower = np.array(layer["fro"]["lower"])
+    h, logits = _forward(weights, x, W)
+    z_radius = lower * np.linalg.norm(h, axis=1)
+    x_test, y_test = split.x_test.numpy(), split.y_test.numpy()
+    trigger = Trigger(**summary["config"]["trigger"])(split.x_test)
+    others = y_test != summary["config"]["target"]
+    assert layer["fro"]["threshold"]["rank"] == report["threshold_rank"]
+    assert np.array_equal(x, trigger[others][:len(x)].double().numpy()), \
+        "triggered.npz is not the trigger stamped on the first non-target test images"
+    for row in report["rows"]:
+        W_r = W if row["rank"] is None else _truncated(W, row["rank"])
+        accuracy = (_forward(weights, x_test, W_r)[1].argmax(1) == y_test).mean()
+        hits = _forward(weights, trigger.numpy(), W_r)[1].argmax(1) == summary["config"]["target"]
+        # The demo measures in float32, this recomputation in float64: near-ties may differ.
+        assert row["accuracy"] == pytest.approx(accuracy, abs=2.01 / len(y_test))
+        assert row["asr"] == pytest.approx(hits[others].mean(), abs=2.01 / others.sum())
+        if row["rank"] is None:
+            continue
+        change = np.linalg.norm(h @ (W - W_r).T, axis=1)
+        certified = change < z_radius
+        changed = _forward(weights, x, W_r)[1].argmax(1) != logits.argmax(1)
+        assert not (certified & changed).any(), "a certified input changed class"
+        assert row["violations"] == 0
+        assert row["certified"] == pytest.approx(certified.mean(), abs=1.01 / len(x))
+        assert row["changed"] == pytest.approx(changed.mean(), abs=1e-12)
+
+
+def test_summary_states_targets_and_verdict(demo):
+    out, summary = demo
+    assert set(summary["targets"]) >= {"full-precision ASR <= 2%"} | {
+        f"rank {r} ASR >= 95%" for r in QUICK.attacked}
+    assert any("Soundness: 0 inputs" in line for line in summary["verdict"])
+    text = (out / "summary.md").read_text()
+    assert all(f"certify check {out / m / 'certificate.json'}" in text for m in MODELS)
+
+
+def test_bad_options_are_explained(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file; give a folder"):
+        main(["demo", "--quick", "--out", str(tmp_path / "file")])
+    with pytest.raises(SystemExit, match="seed must be a non-negative integer"):
+        main(["demo", "--quick", "--seed", "-1", "--out", str(tmp_path / "x")])
