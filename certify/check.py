@@ -274,19 +274,10 @@ def _rows_sum(t: np.ndarray) -> np.ndarray:
 def _backward(A, d, e, size, steps, intervals, lower_only: bool, stack: tuple = ()):
     """Rows ``A x + d +- e`` walked back through ``steps`` (``A`` None: constant); ``stack``
     holds the (constant) values saved on the stack before ``steps[0]``."""
-    saved = []  # rows on the top stack values; None: zero rows
+    saved = ()  # rows on the top stack values; None: zero rows
     for step, (lo, hi) in zip(reversed(steps), reversed(intervals)):
-        if isinstance(step, Add):
-            saved.append(A)
-            continue
-        if isinstance(step, Swap):
-            top = saved.pop() if saved else None
-            saved.append(A)
-            A = top
-            continue
-        if isinstance(step, Save):
-            top = saved.pop() if saved else None
-            A = top if A is None else A if top is None else A + top
+        if isinstance(step, STACK):
+            A, saved = step.move_back(A, saved)
             continue
         if A is None:
             continue
@@ -449,28 +440,18 @@ def _derivatives(step: Activation, lo, hi):
 
 def _jacobian_dual(network, start, intervals, C, norm, unit):
     """The interval-Jacobian slope of ``certify.linear_bounds.jacobian_line``, or None."""
-    lo = hi = C
-    saved = []  # interval rows (lo, hi) on the top stack values; None: zero rows
+    rows, saved = (C, C), ()  # interval rows (lo, hi); None: zero rows
     for step, (x_lo, x_hi) in zip(reversed(network.steps[start:-1]), reversed(intervals)):
-        if isinstance(step, Add):
-            saved.append(None if lo is None else (lo, hi))
+        if isinstance(step, STACK):
+            rows, saved = step.move_back(rows, saved, _interval_add)
             continue
-        if isinstance(step, Swap):
-            top = saved.pop() if saved else None
-            saved.append(None if lo is None else (lo, hi))
-            lo, hi = top if top is not None else (None, None)
+        if rows is None:
             continue
-        if isinstance(step, Save):
-            top = saved.pop() if saved else None
-            if top is not None:
-                lo, hi = top if lo is None else _interval_add((lo, hi), top)
-            continue
-        if lo is None:
-            continue
+        lo, hi = rows
         if isinstance(step, Activation):
             d_lo, d_hi = (t[:, None] for t in _derivatives(step, x_lo, x_hi))
             products = np.stack([lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi])
-            lo, hi = products.min(0), products.max(0)
+            rows = products.min(0), products.max(0)
             continue
         if isinstance(step, Pool) and step.kind == "max":
             return None
@@ -486,9 +467,10 @@ def _jacobian_dual(network, start, intervals, C, norm, unit):
             center = _avg_adjoint(step, center, x_lo.shape[1:])
             radius = _avg_adjoint(step, radius, x_lo.shape[1:])
         radius = radius * (1 + ROUND) + ROUND * np.abs(center)
-        lo, hi = center - radius, center + radius
-    if lo is None:  # the margins do not depend on z
+        rows = center - radius, center + radius
+    if rows is None:  # the margins do not depend on z
         return np.zeros(C.shape[:2])
+    lo, hi = rows
     magnitude = np.maximum(np.abs(lo), np.abs(hi))
     return _concretise(magnitude, np.zeros(magnitude.shape[:1] + magnitude.shape[2:]), norm,
                        unit)[2] * (1 + ROUND)

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from certify.lipschitz import step_lipschitz
-from certify.network import (GELU_DERIVATIVE, STACK_STEPS, Activation, Add, Affine, Flatten,
-                             Network, Pool, Save, Swap)
+from certify.network import (GELU_DERIVATIVE, STACK_STEPS, Activation, Affine, Flatten,
+                             Network, Pool)
 
 ROUND = 1e-10
 
@@ -178,11 +178,6 @@ def _constant(f: _Linear, step, lo, hi) -> _Linear:
     return _Linear(None, f.d + d_add, f.e + e_add, f.size + d_add.abs() + e_add)
 
 
-def _plus(A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor | None:
-    """Sum of two row sets, ``None`` standing for rows of zeros."""
-    return A if B is None else B if A is None else A + B
-
-
 def _backward(f: _Linear, steps, intervals, lower_only: bool, stack: tuple = ()) -> _Linear:
     """Walk ``f`` back through ``steps``; ``intervals[i]`` bounds the input of ``steps[i]``
     and ``stack`` holds the constant values on the stack before ``steps[0]``.
@@ -190,18 +185,11 @@ def _backward(f: _Linear, steps, intervals, lower_only: bool, stack: tuple = ())
     ``lower_only``: CROWN's adaptive lines (a lower bound of ``A x + d``; ``e`` stays 0);
     otherwise the symmetric relaxation (``A x + d +- e`` bounds both ways).
     """
-    saved = []  # rows on the topmost stack values (top last); None: rows of zeros
+    saved = ()  # rows on the topmost stack values (top last); None: rows of zeros
     for step, (lo, hi) in zip(reversed(steps), reversed(intervals)):
-        if isinstance(step, Add):  # current + pop(): the popped operand gets the same rows
-            saved.append(f.A)
-            continue
-        if isinstance(step, Swap):
-            top = saved.pop() if saved else None
-            saved.append(f.A)
-            f = _Linear(top, f.d, f.e, f.size)
-            continue
-        if isinstance(step, Save):
-            f = _Linear(_plus(f.A, saved.pop() if saved else None), f.d, f.e, f.size)
+        if isinstance(step, STACK_STEPS):
+            A, saved = step.move_back(f.A, saved)
+            f = _Linear(A, f.d, f.e, f.size)
             continue
         if f.A is None:
             if all(rows is None for rows in saved):
@@ -413,19 +401,10 @@ def jacobian_line(network: Network, start: int, region: Region, intervals, y: to
     """
     last = network.steps[-1]
     C = last.weight[y][:, None, :] - last.weight[None, :, :]
-    rows, saved = (C, C), []  # interval rows (lo, hi); None: zero rows (constants)
+    rows, saved = (C, C), ()  # interval rows (lo, hi); None: zero rows (constants)
     for step, (x_lo, x_hi) in zip(reversed(network.steps[start:-1]), reversed(intervals)):
-        if isinstance(step, Add):  # the popped operand gets the same rows
-            saved.append(rows)
-            continue
-        if isinstance(step, Swap):
-            top = saved.pop() if saved else None
-            saved.append(rows)
-            rows = top
-            continue
-        if isinstance(step, Save):
-            top = saved.pop() if saved else None
-            rows = rows if top is None else top if rows is None else _interval_sum(rows, top)
+        if isinstance(step, STACK_STEPS):
+            rows, saved = step.move_back(rows, saved, _interval_sum)
             continue
         if rows is None:
             continue

@@ -178,6 +178,12 @@ class Pool:
     lipschitz_linf = 1.0
 
 
+def _top_rows(saved: tuple) -> tuple:
+    """Top of a stack of coefficient rows walked backwards; ``None`` stands for zero rows
+    (also for an empty stack: rows of values saved before the walk's start)."""
+    return (saved[-1], saved[:-1]) if saved else (None, ())
+
+
 def _top(step, stack: tuple) -> tuple:
     if not stack:
         raise ValueError(f"{step.name}: the stack is empty; a network run from inside a residual "
@@ -195,6 +201,11 @@ class Save:
     def move(self, x, stack: tuple, add: Callable = operator.add):
         return x, stack + (x,)
 
+    def move_back(self, rows, saved: tuple, add: Callable = operator.add):
+        """Adjoint of ``move``: the copy's rows join the current ones."""
+        top, rest = _top_rows(saved)
+        return (rows if top is None else top if rows is None else add(rows, top)), rest
+
 
 @dataclass(frozen=True)
 class Swap:
@@ -206,6 +217,11 @@ class Swap:
         top, rest = _top(self, stack)
         return top, rest + (x,)
 
+    def move_back(self, rows, saved: tuple, add: Callable = operator.add):
+        """Adjoint of ``move``: exchange the rows with the top of the row stack."""
+        top, rest = _top_rows(saved)
+        return top, rest + (rows,)
+
 
 @dataclass(frozen=True)
 class Add:
@@ -216,6 +232,10 @@ class Add:
     def move(self, x, stack: tuple, add: Callable = operator.add):
         top, rest = _top(self, stack)
         return add(x, top), rest
+
+    def move_back(self, rows, saved: tuple, add: Callable = operator.add):
+        """Adjoint of ``move``: the popped operand gets the same rows."""
+        return rows, saved + (rows,)
 
 
 Step = Affine | Activation | Flatten | Pool | Save | Swap | Add

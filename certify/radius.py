@@ -40,7 +40,7 @@ import torch
 from certify import lipschitz
 from certify.compression import singular_values_upper
 from certify.linear_bounds import REFINE_WORK, Region, margin_lines, refine_work
-from certify.network import Activation, Affine, Flatten, Network, Pool
+from certify.network import Affine, Network
 from certify.perturbation import class_pair_radius
 
 SAFETY = 1e-9
