@@ -203,35 +203,58 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+LEVEL_AXIS = {"rank": "rank r of layer '{layer}' (truncation keeps r singular values)",
+              "bits": "bit width b of layer '{layer}' (symmetric quantisation)",
+              "prune": "pruning ratio p of layer '{layer}' (smallest weights zeroed)"}
+
+
+LEVEL_NAME = {"rank": "rank(s)", "bits": "bit width(s)", "prune": "pruning ratio(s)"}
+
+
 def plot(name: str, r: dict, path: Path) -> None:
+    """Left: clean accuracy and ASR per compression level, backdoored and clean model, with
+    the full-precision ASR as horizontal lines. Right (rank variant): ``sigma_{r+1}``
+    against the smallest and median certified radius, the threshold and activation ranks.
+    The layer is named as in the model (its module name)."""
+    setup = r["setup"]
     panels = 2 if "check" in r else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
     ax = axes[0, 0]
-    levels = r["setup"]["sweep"]
+    levels = setup["sweep"]
     for model, style in (("backdoor", "-"), ("clean", ":")):
         rows = r["outcomes"][model]
         ax.plot(levels, [o["clean_accuracy"] for o in rows[1:]], "b" + style + "o", ms=3,
-                label=f"{model}: clean accuracy")
+                label=f"{model}: clean test accuracy, compressed")
         ax.plot(levels, [o["attack_success"] for o in rows[1:]], "r" + style + "o", ms=3,
-                label=f"{model}: ASR")
-        ax.axhline(rows[0]["attack_success"], color="r", ls=style, lw=0.6)
-    for level in r["setup"]["attacked"]:
-        ax.axvline(level, color="k", lw=0.5)
-    ax.set_xlabel(r["setup"]["variant"])
+                label=f"{model}: ASR (triggered inputs sent to class {TARGET}), compressed")
+        ax.axhline(rows[0]["attack_success"], color="r", ls=style, lw=0.6,
+                   label=f"{model}: ASR at full precision")
+    for k, level in enumerate(setup["attacked"]):
+        ax.axvline(level, color="k", lw=0.5, label=None if k else
+                   f"attacked {LEVEL_NAME[setup['variant']]}: "
+                   + ", ".join(map(str, setup["attacked"])))
+    ax.set_xlabel(LEVEL_AXIS[setup["variant"]].format(layer=setup["layer"]))
+    ax.set_ylabel("share of the test split")
     ax.set_title(f"{name}: compressed (lines) vs full precision (horizontal)")
     ax.legend(fontsize=7)
     if "check" in r:
         c = r["check"]
         ax = axes[0, 1]
         ax.semilogy(c["ranks"], [max(v, 1e-12) for v in c["sigma_next"]], "k-o", ms=3,
-                    label="sigma_{r+1}")
-        ax.axhline(c["lower_min"], color="g", label="min certified radius")
-        ax.axhline(c["lower_median"], color="g", ls="--", label="median certified radius")
-        ax.axvline(c["threshold_rank"], color="g", lw=0.6, label="certified threshold rank")
+                    label="singular values sigma_(r+1) (spectral truncation error at rank r)")
+        ax.axhline(c["lower_min"], color="g", label="smallest certified radius (Frobenius lower)")
+        ax.axhline(c["lower_median"], color="g", ls="--",
+                   label="median certified radius (Frobenius lower)")
+        ax.axvline(c["threshold_rank"], color="m", lw=0.8,
+                   label=f"certified threshold rank {c['threshold_rank']}")
         if c["activation_rank"] is not None:
-            ax.axvline(c["activation_rank"], color="r", lw=0.6, label="activation rank")
-        ax.set_xlabel("rank r")
-        ax.set_title("weight space: truncation error vs certified radius")
+            ax.axvline(c["activation_rank"], color="r", lw=0.8,
+                       label=f"activation rank {c['activation_rank']} (largest rank tried "
+                             "that changes a class)")
+        ax.set_xlabel(LEVEL_AXIS["rank"].format(layer=setup["layer"]))
+        ax.set_ylabel("weight norm (spectral / Frobenius)")
+        ax.set_title(f"layer '{setup['layer']}': truncation error vs certified radius "
+                     f"({c['inputs']} triggered inputs)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -283,6 +283,7 @@ def benchmark_model(name: str, model: nn.Module, training: mnist_models.Training
         },
         "layers": [
             {"label": results[index, "fro"].label, "index": index,
+             "name": network.steps[index].name,  # the module name, as in the model
              "hidden": index != network.affine_indices[-1],
              "norms": {norm: {"seconds": results[index, norm].seconds,
                               "method": results[index, norm].method,
@@ -383,15 +384,25 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot_name(layer: dict) -> str:
+    """A layer as the user knows it: its module name in the model, then the weight shape."""
+    return f"{layer['name']} ({'x'.join(map(str, layer['compression']['shape']))})"
+
+
+NORM_TITLE = {"fro": "Frobenius norm", "max": "entrywise max norm"}
+
+
 def plot_radii(report: dict, path: Path) -> None:
     """Median lower, global, upper and estimate per layer; one panel per model and norm."""
     models = report["models"]
-    fig, axes = plt.subplots(len(models), len(NORMS), figsize=(11, 3.8 * len(models)),
+    fig, axes = plt.subplots(len(models), len(NORMS), figsize=(12, 4.2 * len(models)),
                              squeeze=False)
-    styles = {"upper": ("C3", "-", "upper (witness)"), "estimate": ("C1", ":", "estimate"),
-              "lower": ("C0", "-", "lower"), "lower_global": ("C0", "--", "lower, global")}
+    styles = {"upper": ("C3", "-", "upper: verified witness norm"),
+              "estimate": ("C1", ":", "estimate: first order"),
+              "lower": ("C0", "-", "lower: certified radius (best of global and local)"),
+              "lower_global": ("C0", "--", "lower, global Lipschitz bound alone")}
     for row, m in zip(axes, models):
-        labels = [layer["label"] for layer in m["layers"]]
+        labels = [plot_name(layer) for layer in m["layers"]]
         for ax, norm in zip(row, NORMS):
             for key, (color, line, name) in styles.items():
                 ax.plot(range(len(labels)),
@@ -399,10 +410,11 @@ def plot_radii(report: dict, path: Path) -> None:
                         color=color, linestyle=line, marker="o", label=name)
             ax.set_yscale("log")
             ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
-            ax.set_title(f"{m['model']}, {norm} norm")
-            ax.set_ylabel("median radius")
+            ax.set_title(f"{m['model']}, {NORM_TITLE.get(norm, norm)}")
+            ax.set_xlabel("layer (module name in the model, weight shape)")
+            ax.set_ylabel(f"weight radius ||D|| ({norm}), median over inputs")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -413,18 +425,21 @@ def plot_ranks(report: dict, path: Path) -> None:
     panels = [(m["model"], layer) for m in report["models"] for layer in m["layers"]]
     cols = 4
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
     for ax, (model, layer) in zip(axes.flat, panels):
         fractions = layer["compression"]["certified_by_rank"]
-        ax.plot(range(len(fractions)), fractions, drawstyle="steps-post")
-        ax.set_title(f"{model} {layer['label']}", fontsize=9)
-        ax.set_xlabel("rank r")
+        error = ("sigma_(r+1)" if layer["compression"]["rank_error"] == "spectral"
+                 else "||W - W_r||_F")
+        ax.plot(range(len(fractions)), fractions, drawstyle="steps-post",
+                label=f"certified: {error} < radius (fro lower)")
+        ax.set_title(f"{model} layer {plot_name(layer)}", fontsize=9)
+        ax.set_xlabel("rank r kept by truncation", fontsize=8)
+        ax.set_ylabel("share of inputs certified", fontsize=8)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("fraction certified")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -49,11 +49,12 @@ from tqdm import tqdm
 
 from certify import __version__
 from certify.compression import thresholds
+from certify.inputs import InputError, inputs_for
 from certify.multilayer import uniform_budget
 from certify.network import Affine, Network
 from certify.radius import NORMS, Witness, layer_radii
+from certify.schema import FORMAT
 
-FORMAT = "certify/weight-radii/1"
 
 
 def array_sha256(x: np.ndarray) -> str:
@@ -85,8 +86,14 @@ def _witness_arrays(key: str, parts: list[Witness]) -> dict[str, np.ndarray]:
 
 def certify_network(network: Network, x: torch.Tensor, *, model_sha256: str,
                     bias: bool = False, chunk: int = 64, progress: bool = True) -> Result:
-    """Radii of every affine layer for both norms, in chunks of inputs, with thresholds."""
-    x = x.to(torch.float64)
+    """Radii of every affine layer for both norms, in chunks of inputs, with thresholds.
+
+    Raises ``certify.inputs.InputTypeError`` / ``InputError`` for inputs that are not floats,
+    are not finite or do not fit the network, as ``layer_radii`` does, and ``InputError``
+    for a ``chunk`` below 1."""
+    x = inputs_for(network, x)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InputError(f"chunk must be a positive number of inputs per batch, got {chunk!r}")
     predictions = torch.cat([network(x[i:i + chunk]).argmax(-1) for i in range(0, len(x), chunk)])
     layers, witnesses = [], {}
     jobs = [(i, norm) for i in network.affine_indices for norm in NORMS]

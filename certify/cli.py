@@ -1,9 +1,38 @@
-"""The ``certify`` command line: a thin layer over ``proofs`` and ``certify``."""
+"""The ``certify`` command line: a thin layer over ``proofs`` and ``certify``.
+
+Exit status: 0 every claim confirmed (or the command did its work), 1 a claim refuted (a
+derivation failed, a certificate claim is false), 2 a usage or input error (bad
+arguments, unreadable or malformed files, data that does not fit the model), 3 an
+internal error (a bug: one line saying where to report it; the traceback with --debug).
+Arguments and paths are checked before any long work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from certify.cli_inputs import CommandError, load, plot_path, positive, writable
+from certify.cli_tables import compression_summary, summary
+
+EXIT_OK, EXIT_REFUTED, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_STATUS = ("exit status: 0 confirmed or done, 1 refuted, 2 usage or input error, "
+               "3 internal error (--debug shows the traceback)")
+REPORT = ("this is a bug in certify: please report it to the certify issue tracker with the "
+          "command and the output of the same command with --debug")
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """The documented exceptions of bad input, each a usage or input error on the CLI."""
+    from certify.check import CheckInputError
+    from certify.inputs import InputError, InputTypeError
+    from certify.loading import ModelLoadError
+    from certify.network import UnsupportedModelError
+    from certify.schema import CertificateFormatError
+
+    return (CommandError, CheckInputError, InputError, InputTypeError, ModelLoadError,
+            UnsupportedModelError, CertificateFormatError)
 
 
 def prove(args: argparse.Namespace) -> int:
@@ -36,50 +65,32 @@ def prove(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _load(args: argparse.Namespace):
-    """Model, network and data of a ``model`` or ``check`` command, validated."""
+def _accuracy(document: dict, y) -> str:
+    """Add the ``labels`` section (accuracy, misclassified inputs); its summary line."""
     import numpy as np
-    import torch
 
-    from certify.loading import ModelLoadError, file_sha256, load_model
-    from certify.network import Network, UnsupportedModelError
+    from certify.certificate import array_sha256
 
-    try:
-        module = load_model(args.model, factory=args.factory)
-        network = Network.from_module(module)
-    except (ModelLoadError, UnsupportedModelError) as err:
-        raise SystemExit(f"certify: {err}") from None
-    try:
-        with np.load(args.data, allow_pickle=False) as data:
-            if "x" not in data:
-                raise SystemExit(f"certify: {args.data} has no array 'x' (found {list(data)})")
-            x = np.asarray(data["x"], dtype=np.float64)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"certify: cannot read {args.data} as .npz: {err}") from None
-    if args.limit is not None:
-        x = x[: args.limit]
-    if len(x) == 0 or not np.isfinite(x).all():
-        raise SystemExit(f"certify: {args.data}: 'x' must be non-empty and finite")
-    try:
-        with torch.no_grad():
-            network(torch.from_numpy(x[:1]))
-    except RuntimeError as err:
-        raise SystemExit(f"certify: inputs of shape {x.shape[1:]} do not fit the model: "
-                         f"{str(err).splitlines()[0]}") from None
-    return network, x, file_sha256(args.model)
+    wrong = np.nonzero(np.array(document["predictions"]) != y)[0]
+    document["labels"] = {"labels_sha256": array_sha256(y), "accuracy": 1 - wrong.size / len(y),
+                          "misclassified": wrong.tolist()}
+    shown = ", ".join(map(str, wrong[:10].tolist())) + (", ..." if wrong.size > 10 else "")
+    return (f"accuracy on y: {1 - wrong.size / len(y):.1%} ({wrong.size} of {len(y)} "
+            f"misclassified{': ' + shown if wrong.size else ''}); certificates are about the "
+            "predicted class, right or wrong")
 
 
 def model(args: argparse.Namespace) -> int:
     """Certify every layer of a model on a data set; write the JSON certificate."""
-    import json
-    from pathlib import Path
-
     import numpy as np
     import torch
 
     from certify.certificate import certify_network
+    from certify.schema import witness_path, write_certificate
 
-    network, x, digest = _load(args)
+    out = writable(args.out, "--out")
+    plot = plot_path(args.plot)
+    network, x, y, digest = load(args)
     # Checked before the long certification run, so that a wrong --budgets fails at once.
     budgets = _budgets_certified(args, network, torch.from_numpy(x))
     compressions = _compressions(network, args.compress or [])
@@ -88,21 +99,23 @@ def model(args: argparse.Namespace) -> int:
     if compressions:
         result.document["compression_checks"] = compression_checks(
             network, torch.from_numpy(x), compressions, result.document, args.chunk)
-    out = Path(args.out)
-    out.write_text(json.dumps(result.document, indent=1))
+    accuracy = None if y is None else _accuracy(result.document, y)
+    write_certificate(result.document, out)
     np.savez_compressed(witness_path(out), **result.witnesses)
     print(summary(result.document))
+    if accuracy:
+        print(accuracy)
     if compressions:
         print(compression_summary(result.document["compression_checks"], len(x)))
     if budgets is not None:
         print(budgets)
     print(f"wrote {out} and {witness_path(out)}")
-    if args.plot:
+    if plot:
         from certify.plot import plot_certificate
 
-        plot_certificate(result.document, network, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+        plot_certificate(result.document, network, str(plot))
+        print(f"wrote {plot}")
+    return EXIT_OK
 
 
 def _budgets_certified(args: argparse.Namespace, network, x) -> str | None:
@@ -116,14 +129,14 @@ def _budgets_certified(args: argparse.Namespace, network, x) -> str | None:
     try:
         budgets = [float(v) for v in args.budgets.split(",")]
     except ValueError:
-        raise SystemExit(f"certify: --budgets must be comma-separated numbers, one per affine "
+        raise CommandError(f"--budgets must be comma-separated numbers, one per affine "
                          f"layer, got {args.budgets!r}") from None
     try:
         certified = torch.cat([
             multilayer_bound(network, x[i:i + args.chunk], budgets, args.budget_norm,
                              args.bias).certified for i in range(0, len(x), args.chunk)])
     except ValueError as err:
-        raise SystemExit(f"certify: --budgets: {err}") from None
+        raise CommandError(f"--budgets: {err}") from None
     return (f"budgets {args.budgets} ({args.budget_norm}, all layers at once): "
             f"{int(certified.sum())} of {len(x)} inputs certified")
 
@@ -136,7 +149,7 @@ def _compressions(network, compressions):
         for c in compressions:
             compressed_indices(network, c)
     except ValueError as err:
-        raise SystemExit(f"certify: --compress: {err}") from None
+        raise CommandError(f"--compress: {err}") from None
     return compressions
 
 
@@ -174,81 +187,38 @@ def compression_checks(network, x, compressions, document: dict, chunk: int) -> 
     return entries
 
 
-def compression_summary(entries: list[dict], total: int) -> str:
-    """The ``--compress`` table: inputs changed, certified harmless, violations."""
-    head = (f"{'compression':28} {'layers':24} {'changed':>9} {'harmless':>9} "
-            f"{'violations':>10}")
-    lines = [head, "-" * len(head)]
-    for e in entries:
-        certified = e["harmless"] is not None
-        harmless = f"{sum(e['harmless'])}/{total}" if certified else "n/a*"
-        lines.append(
-            f"{e['compression'][:28]:28} {','.join(e['layers'])[:24]:24} "
-            f"{len(e['changed']):>4d}/{total:<4d} {harmless:>9} "
-            f"{e['violations'] if certified else 'n/a*':>10}")
-    if any(e["harmless"] is None for e in entries):
-        lines.append("* several layers compressed at once: single-layer radii do not compose, "
-                     "so nothing is certified (per-layer harmlessness is in the JSON)")
-    return "\n".join(lines)
-
-
-def witness_path(out):
-    return out.with_name(out.stem + ".witnesses.npz")
-
-
-def summary(document: dict) -> str:
-    """The per-layer table: median and minimum radii, thresholds."""
-    import numpy as np
-
-    head = (f"{'layer':14} {'shape':16} {'norm':4} {'min lower':>10} {'med lower':>10} "
-            f"{'med upper':>10} {'lo/up':>6} {'rank':>5} {'bits':>4} {'b/ch':>4} {'prune':>6}")
-    lines = [head, "-" * len(head)]
-    for layer in document["layers"]:
-        for norm in ("fro", "max"):
-            c = layer[norm]
-            lower = np.array([np.inf if v is None else v for v in c["lower"]])
-            upper = np.array([np.inf if v is None else v for v in c["upper"]])
-            t = c["threshold"]
-            lines.append(
-                f"{layer['name'][:14]:14} {'x'.join(map(str, layer['shape']))[:16]:16} {norm:4} "
-                f"{lower.min():10.3g} {np.median(lower):10.3g} {np.median(upper):10.3g} "
-                f"{np.median(lower / upper):6.2f} {t['rank']:5d} {str(t['bits']):>4} "
-                f"{str(t['bits_per_channel']):>4} {t['prune_ratio']:6.1%}"
-            )
-    lines.append("-" * len(head))
-    for norm, c in document["multilayer"].items():
-        t = np.array(c["uniform_budget"])
-        lines.append(f"all layers at once, {norm}: ||D_k|| <= t ||W_k|| certified up to "
-                     f"median t {np.median(t):.3g}, min t {c['min']:.3g}")
-    return "\n".join(lines)
-
-
 def check(args: argparse.Namespace) -> int:
     """Recompute a certificate in numpy; exit status 0 only if every claim is confirmed."""
-    import json
-    from pathlib import Path
+    import zipfile
 
     import numpy as np
 
-    from certify.certificate import FORMAT, array_sha256
+    from certify.certificate import array_sha256
     from certify.check import check as run_check
+    from certify.schema import read_certificate, witness_path
 
-    document = json.loads(Path(args.certificate).read_text())
-    if document.get("format") != FORMAT:
-        raise SystemExit(f"certify: {args.certificate} is not a {FORMAT} certificate")
-    network, x, digest = _load(args)
+    document = read_certificate(args.certificate)
+    witnesses_file = witness_path(Path(args.certificate))
+    if not witnesses_file.is_file():
+        raise CommandError(f"{witnesses_file}: no such file; certify model writes the "
+                           "witnesses beside the certificate, keep the two together")
+    try:
+        with np.load(witnesses_file, allow_pickle=False) as stored:
+            witnesses = dict(stored)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CommandError(f"cannot read the witnesses {witnesses_file}: {err}") from None
+    network, x, y, digest = load(args)
     problems = []
     if digest != document["model_sha256"]:
         problems.append("the model file's sha256 differs from the certificate's")
     if array_sha256(x) != document["inputs_sha256"]:
         problems.append("the inputs' sha256 differs from the certificate's")
-    with np.load(witness_path(Path(args.certificate))) as witnesses:
-        report = run_check(document, dict(witnesses), network, x)
+    report = run_check(document, witnesses, network, x, y)
     problems += report.refuted
     for p in problems:
         print(f"REFUTED: {p}")
     print(f"{report.confirmed} claims confirmed, {len(problems)} refuted")
-    return 1 if problems else 0
+    return EXIT_REFUTED if problems else EXIT_OK
 
 
 def _int_list(text: str) -> list[int]:
@@ -299,7 +269,7 @@ def backdoor(args: argparse.Namespace) -> int:
         for op in config.compressions:
             bd.compressed_weights(model, layers, op)
     except ValueError as err:
-        raise SystemExit(f"certify backdoor: {err}") from None
+        raise CommandError(f"backdoor: {err}") from None
 
     def progress(name):
         return lambda e: print(f"{name} epoch {e.epoch:3d}/{config.epochs}  loss "
@@ -335,35 +305,53 @@ def demo(args: argparse.Namespace) -> int:
         config = replace(d.QUICK if args.quick else d.DemoConfig(), seed=args.seed)
         d.prepare(args.out)
     except ValueError as err:
-        raise SystemExit(f"certify demo: {err}") from None
+        raise CommandError(f"demo: {err}") from None
     d.run(config, args.out)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from certify import __version__
+
     parser = argparse.ArgumentParser(
         prog="certify",
         description="Verification of neural networks under weight perturbations.",
+        epilog=EXIT_STATUS,
     )
+    parser.add_argument("--version", action="version", version=f"certify {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an internal error")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an internal error")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prove", help="re-derive every closed form with SymPy")
+
+    def command(name: str, help: str, **kwargs):
+        return commands.add_parser(name, help=help, description=help, epilog=EXIT_STATUS,
+                                   parents=[debug], **kwargs)
+
+    p = command("prove", "re-derive every closed form with SymPy")
     p.add_argument("--match", default="", help="only derivations whose name contains this text")
     p.set_defaults(run=prove)
 
     def model_arguments(p):
         p.add_argument("model", help="ONNX (.onnx), torch.export (.pt2) or a state dict "
                        "(.safetensors, .pt) with --factory")
-        p.add_argument("--data", required=True, help=".npz with an array x (and optionally y)")
+        p.add_argument("--data", required=True, help=".npz with an array x (and optionally "
+                       "labels y: accuracy is reported) or a .npy array of inputs")
         p.add_argument("--factory", help="package.module:callable that builds the model "
                        "for a state dict")
-        p.add_argument("--limit", type=int, help="certify only the first N inputs")
+        p.add_argument("--limit", type=positive("--limit"), metavar="N",
+                       help="only the first N inputs (check: the same N as certify model)")
 
-    p = commands.add_parser("model", help="certify every layer of a model on a data set")
+    p = command("model", "certify every layer of a model on a data set")
     model_arguments(p)
     p.add_argument("--out", required=True, help="the JSON certificate to write")
     p.add_argument("--bias", action="store_true", help="the bias is perturbed too")
-    p.add_argument("--plot", help="write a PNG of radii and singular values per layer")
-    p.add_argument("--chunk", type=int, default=64, help="inputs per batch (memory)")
+    p.add_argument("--plot", help="write a plot of radii and singular values per layer (PNG "
+                   "unless the name asks for another format)")
+    p.add_argument("--chunk", type=positive("--chunk"), default=64, metavar="N",
+                   help="inputs per batch (memory; default 64)")
     p.add_argument("--compress", action="append", type=_compression_option,
                    metavar="KIND=LEVEL[@LAYER,...]",
                    help="also apply a compression (rank=8, bits=4, bits_per_channel=4, "
@@ -375,13 +363,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="norm of --budgets: Frobenius or entrywise max (default fro)")
     p.set_defaults(run=model)
 
-    p = commands.add_parser("check", help="recompute a certificate independently (numpy)")
+    p = command("check", "recompute every claim of a certificate independently (numpy); "
+                "exit status 1 if any is refuted")
     p.add_argument("certificate")
     model_arguments(p)
     p.set_defaults(run=check)
 
-    p = commands.add_parser("backdoor", help="train a compression-activated backdoor "
-                            "(THEORY.md section 7) on digits or MNIST")
+    p = command("backdoor", "train a compression-activated backdoor (THEORY.md section 7) on "
+                "digits or MNIST")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="mnist")
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     p.add_argument("--layers", help="comma-separated names of the layers to compress "
@@ -410,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                    "measurements.json")
     p.set_defaults(run=backdoor)
 
-    p = commands.add_parser("demo", help="train a clean and a low-rank backdoored MNIST MLP, "
-                            "certify both, and compare them under SVD truncation")
+    p = command("demo", "train a clean and a low-rank backdoored MNIST MLP, certify both, and "
+                "compare them under SVD truncation")
     p.add_argument("--out", default="certify-demo", help="folder for models, certificates, "
                    "plot and summary (default ./certify-demo)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (1 epoch, "
@@ -419,8 +408,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split and of "
                    "the training order (the initialisation is the factory's)")
     p.set_defaults(run=demo)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help and --version: 0; a usage error: 2
+        return exit.code if isinstance(exit.code, int) else EXIT_INPUT
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with its errors turned into one line and an exit status."""
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("certify: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if isinstance(err, _input_errors()):
+            print(f"certify: {err}", file=sys.stderr)
+            return EXIT_INPUT
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"certify: internal error ({type(err).__name__}: {first}); {REPORT}",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from certify.compression import EPS, singular_values_upper
+from certify.inputs import InputError, inputs_for
 from certify.network import Affine, Network
 
 KINDS = ("rank", "bits", "bits_per_channel", "prune")
@@ -270,10 +271,15 @@ def compression_check(network: Network, x: torch.Tensor, compression: Compressio
     ``certificate_lower[name][norm]`` (``norm`` in ``fro``, ``max``) holds the certified
     lower radius of layer ``name`` per input (``layer_radii(...).lower`` or the certificate's
     ``lower``, with ``inf`` for ``null``), for at least every compressed layer.
+
+    Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats
+    or a non-``Network``, and ``ValueError`` (``certify.inputs.InputError`` for the inputs)
+    for NaN/Inf inputs or weights, an empty batch, a shape the network cannot take, a bad
+    ``chunk``, unknown layers or radii that do not match the inputs.
     """
     if chunk < 1:
-        raise ValueError(f"chunk must be a positive number of inputs, got {chunk}")
-    x = torch.as_tensor(x, dtype=torch.float64)
+        raise InputError(f"chunk must be a positive number of inputs, got {chunk}")
+    x = inputs_for(network, x)
     indices = compressed_indices(network, compression)
     small = compress(network, compression)
     before, after, changes = [], [], []

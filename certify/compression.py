@@ -25,11 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from certify.perturbation import as_float64
+from certify.perturbation import as_float64, power_of_two_scale
 
 EPS = torch.finfo(torch.float64).eps
 SVD_SLACK = 8.0
 COMPARE_SLACK = 1e-12
+# Four times the smallest subnormal: the absolute rounding error of the few float64
+# operations of quantisation (each at most half of it) when their results underflow.
+UNDERFLOW = 4 * 2.0**-1074
 
 
 def _matrix(W) -> torch.Tensor:
@@ -93,7 +96,11 @@ def truncation_change(W, h, rank: int) -> torch.Tensor:
         raise ValueError(f"h has {h.shape[-1]} features but W has {W.shape[1]} columns")
     _, s, Vh = torch.linalg.svd(W, full_matrices=False)
     coefficients = (h @ Vh[rank:].T) * s[rank:]
-    return torch.linalg.vector_norm(coefficients, dim=-1)
+    if coefficients.shape[-1] == 0:  # nothing truncated
+        return coefficients.new_zeros(coefficients.shape[:-1])
+    # Scaled by a power of two (exact) first: the squares underflow for tiny W or h.
+    scale = power_of_two_scale(coefficients)[..., None]
+    return torch.linalg.vector_norm(coefficients / scale, dim=-1) * scale[..., 0]
 
 
 def quantisation_step(W, bits: int, per_channel: bool = False) -> torch.Tensor:
@@ -108,10 +115,15 @@ def quantisation_step(W, bits: int, per_channel: bool = False) -> torch.Tensor:
 def quantisation_error(W, bits: int, per_channel: bool = False) -> torch.Tensor:
     """Entrywise-max error bound of round-to-nearest quantisation: ``max s / 2``, plus the
     float64 rounding of ``round(W / s) s`` (a division and a product, each within
-    ``eps |W|``; ``3 eps max|W|`` covers both)."""
+    ``eps |W|``; ``3 eps max|W|`` covers both), plus ``UNDERFLOW`` for the absolute error
+    of those operations among subnormal numbers, where relative bounds fail. An all-zero
+    ``W`` quantises exactly (error 0)."""
     W = _matrix(W)
+    top = W.abs().max()
+    if top == 0:
+        return top
     return quantisation_step(W, bits, per_channel).max() / 2 * (1 + 4 * EPS) + \
-        3 * EPS * W.abs().max()
+        3 * EPS * top + UNDERFLOW
 
 
 def threshold_bits(W, radius_max, per_channel: bool = False, max_bits: int = 64) -> int | None:

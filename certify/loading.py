@@ -2,7 +2,7 @@
 
 Supported sources (see :func:`load_model`):
 
-* a ``torch.nn.Module`` instance (Python API);
+* a ``torch.nn.Module`` instance (Python API; a copy is converted, the caller's is unchanged);
 * ``.onnx``: checked with ``onnx.checker``, converted with onnx2torch (a ``torch.fx.GraphModule``);
   :func:`onnx_crosscheck` compares the conversion with onnxruntime on given inputs;
 * ``.pt2``: a ``torch.export.save`` archive, vetted before ``torch.export`` deserialises it;
@@ -34,6 +34,7 @@ to fix it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import io
@@ -48,6 +49,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from certify.inputs import require_finite
 
 __all__ = [
     "ModelLoadError",
@@ -85,11 +88,12 @@ class ModelLoadError(ValueError):
 def load_model(source: Any, *, factory: str | None = None) -> torch.nn.Module:
     """Load ``source`` as a ``torch.nn.Module`` in eval mode with float64 parameters.
 
-    ``source`` is a ``torch.nn.Module`` (returned as is, switched to eval and float64), or a path
-    to a ``.onnx``, ``.pt2``, ``.safetensors``, ``.pt`` or ``.pth`` file. State dicts
-    (``.safetensors``, ``.pt``, ``.pth``) need ``factory="package.module:callable"``: the callable
-    is imported, called with no arguments and must return the ``nn.Module`` the weights belong to;
-    they are loaded with ``load_state_dict(strict=True)``.
+    ``source`` is a ``torch.nn.Module`` (a copy in eval mode and float64 is returned; the
+    caller's module is not changed), or a path to a ``.onnx``, ``.pt2``, ``.safetensors``,
+    ``.pt`` or ``.pth`` file. State dicts (``.safetensors``, ``.pt``, ``.pth``) need
+    ``factory="package.module:callable"``: the callable is imported, called with no arguments
+    and must return the ``nn.Module`` the weights belong to; they are loaded with
+    ``load_state_dict(strict=True)``.
 
     Raises :class:`ModelLoadError` for anything that cannot be loaded, including parameters or
     buffers that are NaN or infinite.
@@ -100,7 +104,16 @@ def load_model(source: Any, *, factory: str | None = None) -> torch.nn.Module:
                 "factory is only used with a state dict file (.safetensors, .pt, .pth); "
                 "a torch.nn.Module instance is already a model: drop factory"
             )
-        return _finish(source, "the given module")
+        try:
+            module = copy.deepcopy(source)
+        except Exception as exc:  # deepcopy fails in as many ways as objects can refuse it
+            raise ModelLoadError(
+                f"cannot copy the given {type(source).__name__} ({type(exc).__name__}: "
+                f"{_first_line(exc)}); certify converts a copy to float64 so as not to change "
+                "your module: make it copyable with copy.deepcopy, or save it to a file and "
+                "load that"
+            ) from None
+        return _finish(module, "the given module")
 
     if not isinstance(source, (str, os.PathLike)):
         raise ModelLoadError(
@@ -378,25 +391,9 @@ def _finish(module: torch.nn.Module, origin: str) -> torch.nn.Module:
         if value.is_floating_point() and value.dtype != torch.float64:
             setattr(owner, attr, value.to(torch.float64))
 
-    bad = []
     named = list(module.named_parameters()) + list(module.named_buffers())
     named += [(target, value) for target, _, _, value in _graph_constants(module)]
-    for name, tensor in named:
-        if tensor.is_floating_point() or tensor.is_complex():
-            finite = torch.isfinite(tensor.detach())
-            if not bool(finite.all()):
-                kinds = []
-                if bool(torch.isnan(tensor.detach()).any()):
-                    kinds.append("NaN")
-                if bool(torch.isinf(tensor.detach()).any()):
-                    kinds.append("Inf")
-                count = int((~finite).sum())
-                bad.append(f"{name} ({count} {'/'.join(kinds)} of {tensor.numel()})")
-    if bad:
-        raise ModelLoadError(
-            f"{origin} has non-finite parameters: {_brief(bad)}; certificates need finite "
-            "weights: check the training run (diverged?) or the file"
-        )
+    require_finite(named, origin, ModelLoadError)
     return module
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from certify import lipschitz
+from certify.inputs import InputError, check_network, inputs_for
 from certify.network import STACK_STEPS, Activation, Affine, Network
 from certify.radius import NORMS, SAFETY, _class_rows, _columns, _weight, predictions, \
     region_scale
@@ -116,12 +117,12 @@ def _layer(step: Affine, h: torch.Tensor, norm: str, bias: bool) -> _Layer:
 
 def _chain(network: Network, x: torch.Tensor, norm: str, bias: bool) -> _Chain:
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+    x = inputs_for(network, x)
     last = network.steps[-1]
     if not isinstance(last, Affine) or last.is_conv:
-        raise ValueError(f"the last step ({last.name}) must be a Linear layer producing the "
+        raise InputError(f"the last step ({last.name}) must be a Linear layer producing the "
                          "logits: the margin bound needs the class rows of its weight")
-    x = torch.as_tensor(x, dtype=torch.float64)
     values = network.trace(x)
     y, margins = predictions(network, x)
     steps = []
@@ -171,19 +172,20 @@ def _certified(chain: _Chain, budgets: torch.Tensor) -> torch.Tensor:
 
 
 def _validated(network: Network, budgets) -> torch.Tensor:
+    check_network(network)
     layers = [network.steps[i].name for i in network.affine_indices]
     try:
         values = [float(b) for b in budgets]
     except (TypeError, ValueError):
-        raise ValueError(f"budgets must be a sequence of numbers, one per affine layer "
+        raise InputError(f"budgets must be a sequence of numbers, one per affine layer "
                          f"({', '.join(layers)}), got {budgets!r}") from None
     if len(values) != len(layers):
-        raise ValueError(f"got {len(values)} budgets but the network has {len(layers)} affine "
+        raise InputError(f"got {len(values)} budgets but the network has {len(layers)} affine "
                          f"layers ({', '.join(layers)}): give one budget per layer, in this "
                          "order (0 for a layer that is not perturbed)")
     bad = [f"{name}={v}" for name, v in zip(layers, values) if not (math.isfinite(v) and v >= 0)]
     if bad:
-        raise ValueError(f"budgets must be finite and >= 0; got {', '.join(bad)}")
+        raise InputError(f"budgets must be finite and >= 0; got {', '.join(bad)}")
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -197,6 +199,12 @@ def multilayer_bound(network: Network, x: torch.Tensor, budgets, norm: str,
     ``||dh_k|| <= (||W_k||_op + e_k growth_k) ||dh_{k-1}|| + e_k ||h~_{k-1}||`` carried to
     ``|Delta m_j| <= ||W_L^T c_j|| ||dh_{L-1}|| + ||c_j|| e_L ||h~_{L-1} + dh_{L-1}||``
     (module docstring for each norm's constants).
+
+    Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats
+    or a non-``Network``, and ``certify.inputs.InputError`` (a ``ValueError``) for NaN/Inf
+    inputs or weights, an empty batch, a shape the network cannot take, budgets that are not
+    one finite ``e_k >= 0`` per affine layer, an unknown norm, or a network whose last step
+    is not a Linear layer.
     """
     e = _validated(network, budgets)
     chain = _chain(network, x, norm, bias)
@@ -217,6 +225,8 @@ def uniform_budget(network: Network, x: torch.Tensor, norm: str,
     no constant term, so this leaves a relative slack of ``SAFETY`` in the margin bound for
     an independent recomputation, ``certify.check``). 0 where no ``t >= 2^-OCTAVES`` is
     certified (for instance a tied, zero margin); ``2^OCTAVES`` is the largest value tried.
+
+    Raises the exceptions of ``multilayer_bound`` (budgets aside).
     """
     chain = _chain(network, x, norm, bias)
     sizes = chain.sizes[:, None]

@@ -17,7 +17,9 @@ tuple of small frozen steps, in float64:
   identity shortcut is a branch without steps; nested and sequential blocks nest the same
   way (the fork of an addition is the nearest node every path to both operands passes).
 
-Anything else raises ``UnsupportedModelError`` naming the module and what is supported.
+Anything else raises ``UnsupportedModelError`` naming the module and what is supported;
+NaN or Inf parameters raise ``certify.inputs.InputError``. The module itself is not changed
+(its training flags are restored after tracing, its weights copied).
 """
 
 from __future__ import annotations
@@ -280,7 +282,31 @@ class Network:
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "Network":
-        return cls(tuple(_steps(module)))
+        """The steps of ``module`` (traced in eval mode), with float64 copies of its weights.
+
+        The module is left as it was: its training flags are restored after tracing, its
+        parameters are copied (later changes to the module do not reach the network).
+        Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for a non-module,
+        ``UnsupportedModelError`` for layers certify cannot reason about and
+        ``certify.inputs.InputError`` (a ``ValueError``) for NaN or Inf parameters or buffers.
+        """
+        # Imported here: certify.inputs builds on this module.
+        from certify.inputs import InputTypeError, require_finite
+
+        if not isinstance(module, nn.Module):
+            raise InputTypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+        require_finite(list(module.named_parameters()) + list(module.named_buffers()),
+                       f"the model ({type(module).__name__})")
+        modes = [(m, m.training) for m in module.modules()]
+        try:
+            # fx evaluates Python control flow on ``self.training`` while tracing; setting the
+            # flags directly also works for modules whose eval() is refused (torch.export).
+            for m, _ in modes:
+                m.training = False
+            return cls(tuple(_steps(module)))
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 def _fold_batchnorm(affine: Affine, bn: nn.Module, name: str) -> Affine:
@@ -297,6 +323,11 @@ def _fold_batchnorm(affine: Affine, bn: nn.Module, name: str) -> Affine:
                   affine.dilation)
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A float64 copy: ``.double()`` of a float64 parameter would share its storage."""
+    return t.detach().to(torch.float64, copy=True)
+
+
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -304,7 +335,7 @@ def _pair(v) -> tuple[int, int]:
 def _from_module(name: str, m: nn.Module) -> Step | None:
     if isinstance(m, nn.Linear):
         bias = m.bias if m.bias is not None else torch.zeros(m.out_features)
-        return Affine(name, m.weight.detach().double(), bias.detach().double())
+        return Affine(name, _copy(m.weight), _copy(bias))
     if isinstance(m, nn.Conv2d):
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise UnsupportedModelError(
@@ -312,8 +343,8 @@ def _from_module(name: str, m: nn.Module) -> Step | None:
                 f"padding_mode={m.padding_mode!r}; supported: groups=1, numeric zero padding"
             )
         bias = m.bias if m.bias is not None else torch.zeros(m.out_channels)
-        return Affine(name, m.weight.detach().double(), bias.detach().double(), _pair(m.stride),
-                      _pair(m.padding), _pair(m.dilation))
+        return Affine(name, _copy(m.weight), _copy(bias), _pair(m.stride), _pair(m.padding),
+                      _pair(m.dilation))
     kinds = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
     if type(m) in kinds:
         return Activation(name, kinds[type(m)])
@@ -444,9 +475,6 @@ class _Graph:
 
 
 def _steps(module: nn.Module) -> list[Step]:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    module = module.eval()
     try:
         graph = torch.fx.symbolic_trace(module).graph
     except Exception as err:  # fx raises many types for untraceable Python control flow

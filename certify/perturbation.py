@@ -107,7 +107,7 @@ def _require_feasible(infeasible: torch.Tensor, why: str) -> None:
         raise ValueError(f"infeasible at batch index {where}: {why}")
 
 
-def _power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
+def power_of_two_scale(t: torch.Tensor) -> torch.Tensor:
     """``2^round(log2 max|t|)`` per batch entry (``1`` for zero rows): exact to divide by."""
     peak = t.abs().amax(dim=-1)
     exponent = torch.round(torch.log2(torch.where(peak > 0, peak, torch.ones_like(peak))))
@@ -124,7 +124,7 @@ def _rank_one(kernel, args, safe_vectors, zero, norm_name, p):
     """
     safe = [torch.where(zero[..., None], torch.ones_like(t), t) for t in safe_vectors] \
         if zero.any() else list(safe_vectors)
-    row_scale, col_scale = (_power_of_two_scale(t) for t in safe)
+    row_scale, col_scale = (power_of_two_scale(t) for t in safe)
     safe = [safe[0] / row_scale[..., None], safe[1] / col_scale[..., None]]
     value, minimiser = kernel(*safe, *args, *(() if p is None else (p,)))
     # Section 1 (D h = r): degree +1 in r. Section 3 (<D, c h^T> = -m): degree -1 in c.
@@ -243,7 +243,7 @@ def class_pair_radius(logits, h, norm: str | float = "fro", *, bias: bool = Fals
     minimiser = margin_functional(c, safe_h, m, norm).minimiser
     minimiser = torch.where(zero_h[..., None, None], torch.zeros_like(minimiser), minimiser)
     pair = getattr(kernels, f"class_pair_{name}")
-    scale = _power_of_two_scale(safe_h)  # the value has degree -1 in h: see _rank_one
+    scale = power_of_two_scale(safe_h)  # the value has degree -1 in h: see _rank_one
     value = pair(m, safe_h / scale[..., None], *(() if p is None else (p,))) / scale
     value = torch.where(zero_h, torch.full_like(value, math.inf), value)
     value = torch.where(m == 0, torch.zeros_like(value), value)  # already tied: radius 0
@@ -281,8 +281,8 @@ def batch_target_change(R, H, norm: str = "fro", *, rtol: float | None = None) -
         ) from None
     # D* = R H^+ has degree +1 in R and -1 in H: solve for R and H divided by powers of two
     # near their largest entries (exact), so no square over- or underflows, and scale back.
-    r_scale = _power_of_two_scale(R.flatten(-2))[..., None, None]
-    h_scale = _power_of_two_scale(H.flatten(-2))[..., None, None]
+    r_scale = power_of_two_scale(R.flatten(-2))[..., None, None]
+    h_scale = power_of_two_scale(H.flatten(-2))[..., None, None]
     R, H = R / r_scale, H / h_scale
     # H^+ = V S^+ U^T from the thin SVD (cut-off as torch.linalg.pinv's default), so that
     # ||D*||_2 = ||R V S^+||_2 needs only an m x N SVD (U has orthonormal columns).

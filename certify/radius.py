@@ -39,6 +39,7 @@ import torch
 
 from certify import lipschitz
 from certify.compression import singular_values_upper
+from certify.inputs import InputError, affine_index, inputs_for
 from certify.linear_bounds import REFINE_WORK, Region, margin_lines, refine_work
 from certify.network import Affine, Network
 from certify.perturbation import class_pair_radius
@@ -346,14 +347,23 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
                 clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
+    ``x``: a batch of finite floating-point inputs (any precision, computed in float64);
+    ``index``: the step index of an affine layer (``network.affine_indices``).
     ``refine``: backward-pass intermediate bounds in the local bound (tighter, costlier);
     ``"auto"`` uses them when ``linear_bounds.refine_work`` is at most ``REFINE_WORK``.
     ``clock(phase)`` is entered around each phase (for timing breakdowns).
+
+    Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats,
+    a non-integer index or a non-``Network``, and ``certify.inputs.InputError`` (a
+    ``ValueError``) for NaN/Inf inputs or weights, an empty batch, a shape the network cannot
+    take, an index that is not an affine layer, or an unknown ``norm`` or ``refine``.
     """
     if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     if refine not in (True, False, "auto"):
-        raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
+        raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
+    x = inputs_for(network, x)
+    index = affine_index(network, index)
     layer = network.steps[index]
     with clock("prepare"):
         states = network.trace_states(x)

@@ -1,12 +1,18 @@
 """Pytest configuration: hypothesis profiles.
 
-Select a profile with the environment variable ``HYPOTHESIS_PROFILE``:
+Select a profile with the environment variable ``HYPOTHESIS_PROFILE``; without it, ``ci``
+when the variable ``CI`` is set (``.ci/run`` sets both) and ``dev`` otherwise:
 
-* ``ci`` (default): 40 examples per property, derandomised (the same examples on every run,
-  so a CI failure reproduces locally), no deadline (a cvxpy solve can take 100 ms), no
-  example database, and the reproduction blob printed on failure.
+* ``ci``: 40 examples per property, derandomised (the same examples on every run, so CI
+  never fails by chance and a CI failure reproduces locally), no deadline (a cvxpy solve
+  can take 100 ms), no example database, and the reproduction blob printed on failure.
+* ``dev`` (local runs): the same budget with random examples and the example database, so
+  every local run explores new cases and replays the failures it found before. A failure
+  it finds is a bug to fix in the code.
 * ``thorough``: 500 random examples per property, for a local soak run
   (``HYPOTHESIS_PROFILE=thorough python -m pytest tests``).
+
+hypothesis itself is pinned in ``pyproject.toml``: a new release draws other examples.
 
 Shared strategies live in ``tests/strategies.py`` and the independent cvxpy programs in
 ``tests/cvx_oracles.py``; this file holds configuration only.
@@ -21,8 +27,9 @@ from hypothesis import settings
 settings.register_profile(
     "ci", deadline=None, max_examples=40, derandomize=True, print_blob=True, database=None
 )
+settings.register_profile("dev", deadline=None, max_examples=40, print_blob=True)
 settings.register_profile("thorough", deadline=None, max_examples=500, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
 def pytest_report_header(config):

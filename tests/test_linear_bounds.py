@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.check import local_lower_bounds
+from certify.numpy_bounds import local_lower_bounds
 from certify.linear_bounds import Region, intermediate_bounds, margin_lines
 from certify.network import Network
 from certify.radius import downstream_lipschitz, region_scale

@@ -128,7 +128,8 @@ def _export_all(root: Path, mlp: nn.Module, cnn: nn.Module) -> dict[str, Path]:
 def test_module_instance_is_returned_in_eval_mode_and_float64():
     model = model_factories.build_cnn().train()
     loaded = load_model(model)
-    assert loaded is model
+    assert loaded is not model  # a copy: the caller's module stays as it was
+    assert model.training and all(p.dtype == torch.float32 for p in model.parameters())
     assert not loaded.training
     assert all(p.dtype == torch.float64 for p in loaded.parameters())
     assert all(b.dtype == torch.float64 for b in loaded.buffers() if b.is_floating_point())

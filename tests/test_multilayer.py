@@ -15,7 +15,7 @@ from test_radius_soundness import (ACTIVATIONS, certification_problem, cnns, mlp
                                    residual_cnns, residual_mlps)
 from torch import nn
 
-from certify import check
+from certify import check, numpy_forward
 from certify.multilayer import PRECISION, multilayer_bound, uniform_budget
 from certify.network import Network, advance
 from certify.radius import _columns, _weight, layer_radii, predictions
@@ -218,7 +218,7 @@ def test_numpy_checker_confirms_the_budget_and_refutes_an_inflated_one(norm, mod
                                                                        bias, seed):
     net, x, _ = certification_problem(model_and_shape, seed)
     t = uniform_budget(net, x, norm, bias).numpy()
-    values = check.layer_inputs(net, x.numpy())
+    values = numpy_forward.layer_inputs(net, x.numpy())
     logits = values[-1]
     y = logits.argmax(axis=1)
     margins = logits[np.arange(len(y)), y][:, None] - logits

@@ -102,3 +102,22 @@ def test_batch_target_change_accepts_exponent_two_as_frobenius():
     R = np.array([[1.0, 1.0]])
     assert float(certify.batch_target_change(R, H, 2).value) == pytest.approx(
         float(certify.batch_target_change(R, H, "fro").value), rel=1e-15)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantisation_bound_survives_subnormal_weights(per_channel):
+    # Found by hypothesis 6.170: W = [[5e-324]] gave an error bound of 0 (s / 2 underflows),
+    # so a radius that underflowed to 0 was certified at 2 bits.
+    from certify import compression
+
+    W = np.array([[5e-324]])
+    assert float(compression.quantisation_error(W, 2, per_channel)) > 0
+    assert compression.threshold_bits(W, 0.5 * 5e-324, per_channel) is None
+    # A subnormal matrix whose quantisation really errs: the bound still covers it.
+    W = np.array([[5e-324, 1.5e-323, -2.5e-323]])
+    top = np.abs(W).max(axis=1, keepdims=True) if per_channel else np.abs(W).max()
+    for bits in (2, 3):
+        step = top / (2 ** (bits - 1) - 1)
+        error = np.abs(W - np.round(W / step) * step).max()
+        assert error <= float(compression.quantisation_error(W, bits, per_channel))
+    assert compression.quantisation_error(np.zeros((2, 2)), 2) == 0

@@ -1,0 +1,141 @@
+"""What the command line is given, read and checked before any long work starts: output
+paths, option values, and the data file (``x``, optional labels ``y``) against the model.
+
+Every problem is a ``CommandError`` (exit status 2) whose message says how to fix it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A usage or input error of a command (exit status 2); the message says how to fix it."""
+
+
+def writable(path: str | None, option: str) -> Path | None:
+    """``path`` can be written: its folder exists and it is not a folder itself."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{option} {path} is a folder; give a file name inside it")
+    if not path.parent.is_dir():
+        raise CommandError(f"{option} {path}: the folder {path.parent} does not exist; "
+                           "create it first")
+    return path
+
+
+def plot_path(path: str | None) -> Path | None:
+    """``--plot``: a PNG unless the name asks for another format matplotlib writes."""
+    path = writable(path, "--plot")
+    if path is None:
+        return None
+    if not path.suffix:
+        return path.with_suffix(".png")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise CommandError(f"--plot {path}: unknown image format {path.suffix!r}; use one of "
+                           f"{', '.join('.' + f for f in sorted(formats))} (e.g. radii.png)")
+    return path
+
+
+def positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive whole number, got "
+                                             f"{text!r}")
+        return value
+    return parse
+
+
+def read_data(path: str):
+    """``x`` (and ``y`` if present) from a ``.npz`` archive, or ``x`` from a ``.npy`` array."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"--data {path}: no such file")
+    if path.suffix.lower() not in (".npz", ".npy"):
+        raise CommandError(f"--data {path}: expected a .npz archive with an array x (and "
+                           "optionally labels y) or a .npy array of inputs")
+    try:
+        with open(path, "rb"):
+            loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded, None
+        with loaded as data:
+            if "x" not in data:
+                raise CommandError(f"{path} has no array 'x' (found {list(data)}); save the "
+                                   "inputs as x, e.g. np.savez(path, x=inputs, y=labels)")
+            return data["x"], (data["y"] if "y" in data else None)
+    except (OSError, ValueError, EOFError) as err:
+        raise CommandError(f"cannot read {path} as {path.suffix}: {err}") from None
+
+
+def inputs(x, path: str, limit: int | None):
+    import numpy as np
+
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise CommandError(f"{path}: 'x' holds {x.dtype} values; inputs must be numbers")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim < 2:
+        raise CommandError(f"{path}: 'x' has shape {x.shape}; it needs a batch axis first, "
+                           "(inputs, features...)")
+    x = x[:limit]
+    if len(x) == 0:
+        raise CommandError(f"{path}: 'x' holds no inputs")
+    bad = np.nonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0]
+    if bad.size:
+        raise CommandError(f"{path}: 'x' must be finite; inputs {bad[:5].tolist()} hold NaN or "
+                           "Inf")
+    return x
+
+
+def labels(y, path: str, count: int, limit: int | None, classes: int):
+    """``y`` as class indices, one per input of the file (``count``), then limited; or
+    ``None`` when the data has no labels."""
+    import numpy as np
+
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != count:
+        raise CommandError(f"{path}: 'y' has shape {y.shape} but 'x' has {count} inputs; y "
+                           "holds one class index per input")
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating)
+                                                   and np.all(np.mod(y, 1) == 0))):
+        raise CommandError(f"{path}: 'y' must hold class indices (integers), got {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= classes:
+        raise CommandError(f"{path}: 'y' holds classes outside 0..{classes - 1}, the model's "
+                           f"{classes} outputs")
+    return y[:limit]
+
+
+def load(args: argparse.Namespace):
+    """Model, network, inputs, labels (or ``None``) and model hash, validated."""
+    import torch
+
+    from certify.inputs import inputs_for
+    from certify.loading import file_sha256, load_model
+    from certify.network import Network
+
+    x, y = read_data(args.data)
+    count = len(x)
+    x = inputs(x, args.data, args.limit)
+    network = Network.from_module(load_model(args.model, factory=args.factory))
+    try:
+        with torch.no_grad():
+            logits = network(inputs_for(network, torch.from_numpy(x[:1])))
+    except ValueError as err:
+        raise CommandError(f"inputs of shape {x.shape[1:]} do not fit the model: {err}") from None
+    y = labels(y, args.data, count, args.limit, logits.shape[-1])
+    return network, x, y, file_sha256(args.model)
