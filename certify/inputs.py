@@ -56,12 +56,13 @@ def require_finite(named: Iterable[tuple[str, torch.Tensor]], what: str,
                  if bool(test(tensor).any())]
         bad.append(f"{name} ({int((~finite).sum())} {'/'.join(kinds)} of {tensor.numel()})")
     if bad:
-        raise error(f"{what} has non-finite parameters: {_brief(bad)}; certificates need finite "
+        raise error(f"{what} has non-finite parameters: {brief(bad)}; certificates need finite "
                     "weights: check the training run (diverged?) or the model file")
 
 
-def _brief(items: list, limit: int = 5) -> str:
+def brief(items, limit: int = 5) -> str:
     """The first ``limit`` items, and how many more there are."""
+    items = list(items)
     shown = ", ".join(map(str, items[:limit]))
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
@@ -169,7 +170,7 @@ def inputs_for(network: Network, x, name: str = "x") -> torch.Tensor:
     bad = (~torch.isfinite(x)).reshape(shape[0], -1).any(dim=1).nonzero()[:, 0].tolist()
     if bad:
         raise InputError(f"{name} has NaN or Inf entries in {len(bad)} of {shape[0]} inputs, "
-                         f"at indices {_brief(bad)}; certificates need finite inputs: remove or "
+                         f"at indices {brief(bad)}; certificates need finite inputs: remove or "
                          "repair them")
     # Later steps constrain the shape too (a convolution's spatial size must fit the dense
     # layer after it): run one input, naming the step that refuses it.

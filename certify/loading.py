@@ -43,14 +43,14 @@ import os
 import re
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from certify.inputs import require_finite
+from certify.inputs import brief, require_finite
 
 __all__ = [
     "ModelLoadError",
@@ -355,12 +355,6 @@ def _flatten_outputs(out: Any) -> list[torch.Tensor]:
     raise ModelLoadError(f"the module returned a {type(out).__name__}, not tensors")
 
 
-def _brief(names: Sequence[str], limit: int = 5) -> str:
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 def _graph_constants(module: torch.nn.Module):
     """Tensors that get_attr nodes of a GraphModule reach but are not parameters or buffers."""
     if not isinstance(module, torch.fx.GraphModule):
@@ -476,12 +470,12 @@ def _as_state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
         )
         raise ModelLoadError(
             f"{path.name} is not a plain state dict: entries that are not tensors: "
-            f"{_brief(not_tensors)}{hint}"
+            f"{brief(not_tensors)}{hint}"
         )
     bad_keys = [repr(k) for k in loaded if not isinstance(k, str)]
     if bad_keys:
         raise ModelLoadError(
-            f"{path.name}: state dict keys must be strings, got {_brief(bad_keys)}"
+            f"{path.name}: state dict keys must be strings, got {brief(bad_keys)}"
         )
     if not loaded:
         raise ModelLoadError(f"{path.name} is an empty state dict")
@@ -530,7 +524,7 @@ def _build_from_factory(factory: str) -> torch.nn.Module:
             available = sorted(
                 n for n, v in vars(target).items() if callable(v) and not n.startswith("_")
             ) if isinstance(target, types.ModuleType) else []
-            suggestion = f" (callables there: {_brief(available, 8)})" if available else ""
+            suggestion = f" (callables there: {brief(available, 8)})" if available else ""
             raise ModelLoadError(
                 f"--factory {factory!r}: {walked!r} has no attribute {part!r}{suggestion}"
             )
@@ -581,11 +575,11 @@ def _load_into(
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"missing keys (in the model, not in the file): {_brief(missing)}")
+            parts.append(f"missing keys (in the model, not in the file): {brief(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys (in the file, not in the model): {_brief(unexpected)}")
+            parts.append(f"unexpected keys (in the file, not in the model): {brief(unexpected)}")
         if mismatched:
-            parts.append(f"shape mismatches: {_brief(mismatched, 3)}")
+            parts.append(f"shape mismatches: {brief(mismatched, 3)}")
         hint = "; check that --factory builds the architecture these weights were saved from"
         prefix = _common_prefix_hint(missing, unexpected)
         if prefix:
@@ -869,7 +863,7 @@ def _check_exported_eval_mode(module: torch.fx.GraphModule, path: Path) -> None:
     if in_training:
         raise ModelLoadError(
             f"{path.name} was exported in training mode (batch norm would use batch "
-            f"statistics, dropout would be active), in: {_brief(in_training, 3)}; call "
+            f"statistics, dropout would be active), in: {brief(in_training, 3)}; call "
             "model.eval() before torch.export.export and save it again"
         )
 

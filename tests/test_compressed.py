@@ -19,6 +19,8 @@ from certify.compressed import (Compression, compress, compressed_indices, compr
                                 parse_compression, prune_count)
 from certify.compression import threshold_rank
 from certify.network import Network
+from certify.numpy_compression import compress_matrix as numpy_compress
+from certify.numpy_compression import prune_count as numpy_prune_count
 from certify.radius import layer_radii
 from certify.testing import networks
 from tests.test_cli_model import export
@@ -36,23 +38,6 @@ def cnns():
                     trained=False).map(lambda m: (m, (1, 6, 6)))
 
 EPS = np.finfo(np.float64).eps
-
-
-def numpy_compress(W: np.ndarray, kind: str, level) -> np.ndarray:
-    """The section-6 operators, written again in numpy."""
-    if kind == "rank":
-        if level >= min(W.shape):
-            return W
-        U, s, Vt = np.linalg.svd(W, full_matrices=False)
-        return (U[:, :level] * s[:level]) @ Vt[:level]
-    if kind == "prune":
-        count = max(k for k in range(W.size + 1) if k / W.size <= level)
-        out = W.flatten()
-        out[np.argsort(np.abs(out), kind="stable")[:count]] = 0.0
-        return out.reshape(W.shape)
-    axis = 1 if kind == "bits_per_channel" else None
-    s = np.abs(W).max(axis=axis, keepdims=True) / (2 ** (level - 1) - 1)
-    return np.where(s > 0, s * np.round(W / np.where(s > 0, s, 1)), W)
 
 
 @st.composite
@@ -145,7 +130,9 @@ def test_errors_and_changes_match_closed_forms(problem):
                                rtol=1e-9, atol=1e-12 * scale)
 
 
-def test_prune_count_reads_k_over_n_as_k():
+@pytest.mark.parametrize("prune_count", [prune_count, numpy_prune_count],
+                         ids=["torch", "numpy checker"])
+def test_prune_count_reads_k_over_n_as_k(prune_count):
     """A ratio ``k / N`` (what ``threshold_prune_ratio`` returns) prunes exactly ``k``;
     anything short of it, one fewer; the count never rounds up."""
     for size in range(1, 120):
