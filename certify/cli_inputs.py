@@ -120,8 +120,26 @@ def labels(y, path: str, count: int, limit: int | None, classes: int):
     return y[:limit]
 
 
+CROSSCHECK_INPUTS = 16
+
+
+def crosscheck_onnx(path: str, module, x) -> str:
+    """Compare the converted ONNX model with onnxruntime on the first inputs (at most
+    ``CROSSCHECK_INPUTS``); the line that reports the largest difference. A disagreement is a
+    ``ModelLoadError`` (exit status 2)."""
+    from certify.loading import onnx_crosscheck
+
+    checked = x[:CROSSCHECK_INPUTS]
+    largest = onnx_crosscheck(path, module, checked)
+    return (f"onnxruntime cross-check: largest difference {largest:.2g} on {len(checked)} "
+            f"input{'s' if len(checked) != 1 else ''}")
+
+
 def load(args: argparse.Namespace):
-    """Model, network, inputs, labels (or ``None``) and model hash, validated."""
+    """Model, network, inputs, labels (or ``None``) and model hash, validated. An ONNX model is
+    cross-checked against onnxruntime first (the result on stderr)."""
+    import sys
+
     import torch
 
     from certify.inputs import inputs_for
@@ -131,7 +149,10 @@ def load(args: argparse.Namespace):
     x, y = read_data(args.data)
     count = len(x)
     x = inputs(x, args.data, args.limit)
-    network = Network.from_module(load_model(args.model, factory=args.factory))
+    module = load_model(args.model, factory=args.factory)
+    if Path(args.model).suffix.lower() == ".onnx":
+        print(crosscheck_onnx(args.model, module, x), file=sys.stderr, flush=True)
+    network = Network.from_module(module)
     try:
         with torch.no_grad():
             logits = network(inputs_for(network, torch.from_numpy(x[:1])))

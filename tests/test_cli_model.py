@@ -4,10 +4,13 @@ tampering with a claim is refuted."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from test_radius_soundness import Residual
 from torch import nn
 
@@ -155,3 +158,50 @@ def test_onnx_export_of_a_residual_model_traces_to_the_same_steps(tmp_path):
             assert torch.allclose(a.weight, b.weight) and torch.allclose(a.bias, b.bias)
     x = x.double()
     assert torch.allclose(theirs(x), model.double()(x), atol=1e-5)
+
+
+def test_onnx_models_are_cross_checked_against_onnxruntime(certified, tmp_path, capsys):
+    tmp, args = certified
+    line = re.compile(r"^onnxruntime cross-check: largest difference (\S+) on (\d+) inputs$",
+                      re.MULTILINE)
+    assert main(["model", *args, "--out", str(tmp_path / "c.json"), "--limit", "5"]) == 0
+    found = line.findall(capsys.readouterr().err)
+    assert len(found) == 1 and found[0][1] == "5" and 0 <= float(found[0][0]) < 1e-5
+    assert run_check(tmp, args) == 0
+    found = line.findall(capsys.readouterr().err)
+    assert len(found) == 1 and found[0][1] == "12" and float(found[0][0]) < 1e-5
+
+
+def test_onnx_model_that_onnxruntime_computes_otherwise_is_refused(tmp_path, capsys):
+    # (x + 1e4) - 1e4 loses x's low bits in the file's float32 (onnxruntime), not in
+    # certify's float64: a real disagreement, found before any certification.
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Add", ["x", "big"], ["a"], name="add"),
+             helper.make_node("Sub", ["a", "big"], ["s"], name="sub"),
+             helper.make_node("Gemm", ["s", "w"], ["y"], name="linear", transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(np.array(1e4, dtype=np.float32), "big"),
+                     numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(6, 4)))
+    status = main(["model", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "data.npz"),
+                   "--out", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("certify: the converted ONNX model disagrees with onnxruntime on "
+                          "output 0 of m.onnx: largest difference ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_state_dicts_are_not_cross_checked(tmp_path, capsys):
+    import model_factories
+
+    torch.save(model_factories.build_mlp().state_dict(), tmp_path / "m.pt")
+    np.savez(tmp_path / "data.npz", x=np.zeros((2, 1, 28, 28)))
+    assert main(["model", str(tmp_path / "m.pt"), "--factory", "model_factories:build_mlp",
+                 "--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "c.json")]) == 0
+    assert "cross-check" not in capsys.readouterr().err
