@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from milp_oracle import exact_max_radius, tiny_mlp  # noqa: E402
 
-from certify.network import Network  # noqa: E402
+from certify.capture import capture  # noqa: E402
 from certify.radius import layer_radii  # noqa: E402
 
 
 def sample(networks: int, inputs: int, seed: int, leaky: bool):
-    """``networks`` (label, Network, x) triples drawn reproducibly from ``seed``."""
+    """``networks`` (label, graph, x) triples drawn reproducibly from ``seed``."""
     rng = np.random.default_rng(seed)
     for k in range(networks):
         d = int(rng.integers(2, 5))
@@ -45,7 +45,7 @@ def sample(networks: int, inputs: int, seed: int, leaky: bool):
                          slope=0.1 if leaky else 0.0, trained=bool(k % 2))
         x = torch.randn(inputs, d, generator=torch.Generator().manual_seed(k),
                         dtype=torch.float64)
-        yield f"{len(widths)} hidden", Network.from_module(model), x
+        yield f"{len(widths)} hidden", capture(model, x), x
 
 
 def main(argv=None) -> None:

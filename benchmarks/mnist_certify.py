@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 import mnist_models  # noqa: E402  (next to this file)
 from certify import compression  # noqa: E402
 from certify import radius as R  # noqa: E402
-from certify.network import Network  # noqa: E402
-from certify.perturbation import class_pair_radius  # noqa: E402
+from certify.capture import capture  # noqa: E402
+from certify.graph import Graph  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -140,15 +140,16 @@ class LayerResult:
     method: str
 
 
-def layer_label(network: Network, index: int) -> str:
+def layer_label(network: Graph, index: int) -> str:
     """``dense 2 (1024x1024)`` or ``conv 1 (8x1x3x3)``: kind, position among its kind, shape."""
-    step = network.steps[index]
-    same_kind = [i for i in network.affine_indices if network.steps[i].is_conv == step.is_conv]
-    kind = "conv" if step.is_conv else "dense"
-    return f"{kind} {same_kind.index(index) + 1} ({'x'.join(map(str, step.weight.shape))})"
+    layer = network.layer(index)
+    same_kind = [i for i in network.affine_indices
+                 if network.layer(i).is_conv == layer.is_conv]
+    kind = "conv" if layer.is_conv else "dense"
+    return f"{kind} {same_kind.index(index) + 1} ({'x'.join(map(str, layer.weight.shape))})"
 
 
-def certify_layer(network: Network, x: torch.Tensor, index: int, norm: str, chunk: int,
+def certify_layer(network: Graph, x: torch.Tensor, index: int, norm: str, chunk: int,
                   desc: str) -> LayerResult:
     """``layer_radii`` over ``x`` in chunks, timed in total and per phase (its clock hook)."""
     parts, seconds = defaultdict(list), 0.0
@@ -204,8 +205,9 @@ def tightness(r: LayerResult) -> dict:
 def truncation_errors(W: torch.Tensor, dense: bool) -> torch.Tensor:
     """Error of truncation to rank ``r = 0 .. min(m, n)`` in the norm the radius bounds.
 
-    Dense layer, one input: the Frobenius radius equals the spectral one (section 4), so
-    ``sigma_{r+1}``. Convolution: the radius bounds ``||D||_F``, so the Frobenius tail.
+    Dense layer on a vector, one input: the Frobenius radius equals the spectral one
+    (section 4), so ``sigma_{r+1}``. Convolution (or a dense layer over a sequence): the
+    radius bounds ``||D||_F``, so the Frobenius tail.
     """
     errors = compression.truncation_error(W)
     return errors.spectral if dense else errors.frobenius
@@ -222,13 +224,13 @@ def certified_by_rank(errors: torch.Tensor, radii: torch.Tensor) -> list[float]:
     return safe.double().mean(dim=1).tolist()
 
 
-def compression_summary(network: Network, fro: LayerResult, mx: LayerResult) -> dict:
+def compression_summary(network: Graph, fro: LayerResult, mx: LayerResult) -> dict:
     """Section 6 thresholds of one layer, for the smallest and the median certified radius."""
-    step = network.steps[fro.index]
-    W = step.matrix
-    dense = not step.is_conv
+    layer = network.layer(fro.index)
+    W = layer.matrix
+    dense = network.is_dense(fro.index)
     errors = truncation_errors(W, dense)
-    summary = {"shape": list(step.weight.shape), "matrix": list(W.shape),
+    summary = {"shape": list(layer.weight.shape), "matrix": list(W.shape),
                "rank_error": "spectral" if dense else "frobenius",
                "certified_by_rank": certified_by_rank(errors, fro.lower)}
     for which in ("min", "median"):
@@ -251,8 +253,8 @@ def compression_summary(network: Network, fro: LayerResult, mx: LayerResult) -> 
 def benchmark_model(name: str, model: nn.Module, training: mnist_models.Training,
                     x: torch.Tensor, chunk: int) -> dict:
     """Certify every affine layer of ``model`` on ``x`` for both norms and summarise."""
-    network = Network.from_module(model)
     x64 = x.double()
+    network = capture(model, x64)
     predicted = network(x64).argmax(-1)
     results: dict[tuple[int, str], LayerResult] = {}
     for index in network.affine_indices:
@@ -283,7 +285,7 @@ def benchmark_model(name: str, model: nn.Module, training: mnist_models.Training
         },
         "layers": [
             {"label": results[index, "fro"].label, "index": index,
-             "name": network.steps[index].name,  # the module name, as in the model
+             "name": network.nodes[index].name,  # the module name, as in the model
              "hidden": index != network.affine_indices[-1],
              "norms": {norm: {"seconds": results[index, norm].seconds,
                               "method": results[index, norm].method,

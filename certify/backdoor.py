@@ -42,7 +42,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import torch
@@ -51,7 +50,7 @@ from torch import nn
 from torch.func import functional_call
 
 from certify.compression import singular_values_upper
-from certify.network import Network
+from certify.capture import capture
 from certify.perturbation import batch_target_change
 from certify.trigger import Trigger, attack_success
 
@@ -484,8 +483,9 @@ class TruncationCheck:
     layer's output with ``||dZ||_F < z_radius`` changes the class (section 4).
     ``change[k]``: the exact ``||(W - W_r) P||_F`` at ``ranks[k]``; ``flipped[k]``: the
     truncated network's class differs from the full-precision one.
-    ``threshold_rank``: the smallest ``r`` whose truncation error (``sigma_{r+1}`` dense,
-    the Frobenius tail for a convolution) is below the smallest ``lower``: certified safe.
+    ``threshold_rank``: the smallest ``r`` whose truncation error (``sigma_{r+1}`` for a
+    dense layer on a vector, the Frobenius tail for a convolution or a dense layer over a
+    sequence) is below the smallest ``lower``: certified safe.
     """
 
     layer: str
@@ -516,34 +516,32 @@ def truncation_check(model: nn.Module, layer: str, x: torch.Tensor,
     from certify.compression import thresholds
     from certify.radius import layer_radii, region_scale
 
-    network = Network.from_module(model)
-    names = {step.name: i for i, step in enumerate(network.steps)}
-    if layer not in names or layer not in {network.steps[i].name
-                                           for i in network.affine_indices}:
-        raise ValueError(f"layer {layer!r} is not an affine layer of the network; choose from "
-                         f"{[network.steps[i].name for i in network.affine_indices]}")
-    index = names[layer]
-    step = network.steps[index]
     x = x.double()
+    network = capture(model, x)
+    if layer not in network.layer_names:
+        raise ValueError(f"layer {layer!r} is not an affine layer of the network; choose from "
+                         f"{network.layer_names}")
+    index = network.affine_indices[network.layer_names.index(layer)]
+    op = network.layer(index)
     radii = layer_radii(network, x, index, "fro")
     with torch.no_grad():
-        states = network.trace_states(x)
-        values = [value for value, _ in states]
-    P = step.patches(values[index])
+        values = network.values(x)
+    h = values[network.input_of(index)]
+    P = op.patches(h)
     z_radius = radii.lower * region_scale(P, "fro")
     predicted = values[-1].argmax(-1)
-    W = step.matrix
+    W = op.matrix
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     changes, flips = [], []
     for r in ranks:
         LowRank(r).check(W, layer)
         tail = (U[:, r:] * S[r:]) @ Vh[r:]  # W - W_r
         changes.append(torch.linalg.matrix_norm(tail @ P))
-        truncated = dataclass_replace(step, weight=(W - tail).reshape(step.weight.shape))
-        out = Network(network.steps[:index] + (truncated,) + network.steps[index + 1:])
+        truncated = op.with_weight(W - tail)
         with torch.no_grad():
-            flips.append(out.run(values[index], index, states[index][1]).argmax(-1) != predicted)
-    threshold = thresholds(W, float(radii.lower.min()), "fro", dense=not step.is_conv).rank
+            flips.append(network.run(index, truncated(h), values).argmax(-1) != predicted)
+    threshold = thresholds(W, float(radii.lower.min()), "fro",
+                           dense=network.is_dense(index)).rank
     return TruncationCheck(layer, tuple(int(r) for r in ranks), singular_values_upper(W),
                            radii.lower, z_radius, torch.stack(changes), torch.stack(flips),
                            threshold)

@@ -51,7 +51,7 @@ from certify import __version__
 from certify.compression import thresholds
 from certify.inputs import InputError, inputs_for
 from certify.multilayer import uniform_budget
-from certify.network import Affine, Network
+from certify.graph import Graph
 from certify.radius import NORMS, Witness, layer_radii
 from certify.schema import FORMAT
 
@@ -84,9 +84,10 @@ def _witness_arrays(key: str, parts: list[Witness]) -> dict[str, np.ndarray]:
             f"{key}/right": torch.cat([w.right for w in parts]).numpy()}
 
 
-def certify_network(network: Network, x: torch.Tensor, *, model_sha256: str,
+def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
                     bias: bool = False, chunk: int = 64, progress: bool = True) -> Result:
-    """Radii of every affine layer for both norms, in chunks of inputs, with thresholds.
+    """Radii of every affine layer of the graph for both norms, in chunks of inputs, with
+    thresholds.
 
     Raises ``certify.inputs.InputTypeError`` / ``InputError`` for inputs that are not floats,
     are not finite or do not fit the network, as ``layer_radii`` does, and ``InputError``
@@ -100,14 +101,14 @@ def certify_network(network: Network, x: torch.Tensor, *, model_sha256: str,
     bar = tqdm(jobs, desc="certifying", unit="layer-norm", disable=not progress)
     per_layer: dict[int, dict] = {}
     for index, norm in bar:
-        layer: Affine = network.steps[index]
-        bar.set_postfix(layer=layer.name, norm=norm)
+        layer, name = network.layer(index), network.nodes[index].name
+        bar.set_postfix(layer=name, norm=norm)
         parts = [layer_radii(network, x[i:i + chunk], index, norm, bias)
                  for i in range(0, len(x), chunk)]
         lower = torch.cat([p.lower for p in parts])
-        entry = per_layer.setdefault(index, {"name": layer.name, "shape": list(layer.weight.shape)})
+        entry = per_layer.setdefault(index, {"name": name, "shape": list(layer.weight.shape)})
         limit = float(lower.min()) if len(lower) else math.inf
-        t = thresholds(layer.matrix, limit, norm, dense=not layer.is_conv)
+        t = thresholds(layer.matrix, limit, norm, dense=network.is_dense(index))
         entry[norm] = {
             "lower": _floats(lower),
             "upper": _floats(torch.cat([p.upper for p in parts])),
@@ -116,7 +117,7 @@ def certify_network(network: Network, x: torch.Tensor, *, model_sha256: str,
             "threshold": {"rank": t.rank, "bits": t.bits, "bits_per_channel": t.bits_per_channel,
                           "prune_ratio": t.prune_ratio},
         }
-        witnesses |= _witness_arrays(f"{layer.name}/{norm}", [p.witness for p in parts])
+        witnesses |= _witness_arrays(f"{name}/{norm}", [p.witness for p in parts])
     layers = [per_layer[i] for i in network.affine_indices]
     multilayer = {}
     for norm in NORMS:

@@ -28,7 +28,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from certify.check import CheckInputError
     from certify.inputs import InputError, InputTypeError
     from certify.loading import ModelLoadError
-    from certify.network import UnsupportedModelError
+    from certify.capture import UnsupportedModelError
     from certify.schema import CertificateFormatError
 
     return (CommandError, CheckInputError, InputError, InputTypeError, ModelLoadError,

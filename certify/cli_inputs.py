@@ -136,15 +136,16 @@ def crosscheck_onnx(path: str, module, x) -> str:
 
 
 def load(args: argparse.Namespace):
-    """Model, network, inputs, labels (or ``None``) and model hash, validated. An ONNX model is
-    cross-checked against onnxruntime first (the result on stderr)."""
+    """Network (the model's graph, captured for inputs shaped like the data's), inputs,
+    labels (or ``None``) and model hash, validated. An ONNX model is cross-checked against
+    onnxruntime first (the result on stderr)."""
     import sys
 
     import torch
 
+    from certify.capture import UnsupportedModelError, capture
     from certify.inputs import inputs_for
     from certify.loading import file_sha256, load_model
-    from certify.network import Network
 
     x, y = read_data(args.data)
     count = len(x)
@@ -152,11 +153,36 @@ def load(args: argparse.Namespace):
     module = load_model(args.model, factory=args.factory)
     if Path(args.model).suffix.lower() == ".onnx":
         print(crosscheck_onnx(args.model, module, x), file=sys.stderr, flush=True)
-    network = Network.from_module(module)
     try:
-        with torch.no_grad():
-            logits = network(inputs_for(network, torch.from_numpy(x[:1])))
+        network = capture(module, x[:1])
+    except UnsupportedModelError:
+        refusal = _refusal(module, x[:1])
+        if refusal is not None:  # the data, not the model, is the problem
+            raise CommandError(f"inputs of shape {x.shape[1:]} do not fit the model: "
+                               f"{refusal}") from None
+        raise
+    try:
+        inputs_for(network, torch.from_numpy(x[:1]))
     except ValueError as err:
         raise CommandError(f"inputs of shape {x.shape[1:]} do not fit the model: {err}") from None
-    y = labels(y, args.data, count, args.limit, logits.shape[-1])
+    y = labels(y, args.data, count, args.limit, network.nodes[-1].shape[0])
     return network, x, y, file_sha256(args.model)
+
+
+def _refusal(module, x) -> str | None:
+    """Why ``module`` itself cannot take the inputs ``x`` (run on a float64 copy in eval
+    mode), or ``None`` when it can."""
+    import copy
+
+    import torch
+
+    try:
+        copied = copy.deepcopy(module).to(torch.float64)
+        for m in copied.modules():
+            m.training = False
+        with torch.no_grad():
+            copied(torch.from_numpy(x))
+    except Exception as err:  # a module can fail on a wrong shape in any way it likes
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return None

@@ -1,4 +1,4 @@
-"""Concrete compressions of a Network, confronted with its certificate (THEORY.md section 6).
+"""Concrete compressions of a network's graph, confronted with its certificate (THEORY.md section 6).
 
 ``compression.py`` computes the compression levels that provably change no prediction;
 this module applies a compression ``g`` to the weight matrices of chosen affine layers
@@ -17,8 +17,9 @@ kind                    ``g(W)`` (``W`` the ``m x n`` matrix; a kernel as ``c_ou
 weight error ``E = W - g(W)`` (rigorous upper bounds of ``||E||_F``, ``||E||_2``,
 ``||E||_max``) and the exact change of the layer's output ``E P`` on each input. Given
 certified radii it marks an input harmless in a layer when the weight error is below the
-radius in a matching norm: the Frobenius radius of a dense layer certifies the spectral
-norm too (section 4: ``||E h|| <= ||E||_2 ||h||``), that of a convolution only ``||E||_F``.
+radius in a matching norm: the Frobenius radius of a dense layer on a vector certifies the
+spectral norm too (section 4: ``||E h|| <= ||E||_2 ||h||``), that of a convolution (or of a
+dense layer over a sequence: several columns) only ``||E||_F``.
 With one compressed layer, harmless implies the class cannot change; a harmless input
 whose class changed is a ``violation`` (a soundness bug). Radii of single layers do not
 compose: when several layers are compressed at once, only per-layer harmlessness is
@@ -27,7 +28,6 @@ reported, never a certificate.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -37,7 +37,7 @@ import torch
 
 from certify.compression import EPS, singular_values_upper
 from certify.inputs import InputError, inputs_for
-from certify.network import Affine, Network
+from certify.graph import Graph
 
 KINDS = ("rank", "bits", "bits_per_channel", "prune")
 MAX_BITS = 64
@@ -121,12 +121,12 @@ def _check_layers(compression: Compression, names: list[str]) -> None:
                          f"'{compression}'; the affine layers are: {', '.join(names)}")
 
 
-def compressed_indices(network: Network, compression: Compression) -> list[int]:
-    """Indices of the affine steps that ``compression`` applies to (all when unrestricted)."""
-    names = [network.steps[i].name for i in network.affine_indices]
-    _check_layers(compression, names)
+def compressed_indices(network: Graph, compression: Compression) -> list[int]:
+    """Node indices of the affine layers that ``compression`` applies to (all when
+    unrestricted)."""
+    _check_layers(compression, network.layer_names)
     return [i for i in network.affine_indices
-            if compression.layers is None or network.steps[i].name in compression.layers]
+            if compression.layers is None or network.nodes[i].name in compression.layers]
 
 
 def truncate(W: torch.Tensor, rank: int) -> torch.Tensor:
@@ -175,14 +175,13 @@ def compress_matrix(W: torch.Tensor, compression: Compression) -> torch.Tensor:
     return quantise(W, compression.level, per_channel=compression.kind == "bits_per_channel")
 
 
-def compress(network: Network, compression: Compression) -> Network:
-    """The same network with the chosen affine layers' weights replaced by ``g(W)``."""
-    steps = list(network.steps)
+def compress(network: Graph, compression: Compression) -> Graph:
+    """The same graph with the chosen affine layers' weights replaced by ``g(W)``."""
     for i in compressed_indices(network, compression):
-        step: Affine = steps[i]
-        weight = compress_matrix(step.matrix, compression).reshape(step.weight.shape)
-        steps[i] = dataclasses.replace(step, weight=weight)
-    return Network(tuple(steps))
+        layer = network.layer(i)
+        network = network.replace(i, layer.with_weight(compress_matrix(layer.matrix,
+                                                                       compression)))
+    return network
 
 
 @dataclass(frozen=True)
@@ -254,7 +253,8 @@ def _radii(certificate_lower, name: str, batch: int) -> dict[str, torch.Tensor]:
 
 def _harmless(errors: tuple[float, float, float], radii: dict, dense: bool) -> torch.Tensor:
     """Error below the radius in some norm: a zero error changes nothing. The ``fro`` radius
-    bounds the spectral norm of a dense layer (section 4), only the Frobenius norm of a conv."""
+    bounds the spectral norm of a dense layer on a vector (section 4), only the Frobenius
+    norm of a layer with several columns (a convolution, a dense layer over a sequence)."""
     fro, spectral, max_ = errors
     ok = torch.zeros(len(next(iter(radii.values()))), dtype=torch.bool)
     for norm, lower in radii.items():
@@ -263,7 +263,7 @@ def _harmless(errors: tuple[float, float, float], radii: dict, dense: bool) -> t
     return ok
 
 
-def compression_check(network: Network, x: torch.Tensor, compression: Compression,
+def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
                       certificate_lower: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                       chunk: int = 64) -> CompressionCheck:
     """Apply ``compression`` and confront it with the certified radii (section 6).
@@ -273,7 +273,7 @@ def compression_check(network: Network, x: torch.Tensor, compression: Compressio
     ``lower``, with ``inf`` for ``null``), for at least every compressed layer.
 
     Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats
-    or a non-``Network``, and ``ValueError`` (``certify.inputs.InputError`` for the inputs)
+    or a non-``Graph``, and ``ValueError`` (``certify.inputs.InputError`` for the inputs)
     for NaN/Inf inputs or weights, an empty batch, a shape the network cannot take, a bad
     ``chunk``, unknown layers or radii that do not match the inputs.
     """
@@ -284,26 +284,26 @@ def compression_check(network: Network, x: torch.Tensor, compression: Compressio
     small = compress(network, compression)
     before, after, changes = [], [], []
     for start in range(0, len(x), chunk):
-        values = network.trace(x[start:start + chunk])
+        values = network.values(x[start:start + chunk])
         before.append(values[-1].argmax(-1))
         after.append(small(x[start:start + chunk]).argmax(-1))
         parts = []
         for i in indices:  # E P: the change of the layer's output, bias untouched
-            step, E = network.steps[i], network.steps[i].matrix - small.steps[i].matrix
-            delta = torch.matmul(E, step.patches(values[i]))
+            layer, E = network.layer(i), network.layer(i).matrix - small.layer(i).matrix
+            delta = torch.matmul(E, layer.patches(values[network.input_of(i)]))
             parts.append((torch.linalg.matrix_norm(delta), delta.abs().amax(dim=(-2, -1))))
         changes.append(parts)
     predictions, compressed_predictions = torch.cat(before), torch.cat(after)
     layers = []
     for k, i in enumerate(indices):
-        step = network.steps[i]
-        errors = _upper_norms(step.matrix - small.steps[i].matrix)
+        name = network.nodes[i].name
+        errors = _upper_norms(network.layer(i).matrix - small.layer(i).matrix)
         harmless = None
         if certificate_lower is not None:
-            harmless = _harmless(errors, _radii(certificate_lower, step.name, len(x)),
-                                 dense=not step.is_conv)
+            harmless = _harmless(errors, _radii(certificate_lower, name, len(x)),
+                                 dense=network.is_dense(i))
         layers.append(LayerCompression(
-            step.name, *errors, torch.cat([c[k][0] for c in changes]),
+            name, *errors, torch.cat([c[k][0] for c in changes]),
             torch.cat([c[k][1] for c in changes]), harmless))
     changed = compressed_predictions != predictions
     harmless, violations = None, None

@@ -154,10 +154,10 @@ def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
     from certify.check import check
     from certify.schema import witness_path, write_certificate
     from certify.loading import file_sha256, load_model
-    from certify.network import Network
+    from certify.capture import capture
 
     module = load_model(str(weights), factory=FACTORY)
-    network = Network.from_module(module)
+    network = capture(module, x)
     result = certify_network(network, x, model_sha256=file_sha256(weights))
     path = weights.with_name("certificate.json")
     write_certificate(result.document, path)

@@ -4,14 +4,14 @@ affine layer's index, finite parameters.
 Two exceptions, raised by ``certify.radius.layer_radii``,
 ``certify.certificate.certify_network``, ``certify.multilayer.multilayer_bound`` and
 ``uniform_budget``, ``certify.compressed.compression_check`` and
-``certify.network.Network.from_module``; messages say what is wrong and how to fix it:
+``certify.capture.capture``; messages say what is wrong and how to fix it:
 
 * :class:`InputError` (a ``ValueError``): a value certify cannot use: NaN or Inf in the
   inputs or in the network's weights, an empty batch, a shape the network cannot take, an
   index that is not an affine layer, an unknown option;
 * :class:`InputTypeError` (a ``TypeError``): an argument of the wrong kind: inputs that are
   not a tensor or numpy array of floats (integers, booleans, complex numbers), a network that
-  is not a ``certify.network.Network``, a hand-built network whose weights are not float64.
+  is not a ``certify.graph.Graph``, a hand-built graph whose weights are not float64.
 
 Floating-point inputs of any precision are accepted and converted to float64 (every float16,
 bfloat16 or float32 value is a float64 value, so nothing is lost). The caller's tensors and
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from certify.network import Affine, Flatten, Network, advance
+from certify.graph import Graph
 
 __all__ = ["InputError", "InputTypeError", "affine_index", "check_network", "inputs_for",
            "require_finite"]
@@ -68,63 +68,51 @@ def brief(items, limit: int = 5) -> str:
 
 
 def check_network(network) -> None:
-    """A ``Network`` whose affine steps have finite float64 weights and biases.
+    """A ``Graph`` whose affine layers have finite float64 weights and biases.
 
-    ``Network.from_module`` guarantees both; a network built from its steps by hand may not,
-    and NaN weights would otherwise come out as NaN radii.
+    ``certify.capture.capture`` guarantees both; a graph changed by hand
+    (``Graph.replace``) may not, and NaN weights would otherwise come out as NaN radii.
     """
-    if not isinstance(network, Network):
+    if not isinstance(network, Graph):
         raise InputTypeError(
-            f"network must be a certify.network.Network, got {type(network).__name__}; build "
-            "one from a model with Network.from_module(model)")
+            f"network must be a certify.graph.Graph, got {type(network).__name__}; build "
+            "one from a model with certify.capture.capture(model, example)")
     if not network.affine_indices:
-        raise InputError("the network has no affine (Linear or Conv2d) step to certify")
+        raise InputError("the network has no affine layer (Linear, Conv1d/Conv2d, matmul by "
+                         "a weight) to certify")
     for i in network.affine_indices:
-        step = network.steps[i]
+        layer = network.layer(i)
         for part in ("weight", "bias"):
-            tensor = getattr(step, part)
+            tensor = getattr(layer, part)
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float64:
                 raise InputTypeError(
-                    f"layer {step.name!r}: its {part} must be a float64 tensor, got "
-                    f"{getattr(tensor, 'dtype', type(tensor).__name__)}; build the steps from "
-                    "float64 tensors (Network.from_module converts)")
-    require_finite(((f"{network.steps[i].name}.{part}", getattr(network.steps[i], part))
+                    f"layer {network.nodes[i].name!r}: its {part} must be a float64 tensor, "
+                    f"got {getattr(tensor, 'dtype', type(tensor).__name__)}; build the "
+                    "operators from float64 tensors (certify.capture.capture converts)")
+    require_finite(((f"{network.nodes[i].name}.{part}", getattr(network.layer(i), part))
                     for i in network.affine_indices for part in ("weight", "bias")), "the network")
 
 
-def affine_index(network: Network, index) -> int:
-    """``index`` as an int, checked to be the step index of an affine layer."""
+def affine_index(network: Graph, index) -> int:
+    """``index`` as an int, checked to be the node index of an affine layer."""
     if isinstance(index, bool):  # an int to Python, never meant as a layer
-        raise InputTypeError(f"index must be an integer step index, got {index!r}")
+        raise InputTypeError(f"index must be an integer node index, got {index!r}")
     try:
         index = operator.index(index)
     except TypeError:
         raise InputTypeError(
-            f"index must be an integer step index, got {type(index).__name__} {index!r}; the "
+            f"index must be an integer node index, got {type(index).__name__} {index!r}; the "
             f"affine layers are at {network.affine_indices}") from None
     if index not in network.affine_indices:
-        names = ", ".join(f"{i} ({network.steps[i].name!r})" for i in network.affine_indices)
-        raise InputError(f"step {index} is not an affine (Linear or Conv2d) layer; the affine "
-                         f"layers are at steps {names}")
+        names = ", ".join(f"{i} ({network.nodes[i].name!r})" for i in network.affine_indices)
+        raise InputError(f"node {index} is not an affine (Linear or convolution) layer; the "
+                         f"affine layers are at nodes {names}")
     return index
 
 
-def _expected(network: Network) -> tuple[str, int | None, int | None]:
-    """What the first affine layer (``check_network`` ensures there is one) needs: the shape
-    in words, the number of dimensions and the size of axis 1 (``None``: not fixed by that
-    layer alone)."""
-    flattened = False
-    for step in network.steps:
-        if isinstance(step, Flatten):
-            flattened = True
-        if isinstance(step, Affine):
-            break
-    n = step.weight.shape[1]
-    if flattened:
-        return f"(B, ...) with {n} values per input once flattened", None, None
-    if step.is_conv:
-        return f"(B, {n}, H, W)", 4, n
-    return f"(B, {n})", 2, n
+def _expected(network: Graph) -> str:
+    """The batch shape the graph takes, in words: ``(B, *input_shape)``."""
+    return "(B, " + ", ".join(map(str, network.input_shape)) + ")"
 
 
 def _as_float64(x, name: str) -> torch.Tensor:
@@ -144,25 +132,24 @@ def _as_float64(x, name: str) -> torch.Tensor:
     return x.detach().to(torch.float64)
 
 
-def inputs_for(network: Network, x, name: str = "x") -> torch.Tensor:
+def inputs_for(network: Graph, x, name: str = "x") -> torch.Tensor:
     """``x`` checked to be a batch the network can take, as a float64 tensor.
 
     ``x``: a torch tensor or numpy array of floating-point values (any precision; converted
-    to float64 without loss) with at least one input, shaped for the network's first affine
-    layer (``(B, in_features)`` for a dense one, ``(B, C, H, W)`` for a convolution) and
-    finite. The network is checked too (:func:`check_network`).
+    to float64 without loss) with at least one input, of the shape the graph was captured
+    for (``(B, *network.input_shape)``) and finite. The network is checked too
+    (:func:`check_network`).
 
     Raises :class:`InputTypeError` for a wrong type or dtype and :class:`InputError` for an
     empty batch, a wrong shape or NaN/Inf entries (naming the first offending inputs).
     """
     check_network(network)
     x = _as_float64(x, name)
-    expected, ndim, width = _expected(network)
+    expected = _expected(network)
     shape = tuple(x.shape)
-    if x.ndim < 2 or (ndim is not None and x.ndim != ndim) or \
-            (width is not None and shape[1] != width):
+    if x.ndim < 2 or shape[1:] != tuple(network.input_shape):
         hint = f"; for a single input pass {name}[None]" \
-            if ndim is not None and x.ndim == ndim - 1 and shape[:1] == (width,) else ""
+            if shape == tuple(network.input_shape) else ""
         raise InputError(f"{name} has shape {shape} but the network takes a batch of shape "
                          f"{expected}{hint}")
     if shape[0] == 0:
@@ -172,15 +159,15 @@ def inputs_for(network: Network, x, name: str = "x") -> torch.Tensor:
         raise InputError(f"{name} has NaN or Inf entries in {len(bad)} of {shape[0]} inputs, "
                          f"at indices {brief(bad)}; certificates need finite inputs: remove or "
                          "repair them")
-    # Later steps constrain the shape too (a convolution's spatial size must fit the dense
-    # layer after it): run one input, naming the step that refuses it.
-    value, stack = x[:1], ()
-    for i, step in enumerate(network.steps):
+    # A graph changed by hand may not fit its own input shape: run one input, naming the
+    # node that refuses it.
+    values = [x[:1]]
+    for i, node in enumerate(network.nodes[1:], start=1):
         try:
-            value, stack = advance(step, value, stack)
+            values.append(node.op(*(values[j] for j in node.inputs)))
         except (RuntimeError, IndexError) as err:
             raise InputError(
-                f"{name} has shape {shape}, which step {i} ({step.name!r}) of the network cannot "
-                f"take ({str(err).splitlines()[0]}); pass inputs of the size the network was "
-                f"built for, a batch of shape {expected}") from None
+                f"{name} has shape {shape}, which node {i} ({node.name!r}) of the network "
+                f"cannot take ({str(err).splitlines()[0]}); pass inputs of the size the "
+                f"network was built for, a batch of shape {expected}") from None
     return x

@@ -1,19 +1,14 @@
-"""Rigorous upper bounds of layer norms: THEORY.md section 5.
+"""Rigorous Lipschitz constants of the map from one node to the logits: THEORY.md section 5.
 
-A certificate may only use UPPER bounds of operator norms. Power iteration approaches the
-spectral norm from below and is never used here.
-
-* Dense spectral norm: the float64 SVD's ``sigma_1``, inflated by the LAPACK backward-error
-  margin ``SVD_SLACK * max(m, n) * eps * sigma_1`` (see ``certify.compression``).
-* Convolution as an operator on the whole feature map: ``Z = W P(x)``, and every input entry
-  lies in at most ``ceil(k_h / s_h) ceil(k_w / s_w)`` patches, so
-  ``||P(x)||_F <= sqrt(that count) ||x||_2`` and ``||conv||_2 <= sqrt(count) ||W||_2``.
-* ``l_inf -> l_inf`` norms (entrywise-max certificates): the largest absolute row sum of
-  the weight matrix, exact for dense layers and an upper bound for convolutions (padding
-  only removes terms). Sums are inflated by ``n eps`` for the rounding of the summation.
-* Residual blocks (``Save``/``Swap``/``Add`` steps of ``certify.network``): the constant of
-  ``f(x) + g(x)`` is at most ``L_f + L_g`` (triangle inequality, any norm), so constants are
-  combined by the same stack machine as the values (``downstream_constant``).
+A certificate may only use UPPER bounds of operator norms; power iteration approaches the
+spectral norm from below and is never used here. Each operator states its own constants
+(``certify.operators``: an affine layer's rigorous operator norm, ``sup |phi'|`` of an
+activation, Schur's test for linear maps, ``sqrt(overlap)`` for max pooling), in the l2
+(``"fro"``) or l_inf (``"max"``) geometry. Along the graph, the constant of a node with
+respect to ``Z_k`` (the output of layer ``k``) is combined from its inputs' by the operator
+(``Operator.combine``: the triangle inequality ``||f + g||_Lip <= ||f||_Lip + ||g||_Lip``
+for sums, the disjoint parts of a concatenation); nodes that do not depend on ``Z_k`` are
+constants of the map (constant 0, ``None`` here).
 """
 
 from __future__ import annotations
@@ -23,9 +18,8 @@ import math
 import torch
 
 from certify.compression import singular_values_upper
-from certify.network import STACK_STEPS, Activation, Add, Affine, Save, Swap
-
-EPS = torch.finfo(torch.float64).eps
+from certify.graph import Graph
+from certify.operators import Affine
 
 
 def spectral_norm_upper(weight: torch.Tensor) -> float:
@@ -33,64 +27,41 @@ def spectral_norm_upper(weight: torch.Tensor) -> float:
     return float(singular_values_upper(weight)[0])
 
 
-def patch_overlap(layer: Affine) -> int:
-    """How many patches of a convolution one input entry can lie in (1 for dense layers)."""
-    if not layer.is_conv:
-        return 1
-    k_h, k_w = layer.weight.shape[-2:]
-    d_h, d_w = layer.dilation
-    s_h, s_w = layer.stride
-    # A dilated kernel touches k positions spread over (k - 1) d + 1; with stride s an entry
-    # meets at most ceil(k / s) windows per axis when d = 1, and never more than k.
-    return min(k_h, math.ceil(((k_h - 1) * d_h + 1) / s_h)) * min(
-        k_w, math.ceil(((k_w - 1) * d_w + 1) / s_w)
-    )
+def node_constants(graph: Graph, start: int, norm: str) -> dict[int, tuple[float, ...]]:
+    """Each downstream node's own constants (one per input), computed once per layer: the
+    l2 operator norms of affine layers need an SVD."""
+    shapes = [node.shape for node in graph.nodes]
+    return {i: graph.nodes[i].op.lipschitz(norm, [shapes[j] for j in graph.nodes[i].inputs])
+            for i in graph.downstream(start)[1:]}
 
 
-def operator_norm_l2(layer: Affine) -> float:
-    """Upper bound of the layer's l2 operator norm (the map ``h -> W h``, or ``x -> conv(x)``)."""
-    return math.sqrt(patch_overlap(layer)) * spectral_norm_upper(layer.matrix)
+def downstream(graph: Graph, start: int, norm: str, constants=None) -> list[float | None]:
+    """``L_i``: the Lipschitz constant of every node's value as a function of node
+    ``start``'s (1 there), ``None`` for nodes that do not depend on it."""
+    constants = node_constants(graph, start, norm) if constants is None else constants
+    L: list[float | None] = [None] * len(graph.nodes)
+    L[start] = 1.0
+    for i in graph.downstream(start)[1:]:
+        node = graph.nodes[i]
+        own = constants[i]
+        L[i] = node.op.combine(norm, own, [L[j] for j in node.inputs])
+    return L
 
 
-def operator_norm_linf(layer: Affine) -> float:
-    """Upper bound of the layer's ``l_inf -> l_inf`` operator norm: the largest row l1 norm."""
-    W = layer.matrix
-    return float(W.abs().sum(dim=1).max()) * (1 + W.shape[1] * EPS)
-
-
-def step_lipschitz(step, norm: str) -> float | None:
-    """Lipschitz constant of any step in the l2 (``"fro"``) or l_inf (``"max"``) geometry:
-    operator norms for affine steps, ``sup |phi'|`` for activations, the pooling constants;
-    ``None`` for the stack steps, which ``downstream_constant`` combines instead."""
-    if isinstance(step, STACK_STEPS):
-        return None
-    if isinstance(step, Affine):
-        return operator_norm_l2(step) if norm == "fro" else operator_norm_linf(step)
-    if isinstance(step, Activation):
-        return step.lipschitz
-    return step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf
-
-
-def downstream_constant(steps, constants) -> float:
-    """Lipschitz constant of the map from the current value before ``steps`` to the current
-    value after them, the values already on the stack held fixed (THEORY.md sections 4, 5).
-
-    ``constants[i]`` is ``step_lipschitz(steps[i])``. The constants run through the stack
-    machine of the values: a step multiplies the current one, ``Save`` pushes it, ``Swap``
-    exchanges it with the top, ``Add`` gives ``L_current + L_popped`` (``||f + g||_Lip <=
-    ||f||_Lip + ||g||_Lip``); a value saved before ``steps`` is a constant, ``L = 0``. Without
-    residual blocks this is the product ``1 * c_0 * c_1 ...``, in that order.
-    """
-    current, saved = 1.0, []
-    for step, constant in zip(steps, constants):
-        if isinstance(step, Save):
-            saved.append(current)
-        elif isinstance(step, Swap):
-            top = saved.pop() if saved else 0.0
-            saved.append(current)
-            current = top
-        elif isinstance(step, Add):
-            current = current + (saved.pop() if saved else 0.0)
-        else:
-            current = current * constant
-    return current
+def class_rows(graph: Graph, y: torch.Tensor, norm: str) -> tuple[torch.Tensor, int]:
+    """``||W_L^T (e_y - e_j)||`` (l2 for fro, l1 for max), ``(B, C)``, ``inf`` at ``j = y``,
+    and the node whose constant multiplies them: the logits layer's input when the output
+    is a dense layer, else ``||e_y - e_j||`` (``sqrt 2``, 2) and the output itself."""
+    out = graph.nodes[graph.output]
+    if isinstance(out.op, Affine) and not out.op.is_conv:
+        W = out.op.weight
+        diff = W[y][:, None, :] - W[None, :, :]  # (B, C, n)
+        ord = 2 if norm == "fro" else 1
+        rows = torch.linalg.vector_norm(diff, ord=ord, dim=-1) * (1 + W.shape[1] * 1e-15)
+        node = graph.input_of(graph.output)
+    else:
+        C = out.shape[0]
+        rows = torch.full((len(y), C), math.sqrt(2) * (1 + 1e-15) if norm == "fro" else 2.0,
+                          dtype=torch.float64)
+        node = graph.output
+    return rows.scatter(-1, y[:, None], math.inf), node

@@ -1,6 +1,6 @@
 """All affine layers perturbed at once: THEORY.md section 5, "All layers at once".
 
-Every affine layer ``k`` (in ``network.affine_indices`` order) gets its own weight change
+Every affine layer ``k`` (in ``graph.affine_indices`` order) gets its own weight change
 ``D_k`` with ``||D_k|| <= e_k``. With ``h_k`` the unperturbed input of a step and ``dh_k``
 its change (``dh = 0`` at the network input), ``v = h + dh``, and ``~`` appending the bias
 (``W~ = [W, b]``, ``h~ = [h; 1]``, only with ``bias=True``), an affine step changes its output
@@ -8,8 +8,10 @@ by ``W dh + D v~``, so
 
     ||dz|| <= ||W||_op ||dh|| + e ||v~||,   ||v~|| <= ||h~|| + growth ||dh||,
 
-an activation or pooling step multiplies ``||dh||`` by its Lipschitz constant, and the
-margin ``m_j = c_j^T o`` (``c_j = e_y - e_j``) of the logits layer ``L`` moves by at most
+every other operator bounds its output's change by its Lipschitz constants and its inputs'
+(``Operator.combine``: a sum's bound is the sum of its operands', a concatenation's the l2
+sum or the max of its parts'), and the margin ``m_j = c_j^T o`` (``c_j = e_y - e_j``) of a
+dense logits layer ``L`` moves by at most
 
     |Delta m_j| <= ||W_L^T c_j||_dual ||dh_{L-1}|| + ||c_j||_dual e_L ||v~_{L-1}||.
 
@@ -27,10 +29,8 @@ The geometry follows the norm of ``D``:
   length when dense), so ``||v~||`` is ``max_j ||P~(h)_:j||_1`` and growth ``n``.
   Last layer: ``||c_j||_1 = 2``, ``||W_L^T c_j||_1``.
 
-Residual blocks (``Save``/``Swap``/``Add`` steps, ``certify.network``): the change of
-``f(h) + g(h)`` is at most the sum of the branches' changes, so the bounds on ``||dh||`` run
-through the stack machine of the values (``Save`` pushes the bound, ``Swap`` exchanges it
-with the top, ``Add`` adds the popped one).
+When the output is not a dense layer (an operator after the logits), ``|Delta m_j| <=
+||c_j||_dual ||Delta o||`` with ``||c_j||_dual`` ``sqrt 2`` or 2.
 
 The class is certified when ``(1 + SAFETY) |Delta m_j|``-bound ``< m_j`` for every
 ``j != y``: operator norms, ``sigma_max`` and row norms are rigorous float64 upper bounds
@@ -48,10 +48,10 @@ from dataclasses import dataclass
 import torch
 
 from certify import lipschitz
+from certify.graph import Graph
 from certify.inputs import InputError, check_network, inputs_for
-from certify.network import STACK_STEPS, Activation, Affine, Network
-from certify.radius import NORMS, SAFETY, _class_rows, _columns, _weight, predictions, \
-    region_scale
+from certify.operators import Affine
+from certify.radius import NORMS, SAFETY, _columns, _weight, predictions, region_scale
 
 # Bracket search for the uniform budget: octaves of t = 2^k tried around t = 1 (a change as
 # large as the weights), then bisection to this relative width.
@@ -88,12 +88,15 @@ class _Layer:
 
 @dataclass(frozen=True)
 class _Chain:
-    """The network reduced to the recursion's constants for a batch of inputs."""
+    """The graph reduced to the recursion's constants for a batch of inputs."""
 
-    steps: tuple  # every step before the logits layer: a _Layer, a Lipschitz constant or
-    # a stack step (Save, Swap, Add)
-    last: _Layer
-    rows: torch.Tensor  # (B, C) ||W_L^T c_j||_dual, 0 at j = y
+    graph: Graph
+    norm: str
+    layers: dict  # node -> _Layer, every affine layer
+    constants: dict  # node -> the operator's own Lipschitz constants (other nodes)
+    last: _Layer | None  # the dense logits layer, or None (then ||c_j|| ||Delta o||)
+    rows: torch.Tensor  # (B, C) ||W_L^T c_j||_dual (||c_j||_dual without a dense logits
+    # layer), 0 at j = y
     dual: float  # ||c_j||_dual: sqrt(2) or 2
     predictions: torch.Tensor
     margins: torch.Tensor
@@ -101,68 +104,67 @@ class _Chain:
     @property
     def sizes(self) -> torch.Tensor:
         """``||W~_k||`` of every affine layer, in order, ``(K,)``."""
-        layers = [s for s in self.steps if isinstance(s, _Layer)] + [self.last]
-        return torch.tensor([layer.size for layer in layers], dtype=torch.float64)
+        return torch.tensor([self.layers[i].size for i in self.graph.affine_indices],
+                            dtype=torch.float64)
 
 
 def _layer(step: Affine, h: torch.Tensor, norm: str, bias: bool) -> _Layer:
     P = _columns(step, h, bias)
     W = _weight(step, bias)
     if norm == "fro":
-        return _Layer(lipschitz.operator_norm_l2(step), region_scale(P, norm),
-                      math.sqrt(lipschitz.patch_overlap(step)), float(torch.linalg.matrix_norm(W)))
-    return _Layer(lipschitz.operator_norm_linf(step), region_scale(P, norm).amax(dim=-1),
+        return _Layer(step.operator_norm(norm), region_scale(P, norm),
+                      math.sqrt(step.overlap), float(torch.linalg.matrix_norm(W)))
+    return _Layer(step.operator_norm(norm), region_scale(P, norm).amax(dim=-1),
                   float(P.shape[1] - bias), float(W.abs().max()))
 
 
-def _chain(network: Network, x: torch.Tensor, norm: str, bias: bool) -> _Chain:
+def _chain(network: Graph, x: torch.Tensor, norm: str, bias: bool) -> _Chain:
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     x = inputs_for(network, x)
-    last = network.steps[-1]
-    if not isinstance(last, Affine) or last.is_conv:
-        raise InputError(f"the last step ({last.name}) must be a Linear layer producing the "
-                         "logits: the margin bound needs the class rows of its weight")
-    values = network.trace(x)
+    values = network.values(x)
     y, margins = predictions(network, x)
-    steps = []
-    for step, h in zip(network.steps[:-1], values):
-        if isinstance(step, Affine):
-            steps.append(_layer(step, h, norm, bias))
-        elif isinstance(step, STACK_STEPS):
-            steps.append(step)
-        elif isinstance(step, Activation):
-            steps.append(step.lipschitz)
-        else:  # Flatten, Pool
-            steps.append(step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf)
-    rows = _class_rows(network, y, norm).scatter(-1, y[:, None], 0.0)
+    shapes = [node.shape for node in network.nodes]
+    layers, constants = {}, {}
+    for i, node in enumerate(network.nodes[1:], start=1):
+        if isinstance(node.op, Affine):
+            layers[i] = _layer(node.op, values[node.inputs[0]], norm, bias)
+        else:
+            constants[i] = node.op.lipschitz(norm, [shapes[j] for j in node.inputs])
+    rows, through = lipschitz.class_rows(network, y, norm)
+    last = layers[network.output] if through != network.output else None
     dual = math.sqrt(2) if norm == "fro" else 2.0
-    return _Chain(tuple(steps), _layer(last, values[-2], norm, bias), rows, dual, y, margins)
+    return _Chain(network, norm, layers, constants, last, rows.scatter(-1, y[:, None], 0.0),
+                  dual, y, margins)
 
 
 def _margin_bound(chain: _Chain, budgets: torch.Tensor) -> torch.Tensor:
     """The section-5 recursion, ``(B, C)``; ``budgets`` is ``(K, B)`` (one row per layer).
 
-    ``||dz|| <= (||W||_op + e growth) ||dh|| + e ||h~||``, Lipschitz steps scale ``||dh||``,
-    residual blocks add the bounds of their branches (stack steps move them like values);
-    at the logits ``||W_L^T c_j|| ||dh|| + ||c_j|| e_L (||h~|| + growth ||dh||)``, times
-    ``1 + SAFETY``.
+    ``||dz|| <= (||W||_op + e growth) ||dh|| + e ||h~||``, other operators combine their
+    inputs' bounds (``Operator.combine``); at a dense logits layer
+    ``||W_L^T c_j|| ||dh|| + ||c_j|| e_L (||h~|| + growth ||dh||)``, else
+    ``||c_j|| ||Delta o||``; times ``1 + SAFETY``.
     """
-    delta = torch.zeros_like(chain.last.scale)
-    saved = ()
-    k = 0
-    for step in chain.steps:
-        if isinstance(step, STACK_STEPS):
-            delta, saved = step.move(delta, saved)
-        elif isinstance(step, _Layer):
-            e = budgets[k]
-            delta = (step.operator + e * step.growth) * delta + e * step.scale
-            k += 1
+    graph = chain.graph
+    budget = dict(zip(graph.affine_indices, budgets))
+    delta = [torch.zeros_like(chain.margins[:, 0])]
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        if i == graph.output and chain.last is not None:
+            break
+        if i in chain.layers:
+            layer, e = chain.layers[i], budget[i]
+            delta.append((layer.operator + e * layer.growth) * delta[node.inputs[0]] +
+                         e * layer.scale)
         else:
-            delta = step * delta
-    last = chain.last
-    reach = chain.dual * budgets[k] * (last.scale + last.growth * delta)
-    bound = chain.rows * delta[:, None] + reach[:, None]
+            delta.append(node.op.combine(chain.norm, chain.constants[i],
+                                         [delta[j] for j in node.inputs]))
+    if chain.last is None:
+        bound = chain.rows * delta[graph.output][:, None]
+    else:
+        last, h = chain.last, delta[graph.input_of(graph.output)]
+        reach = chain.dual * budget[graph.output] * (last.scale + last.growth * h)
+        bound = chain.rows * h[:, None] + reach[:, None]
     return (bound * (1 + SAFETY)).scatter(-1, chain.predictions[:, None], 0.0)
 
 
@@ -171,9 +173,9 @@ def _certified(chain: _Chain, budgets: torch.Tensor) -> torch.Tensor:
     return (_margin_bound(chain, budgets) < chain.margins).all(dim=-1)
 
 
-def _validated(network: Network, budgets) -> torch.Tensor:
+def _validated(network: Graph, budgets) -> torch.Tensor:
     check_network(network)
-    layers = [network.steps[i].name for i in network.affine_indices]
+    layers = network.layer_names
     try:
         values = [float(b) for b in budgets]
     except (TypeError, ValueError):
@@ -189,7 +191,7 @@ def _validated(network: Network, budgets) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def multilayer_bound(network: Network, x: torch.Tensor, budgets, norm: str,
+def multilayer_bound(network: Graph, x: torch.Tensor, budgets, norm: str,
                      bias: bool = False) -> MultilayerBound:
     """Bounds on every margin change when all affine layers move at once (section 5).
 
@@ -201,10 +203,9 @@ def multilayer_bound(network: Network, x: torch.Tensor, budgets, norm: str,
     (module docstring for each norm's constants).
 
     Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats
-    or a non-``Network``, and ``certify.inputs.InputError`` (a ``ValueError``) for NaN/Inf
+    or a non-``Graph``, and ``certify.inputs.InputError`` (a ``ValueError``) for NaN/Inf
     inputs or weights, an empty batch, a shape the network cannot take, budgets that are not
-    one finite ``e_k >= 0`` per affine layer, an unknown norm, or a network whose last step
-    is not a Linear layer.
+    one finite ``e_k >= 0`` per affine layer, or an unknown norm.
     """
     e = _validated(network, budgets)
     chain = _chain(network, x, norm, bias)
@@ -214,7 +215,7 @@ def multilayer_bound(network: Network, x: torch.Tensor, budgets, norm: str,
                            certified)
 
 
-def uniform_budget(network: Network, x: torch.Tensor, norm: str,
+def uniform_budget(network: Graph, x: torch.Tensor, norm: str,
                    bias: bool = False) -> torch.Tensor:
     """Per input, the largest ``t`` with budgets ``e_k = t ||W~_k||`` certified, ``(B,)``.
 
@@ -234,7 +235,7 @@ def uniform_budget(network: Network, x: torch.Tensor, norm: str,
     def certified(t: torch.Tensor) -> torch.Tensor:
         return _certified(chain, sizes * t[None, :])
 
-    lo = torch.zeros_like(chain.last.scale)
+    lo = torch.zeros_like(chain.margins[:, 0])
     hi = torch.full_like(lo, math.inf)
     t = torch.ones_like(lo)
     for _ in range(OCTAVES):  # double above a certified t, halve below a failed one

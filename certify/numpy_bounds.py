@@ -1,203 +1,252 @@
-"""The numpy twin of the bounds: global Lipschitz, local (interval, CROWN, interval
-Jacobian), the exact last layer and the all-layers recursion (THEORY.md sections 3 to 5).
+"""The numpy twin of the single-layer bounds: global Lipschitz, local (interval, CROWN and
+the interval Jacobian on the section-4 region) and the exact last layer (THEORY.md
+sections 3 to 5, 8).
 
-An independent re-implementation, in float64 numpy, of what ``certify.radius``,
-``certify.linear_bounds`` and ``certify.multilayer`` compute in torch; ``certify.check``
-evaluates these at a certificate's claimed radii. Residual blocks run on a stack here too
-(``move``): every pass from a layer continues with the values saved on the stack after it
-(constants), the Lipschitz constants and the multi-layer deviations of the branches add up,
-and the backward passes carry a stack of rows whose leftovers multiply the saved constants.
+An independent re-implementation, in float64 numpy on a ``NumpyGraph``, of what
+``certify.radius``, ``certify.lipschitz`` and ``certify.linear_bounds`` compute in torch,
+with the same relaxations so that it confirms the radii they claim: ``certify.check``
+evaluates these at a certificate's claimed radius. Every node that does not depend on the
+perturbed layer is a constant of the map (its unperturbed value in ``values``).
+
+Floating point: every interval and bound is widened by ``ROUND`` times the magnitudes that
+entered it (relative 1e-10, far above float64 rounding); operator norms and region scales
+are upper bounds (``spectral_upper``: LAPACK's sigma_1 plus ``8 max(m, n) eps sigma_1``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from certify.lipschitz import patch_overlap
-from certify.network import (GELU_ARGMIN, GELU_DERIVATIVE, GELU_FLOOR, Activation, Affine, Flatten,
-                             Network, Pool, Save)
-from certify.numpy_forward import (STACK, activation, affine, avg_adjoint, columns, forward, move,
-                                   times_weight)
+from certify.numpy_forward import NumpyGraph
+from certify.numpy_operators import ROUND, AffineTwin
+from certify.numpy_operators.base import row_sum, spectral_upper
 
-# Relative inflation of the multi-layer margin bound for its own rounding; the producer
-# (certify.multilayer) uses the same and leaves this much slack in the t it claims.
-MULTILAYER_SAFETY = 1e-9
+# -- global (section 5) --------------------------------------------------------------------
 
-
-def spectral_upper(W: np.ndarray) -> float:
-    s = np.linalg.svd(W, compute_uv=False)
-    return float(s[0] * (1 + 8 * max(W.shape) * np.finfo(float).eps))
+def node_constants(graph: NumpyGraph, start: int, norm: str) -> dict[int, tuple]:
+    return {i: graph.nodes[i].twin.lipschitz(norm) for i in graph.downstream(start)[1:]}
 
 
-def lipschitz(step, norm: str) -> float:
-    if isinstance(step, Affine):
-        W = step.matrix.numpy()
-        if norm == "fro":
-            return math.sqrt(patch_overlap(step)) * spectral_upper(W)
-        return float(np.abs(W).sum(axis=1).max()) * (1 + W.shape[1] * 1e-15)
-    if isinstance(step, Activation):
-        return step.lipschitz
-    return step.lipschitz_l2 if norm == "fro" else step.lipschitz_linf
+def lipschitz_downstream(graph: NumpyGraph, start: int, norm: str, constants=None) -> list:
+    """Every node's Lipschitz constant as a function of node ``start``'s value (``None``:
+    it does not depend on it; ``inf`` after a softplus, which jumps)."""
+    constants = node_constants(graph, start, norm) if constants is None else constants
+    L = [None] * len(graph.nodes)
+    L[start] = 1.0
+    for i in graph.downstream(start)[1:]:
+        node = graph.nodes[i]
+        L[i] = node.twin.combine(norm, constants[i], [L[j] for j in node.inputs])
+    return L
+
+
+def class_rows(graph: NumpyGraph, y: np.ndarray, norm: str) -> tuple[np.ndarray, int]:
+    """``||W_L^T (e_y - e_j)||`` (l2 for fro, l1 for max) ``(B, C)``, ``inf`` at ``y``, and
+    the node whose constant multiplies them (the logits layer's input when it is dense);
+    ``||e_y - e_j||`` and the output itself otherwise."""
+    out = graph.nodes[graph.output].twin
+    if isinstance(out, AffineTwin) and not out.is_conv:
+        W = out.matrix
+        ord = 2 if norm == "fro" else 1
+        rows = np.linalg.norm(W[y][:, None, :] - W[None], ord=ord, axis=-1) * \
+            (1 + W.shape[1] * 1e-15)
+        node = graph.input_of(graph.output)
+    else:
+        C = graph.nodes[graph.output].shape[0]
+        rows = np.full((len(y), C), math.sqrt(2) * (1 + 1e-15) if norm == "fro" else 2.0)
+        node = graph.output
+    rows[np.arange(len(y)), y] = np.inf
+    return rows, node
+
+
+def columns(layer: AffineTwin, h: np.ndarray, bias: bool) -> np.ndarray:
+    """``P~`` ``(B, n, L)``: the layer input as columns, a row of ones for the bias."""
+    P = layer.patches(h)
+    return np.concatenate([P, np.ones_like(P[:, :1])], axis=1) if bias else P
 
 
 def region_scale(P: np.ndarray, norm: str) -> np.ndarray:
+    """``fro``: ``sigma_max(P~)`` per input (an upper bound); ``max``: ``||P~_:j||_1``
+    ``(B, L)``."""
     if norm == "fro":
+        if P.shape[-1] == 1:
+            return np.linalg.norm(P[..., 0], axis=-1) * (1 + P.shape[1] * 1e-15)
         return np.array([spectral_upper(p) for p in P])
     return np.abs(P).sum(axis=1) * (1 + P.shape[1] * 1e-15)
 
 
-def _downstream(steps, norm: str) -> float:
-    """Lipschitz constant of ``steps`` (values saved before them fixed): products along a
-    chain, a residual block's branches summed (the constants ride the stack, saved ones 0)."""
-    current, saved = 1.0, ()
-    for step in steps:
-        if isinstance(step, STACK):
-            if not saved and not isinstance(step, Save):
-                saved = (0.0,)  # the top was saved before these steps: a constant
-            current, saved = move(step, current, saved, add=lambda a, b: a + b)
-        else:
-            current = current * lipschitz(step, norm)
-    return current
-
-
-def global_lower(network: Network, index: int, P, y, margins, norm: str) -> np.ndarray:
-    W = network.steps[-1].weight.numpy()
-    ord = 2 if norm == "fro" else 1
-    rows = np.linalg.norm(W[y][:, None, :] - W[None], ord=ord, axis=-1) * (1 + W.shape[1] * 1e-15)
-    lip = _downstream(network.steps[index + 1:-1], norm)
+def global_lower(graph: NumpyGraph, index: int, P, y, margins, norm: str) -> np.ndarray:
+    """``min_j m_j / (||W_L^T c_j|| L scale(P~))`` (section 5)."""
+    rows, node = class_rows(graph, y, norm)
+    lip = lipschitz_downstream(graph, index, norm)[node]
     scale = region_scale(P, norm)
     if norm == "max":
         scale = scale.max(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         bound = np.where(np.isfinite(margins), margins / (rows * lip), np.inf)
-    return bound.min(axis=-1) / scale
+        return bound.min(axis=-1) / scale
 
 
-ROUND = 1e-10
+# -- local (sections 4, 8) -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Region:
+    """``z + rho U``: the l2 ball of radius ``unit`` ``(B,)`` (fro) or the box
+    ``|dz| <= unit`` (max, shaped like ``z``)."""
+
+    z: np.ndarray
+    norm: str
+    unit: np.ndarray
+
+    @classmethod
+    def of(cls, layer: AffineTwin, z, P, norm: str) -> Region:
+        scale = region_scale(P, norm)
+        if norm == "fro":
+            return cls(z, norm, scale)
+        B, L = scale.shape
+        unit = np.broadcast_to(scale[:, None, :], (B, layer.weight.shape[0], L))
+        return cls(z, norm, layer.uncolumns(np.ascontiguousarray(unit)))
+
+    def box(self, rho):
+        shape = (-1, *[1] * (self.z.ndim - 1))
+        if self.norm == "fro":
+            return np.broadcast_to((rho * self.unit).reshape(shape), self.z.shape)
+        return rho.reshape(shape) * self.unit
+
+    def dual(self, A):
+        """``sup_{u in U} A u`` for rows ``(B, R, *z)``."""
+        flat = A.reshape(*A.shape[:2], -1)
+        if self.norm == "fro":
+            return np.linalg.norm(flat, axis=-1) * self.unit[:, None]
+        return np.einsum("brn,bn->br", np.abs(flat), self.unit.reshape(len(flat), -1))
+
+    def value(self, A):
+        """``A z`` and ``|A| |z|``."""
+        flat, z = A.reshape(*A.shape[:2], -1), self.z.reshape(len(A), -1)
+        return np.einsum("brn,bn->br", flat, z), np.einsum("brn,bn->br", np.abs(flat), np.abs(z))
 
 
-def _interval(step, lo: np.ndarray, hi: np.ndarray):
-    """Bounds of a step's output over the box ``[lo, hi]`` (interval arithmetic)."""
-    if isinstance(step, Affine):
-        center, rad = (lo + hi) / 2, (hi - lo) / 2
-        Pc, spatial = columns(step, center, False)
-        Pr, _ = columns(step, rad, False)
-        c = affine(step, Pc, spatial, step.matrix.numpy(), False)
-        zero_bias = Affine(step.name, step.weight, step.bias * 0)
-        width = affine(zero_bias, Pr, spatial, np.abs(step.matrix.numpy()), False) * (1 + 1e-12)
-        return c - width, c + width
-    if isinstance(step, Activation) and step.kind == "gelu":
-        a, b = activation(step, lo), activation(step, hi)
-        inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
-        return np.where(inside, GELU_FLOOR, np.minimum(a, b)), np.maximum(a, b)
-    one = Network((step,))
-    return forward(one, lo), forward(one, hi)
+@dataclass
+class Linear:
+    """Rows ``A z + d +- e``; ``size`` the magnitude rounding is measured against."""
+
+    A: np.ndarray | None
+    d: np.ndarray
+    e: np.ndarray
+    size: np.ndarray
 
 
-def _rows_sum(t: np.ndarray) -> np.ndarray:
-    return t.reshape(*t.shape[:2], -1).sum(-1)
+def backward(graph: NumpyGraph, start: int, seeds: dict, d, boxes, values, lower) -> Linear:
+    """Rows ``seeds`` (node -> ``(B, R, *shape)``) walked back to node ``start`` through
+    every operator's linear rule; rows on constants enter ``d``."""
+    e, size = np.zeros_like(d), np.abs(d)
+    rows = dict(seeds)
+    moving = set(graph.downstream(start))
 
+    def constant(j, R):
+        nonlocal d, size
+        d = d + row_sum(R * values[j][:, None])
+        size = size + row_sum(np.abs(R) * np.abs(values[j])[:, None])
 
-def _backward(A, d, e, size, steps, intervals, lower_only: bool, stack: tuple = ()):
-    """Rows ``A x + d +- e`` walked back through ``steps`` (``A`` None: constant); ``stack``
-    holds the (constant) values saved on the stack before ``steps[0]``."""
-    saved = ()  # rows on the top stack values; None: zero rows
-    for step, (lo, hi) in zip(reversed(steps), reversed(intervals)):
-        if isinstance(step, STACK):
-            A, saved = step.move_back(A, saved)
+    for i in sorted(rows, reverse=True):
+        if i not in moving:
+            constant(i, rows.pop(i))
+    for i in reversed(graph.downstream(start)):
+        if i == start or i not in rows:
             continue
-        if A is None:
-            continue
-        if isinstance(step, Affine):
-            bias = step.bias.numpy()
-            add = _rows_sum(A * (bias[:, None, None] if step.is_conv else bias))
-            A = times_weight(A, step, step.matrix.numpy(), lo.shape[1:])
-            d, size = d + add, size + np.abs(add)
-        elif isinstance(step, Activation) and step.kind in ("relu", "leaky_relu"):
-            f_lo, f_hi = activation(step, lo), activation(step, hi)
-            unstable = (lo < 0) & (hi > 0)
-            stable = np.where(lo >= 0, 1.0, step.slope)
-            chord = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0), stable)
-            if lower_only and 0 <= step.slope <= 1:
-                b_up = f_lo - chord * lo
-                b_up = np.where(unstable, b_up + np.maximum(f_hi - (chord * hi + b_up), 0)
-                                + ROUND * (np.abs(f_lo) + np.abs(f_hi)), 0.0)
-                s_low = np.where(unstable, np.where(hi >= -lo, 1.0, step.slope), stable)
-                pos, neg = np.clip(A, 0, None), np.clip(A, None, 0)
-                add = _rows_sum(neg * b_up[:, None])
-                A, d, size = pos * s_low[:, None] + neg * chord[:, None], d + add, size + np.abs(add)
+        node = graph.nodes[i]
+        inputs, d_add, e_add = node.twin.backward(rows.pop(i), [boxes[j] for j in node.inputs],
+                                                  lower)
+        if d_add is not None:
+            d, size = d + d_add, size + np.abs(d_add)
+        if e_add is not None:
+            e, size = e + e_add, size + e_add
+        for j, R in zip(node.inputs, inputs):
+            if R is None:
+                continue
+            if j in moving:
+                rows[j] = rows[j] + R if j in rows else R
             else:
-                g_lo, g_hi = f_lo - chord * lo, f_hi - chord * hi
-                zero = np.where(unstable, 0.0, g_lo)
-                low = np.minimum(np.minimum(g_lo, g_hi), zero)
-                high = np.maximum(np.maximum(g_lo, g_hi), zero)
-                mu = (high + low) / 2
-                nu = (high - low) / 2 + ROUND * (np.abs(lo) + np.abs(hi))
-                add, err = _rows_sum(A * mu[:, None]), _rows_sum(np.abs(A) * nu[:, None])
-                A, d, e, size = A * chord[:, None], d + add, e + err, size + np.abs(add) + err
-        elif isinstance(step, Flatten):
-            A = A.reshape(*A.shape[:2], *lo.shape[1:])
-        elif isinstance(step, Pool) and step.kind == "avg":
-            A = avg_adjoint(step, A, lo.shape[1:])
-        else:
-            low, high = _interval(step, lo, hi)
-            add = _rows_sum(A * ((high + low) / 2)[:, None])
-            err = _rows_sum(np.abs(A) * ((high - low) / 2)[:, None])
-            A, d, e, size = None, d + add, e + err, size + np.abs(add) + err
-    if any(rows is not None for rows in saved[:max(len(saved) - len(stack), 0)]):
-        raise ValueError("rows left for values saved before the start, but no stack given")
-    for rows, value in zip(reversed(saved), reversed(stack)):
-        if rows is not None:
-            add = _rows_sum(rows * value[:, None])
-            d, size = d + add, size + _rows_sum(np.abs(rows) * np.abs(value)[:, None])
-    return A, d, e, size
+                constant(j, R)
+    return Linear(rows.get(start), d, e, size)
 
 
-def _concretise(A, z, norm: str, unit):
-    """``A z``, ``|A| |z|`` and ``sup_{u in U} A u`` for rows ``A``."""
-    flat, zf = A.reshape(*A.shape[:2], -1), z.reshape(len(z), -1)
-    at_z = np.einsum("brn,bn->br", flat, zf)
-    magnitude = np.einsum("brn,bn->br", np.abs(flat), np.abs(zf))
-    if norm == "fro":
-        dual = np.linalg.norm(flat, axis=-1) * unit[:, None]
-    else:
-        dual = np.einsum("brn,bn->br", np.abs(flat), unit.reshape(len(z), -1))
-    return at_z, magnitude, dual
+def _concretise(f: Linear, region: Region, rho):
+    center, size, spread = f.d, f.size, f.e
+    if f.A is not None:
+        value, magnitude = region.value(f.A)
+        center, size = center + value, size + magnitude
+        spread = spread + rho[:, None] * region.dual(f.A)
+    return center, spread, ROUND * (size + spread)
 
 
-def _refined(steps, intervals, i, z, norm, unit, rho, stack):
-    lo, hi = intervals[i]
-    B, shape = len(lo), lo.shape[1:]
-    flat_lo, flat_hi = lo.reshape(B, -1), hi.reshape(B, -1)
-    if steps[i].kind in ("relu", "leaky_relu"):
-        wanted = (flat_lo < 0) & (flat_hi > 0)
-    else:
-        wanted = np.ones_like(flat_lo, dtype=bool)
+def _refine(graph, start, i, wanted, boxes, values, region, rho):
+    """Backward-pass bounds of node ``i``'s ``wanted`` entries, intersected with its box."""
+    lo, hi = boxes[i]
+    B = len(lo)
+    flat_lo, flat_hi = lo.reshape(B, -1).copy(), hi.reshape(B, -1).copy()
+    wanted = wanted.reshape(B, -1)
     k = int(wanted.sum(-1).max())
     if k == 0:
         return lo, hi
     order = np.argsort(~wanted, axis=-1, kind="stable")[:, :k]
-    previous = steps[i - 1]
-    if isinstance(previous, Affine) and not previous.is_conv:
-        A, d = previous.weight.numpy()[order], previous.bias.numpy()[order]
-        walked = i - 1
+    twin = graph.nodes[i].twin
+    if i != start and isinstance(twin, AffineTwin) and graph.is_dense(i):
+        f = backward(graph, start, {graph.input_of(i): twin.matrix[order]}, twin.bias[order],
+                     boxes, values, lower=False)
     else:
         A = np.zeros((B, k, flat_lo.shape[1]))
         np.put_along_axis(A, order[..., None], 1.0, axis=-1)
-        A, d, walked = A.reshape(B, k, *shape), np.zeros((B, k)), i
-    A, center, spread, size = _backward(A, d, np.zeros_like(d), np.abs(d), steps[:walked],
-                                        intervals[:walked], lower_only=False, stack=stack)
-    if A is not None:
-        at_z, magnitude, dual = _concretise(A, z, norm, unit)
-        center, size, spread = center + at_z, size + magnitude, spread + rho[:, None] * dual
-    slack = ROUND * (size + spread)
+        f = backward(graph, start, {i: A.reshape(B, k, *lo.shape[1:])}, np.zeros((B, k)),
+                     boxes, values, lower=False)
+    center, spread, slack = _concretise(f, region, rho)
     new_lo = np.maximum(np.take_along_axis(flat_lo, order, -1), center - spread - slack)
     new_hi = np.minimum(np.take_along_axis(flat_hi, order, -1), center + spread + slack)
     np.put_along_axis(flat_lo, order, new_lo, -1)
     np.put_along_axis(flat_hi, order, new_hi, -1)
     return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
+
+
+def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, values,
+                        refine: bool) -> dict:
+    """Boxes of every downstream node over ``z + rho U`` (and points for the constants
+    they read): interval propagation, for the l2 ball intersected with the reach bounds of
+    affine layers (``r_i >= ||x_i - nominal_i||_2``: the operators' l2 constants or the
+    box's farthest corner); for nodes feeding a nonlinear operator, refined by backward
+    passes (``refine``) on the entries their consumers mark unstable."""
+    box = region.box(rho)
+    boxes = {start: (region.z - box, region.z + box)}
+    ball = region.norm == "fro"
+    reach = {start: rho * region.unit} if ball else {}
+    constants = node_constants(graph, start, "fro") if ball else {}
+    moving = set(graph.downstream(start))
+    for i in graph.downstream(start)[1:]:
+        node = graph.nodes[i]
+        for j in node.inputs:
+            if j not in moving and j not in boxes:
+                boxes[j] = (values[j], values[j])
+        lo, hi = node.twin.interval(*[boxes[j] for j in node.inputs])
+        if ball:
+            if isinstance(node.twin, AffineTwin):
+                j = node.inputs[0]
+                r_lo, r_hi = node.twin.reach_interval(boxes[j], values[j], reach[j])
+                lo, hi = np.maximum(lo, r_lo), np.minimum(hi, r_hi)
+            corner = np.maximum(hi - values[i], values[i] - lo).reshape(len(lo), -1)
+            with np.errstate(invalid="ignore"):  # inf (softplus) times a zero reach
+                combined = node.twin.combine("fro", constants[i],
+                                             [reach.get(j) for j in node.inputs])
+            reach[i] = np.minimum(combined, np.linalg.norm(corner, axis=-1) * (1 + ROUND))
+        boxes[i] = (lo, hi)
+        consumers = [graph.nodes[c].twin for c in graph.consumers[i]
+                     if graph.nodes[c].twin.nonlinear] if refine and i != graph.output else []
+        if consumers:
+            wanted = np.zeros(lo.shape, dtype=bool)
+            for twin in consumers:
+                wanted |= twin.unstable(lo, hi)
+            boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho)
+    return boxes
 
 
 def _interval_add(a, b):
@@ -206,189 +255,137 @@ def _interval_add(a, b):
             a_hi + b_hi + ROUND * (np.abs(a_hi) + np.abs(b_hi)))
 
 
-def _intermediate(network, start, z, norm, unit, rho, refine: bool, stack: tuple = ()):
-    steps = network.steps[start:-1]
-    box = np.broadcast_to((rho * unit).reshape(-1, *[1] * (z.ndim - 1)), z.shape) \
-        if norm == "fro" else rho.reshape(-1, *[1] * (z.ndim - 1)) * unit
-    intervals = [(z - box, z + box)]
-    nominal, reach = z, (rho * unit if norm == "fro" else None)
-    # The stacks of intervals, nominal values and l2 reaches (saved constants: reach 0).
-    saved_box, saved_nominal = tuple((v, v) for v in stack), stack
-    saved_reach = tuple(np.zeros(len(z)) for _ in stack)
-    for i in range(1, len(steps) + 1):
-        step = steps[i - 1]
-        if isinstance(step, STACK):
-            interval, saved_box = move(step, intervals[-1], saved_box, add=_interval_add)
-            intervals.append(interval)
-            if reach is not None:  # the nominal value only serves the l2 reach (fro)
-                nominal, saved_nominal = move(step, nominal, saved_nominal)
-                reach, saved_reach = move(step, reach, saved_reach,
-                                           add=lambda a, b: (a + b) * (1 + ROUND))
-            if refine and i < len(steps) and isinstance(steps[i], Activation):
-                intervals[i] = _refined(steps, intervals, i, z, norm, unit, rho, stack)
-            continue
-        lo, hi = _interval(step, *intervals[-1])
-        if reach is not None:
-            nominal_out = forward(Network((step,)), nominal)
-            if isinstance(step, Affine):
-                before_lo, before_hi = intervals[-1]
-                varies = (before_hi > before_lo).astype(float)
-                Pv, spatial = columns(step, varies, False)
-                zero_bias = Affine(step.name, step.weight, step.bias * 0)
-                rows = np.sqrt(affine(zero_bias, Pv, spatial, step.matrix.numpy() ** 2, False))
-                spread = rows * (1 + ROUND) * reach.reshape(-1, *[1] * (lo.ndim - 1))
-                lo = np.maximum(lo, nominal_out - spread * (1 + ROUND))
-                hi = np.minimum(hi, nominal_out + spread * (1 + ROUND))
-            corner = np.maximum(hi - nominal_out, nominal_out - lo).reshape(len(lo), -1)
-            reach = np.minimum(reach * lipschitz(step, "fro"),
-                               np.linalg.norm(corner, axis=-1) * (1 + ROUND))
-            nominal = nominal_out
-        intervals.append((lo, hi))
-        if refine and i < len(steps) and isinstance(steps[i], Activation):
-            intervals[i] = _refined(steps, intervals, i, z, norm, unit, rho, stack)
-    return intervals
+def class_vectors(graph: NumpyGraph, y: np.ndarray) -> np.ndarray:
+    """``e_y - e_j`` for every class ``j``, ``(B, C, C)``."""
+    eye = np.eye(graph.nodes[graph.output].shape[0])
+    return eye[y][:, None, :] - eye[None]
 
 
-def _derivatives(step: Activation, lo, hi):
-    if step.kind in ("relu", "leaky_relu"):
-        a, b = min(step.slope, 1.0), max(step.slope, 1.0)
-        low = np.where(hi < 0, step.slope, np.where(lo > 0, 1.0, a))
-        high = np.where(hi < 0, step.slope, np.where(lo > 0, 1.0, b))
-        return low, high
-    if step.kind in ("tanh", "sigmoid"):
-        def derivative(x):
-            if step.kind == "tanh":
-                return 1 - np.tanh(x) ** 2
-            s = 1 / (1 + np.exp(-x))
-            return s * (1 - s)
-        d_lo, d_hi = derivative(lo), derivative(hi)
-        top = np.where((lo <= 0) & (hi >= 0), derivative(0.0), np.maximum(d_lo, d_hi))
-        return np.minimum(d_lo, d_hi) * (1 - ROUND), top * (1 + ROUND)
-    return np.full_like(lo, GELU_DERIVATIVE[0]), np.full_like(lo, GELU_DERIVATIVE[1])
-
-
-def _jacobian_dual(network, start, intervals, C, norm, unit):
-    """The interval-Jacobian slope of ``certify.linear_bounds.jacobian_line``, or None."""
-    rows, saved = (C, C), ()  # interval rows (lo, hi); None: zero rows
-    for step, (x_lo, x_hi) in zip(reversed(network.steps[start:-1]), reversed(intervals)):
-        if isinstance(step, STACK):
-            rows, saved = step.move_back(rows, saved, _interval_add)
+def jacobian_slope(graph: NumpyGraph, start: int, region: Region, boxes, y):
+    """``|m_j(z + dz) - m_j(z)| <= rho' slope_j`` on the region (mean value theorem): the
+    interval Jacobian of the margins walked back by the operators' ``jacobian`` rules, in the
+    region's dual norm; ``None`` where an operator has none (max pooling)."""
+    C = class_vectors(graph, y)
+    rows = {graph.output: (C, C)}
+    moving = set(graph.downstream(start))
+    for i in reversed(graph.downstream(start)):
+        if i == start or i not in rows:
             continue
-        if rows is None:
-            continue
-        lo, hi = rows
-        if isinstance(step, Activation):
-            d_lo, d_hi = (t[:, None] for t in _derivatives(step, x_lo, x_hi))
-            products = np.stack([lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi])
-            rows = products.min(0), products.max(0)
-            continue
-        if isinstance(step, Pool) and step.kind == "max":
+        node = graph.nodes[i]
+        out = node.twin.jacobian(rows.pop(i), [boxes[j] for j in node.inputs])
+        if out is None:
             return None
-        center, radius = (hi + lo) / 2, (hi - lo) / 2
-        if isinstance(step, Affine):
-            W = step.matrix.numpy()
-            center = times_weight(center, step, W, x_lo.shape[1:])
-            radius = times_weight(radius, step, np.abs(W), x_lo.shape[1:])
-        elif isinstance(step, Flatten):
-            center = center.reshape(*center.shape[:2], *x_lo.shape[1:])
-            radius = radius.reshape(*radius.shape[:2], *x_lo.shape[1:])
-        else:
-            center = avg_adjoint(step, center, x_lo.shape[1:])
-            radius = avg_adjoint(step, radius, x_lo.shape[1:])
-        radius = radius * (1 + ROUND) + ROUND * np.abs(center)
-        rows = center - radius, center + radius
-    if rows is None:  # the margins do not depend on z
+        for j, R in zip(node.inputs, out):
+            if j in moving:
+                rows[j] = _interval_add(rows[j], R) if j in rows else R
+    if start not in rows:
         return np.zeros(C.shape[:2])
-    lo, hi = rows
-    magnitude = np.maximum(np.abs(lo), np.abs(hi))
-    return _concretise(magnitude, np.zeros(magnitude.shape[:1] + magnitude.shape[2:]), norm,
-                       unit)[2] * (1 + ROUND)
+    lo, hi = rows[start]
+    return region.dual(np.maximum(np.abs(lo), np.abs(hi))) * (1 + ROUND)
 
 
-def local_lower_bounds(network: Network, index: int, z: np.ndarray, P, rho: np.ndarray,
-                       y: np.ndarray, norm: str, refine: bool, stack: tuple = ()) -> np.ndarray:
-    """Lower bounds ``(B, C)`` of the margins over the section-4 region of radius ``rho``:
-    the best of interval arithmetic, CROWN and the interval Jacobian (as in
-    ``certify.linear_bounds.margin_lines``, recomputed in numpy). ``stack``: the values saved
-    on the stack after the layer (inside a residual block), constants."""
-    scale = region_scale(P, norm)
-    if norm == "fro":
-        unit = scale
-    else:
-        unit = np.broadcast_to(scale[:, None, :], (len(z), z.shape[1], scale.shape[1]))
-        unit = unit.reshape(z.shape)
-    start = index + 1
-    intervals = _intermediate(network, start, z, norm, unit, rho, refine, stack)
-    W, b = network.steps[-1].weight.numpy(), network.steps[-1].bias.numpy()
-    C, c = W[y][:, None, :] - W[None], b[y][:, None] - b[None]
-    lo, hi = intervals[-1]
-    center, rad = (hi + lo) / 2, (hi - lo) / 2
-    size = np.einsum("bcn,bn->bc", np.abs(C), np.abs(center) + rad) + np.abs(c)
-    best = np.einsum("bcn,bn->bc", C, center) + c - np.einsum("bcn,bn->bc", np.abs(C), rad) \
-        - ROUND * size
-    A, d, e, size = _backward(C, c, np.zeros_like(c), np.abs(c), network.steps[start:-1],
-                              intervals[:-1], lower_only=True, stack=stack)
-    value, size = d - e, size + e
-    if A is not None:
-        at_z, magnitude, dual = _concretise(A, z, norm, unit)
-        value, size = value + at_z - rho[:, None] * dual * (1 + ROUND), size + magnitude
-    best = np.maximum(best, value - ROUND * size)
-    dual = _jacobian_dual(network, start, intervals[:-1], C, norm, unit)
-    if dual is not None:
-        logits = forward(network, z, start, stack)
-        m = logits[np.arange(len(y)), y][:, None] - logits
+def _interval_margins(graph: NumpyGraph, boxes, y) -> np.ndarray:
+    """Interval lower bound of the margins: through the dense logits layer's class rows on
+    its input box, else ``lo_y - hi_j``."""
+    out = graph.nodes[graph.output].twin
+    if isinstance(out, AffineTwin) and not out.is_conv and graph.input_of(graph.output) in boxes:
+        W, b = out.matrix, out.bias
+        C, c = W[y][:, None, :] - W[None], b[y][:, None] - b[None]
+        lo, hi = boxes[graph.input_of(graph.output)]
+        center, radius = (hi + lo) / 2, (hi - lo) / 2
+        size = np.einsum("bcn,bn->bc", np.abs(C), np.abs(center) + radius) + np.abs(c)
+        return np.einsum("bcn,bn->bc", C, center) + c - \
+            np.einsum("bcn,bn->bc", np.abs(C), radius) - ROUND * size
+    lo, hi = boxes[graph.output]
+    top = np.take_along_axis(lo, y[:, None], -1)
+    return top - hi - ROUND * (np.abs(top) + np.abs(hi))
+
+
+def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: str,
+                       refine: bool) -> np.ndarray:
+    """Lower bounds ``(B, C)`` of every margin over the section-4 region of radius ``rho``
+    around layer ``index``'s output: the best of the CROWN line, the interval-Jacobian line
+    and interval arithmetic (``certify.linear_bounds.margin_lines``, recomputed in numpy).
+    ``P``: the layer's ``P~`` (``columns``)."""
+    region = Region.of(graph.layer(index), values[index], P, norm)
+    boxes = intermediate_bounds(graph, index, region, rho, values, refine)
+    C = class_vectors(graph, y)
+    f = backward(graph, index, {graph.output: C}, np.zeros(C.shape[:2]), boxes, values, True)
+    value, size = f.d - f.e, f.size + f.e
+    if f.A is not None:
+        at_z, magnitude = region.value(f.A)
+        value = value + at_z - rho[:, None] * region.dual(f.A) * (1 + ROUND)
+        size = size + magnitude
+    best = np.maximum(value - ROUND * size, _interval_margins(graph, boxes, y))
+    slope = jacobian_slope(graph, index, region, boxes, y)
+    if slope is not None:  # anchored at the unperturbed margins
+        logits = values[graph.output]
+        m = np.take_along_axis(logits, y[:, None], -1) - logits
         tolerance = ROUND * (np.abs(logits).max(-1, keepdims=True) + np.abs(m))
-        best = np.maximum(best, m - tolerance - rho[:, None] * dual)
+        best = np.maximum(best, m - tolerance - rho[:, None] * slope)
     return best
 
 
+# -- the last dense layer (section 3) -------------------------------------------------------
+
 def exact_last_layer(h: np.ndarray, logits: np.ndarray, y: np.ndarray, norm: str,
                      bias: bool) -> np.ndarray:
-    """``min_j m_j / (sqrt(2) ||h~||_2)`` or ``min_j m_j / (2 ||h~||_1)`` (section 3)."""
+    """``min_j m_j / (sqrt(2) ||h~||_2)`` or ``min_j m_j / (2 ||h~||_1)``."""
     if bias:
         h = np.concatenate([h, np.ones_like(h[:, :1])], axis=1)
     m = logits[np.arange(len(y)), y][:, None] - logits
     m[np.arange(len(y)), y] = np.inf
-    if norm == "fro":
-        denominator = math.sqrt(2) * np.linalg.norm(h, axis=1)
-    else:
-        denominator = 2 * np.abs(h).sum(axis=1)
+    denominator = math.sqrt(2) * np.linalg.norm(h, axis=1) if norm == "fro" else \
+        2 * np.abs(h).sum(axis=1)
     with np.errstate(divide="ignore"):
         return m.min(axis=1) / denominator
 
 
-def multilayer_bound(network: Network, values, y: np.ndarray, budgets: np.ndarray, norm: str,
-                     bias: bool) -> np.ndarray:
-    """Numpy section-5 recursion for all affine layers at once, ``(B, C)``.
+# -- all layers at once (section 5) ---------------------------------------------------------
 
-    ``budgets`` is ``(K, B)``. Affine step: ``||dz|| <= (||W||_op + e g) ||dh|| + e s`` with
-    ``s = sigma_max(P~)`` and ``g = sqrt(overlap)`` (``fro``, l2), or ``s = max_j ||P~_:j||_1``
-    and ``g`` the patch length (``max``, l_inf); other steps scale ``||dh||`` by their
-    Lipschitz constant; logits: ``||W_L^T c_j|| ||dh|| + ||c_j|| e (s + g ||dh||)``.
+# Relative inflation of the multi-layer margin bound for its own rounding; the producer
+# (certify.multilayer) uses the same and leaves this much slack in the t it claims.
+MULTILAYER_SAFETY = 1e-9
+
+
+def multilayer_bound(graph: NumpyGraph, values, y: np.ndarray, budgets: np.ndarray, norm: str,
+                     bias: bool) -> np.ndarray:
+    """The section-5 recursion for every affine layer at once, ``(B, C)`` (0 at ``y``);
+    ``budgets`` is ``(K, B)`` in ``graph.affine_indices`` order.
+
+    Affine node: ``||dz|| <= (||W||_op + e g) ||dh|| + e s`` with ``s = sigma_max(P~)`` and
+    ``g = sqrt(overlap)`` (fro, l2), or ``s = max_j ||P~_:j||_1`` and ``g`` the patch
+    length (max, l_inf); other nodes combine their inputs' deviations with their Lipschitz
+    constants; a dense logits layer: ``||W_L^T c_j|| ||dh|| + ||c_j|| e (s + g ||dh||)``,
+    else ``||c_j|| ||Delta o||``.
     """
-    delta, saved = np.zeros(len(y)), ()
-    k = 0
-    for i, step in enumerate(network.steps):
-        if isinstance(step, STACK):  # a residual block adds its branches' deviations
-            delta, saved = move(step, delta, saved)
+    with np.errstate(invalid="ignore"):  # inf (softplus) times a zero change: NaN, uncertified
+        return _multilayer(graph, values, y, budgets, norm, bias)
+
+
+def _multilayer(graph, values, y, budgets, norm, bias):
+    budget = dict(zip(graph.affine_indices, budgets))
+    rows, through = class_rows(graph, y, norm)
+    rows[np.arange(len(y)), y] = 0.0
+    dual = math.sqrt(2) if norm == "fro" else 2.0
+    delta = [np.zeros(len(y))]
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        twin = node.twin
+        if not isinstance(twin, AffineTwin):
+            delta.append(twin.combine(norm, twin.lipschitz(norm), [delta[j] for j in node.inputs]))
             continue
-        if not isinstance(step, Affine):
-            delta = lipschitz(step, norm) * delta
-            continue
-        P, _ = columns(step, values[i], bias)
+        P = columns(twin, values[node.inputs[0]], bias)
         scale = region_scale(P, norm)
         if norm == "max":
             scale = scale.max(axis=-1)
-        growth = math.sqrt(patch_overlap(step)) if norm == "fro" else P.shape[1] - bias
-        e = budgets[k]
-        k += 1
-        if i < len(network.steps) - 1:
-            delta = (lipschitz(step, norm) + e * growth) * delta + e * scale
-            continue
-        W = step.weight.numpy()
-        ord, dual = (2, math.sqrt(2)) if norm == "fro" else (1, 2.0)
-        rows = np.linalg.norm(W[y][:, None, :] - W[None], ord=ord, axis=-1)
-        rows = rows * (1 + W.shape[1] * 1e-15)
-        bound = rows * delta[:, None] + (dual * e * (scale + growth * delta))[:, None]
-        return bound * (1 + MULTILAYER_SAFETY)
-    raise ValueError("the last step of the network must be a Linear layer (the logits)")
+        growth = math.sqrt(twin.overlap) if norm == "fro" else P.shape[1] - bias
+        e, h = budget[i], delta[node.inputs[0]]
+        if i == graph.output and through != graph.output:
+            bound = rows * h[:, None] + (dual * e * (scale + growth * h))[:, None]
+            break
+        delta.append((twin.operator_norm(norm) + e * growth) * h + e * scale)
+    else:
+        bound = rows * delta[graph.output][:, None]
+    bound = bound * (1 + MULTILAYER_SAFETY)
+    bound[np.arange(len(y)), y] = 0.0
+    return bound

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from certify.network import Network  # noqa: E402
+from certify.graph import Graph  # noqa: E402
 
 NORM_NAMES = {"fro": "Frobenius", "max": "entrywise max"}
 KEY_NAMES = {"lower": "lower: certified radius", "upper": "upper: verified witness norm",
@@ -33,11 +33,12 @@ def _median(values) -> float:
         return float(np.nanmedian(_values(values)))
 
 
-def plot_certificate(document: dict, network: Network, path: str) -> None:
+def plot_certificate(document: dict, network: Graph, path: str) -> None:
     """Left: median ``lower``, ``upper`` and ``estimate`` per layer, both norms. Right: per
     layer, the error of truncation to rank ``r`` that the certificate's threshold compares
-    (``sigma_(r+1)`` for a dense layer, the Frobenius tail for a convolution), the smallest
-    certified Frobenius radius and the threshold rank."""
+    (``sigma_(r+1)`` for a dense layer on a vector, the Frobenius tail for a convolution or
+    a dense layer over a sequence), the smallest certified Frobenius radius and the
+    threshold rank."""
     layers = document["layers"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     names = [layer["name"] for layer in layers]
@@ -52,11 +53,10 @@ def plot_certificate(document: dict, network: Network, path: str) -> None:
                 ylabel="weight radius ||D|| (median over the inputs)",
                 title="Per-layer weight radii (median over inputs)")
     axes[0].legend(fontsize=7)
-    steps = [network.steps[i] for i in network.affine_indices]
-    for layer, step in zip(layers, steps):
-        s = np.linalg.svd(step.matrix.numpy(), compute_uv=False)
+    for layer, index in zip(layers, network.affine_indices):
+        s = np.linalg.svd(network.layer(index).matrix.numpy(), compute_uv=False)
         name = layer["name"]
-        if step.is_conv:  # the certificate compares the Frobenius tail (a Frobenius radius)
+        if not network.is_dense(index):  # the certificate compares the Frobenius tail
             error = np.sqrt(np.cumsum((s ** 2)[::-1])[::-1])
             what = "truncation error ||W - W_r||_F (Frobenius tail)"
         else:  # one input of a dense layer: the spectral error sigma_(r+1)

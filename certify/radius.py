@@ -18,11 +18,11 @@ the spectral radius; ``"max"``: entrywise max), three numbers per input:
 * ``estimate``: the first-order back-propagated-margin value ``min_j m_j / ||g_j P~^T||_dual``
   (section 3); an estimate, not a bound.
 
-Residual blocks (``Save``/``Swap``/``Add`` steps, ``certify.network``): the values on the
-stack after the layer were saved before it or computed in the other branch, so they are
-constants of the downstream map from ``Z``; every forward pass from the layer continues with
-the unperturbed stack, and the global Lipschitz constant is combined by the stack rule
-(``lipschitz.downstream_constant``: a block's constant is the sum of its branches').
+Graphs (section 8): every node that does not depend on the layer (other branches, values
+saved before it) is a constant of the downstream map from ``Z``; every forward pass from the
+layer recomputes only the downstream nodes (``Graph.run``), and the global Lipschitz constant
+is combined along the graph (``certify.lipschitz``: a sum's constant is the sum of its
+operands').
 
 Floating point: everything is float64, operator norms are rigorous upper bounds
 (``certify.lipschitz``), and every lower bound is multiplied by ``1 - SAFETY`` to absorb
@@ -39,12 +39,14 @@ import torch
 
 from certify import lipschitz
 from certify.compression import singular_values_upper
+from certify.graph import Graph
 from certify.inputs import InputError, affine_index, inputs_for
 from certify.linear_bounds import REFINE_WORK, Region, margin_lines, refine_work
-from certify.network import Affine, Network
+from certify.operators import Affine
 from certify.perturbation import class_pair_radius
 
 SAFETY = 1e-9
+WITNESS_GAP = 1e-12  # relative: how far another logit must pass the predicted one
 NORMS = ("fro", "max")
 
 
@@ -64,7 +66,7 @@ class LayerRadii:
     witness: "Witness"  # attains ``upper`` where it is finite
 
 
-def predictions(network: Network, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predictions(network: Graph, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted classes and margins ``m_j = o_y - o_j`` (``+inf`` at ``j = y``)."""
     logits = network(x)
     y = logits.argmax(-1)
@@ -96,52 +98,36 @@ def region_scale(P: torch.Tensor, norm: str) -> torch.Tensor:
     return P.abs().sum(dim=1) * (1 + P.shape[1] * 1e-15)  # (B, L)
 
 
-def _class_rows(network: Network, y: torch.Tensor, norm: str) -> torch.Tensor:
-    """``||W_L^T (e_y - e_j)||`` (l2 for fro, l1 for max), ``(B, C)``, inf at ``j = y``."""
-    W = network.steps[-1].weight
-    diff = W[y][:, None, :] - W[None, :, :]  # (B, C, n)
-    ord = 2 if norm == "fro" else 1
-    rows = torch.linalg.vector_norm(diff, ord=ord, dim=-1) * (1 + W.shape[1] * 1e-15)
-    return rows.scatter(-1, y[:, None], math.inf)
-
-
-def global_lower(network: Network, scale: torch.Tensor, lips: list[float | None], y, margins,
+def global_lower(network: Graph, index: int, scale: torch.Tensor, constants: dict, y, margins,
                  norm: str):
     """Section 5: ``min_j m_j / (||W_L^T c_j|| L * scale(P~))``, ``L`` the Lipschitz constant
-    of the steps between the layer and the logits layer: ``prod ||W_k|| L_phi`` for a chain,
-    branches summed in residual blocks (``lipschitz.downstream_constant``).
+    of the map from the layer's output to the logits layer's input (``prod ||W_k|| L_phi``
+    along a chain, operands summed at additions: ``lipschitz.downstream``).
 
-    ``scale`` is ``region_scale(P~, norm)``; ``lips`` are ``downstream_lipschitz``.
+    ``scale`` is ``region_scale(P~, norm)``; ``constants`` are
+    ``lipschitz.node_constants(network, index, norm)``.
     """
-    lip = lipschitz.downstream_constant(network.steps[len(network.steps) - 1 - len(lips):-1],
-                                        lips)
+    rows, node = lipschitz.class_rows(network, y, norm)
+    lip = lipschitz.downstream(network, index, norm, constants)[node]
     if norm == "max":
         scale = scale.amax(dim=-1)
-    bound = (margins / (_class_rows(network, y, norm) * lip)).scatter(-1, y[:, None], math.inf)
+    bound = (margins / (rows * lip)).scatter(-1, y[:, None], math.inf)
     return bound.amin(dim=-1) / scale
 
 
-def downstream_lipschitz(network: Network, start: int, norm: str) -> list[float | None]:
-    """Lipschitz constants of steps ``start, ..., L-1`` (the logits layer excluded) in the
-    norm's geometry: l2 for ``fro``, l_inf for ``max`` (section 5); ``None`` for the stack
-    steps of residual blocks (``lipschitz.step_lipschitz``). Computed once per layer
-    (the l2 operator norms need an SVD) and shared by the global and local bounds."""
-    return [lipschitz.step_lipschitz(step, norm) for step in network.steps[start:-1]]
-
-
-def region(Z: torch.Tensor, scale: torch.Tensor, norm: str, stack: tuple = ()) -> Region:
+def region(layer: Affine, Z: torch.Tensor, scale: torch.Tensor, norm: str) -> Region:
     """The section-4 region ``Z + rho U`` of a weight ball of radius ``rho``: ``U`` is the
-    l2 ball of radius ``sigma_max(P~)`` (``fro``) or the box ``|dZ_cj| <= ||P~_:j||_1``;
-    ``stack``: the values saved on the stack after the layer (constants)."""
+    l2 ball of radius ``sigma_max(P~)`` (``fro``) or the box ``|dZ_cj| <= ||P~_:j||_1``."""
     if norm == "fro":
-        return Region(Z, norm, scale, stack)
+        return Region(Z, norm, scale)
     B, L = scale.shape
-    return Region(Z, norm, scale[:, None, :].expand(B, Z.shape[1], L).reshape(Z.shape), stack)
+    unit = scale[:, None, :].expand(B, layer.weight.shape[0], L)
+    return Region(Z, norm, layer.uncolumns(unit, Z.shape[1:]))
 
 
-def local_lower(network: Network, index: int, Z: torch.Tensor, y: torch.Tensor, norm: str,
-                scale: torch.Tensor, cap: torch.Tensor, lips: list[float | None],
-                evaluations: int = 8, refine: bool = True, stack: tuple = ()) -> torch.Tensor:
+def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
+                scale: torch.Tensor, cap: torch.Tensor, constants: dict | None,
+                evaluations: int = 8, refine: bool = True) -> torch.Tensor:
     """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
@@ -149,15 +135,14 @@ def local_lower(network: Network, index: int, Z: torch.Tensor, y: torch.Tensor, 
     when every line is positive there, and the lines' common root is where to look next
     (the fixed point ``root(rho) = rho`` is the best radius these bounds can reach). Only
     radii certified by their own evaluation are returned, so that ``certify check`` can
-    confirm each by one evaluation at the claimed radius. ``stack``: the values saved on the
-    stack after the layer.
+    confirm each by one evaluation at the claimed radius. ``values``: every node's unperturbed
+    value; ``constants``: ``lipschitz.node_constants(network, index, "fro")`` for ``fro``.
     """
-    where = region(Z, scale, norm, stack)
-    start = index + 1
+    where = region(network.layer(index), values[index], scale, norm)
     lo, hi, rho = torch.zeros_like(cap), cap.clone(), cap / 2
     for _ in range(evaluations):
-        lines = margin_lines(network, start, where, rho, y, lips if norm == "fro" else None,
-                             refine)
+        lines = margin_lines(network, index, where, rho, y, values,
+                             constants if norm == "fro" else None, refine)
         ok = lines.certified(rho, y)
         lo = torch.where(ok, torch.maximum(lo, rho), lo)
         hi = torch.where(ok, hi, torch.minimum(hi, rho))
@@ -171,16 +156,18 @@ def local_lower(network: Network, index: int, Z: torch.Tensor, y: torch.Tensor, 
     return lo
 
 
-def _margin_gradients(network, index, Z, y, stack=()):
-    """``g_j = d m_j / d Z`` for every class ``j`` as ``(B, C, m, L)``, and the logits
-    (``stack``: the values saved on the stack after the layer, held fixed)."""
+def _margin_gradients(network, index, Z, y, values):
+    """``g_j = d m_j / d Z`` for every class ``j`` as columns ``(B, C, m, L)``, and the
+    logits (every node that does not depend on the layer held at its value in ``values``)."""
     Z = Z.detach().requires_grad_(True)
-    logits = network.run(Z, index + 1, stack)
+    logits = network.run(index, Z, values)
+    layer = network.layer(index)
     grads = []
     for j in range(logits.shape[-1]):
         m = logits.gather(-1, y[:, None])[:, 0] - logits[:, j]
-        (g,) = torch.autograd.grad(m.sum(), Z, retain_graph=True)
-        grads.append(g.reshape(g.shape[0], g.shape[1], -1))
+        (g,) = torch.autograd.grad(m.sum(), Z, retain_graph=True, allow_unused=True)
+        g = torch.zeros_like(Z) if g is None else g
+        grads.append(layer.columns(g))
     return torch.stack(grads, dim=1), logits.detach()
 
 
@@ -203,9 +190,9 @@ def _dual(G: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.linalg.matrix_norm(G) if norm == "fro" else G.abs().sum(dim=(-2, -1))
 
 
-def first_order(network, index, P, Z, y, norm, stack=()):
+def first_order(network, index, P, Z, y, norm, values):
     """Section 3 estimate ``min_j m_j / ||g_j P~^T||_dual``; also ``g``, the margins and ratios."""
-    g, logits = _margin_gradients(network, index, Z, y, stack)
+    g, logits = _margin_gradients(network, index, Z, y, values)
     m = logits.gather(-1, y[:, None]) - logits
     ratio = (m / _dual_norms(g, P, norm)).scatter(-1, y[:, None], math.inf)
     return ratio.amin(dim=-1), g, m, ratio
@@ -266,14 +253,19 @@ def _unperturbed(layer, W, P, bias) -> torch.Tensor:
     return Z if bias else Z + layer.bias[:, None]
 
 
-def _perturbed(Z0: torch.Tensor, D: Witness, P, out_shape) -> torch.Tensor:
+def _perturbed(layer: Affine, Z0: torch.Tensor, D: Witness, P, out_shape) -> torch.Tensor:
     """``Z = (W + D) P~ (+ b) = Z0 + D P~``, shaped like the layer's output."""
-    return (Z0 + D.change(P)).reshape(P.shape[0], *out_shape)
+    return layer.uncolumns(Z0 + D.change(P), out_shape)
 
 
-def _flips(network, index, Z0, D: Witness, P, y, out_shape, stack) -> torch.Tensor:
+def _flips(network, index, Z0, D: Witness, P, y, out_shape, values) -> torch.Tensor:
     """Forward pass with the perturbed weights ``W + D``: did the class change?"""
-    return network.run(_perturbed(Z0, D, P, out_shape), index + 1, stack).argmax(-1) != y
+    Z = _perturbed(network.layer(index), Z0, D, P, out_shape)
+    logits = network.run(index, Z, values)
+    # Another class must win by more than rounding: a tie decided by the last bit is no
+    # witness (certify check accepts it only beyond the same relative gap).
+    gap = logits.scatter(-1, y[:, None], -math.inf).amax(-1) - logits.gather(-1, y[:, None])[:, 0]
+    return gap > WITNESS_GAP * logits.abs().amax(-1)
 
 
 def _start(W, P, norm, start) -> Witness:
@@ -297,44 +289,48 @@ def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) ->
 
 def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None = None,
             iterations: int = 50, overshoot: float = 1.02,
-            stack: tuple = ()) -> tuple[torch.Tensor, Witness]:
+            values=()) -> tuple[torch.Tensor, Witness]:
     """A verified ``D`` that changes the class, per input; ``(upper, D)``.
 
     Weight-space DeepFool from ``start`` (zero by default): step to the minimal-norm ``D``
-    that zeroes the linearised smallest margin (section 3), re-linearise, repeat until a
-    forward pass with ``W + D`` changes the class; then shrink ``t D`` by bisection while it
-    still does. ``upper`` is ``inf`` where no witness was found. ``stack``: the values saved
-    on the stack after the layer (``network.trace_states(x)[index + 1][1]``).
+    that zeroes the linearised smallest margin (section 3), overshot by ``overshoot`` and
+    by ``2 WITNESS_GAP max|o|`` (so that a step from a near-tie still passes it), re-linearise,
+    repeat until a forward pass with ``W + D`` changes the class by more than rounding
+    (``_flips``); then shrink ``t D`` by bisection while it
+    still does. ``upper`` is ``inf`` where no witness was found. ``values``: every node's
+    unperturbed value (``network.values(x)``).
     """
-    layer = network.steps[index]
+    layer = network.layer(index)
     W = _weight(layer, bias)
     B = P.shape[0]
     D = _start(W, P, norm, start)
     Z0 = _unperturbed(layer, W, P, bias)  # computed once: every step only adds D P~
     rows = torch.arange(B)
+    push = 2 * WITNESS_GAP * values[-1].abs().amax(-1)
     for _ in range(iterations):
-        done = _flips(network, index, Z0, D, P, y, out_shape, stack)
+        done = _flips(network, index, Z0, D, P, y, out_shape, values)
         if done.all():
             break
-        Z = _perturbed(Z0, D, P, out_shape)
-        _, g, m, ratio = first_order(network, index, P, Z, y, norm, stack)
+        Z = _perturbed(layer, Z0, D, P, out_shape)
+        _, g, m, ratio = first_order(network, index, P, Z, y, norm, values)
         j = ratio.argmin(dim=-1)
         # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
         stuck = ~torch.isfinite(ratio[rows, j])
         keep = (done | stuck)
         if D.full is not None:
-            step = _step(_gradient(g[rows, j], P), m[rows, j] * overshoot, norm)
+            step = _step(_gradient(g[rows, j], P), m[rows, j] * overshoot + push, norm)
             D = Witness(full=torch.where(keep[:, None, None], D.full, D.full + step))
         else:
-            step = _dense_step(g[rows, j][..., 0], m[rows, j] * overshoot, P[..., 0], norm)
+            step = _dense_step(g[rows, j][..., 0], m[rows, j] * overshoot + push, P[..., 0],
+                               norm)
             D = Witness(left=torch.where(keep[:, None], D.left, D.left + step), right=D.right)
         if keep.all():
             break
-    found = _flips(network, index, Z0, D, P, y, out_shape, stack)
+    found = _flips(network, index, Z0, D, P, y, out_shape, values)
     lo, hi = torch.zeros(B, dtype=W.dtype), torch.ones(B, dtype=W.dtype)
     for _ in range(30):
         mid = (lo + hi) / 2
-        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, stack)
+        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, values)
         hi = torch.where(flip & found, mid, hi)
         lo = torch.where(flip & found, lo, mid)
     D = D.scaled(hi)
@@ -342,19 +338,19 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
     return upper, D
 
 
-def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
+def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 bias: bool = False, refine: bool | str = "auto",
                 clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
     ``x``: a batch of finite floating-point inputs (any precision, computed in float64);
-    ``index``: the step index of an affine layer (``network.affine_indices``).
+    ``index``: the node index of an affine layer (``network.affine_indices``).
     ``refine``: backward-pass intermediate bounds in the local bound (tighter, costlier);
     ``"auto"`` uses them when ``linear_bounds.refine_work`` is at most ``REFINE_WORK``.
     ``clock(phase)`` is entered around each phase (for timing breakdowns).
 
     Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats,
-    a non-integer index or a non-``Network``, and ``certify.inputs.InputError`` (a
+    a non-integer index or a non-``Graph``, and ``certify.inputs.InputError`` (a
     ``ValueError``) for NaN/Inf inputs or weights, an empty batch, a shape the network cannot
     take, an index that is not an affine layer, or an unknown ``norm`` or ``refine``.
     """
@@ -364,43 +360,50 @@ def layer_radii(network: Network, x: torch.Tensor, index: int, norm: str,
         raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
     x = inputs_for(network, x)
     index = affine_index(network, index)
-    layer = network.steps[index]
+    layer = network.layer(index)
     with clock("prepare"):
-        states = network.trace_states(x)
-        h, (Z, stack) = states[index][0], states[index + 1]
+        values = network.values(x)
+        h, Z = values[network.input_of(index)], values[index]
         y, margins = predictions(network, x)
         P = _columns(layer, h, bias)
     with clock("estimate"):
-        estimate = first_order(network, index, P, Z, y, norm, stack)[0]
-    if index == len(network.steps) - 1 and not layer.is_conv:
+        estimate = first_order(network, index, P, Z, y, norm, values)[0]
+    if network.is_last_dense(index):
         with clock("exact"):
-            pair = class_pair_radius(states[-1][0], h, norm, bias=bias)
+            pair = class_pair_radius(values[-1], h, norm, bias=bias)
         with clock("witness"):
-            # The exact minimiser makes two logits tie; a hair beyond it changes the class.
+            # The exact minimiser makes two logits tie; beyond it (the margin falls linearly
+            # along it) another class wins by more than WITNESS_GAP (_flips).
+            past = torch.clamp(4 * WITNESS_GAP * values[-1].abs().amax(-1) /
+                               pair.value.clamp(min=1e-300) / torch.linalg.vector_norm(
+                                   h, dim=-1).clamp(min=1e-300), min=1e-9, max=1.0)
             upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:],
-                               start=Witness(full=pair.minimiser * (1 + 1e-9)))
+                               start=Witness(full=pair.minimiser * (1 + past[:, None, None])),
+                               values=values)
         lower = lower_global = lower_local = pair.value * (1 - SAFETY)
         method = "exact"
     else:
         with clock("witness"):
-            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:], stack=stack)
+            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:], values=values)
         with clock("global"):
             scale = region_scale(P, norm)
-            lips = downstream_lipschitz(network, index + 1, norm)
-            lower_global = global_lower(network, scale, lips, y, margins, norm) * (1 - SAFETY)
+            constants = lipschitz.node_constants(network, index, norm)
+            lower_global = global_lower(network, index, scale, constants, y, margins, norm) * \
+                (1 - SAFETY)
         with clock("local"):
             if refine == "auto":
-                refine = refine_work(network, index + 1, Z.shape[1:], stack) <= REFINE_WORK
+                refine = refine_work(network, index) <= REFINE_WORK
             # The search needs a finite upper end; without a witness, beyond the estimate.
             fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
             cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
-            local = local_lower(network, index, Z, y, norm, scale, cap, lips,
-                                refine=refine, stack=stack) * (1 - SAFETY)
+            local = local_lower(network, index, values, y, norm, scale, cap, constants,
+                                refine=refine) * (1 - SAFETY)
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
         method = "lipschitz+crown" + ("(refined)" if refine else "")
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")
-    return LayerRadii(layer.name, tuple(layer.weight.shape), norm, lower, upper, estimate,
+    return LayerRadii(network.nodes[index].name, tuple(layer.weight.shape), norm, lower, upper,
+                      estimate,
                       lower_global, lower_local, method, D)

@@ -36,7 +36,9 @@ from certify.compressed import Compression, compression_check, parse_compression
 from certify.compression import (EPS, _below, pruning_error, quantisation_error,
                                  truncation_error)
 from certify.multilayer import multilayer_bound
-from certify.network import Affine, Network
+from certify.capture import capture
+from certify.graph import Graph
+from certify.operators import Affine
 from certify.perturbation import as_float64
 from certify.radius import NORMS, layer_radii, predictions
 
@@ -179,28 +181,28 @@ def inputs(shape, *, batch=(1, 8), scale: float = 1.0):
     return st.tuples(st.integers(*batch), st.integers(0, 2**31 - 1)).map(make)
 
 
-def _network(model) -> Network:
-    if isinstance(model, Network):
+def _network(model, x) -> Graph:
+    """``model`` as a graph: a ``Graph`` as it is, a module captured for inputs like ``x``."""
+    if isinstance(model, Graph):
         return model
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or a certify Network, got "
+        raise TypeError(f"model must be a torch.nn.Module or a certify Graph, got "
                         f"{type(model).__name__}")
-    return Network.from_module(model)
+    return capture(model, x)
 
 
-def _affine_index(network: Network, layer) -> int:
-    """The step index of an affine layer given by name (or by step index)."""
-    names = [network.steps[i].name for i in network.affine_indices]
+def _affine_index(network: Graph, layer) -> int:
+    """The node index of an affine layer given by name (or by node index)."""
     for i in network.affine_indices:
-        if layer == network.steps[i].name or layer == i:
+        if layer == network.nodes[i].name or layer == i:
             return i
     raise ValueError(f"layer {layer!r} is not an affine layer of the model; the affine "
-                     f"layers are: {', '.join(names)}")
+                     f"layers are: {', '.join(network.layer_names)}")
 
 
-def _columns(step: Affine, h: torch.Tensor, bias: bool) -> torch.Tensor:
+def _columns(layer: Affine, h: torch.Tensor, bias: bool) -> torch.Tensor:
     """The layer input as columns ``(B, n, L)``, with a row of ones when the bias moves."""
-    P = step.patches(h)
+    P = layer.patches(h)
     return torch.cat([P, torch.ones_like(P[:, :1])], dim=1) if bias else P
 
 
@@ -222,14 +224,14 @@ class Perturbation:
 
     def classes(self, model) -> torch.Tensor:
         """Predicted classes with the layer's weight ``W + delta[b]`` on input ``x[b]``."""
-        network = _network(model)
+        network = _network(model, self.x)
         index = _affine_index(network, self.layer)
-        step = network.steps[index]
-        values = network.trace(self.x)
-        P = _columns(step, values[index], self.bias)
-        Z = values[index + 1].reshape(len(self.x), step.matrix.shape[0], -1)
-        Z = (Z + torch.matmul(self.delta, P)).reshape(values[index + 1].shape)
-        return network.run(Z, index + 1).argmax(-1)
+        layer = network.layer(index)
+        values = network.values(self.x)
+        P = _columns(layer, values[network.input_of(index)], self.bias)
+        Z = values[index]
+        Z = layer.uncolumns(layer.columns(Z) + torch.matmul(self.delta, P), Z.shape[1:])
+        return network.run(index, Z, values).argmax(-1)
 
 
 def _norm(D: torch.Tensor, norm: str) -> torch.Tensor:
@@ -258,9 +260,9 @@ def perturbations(model, x, layer, norm: str = "fro", *, inside: float | None = 
                          f"{inside!r}")
     if outside is not None and not outside >= 1:
         raise ValueError(f"outside is a factor >= 1 applied to the witness, got {outside!r}")
-    network = _network(model)
-    index = _affine_index(network, layer)
     x = as_float64(x, "x")
+    network = _network(model, x)
+    index = _affine_index(network, layer)
     cache: list = []
 
     def radii():
@@ -353,7 +355,7 @@ class Claim:
 class _Certificate:
     """Radii per (layer, norm), computed once per assertion, in chunks of inputs."""
 
-    def __init__(self, network: Network, x: torch.Tensor, bias: bool):
+    def __init__(self, network: Graph, x: torch.Tensor, bias: bool):
         self.network, self.x, self.bias = network, x, bias
         self.classes, margins = predictions(network, x)
         self.margins = margins.amin(dim=-1)
@@ -369,11 +371,11 @@ class _Certificate:
 
 
 def _setup(model, x, layers, bias: bool):
-    network = _network(model)
     x = as_float64(x, "x")
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"x must be a non-empty batch (B, ...) of inputs, got shape "
                          f"{tuple(x.shape)}; add a batch axis with x[None]")
+    network = _network(model, x)
     if isinstance(layers, str):
         layers = [layers]
     indices = network.affine_indices if layers is None else \
@@ -385,8 +387,8 @@ def _compression_errors(W: torch.Tensor, kind: str, level, dense: bool) -> dict[
     """Upper bounds of ``||W - g(W)||`` over every level at least as gentle as ``level``,
     in the geometry of each radius (section 6; ``compression.thresholds``' comparisons).
 
-    ``fro`` radius: the spectral norm of a dense layer (section 4), the Frobenius norm of a
-    convolution; ``max`` radius: the entrywise max. Rank ``>= r``: ``sigma_{r+1}`` (and the
+    ``fro`` radius: the spectral norm of a dense layer on a vector (section 4), the Frobenius
+    norm of a convolution or a dense layer over a sequence; ``max`` radius: the entrywise max. Rank ``>= r``: ``sigma_{r+1}`` (and the
     Frobenius tail), ``||E||_max <= ||E||_2``. Bits ``>= b``: ``s/2`` entrywise with the
     per-tensor step, which bounds the per-channel steps too, ``sqrt(m n) s/2`` in Frobenius.
     Pruning ``<= p``: the largest pruned magnitude and the norm of the pruned weights.
@@ -471,21 +473,21 @@ def assert_robust(model, x, *, rank: int | None = None, bits: int | None = None,
     network, x, indices, certificate = _setup(model, x, layers, bias)
     claims = []
     for index in indices:
-        step = network.steps[index]
+        layer, name = network.layer(index), network.nodes[index].name
         for kind, statement in (("rank", f"rank >= {rank}"), ("bits", f"bits >= {bits}"),
                                 ("prune", f"prune <= {prune}")):
             if claims_asked[kind] is None:
                 continue
-            required = _compression_errors(step.matrix, kind, claims_asked[kind],
-                                           dense=not step.is_conv)
+            required = _compression_errors(layer.matrix, kind, claims_asked[kind],
+                                           dense=network.is_dense(index))
             lower = {n: certificate.radii(index, n)[0] for n in NORMS}
-            claims.append((Claim(step.name, statement, required, lower,
+            claims.append((Claim(name, statement, required, lower,
                                  _proved(required, lower), torch.zeros(len(x), dtype=bool)),
                            lambda i: " (weight error bound)"))
         if radius is not None:
             lower, upper = certificate.radii(index, norm)
             sign = "||D||_F" if norm == "fro" else "||D||_max"
-            claims.append((Claim(step.name, f"{sign} < {radius:g}", {norm: float(radius)},
+            claims.append((Claim(name, f"{sign} < {radius:g}", {norm: float(radius)},
                                  {norm: lower}, radius <= lower, upper < radius),
                            lambda i, upper=upper: f"; a witness of norm {float(upper[i]):.3g} "
                            "changes its class" if upper[i] < radius else ""))
@@ -522,17 +524,16 @@ def assert_compression_safe(model, x, compression: str | Compression | None = No
                          "rank=, bits=, bits_per_channel=, prune=")
     claims = []
     for c in asked:
-        names = [s.name for s in network.steps if isinstance(s, Affine)]
-        chosen = list(c.layers) if c.layers is not None else names
+        chosen = list(c.layers) if c.layers is not None else network.layer_names
         indices = [_affine_index(network, name) for name in chosen]
-        lower = {network.steps[i].name: {n: certificate.radii(i, n)[0] for n in NORMS}
+        lower = {network.nodes[i].name: {n: certificate.radii(i, n)[0] for n in NORMS}
                  for i in indices}
         result = compression_check(network, x, c, lower, CHUNK)
         errors = {layer.name: {"fro": layer.error_fro, "max": layer.error_max}
                   for layer in result.layers}
         if result.harmless is not None:
             layer = result.layers[0]
-            dense = not network.steps[indices[0]].is_conv
+            dense = network.is_dense(indices[0])
             required = {"fro": layer.error_spectral if dense else layer.error_fro,
                         "max": layer.error_max}
             claim = Claim(layer.name, str(c), required, lower[layer.name], result.harmless,
@@ -540,7 +541,7 @@ def assert_compression_safe(model, x, compression: str | Compression | None = No
         else:  # several layers at once: single-layer radii do not compose (section 5)
             ratios, proved = {}, torch.zeros(len(x), dtype=torch.bool)
             for n in NORMS:
-                budgets = [errors.get(network.steps[i].name, {n: 0.0})[n]
+                budgets = [errors.get(network.nodes[i].name, {n: 0.0})[n]
                            for i in network.affine_indices]
                 bound = multilayer_bound(network, x, budgets, n)
                 ratios[n] = (bound.margins / bound.bound).amin(dim=-1)

@@ -17,7 +17,7 @@ import torch
 from certify import small_models
 from certify.certificate import certify_network, parameters_sha256
 from certify.compressed import Compression, compression_check
-from certify.network import Network
+from certify.capture import capture
 from certify.testing import assert_compression_safe, assert_robust
 
 quick = "--quick" in sys.argv or os.environ.get("CERTIFY_QUICK") == "1"
@@ -36,7 +36,7 @@ model.eval()
 x = data.x_test[: 16 if quick else 200].double()
 
 # The certificate: radii of every layer, and the thresholds they imply.
-network = Network.from_module(model)
+network = capture(model, x)
 document = certify_network(network, x, model_sha256=parameters_sha256(model),
                            progress=False).document
 print(f"{'layer':6} {'shape':8} {'safe rank >=':>12} {'safe bits >=':>12} {'safe prune <=':>13}")

@@ -1,4 +1,5 @@
-"""Exact entrywise-max weight radius of one dense layer of a tiny ReLU MLP, by MILP.
+"""Exact entrywise-max weight radius of one dense layer of a tiny ReLU MLP (residual
+additions allowed), by MILP.
 
 An independent test oracle for ``certify.radius.layer_radii(..., norm="max")``.
 
@@ -10,8 +11,11 @@ of ``D = (dz_i / ||h~||_1) sign(h~)^T`` reaches any ``dz`` in it). So the minima
 
     s* = min_{j != y} min { s : |z'_i - z_i| <= s,  o_y(z') - o_j(z') <= 0 },
 
-``o`` the downstream network. For ReLU (and LeakyReLU, slope ``a`` in [0, 1)) that is one
-mixed-integer linear program per ``j``: ``v = max(u, a u)`` on ``l <= u <= r`` is encoded
+``o`` the downstream sub-graph of the network's graph (``certify.graph``): the nodes that
+depend on the layer, walked in topological order; the values of nodes that do not (the skip
+input of a residual addition) are constants of the program. For ReLU (and LeakyReLU, slope
+``a`` in [0, 1)), dense layers, flatten and residual additions that is one mixed-integer
+linear program per ``j``: ``v = max(u, a u)`` on ``l <= u <= r`` is encoded
 exactly by ``v >= u``, ``v >= a u``, ``v <= u - (1 - a) l (1 - d)``, ``v <= a u + (1 - a) r d``,
 ``d`` binary (``d = 1`` forces ``v = u``, ``d = 0`` forces ``v = a u``); neurons whose bounds do
 not straddle 0 are linear. The bounds come from interval propagation over the box
@@ -47,7 +51,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from certify.network import Activation, Affine, Flatten, Network
+from certify.capture import capture
+from certify.graph import Graph
+from certify.operators import Activation, Add, Affine, Reshape
 from certify.radius import layer_radii
 
 HIGHS_OPTIONS = {
@@ -89,65 +95,104 @@ class ExactMaxRadius:
     beyond_box: np.ndarray
 
 
-def as_network(model_or_network) -> Network:
-    """A ``Network`` as is; a ``torch.nn.Module`` traced by ``Network.from_module``."""
+def as_network(model_or_network, x: torch.Tensor) -> Graph:
+    """A ``Graph`` as is; a ``torch.nn.Module`` captured for inputs like ``x``."""
     if isinstance(model_or_network, nn.Module):
-        return Network.from_module(model_or_network.double())
-    if not isinstance(model_or_network, Network):
-        raise TypeError(f"expected a torch.nn.Module or a certify Network, got "
+        return capture(model_or_network, x)
+    if not isinstance(model_or_network, Graph):
+        raise TypeError(f"expected a torch.nn.Module or a certify Graph, got "
                         f"{type(model_or_network).__name__}")
     return model_or_network
 
 
-def downstream_steps(network: Network, index: int) -> list:
-    """The steps after affine step ``index`` as ``("affine", W, b)`` / ``("act", slope)``."""
-    if not 0 <= index < len(network.steps) or not isinstance(network.steps[index], Affine):
-        raise ValueError(f"step {index} is not an affine step; affine steps are "
+def downstream_plan(network: Graph, index: int) -> list[tuple]:
+    """The nodes that depend on affine layer ``index``, after it, in topological order, as
+    ``(node, inputs, rule)`` with ``rule`` one of ``("affine", W, b)``, ``("act", slope)``,
+    ``("same",)`` (a reshape that keeps the vector, as flatten of ``(B, n)``) and
+    ``("add", alpha)`` (``a + alpha b``, a residual connection; an operand that does not
+    depend on the layer is a constant of the program)."""
+    if index not in network.affine_indices:
+        raise ValueError(f"node {index} is not an affine layer; affine layers are at nodes "
                          f"{network.affine_indices}")
-    if network.steps[index].is_conv:
-        raise ValueError(f"step {index} is a convolution; the MILP oracle handles dense MLPs only")
-    steps = []
-    for step in network.steps[index + 1:]:
-        if isinstance(step, Affine) and not step.is_conv:
-            steps.append(("affine", step.weight.numpy(), step.bias.numpy()))
-        elif isinstance(step, Activation) and step.kind == "relu":
-            steps.append(("act", 0.0))
-        elif isinstance(step, Activation) and step.kind == "leaky_relu" and 0 <= step.slope < 1:
-            steps.append(("act", step.slope))
-        elif not isinstance(step, Flatten):  # Flatten of a (B, n) tensor changes nothing
-            raise ValueError(f"{step.name}: the MILP oracle supports dense layers, ReLU and "
-                             f"LeakyReLU with slope in [0, 1) only, got {step}")
-    return steps
+    if not network.is_dense(index):
+        raise ValueError(f"node {index} ({network.nodes[index].name!r}) is a convolution or a "
+                         "dense layer over a sequence; the MILP oracle handles dense layers on "
+                         "vectors only")
+    plan = []
+    for i in network.downstream(index)[1:]:
+        node = network.nodes[i]
+        op, shapes = node.op, [network.nodes[j].shape for j in node.inputs]
+        vectors = len(node.shape) == 1 and all(shape == node.shape for shape in shapes)
+        if isinstance(op, Affine) and not op.is_conv and len(shapes[0]) == 1:
+            rule = ("affine", op.weight.numpy(), op.bias.numpy())
+        elif isinstance(op, Activation) and op.kind == "relu":
+            rule = ("act", 0.0)
+        elif isinstance(op, Activation) and op.kind == "leaky_relu" and 0 <= op.slope < 1:
+            rule = ("act", op.slope)
+        elif isinstance(op, Reshape) and vectors:
+            rule = ("same",)
+        elif isinstance(op, Add) and vectors:
+            rule = ("add", float(op.alpha))
+        else:
+            raise ValueError(f"node {i} ({node.name!r}): the MILP oracle supports dense layers, "
+                             "ReLU and LeakyReLU with slope in [0, 1), flatten and residual "
+                             f"additions of vectors only, got {op}")
+        plan.append((i, node.inputs, rule))
+    return plan
 
 
-def _interval(steps, lo: np.ndarray, hi: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Bounds on the input of every activation over ``lo <= z' <= hi`` (widened by WIDEN)."""
-    bounds = []
-    for step in steps:
-        if step[0] == "affine":
-            _, W, b = step
+def _interval(plan, index: int, constants: dict, lo: np.ndarray, hi: np.ndarray) -> dict:
+    """Bounds of every node of ``plan`` over ``lo <= z' <= hi`` (widened by WIDEN); nodes
+    outside it hold their ``constants``."""
+    bounds = {index: (lo, hi)}
+
+    def box(j):
+        return bounds[j] if j in bounds else (constants[j], constants[j])
+
+    for i, inputs, rule in plan:
+        lo, hi = box(inputs[0])
+        if rule[0] == "affine":
+            _, W, b = rule
             c, r = (hi + lo) / 2, (hi - lo) / 2
             c, r = W @ c + b, np.abs(W) @ r
             slack = WIDEN * (np.abs(c) + r + 1)
             lo, hi = c - r - slack, c + r + slack
-        else:
-            bounds.append((lo, hi))
-            a = step[1]
+        elif rule[0] == "act":
+            a = rule[1]
             lo, hi = np.maximum(lo, a * lo), np.maximum(hi, a * hi)
+        elif rule[0] == "add":
+            (b_lo, b_hi), alpha = box(inputs[1]), rule[1]
+            c = (hi + lo) / 2 + alpha * (b_hi + b_lo) / 2
+            r = (hi - lo) / 2 + abs(alpha) * (b_hi - b_lo) / 2
+            slack = WIDEN * (np.abs(c) + r + 1)
+            lo, hi = c - r - slack, c + r + slack
+        bounds[i] = (lo, hi)
     return bounds
 
 
-def _program(steps, z: np.ndarray, y: int, j: int, cap: float, tau: float):
+def _program(plan, index: int, output: int, constants: dict, z: np.ndarray, y: int, j: int,
+             cap: float, tau: float):
     """``min s`` over ``|z' - z| <= s <= cap`` with margin ``o_y - o_j <= -tau``."""
     zp, s = cp.Variable(z.shape[0]), cp.Variable()
     cons = [zp - z <= s, z - zp <= s, s <= cap]
-    bounds = iter(_interval(steps, z - cap, z + cap))
-    u = zp
-    for step in steps:
-        if step[0] == "affine":
-            u = step[1] @ u + step[2]
+    bounds = _interval(plan, index, constants, z - cap, z + cap)
+    values = {index: zp}
+
+    def value(k):
+        return values[k] if k in values else constants[k]
+
+    for i, inputs, rule in plan:
+        u = value(inputs[0])
+        if rule[0] == "affine":
+            values[i] = rule[1] @ u + rule[2]
             continue
-        slope, (lo, hi) = step[1], next(bounds)
+        if rule[0] == "same":
+            values[i] = u
+            continue
+        if rule[0] == "add":
+            values[i] = u + rule[1] * value(inputs[1])
+            continue
+        slope, (lo, hi) = rule[1], bounds[inputs[0]]
         v = cp.Variable(lo.shape[0])
         on, off = np.flatnonzero(lo >= 0), np.flatnonzero(hi <= 0)
         mixed = np.flatnonzero((lo < 0) & (hi > 0))
@@ -161,7 +206,8 @@ def _program(steps, z: np.ndarray, y: int, j: int, cap: float, tau: float):
             cons += [vm >= um, vm >= slope * um,
                      vm <= um - (1 - slope) * cp.multiply(lo[mixed], 1 - d),
                      vm <= slope * um + (1 - slope) * cp.multiply(hi[mixed], d)]
-        u = v
+        values[i] = v
+    u = value(output)
     cons.append(u[y] - u[j] <= -tau)
     problem = cp.Problem(cp.Minimize(s), cons)
     problem.solve(solver=cp.HIGHS, **HIGHS_OPTIONS)
@@ -172,10 +218,11 @@ def _program(steps, z: np.ndarray, y: int, j: int, cap: float, tau: float):
     return float(s.value), np.asarray(zp.value, dtype=np.float64)
 
 
-def _solve(steps, z, y, j, cap, tau):
-    """The capped program, growing the cap while it is infeasible: ``(s, z', exact)``."""
+def _solve(problem, z, y, j, cap, tau):
+    """The capped program, growing the cap while it is infeasible: ``(s, z', exact)``;
+    ``problem``: ``(plan, index, output, constants)``."""
     for _ in range(RETRIES + 1):
-        found = _program(steps, z, y, j, cap, tau)
+        found = _program(*problem, z, y, j, cap, tau)
         if found is not None:
             return found[0], found[1], True
         cap *= GROWTH
@@ -189,14 +236,19 @@ def exact_max_radius(model_or_network, x: torch.Tensor, index: int, bias: bool =
     ``cap``: per input, a radius ``rho`` known (or believed) to change the class; default
     certify's ``layer_radii(..., "max", bias).upper``. Only the first big-M box depends on it.
     """
-    network = as_network(model_or_network)
     if not isinstance(x, torch.Tensor) or x.ndim != 2:
         raise ValueError(f"x must be a (B, d) tensor of inputs, got {type(x).__name__} "
                          f"{tuple(getattr(x, 'shape', ()))}")
-    steps = downstream_steps(network, index)
     x = x.double()
-    values = network.trace(x)
-    h, Z, logits = values[index].numpy(), values[index + 1].numpy(), values[-1].numpy()
+    network = as_network(model_or_network, x)
+    plan = downstream_plan(network, index)
+    with torch.no_grad():
+        values = [v.numpy() for v in network.values(x)]
+    h, Z, logits = values[network.input_of(index)], values[index], values[-1]
+    # Values the downstream nodes read from outside the plan (the skip input of a residual
+    # addition): constants of the program, per input.
+    inside = set(network.downstream(index))
+    outside = {k for _, inputs, _ in plan for k in inputs if k not in inside}
     scale = np.abs(h).sum(axis=1) + (1.0 if bias else 0.0)
     if cap is None:
         cap = layer_radii(network, x, index, "max", bias).upper
@@ -213,8 +265,9 @@ def exact_max_radius(model_or_network, x: torch.Tensor, index: int, bias: bool =
         if scale[b] == 0:  # h~ = 0: D h~ = 0 for every D
             continue
         z, y = Z[b], int(predicted[b])
+        problem = (plan, index, network.output, {k: values[k][b] for k in outside})
         first = 1.01 * cap[b] * scale[b] if math.isfinite(cap[b]) else 1.0 + np.abs(z).max()
-        solved = [(*_solve(steps, z, y, j, first, 0.0), j)
+        solved = [(*_solve(problem, z, y, j, first, 0.0), j)
                   for j in range(logits.shape[1]) if j != y]
         found = [t for t in solved if t[2]]
         if not found:  # no class change up to the largest cap: only a lower bound on s*
@@ -224,7 +277,7 @@ def exact_max_radius(model_or_network, x: torch.Tensor, index: int, bias: bool =
         out["box"][b], out["rho"][b], out["target"][b], out["boundary"][b] = \
             s, s / scale[b], j, zp
         tau = TAU * (1 + np.abs(logits[b]).max())
-        s_tau, z_tau, beyond = _solve(steps, z, y, j, 1.01 * s + tau, tau)
+        s_tau, z_tau, beyond = _solve(problem, z, y, j, 1.01 * s + tau, tau)
         if beyond:  # fails only if the margin touches 0 without crossing it (degenerate)
             out["beyond_box"][b], out["beyond"][b] = s_tau, z_tau
     return ExactMaxRadius(scale=scale, predicted=predicted, z=Z, **out)

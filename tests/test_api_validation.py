@@ -5,7 +5,7 @@ Every entry point that takes a network and a batch of inputs (``layer_radii``,
 NaN/Inf inputs, non-float dtypes, shapes the network cannot take, empty batches and
 non-finite weights with ``certify.inputs.InputError`` (a ``ValueError``) or
 ``InputTypeError`` (a ``TypeError``) whose message names the problem; lower-precision
-floats are accepted and give exactly the float64 result. ``Network.from_module`` and
+floats are accepted and give exactly the float64 result. ``certify.capture.capture`` and
 ``load_model(module)`` change neither the dtype, the training flags nor the parameters of
 the module they are given.
 """
@@ -29,7 +29,9 @@ from certify.compressed import compression_check, parse_compression
 from certify.inputs import InputError, InputTypeError
 from certify.loading import ModelLoadError, load_model
 from certify.multilayer import multilayer_bound, uniform_budget
-from certify.network import Affine, Network, UnsupportedModelError
+from certify.capture import UnsupportedModelError, capture
+from certify.graph import Graph
+from certify.operators import Affine
 from certify.radius import layer_radii
 
 
@@ -44,11 +46,17 @@ def _conv() -> nn.Module:
                          nn.Linear(3 * 4 * 4, 3))
 
 
-NETWORKS = {"dense": Network.from_module(_dense()), "conv": Network.from_module(_conv().eval())}
 SHAPES = {"dense": (4,), "conv": (2, 6, 6)}
+NETWORKS = {"dense": capture(_dense(), SHAPES["dense"]),
+            "conv": capture(_conv().eval(), SHAPES["conv"])}
+
+
+def _first(net):
+    return net.affine_indices[0] if isinstance(net, Graph) else 1
+
 
 ENTRY_POINTS = {
-    "layer_radii": lambda net, x: layer_radii(net, x, 0, "fro"),
+    "layer_radii": lambda net, x: layer_radii(net, x, _first(net), "fro"),
     "certify_network": lambda net, x: certify_network(net, x, model_sha256="0", progress=False),
     "multilayer_bound": lambda net, x: multilayer_bound(net, x, [0.01, 0.01], "max"),
     "uniform_budget": lambda net, x: uniform_budget(net, x, "fro"),
@@ -138,12 +146,12 @@ CASES = {  # network kind, input shape, message parts
     "dense one input unbatched": ("dense", (4,), ["shape (4,)", "pass x[None]"]),
     "dense extra axis": ("dense", (3, 2, 4), ["shape (3, 2, 4)", "(B, 4)"]),
     "dense scalar": ("dense", (), ["shape ()", "(B, 4)"]),
-    "conv channels": ("conv", (3, 1, 6, 6), ["shape (3, 1, 6, 6)", "(B, 2, H, W)"]),
+    "conv channels": ("conv", (3, 1, 6, 6), ["shape (3, 1, 6, 6)", "(B, 2, 6, 6)"]),
     "conv unbatched": ("conv", (2, 6, 6), ["shape (2, 6, 6)", "pass x[None]"]),
-    "conv too small": ("conv", (3, 2, 2, 2), ["step 0 ('0+1')", "(B, 2, H, W)"]),
+    "conv too small": ("conv", (3, 2, 2, 2), ["shape (3, 2, 2, 2)", "(B, 2, 6, 6)"]),
     "conv wrong size for the dense layer": ("conv", (3, 2, 7, 7),
-                                            ["step 3 ('4')", "mat1 and mat2"]),
-    "conv flat": ("conv", (3, 72), ["shape (3, 72)", "(B, 2, H, W)"]),
+                                            ["shape (3, 2, 7, 7)", "(B, 2, 6, 6)"]),
+    "conv flat": ("conv", (3, 72), ["shape (3, 72)", "(B, 2, 6, 6)"]),
 }
 
 
@@ -176,7 +184,7 @@ def test_inputs_are_not_modified(entry):
 
 
 @given(data=st.data())
-def test_from_module_refuses_non_finite_parameters(data):
+def test_capture_refuses_non_finite_parameters(data):
     model = data.draw(st.sampled_from([_dense, _conv]))()
     names = [name for name, t in model.state_dict().items() if t.is_floating_point()]
     name = data.draw(st.sampled_from(names))
@@ -187,13 +195,21 @@ def test_from_module_refuses_non_finite_parameters(data):
         tensor.view(-1)[flat] = value
     message = rf"non-finite parameters: {re.escape(name)} \(1 (NaN|Inf) of {tensor.numel()}\)"
     with pytest.raises(InputError, match=message):
-        Network.from_module(model)
+        capture(model, SHAPES["dense" if isinstance(model[0], nn.Linear) else "conv"])
 
 
-def _with_weight(net: Network, index: int, weight: torch.Tensor) -> Network:
-    steps = list(net.steps)
-    steps[index] = dataclasses.replace(steps[index], weight=weight)
-    return Network(tuple(steps))
+def _with_weight(net: Graph, index: int, weight: torch.Tensor) -> Graph:
+    return net.replace(index, net.layer(index).with_weight(weight))
+
+
+@entry_points
+def test_hand_built_graph_that_does_not_fit_its_inputs_names_the_node(entry):
+    net = NETWORKS["conv"]
+    last = net.affine_indices[-1]
+    layer = net.layer(last)  # a dense layer after the flatten, 48 inputs
+    wider = net.replace(last, Affine(torch.zeros(3, 47, dtype=torch.float64), layer.bias))
+    _raises(entry, wider, _inputs("conv"), InputError, f"node {last} ('4')", "mat1 and mat2",
+            "(B, 2, 6, 6)")
 
 
 @entry_points
@@ -202,32 +218,35 @@ def _with_weight(net: Network, index: int, weight: torch.Tensor) -> Network:
 def test_hand_built_network_with_non_finite_weights(entry, kind, value):
     net = NETWORKS[kind]
     last = net.affine_indices[-1]
-    weight = net.steps[last].weight.clone()
+    weight = net.layer(last).weight.clone()
     weight[1, 2] = value
     bad = _with_weight(net, last, weight)
     _raises(entry, bad, _inputs(kind), InputError, "non-finite parameters",
-            f"{net.steps[last].name}.weight (1 ")
+            f"{net.nodes[last].name}.weight (1 ")
 
 
 @entry_points
 def test_hand_built_network_with_float32_weights(entry):
     net = NETWORKS["dense"]
-    bad = _with_weight(net, 0, net.steps[0].weight.float())
+    first = net.affine_indices[0]
+    bad = _with_weight(net, first, net.layer(first).weight.float())
     _raises(entry, bad, _inputs("dense"), InputTypeError, "must be a float64 tensor")
 
 
 @entry_points
 def test_a_module_is_not_a_network(entry):
-    _raises(entry, _dense(), _inputs("dense"), InputTypeError, "Network.from_module")
+    _raises(entry, _dense(), _inputs("dense"), InputTypeError,
+            "certify.capture.capture(model, example)")
 
 
 @pytest.mark.parametrize("index, error, message", [
-    (1, InputError, "step 1 is not an affine"), (3, InputError, "step 3 is not an affine"),
-    (-1, InputError, "the affine layers are at steps 0 ('0'), 2 ('2')"),
-    (0.0, InputTypeError, "integer step index"), ("0", InputTypeError, "integer step index"),
-    (True, InputTypeError, "integer step index"),
+    (0, InputError, "node 0 is not an affine"), (2, InputError, "node 2 is not an affine"),
+    (4, InputError, "node 4 is not an affine"),
+    (-1, InputError, "the affine layers are at nodes 1 ('0'), 3 ('2')"),
+    (1.0, InputTypeError, "integer node index"), ("1", InputTypeError, "integer node index"),
+    (True, InputTypeError, "integer node index"),
 ])
-def test_layer_radii_index_must_be_an_affine_step(index, error, message):
+def test_layer_radii_index_must_be_an_affine_node(index, error, message):
     with pytest.raises(error) as info:
         layer_radii(NETWORKS["dense"], _inputs("dense"), index, "fro")
     assert message in str(info.value)
@@ -235,8 +254,8 @@ def test_layer_radii_index_must_be_an_affine_step(index, error, message):
 
 def test_layer_radii_accepts_integer_like_indices():
     x = _inputs("dense")
-    assert _equal(layer_radii(NETWORKS["dense"], x, np.int64(2), "max"),
-                  layer_radii(NETWORKS["dense"], x, 2, "max"))
+    assert _equal(layer_radii(NETWORKS["dense"], x, np.int64(3), "max"),
+                  layer_radii(NETWORKS["dense"], x, 3, "max"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,8 +284,8 @@ def _assert_unchanged(model: nn.Module, snapshot) -> None:
     assert [(name, m.training) for name, m in model.named_modules()] == modes
 
 
-@pytest.mark.parametrize("call", [Network.from_module, load_model],
-                         ids=["from_module", "load_model"])
+@pytest.mark.parametrize("call", [lambda m: capture(m, SHAPES["conv"]), load_model],
+                         ids=["capture", "load_model"])
 def test_module_is_left_unchanged(call):
     model = _trainable()
     snapshot = _snapshot(model)
@@ -275,23 +294,24 @@ def test_module_is_left_unchanged(call):
     assert snapshot[1][0] == ("", True) and ("0.1", False) in snapshot[1]
 
 
-def test_from_module_restores_the_flags_when_tracing_fails():
-    model = nn.Sequential(nn.Linear(2, 2), nn.Softmax(-1)).train()
+def test_capture_leaves_the_module_as_it_was_when_it_fails():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Softmax(-1), nn.Linear(2, 2)).train()
     snapshot = _snapshot(model)
-    with pytest.raises(UnsupportedModelError):
-        Network.from_module(model)
+    with pytest.raises(UnsupportedModelError, match="only supported at the output"):
+        capture(model, (2,))
     _assert_unchanged(model, snapshot)
 
 
 def test_network_is_a_copy_of_the_weights():
     model = _dense().double()
-    net = Network.from_module(model)
+    net = capture(model, SHAPES["dense"])
     frozen = copy.deepcopy(net)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    assert all(torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
-               for a, b in zip(net.steps, frozen.steps) if isinstance(a, Affine))
+    pairs = [(a.op, b.op) for a, b in zip(net.nodes, frozen.nodes) if isinstance(a.op, Affine)]
+    assert len(pairs) == 2 and all(torch.equal(a.weight, b.weight) and
+                                   torch.equal(a.bias, b.bias) for a, b in pairs)
 
 
 def test_load_model_returns_a_float64_eval_copy():

@@ -17,7 +17,8 @@ from torch import nn
 from certify.certificate import FORMAT
 from certify.cli import main
 from certify.loading import load_model
-from certify.network import Affine, Network
+from certify.capture import capture
+from certify.operators import Affine
 
 
 def export(model: nn.Module, x: torch.Tensor, path) -> None:
@@ -146,16 +147,18 @@ def test_bad_data_gets_a_clear_error(certified, tmp_path, capsys):
     assert not (tmp_path / "o.json").exists()
 
 
-def test_onnx_export_of_a_residual_model_traces_to_the_same_steps(tmp_path):
+def test_onnx_export_of_a_residual_model_captures_to_the_same_graph(tmp_path):
     torch.manual_seed(1)
     model = residual_model().eval()
     x = torch.randn(3, 4, 4)
     export(model, x, tmp_path / "r.onnx")
-    ours, theirs = (Network.from_module(m) for m in (model, load_model(tmp_path / "r.onnx")))
-    assert [type(s) for s in theirs.steps] == [type(s) for s in ours.steps]
-    for a, b in zip(ours.steps, theirs.steps):
-        if isinstance(a, Affine):
-            assert torch.allclose(a.weight, b.weight) and torch.allclose(a.bias, b.bias)
+    ours, theirs = (capture(m, x) for m in (model, load_model(tmp_path / "r.onnx")))
+    assert [type(n.op) for n in theirs.nodes] == [type(n.op) for n in ours.nodes]
+    assert [n.inputs for n in theirs.nodes] == [n.inputs for n in ours.nodes]
+    for a, b in zip(ours.nodes, theirs.nodes):
+        if isinstance(a.op, Affine):
+            assert torch.allclose(a.op.weight, b.op.weight) and \
+                torch.allclose(a.op.bias, b.op.bias)
     x = x.double()
     assert torch.allclose(theirs(x), model.double()(x), atol=1e-5)
 

@@ -11,12 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.numpy_bounds import local_lower_bounds
+from certify.capture import capture
+from certify.graph import Graph
 from certify.linear_bounds import Region, intermediate_bounds, margin_lines
-from certify.network import Network
-from certify.radius import downstream_lipschitz, region_scale
+from certify.numpy_bounds import local_lower_bounds
+from certify.numpy_forward import NumpyGraph
 from certify.radius import region as section4_region
-from test_radius_soundness import ACTIVATIONS, Residual, cnns, mlps, residual_cnns, residual_mlps
+from certify.radius import region_scale
+from test_radius_soundness import (ACTIVATIONS, Residual, cnns, dags, mlps, residual_cnns,
+                                   residual_mlps)
 
 
 @st.composite
@@ -38,9 +41,9 @@ def deep_cnns(draw):
 
 @st.composite
 def residual_tails(draw):
-    """A layer whose downstream network is a block and starts inside another: Linear, act,
-    ``[[Linear, act] + Linear shortcut, act, Linear] + identity``, act, Linear. The bounds
-    of the inner layers start with saved values on the stack."""
+    """A layer whose downstream graph is a block and starts inside another: Linear, act,
+    ``[[Linear, act] + Linear shortcut, act, Linear] + identity``, act, Linear. For the inner
+    layers the skip inputs are constants of the downstream map."""
     torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
     w = draw(st.integers(2, 6))
     act = draw(st.sampled_from(ACTIVATIONS))
@@ -52,25 +55,26 @@ def residual_tails(draw):
 
 
 PROBLEMS = (st.one_of(mlps(), cnns(), deep_cnns(), residual_mlps(), residual_cnns(),
-                      residual_tails()), st.sampled_from(["fro", "max"]),
+                      residual_tails(), dags()), st.sampled_from(["fro", "max"]),
             st.booleans(), st.floats(1e-3, 2.0), st.integers(0, 2**31 - 1))
 
 
 def regions(model_and_shape, norm: str, size: float, seed: int, count: int = 3):
-    """For each hidden affine layer: the network, its index, the region and the classes."""
+    """For each affine layer but the last: the graph, the layer's node index, the region,
+    the classes and every node's value."""
     model, shape = model_and_shape
     generator = torch.Generator().manual_seed(seed)
-    net = Network.from_module(model)
     x = torch.randn(count, *shape, dtype=torch.float64, generator=generator)
+    net = capture(model, x)
     y = net(x).argmax(-1)
-    states = net.trace_states(x)
+    values = net.values(x)
     for index in net.affine_indices[:-1]:
-        z, stack = states[index + 1]
+        z = values[index]
         if norm == "fro":
             unit = size * (0.5 + torch.rand(count, dtype=z.dtype, generator=generator))
         else:
             unit = size * torch.rand(z.shape, dtype=z.dtype, generator=generator)
-        yield net, index, Region(z, norm, unit, stack), y
+        yield net, index, Region(z, norm, unit), y, values
 
 
 def samples(region: Region, rho: torch.Tensor, generator, count: int = 16):
@@ -127,13 +131,27 @@ def minimised(f, region: Region, rho: torch.Tensor, generator, steps: int = 40):
     return best.T  # (B, K)
 
 
-def copies(stack: tuple, n: int) -> tuple:
-    """The saved values for ``n`` stacked copies of the batch (``minimised``'s layout)."""
-    return tuple(v.repeat(n // len(v), *[1] * (v.ndim - 1)) for v in stack)
+def upto(net: Graph, start: int, z: torch.Tensor, values: list, last: int) -> torch.Tensor:
+    """Node ``last``'s value when node ``start`` takes ``z`` (the others from ``values``):
+    ``net.rerun`` stopped at ``last``."""
+    values = list(values)
+    values[start] = z
+    for k in net.downstream(start)[1:]:
+        if k > last:
+            break
+        node = net.nodes[k]
+        values[k] = node.op(*(values[j] for j in node.inputs))
+    return values[last]
 
 
-def margins(net: Network, start: int, z: torch.Tensor, y: torch.Tensor, stack=()) -> torch.Tensor:
-    o = net.run(z, start, copies(stack, len(z)))
+def copies(values: list, n: int) -> list:
+    """Every node's value for ``n`` stacked copies of the batch (``minimised``'s layout)."""
+    return [v.repeat(n // len(v), *[1] * (v.ndim - 1)) for v in values]
+
+
+def margins(net: Graph, start: int, z: torch.Tensor, y: torch.Tensor, values) -> torch.Tensor:
+    """``o_y - o_j`` with node ``start`` at ``z`` and the others from ``values``."""
+    o = net.run(start, z, copies(values, len(z)))
     return o.gather(-1, y[:, None]) - o
 
 
@@ -145,21 +163,20 @@ def tolerance(t: torch.Tensor) -> torch.Tensor:
 @given(*PROBLEMS)
 def test_intervals_contain_sampled_values(model_and_shape, norm, refine, size, seed):
     generator = torch.Generator().manual_seed(seed)
-    for net, index, region, y in regions(model_and_shape, norm, size, seed):
+    for net, index, region, y, values in regions(model_and_shape, norm, size, seed):
         rho = torch.ones(len(region.z), dtype=torch.float64)
-        intervals = intermediate_bounds(net, index + 1, region, rho,
-                                        downstream_lipschitz(net, index + 1, "fro"), refine)
+        boxes = intermediate_bounds(net, index, region, rho, values, refine=refine)
+        assert set(net.downstream(index)) <= set(boxes)
         for point in samples(region, rho, generator):
-            values = Network(net.steps[index + 1:]).trace(point, region.stack)
-            for (lo, hi), v in zip(intervals, values):
+            sampled = net.rerun(index, point, values)
+            for i, (lo, hi) in boxes.items():
+                v = sampled[i]
                 assert torch.all(lo - tolerance(lo) <= v) and torch.all(v <= hi + tolerance(hi))
-        for i, (lo, hi) in enumerate(intervals[1:], start=index + 2):  # attack every entry
-            if torch.equal(lo, hi):  # a value saved before the layer (after a Swap): fixed
-                continue
-            reach = Network(net.steps[index + 1:i])
+        for i in net.downstream(index)[1:]:  # attack every entry of every downstream node
+            lo, hi = boxes[i]
 
-            def current(p, sign):
-                return sign * reach.run(p, 0, copies(region.stack, len(p))).flatten(1)
+            def current(p, sign, i=i):
+                return sign * upto(net, index, p, copies(values, len(p)), i).flatten(1)
 
             low = minimised(lambda p: current(p, 1), region, rho, generator)
             high = -minimised(lambda p: current(p, -1), region, rho, generator)
@@ -171,18 +188,17 @@ def test_intervals_contain_sampled_values(model_and_shape, norm, refine, size, s
 @given(*PROBLEMS)
 def test_margin_lines_hold_at_sampled_points(model_and_shape, norm, refine, size, seed):
     generator = torch.Generator().manual_seed(seed)
-    for net, index, region, y in regions(model_and_shape, norm, size, seed):
+    for net, index, region, y, values in regions(model_and_shape, norm, size, seed):
         rho = torch.ones(len(region.z), dtype=torch.float64)
-        lines = margin_lines(net, index + 1, region, rho, y,
-                             downstream_lipschitz(net, index + 1, "fro"), refine)
+        lines = margin_lines(net, index, region, rho, y, values, refine=refine)
         for smaller in (rho, rho * 0.3):  # the lines hold for every radius up to rho
             bound = lines.lower(smaller)
             for point in samples(region, smaller, generator):
-                sampled = margins(net, index + 1, point, y, region.stack)
+                sampled = margins(net, index, point, y, values)
                 assert torch.all(bound <= sampled + tolerance(sampled)), (
                     f"layer {index}: a margin bound exceeds a sampled margin")
-            attacked = minimised(lambda p: margins(net, index + 1, p, y.repeat(
-                len(p) // len(y)), region.stack), region, smaller, generator)
+            attacked = minimised(lambda p: margins(net, index, p, y.repeat(
+                len(p) // len(y)), values), region, smaller, generator)
             assert torch.all(bound <= attacked + tolerance(attacked)), (
                 f"layer {index}: a margin bound exceeds an attacked margin")
 
@@ -190,20 +206,19 @@ def test_margin_lines_hold_at_sampled_points(model_and_shape, norm, refine, size
 @settings(max_examples=25, deadline=None)
 @given(*PROBLEMS)
 def test_numpy_checker_recomputes_the_same_bounds(model_and_shape, norm, refine, size, seed):
-    for net, index, region, y in regions(model_and_shape, norm, size, seed):
+    for net, index, region, y, _ in regions(model_and_shape, norm, size, seed):
         rho = torch.full((len(region.z),), 0.7, dtype=torch.float64)
-        layer = net.steps[index]
+        layer = net.layer(index)
         # The checker derives U from the layer's input columns: rebuild the region from them.
-        states = net.trace_states(torch.randn(len(y), *model_and_shape[1], dtype=torch.float64,
-                                              generator=torch.Generator().manual_seed(seed)))
-        h, (z, stack) = states[index][0], states[index + 1]
-        P = layer.patches(h)
-        y = net.run(z, index + 1, stack).argmax(-1)
-        ours_region = section4_region(z, region_scale(P, norm), norm, stack)
-        ours = margin_lines(net, index + 1, ours_region, rho, y,
-                            downstream_lipschitz(net, index + 1, "fro"), refine).lower(rho)
-        theirs = local_lower_bounds(net, index, z.numpy(), P.numpy(), rho.numpy(), y.numpy(),
-                                    norm, refine, tuple(v.numpy() for v in stack))
+        values = net.values(torch.randn(len(y), *model_and_shape[1], dtype=torch.float64,
+                                        generator=torch.Generator().manual_seed(seed)))
+        z = values[index]
+        P = layer.patches(values[net.input_of(index)])
+        y = values[-1].argmax(-1)
+        ours_region = section4_region(layer, z, region_scale(P, norm), norm)
+        ours = margin_lines(net, index, ours_region, rho, y, values, refine=refine).lower(rho)
+        theirs = local_lower_bounds(NumpyGraph.of(net), index, [v.numpy() for v in values],
+                                    P.numpy(), rho.numpy(), y.numpy(), norm, refine)
         mask = np.ones(theirs.shape, dtype=bool)
         mask[np.arange(len(y)), y.numpy()] = False
         np.testing.assert_allclose(ours.numpy()[mask], theirs[mask], rtol=1e-7,

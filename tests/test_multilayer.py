@@ -11,14 +11,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_radius_soundness import (ACTIVATIONS, certification_problem, cnns, mlps,
-                                   residual_cnns, residual_mlps)
+from test_radius_soundness import (ACTIVATIONS, _columns, _weight, certification_problem, cnns,
+                                   dags, mlps, residual_cnns, residual_mlps)
 from torch import nn
 
-from certify import check, numpy_forward
+from certify import check
+from certify.capture import capture
+from certify.graph import Graph
 from certify.multilayer import PRECISION, multilayer_bound, uniform_budget
-from certify.network import Network, advance
-from certify.radius import _columns, _weight, layer_radii, predictions
+from certify.numpy_forward import NumpyGraph
+from certify.radius import layer_radii, predictions
 
 
 @st.composite
@@ -36,31 +38,32 @@ def two_conv_cnns(draw):
     return model.double().eval(), (1, 6, 6)
 
 
-MODELS = st.one_of(mlps(), cnns(), two_conv_cnns(), residual_mlps(), residual_cnns())
+MODELS = st.one_of(mlps(), cnns(), two_conv_cnns(), residual_mlps(), residual_cnns(), dags())
 PROBLEMS = (MODELS, st.sampled_from(["fro", "max"]),
             st.booleans(), st.integers(0, 2**31 - 1))
 
 
-def weight_sizes(net: Network, norm: str, bias: bool) -> list[float]:
+def weight_sizes(net: Graph, norm: str, bias: bool) -> list[float]:
     """``||W~_k||`` in the budget's own norm, per affine layer."""
-    return [float(torch.linalg.matrix_norm(_weight(net.steps[i], bias)) if norm == "fro"
-                  else _weight(net.steps[i], bias).abs().max()) for i in net.affine_indices]
+    return [float(torch.linalg.matrix_norm(_weight(net.layer(i), bias)) if norm == "fro"
+                  else _weight(net.layer(i), bias).abs().max()) for i in net.affine_indices]
 
 
-def perturbed_logits(net: Network, x, Ds: list[torch.Tensor], bias: bool) -> torch.Tensor:
+def perturbed_logits(net: Graph, x, Ds: list[torch.Tensor], bias: bool) -> torch.Tensor:
     """Forward pass with every affine weight ``W~_k + D_k`` (``D_k`` is ``(B, m, n)``)."""
-    Ds = iter(Ds)
-    stack = ()
-    for i, step in enumerate(net.steps):
-        if i in net.affine_indices:
-            P = _columns(step, x, bias)
-            Z = torch.matmul(_weight(step, bias) + next(Ds), P)
+    D = dict(zip(net.affine_indices, Ds))
+    values = [x]
+    for i, node in enumerate(net.nodes[1:], start=1):
+        inputs = [values[j] for j in node.inputs]
+        if i in D:
+            layer = node.op
+            Z = torch.matmul(_weight(layer, bias) + D[i], _columns(layer, inputs[0], bias))
             if not bias:
-                Z = Z + step.bias[:, None]
-            x = Z.reshape(step(x).shape)
+                Z = Z + layer.bias[:, None]
+            values.append(layer.uncolumns(Z, node.shape))
         else:
-            x, stack = advance(step, x, stack)
-    return x
+            values.append(node.op(*inputs))
+    return values[-1]
 
 
 def project(D: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
@@ -73,7 +76,7 @@ def project(D: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
 def attacks(net, x, y, radii: list[torch.Tensor], norm: str, bias: bool, steps: int = 30):
     """Random perturbations on the sphere (vertices of the box) of every layer's ball, then
     projected gradient descent on the smallest margin over all layers jointly."""
-    shapes = [_weight(net.steps[i], bias).shape for i in net.affine_indices]
+    shapes = [_weight(net.layer(i), bias).shape for i in net.affine_indices]
     Ds = []
     for shape, r in zip(shapes, radii):
         D = torch.randn(len(x), *shape, dtype=torch.float64)
@@ -180,14 +183,14 @@ def width_one_chains(draw):
     return nn.Sequential(*layers).double(), x
 
 
-def worst_perturbation(net: Network, x, t: float, norm: str) -> list[torch.Tensor]:
+def worst_perturbation(net: Graph, x, t: float, norm: str) -> list[torch.Tensor]:
     """``d_k = +e_k`` on the hidden chain (``dh > 0`` adds to ``h > 0`` and passes through
     ``w > 0``), and the last layer's rank-one ``D = -e c sign(v)^T`` (max) or ``-e c v^T /
     (||c|| ||v||)`` (fro) with ``c = e_0 - e_1``: every term of the bound is attained."""
     Ds = []
     for i in net.affine_indices[:-1]:
-        Ds.append(torch.full((1, 1, 1), t * abs(float(net.steps[i].weight)), dtype=torch.float64))
-    last = net.steps[-1].weight
+        Ds.append(torch.full((1, 1, 1), t * abs(float(net.layer(i).weight)), dtype=torch.float64))
+    last = net.layer(net.affine_indices[-1]).weight
     e = t * float(torch.linalg.matrix_norm(last) if norm == "fro" else last.abs().max())
     c = torch.tensor([1.0, -1.0], dtype=torch.float64)
     direction = c / math.sqrt(2) if norm == "fro" else c  # v > 0: sign(v) = v / |v| = 1
@@ -201,7 +204,7 @@ def test_recursion_is_attained_on_width_one_chains(chain, norm):
     """Just beyond the uniform budget the worst perturbation changes the class: no term of
     the recursion (cross terms included) may be dropped or shrunk."""
     model, x = chain
-    net = Network.from_module(model)
+    net = capture(model, x)
     y, _ = predictions(net, x)
     assert y.item() == 0
     t = float(uniform_budget(net, x, norm)[0])
@@ -218,7 +221,8 @@ def test_numpy_checker_confirms_the_budget_and_refutes_an_inflated_one(norm, mod
                                                                        bias, seed):
     net, x, _ = certification_problem(model_and_shape, seed)
     t = uniform_budget(net, x, norm, bias).numpy()
-    values = numpy_forward.layer_inputs(net, x.numpy())
+    graph = NumpyGraph.of(net)
+    values = graph.values(x.numpy())
     logits = values[-1]
     y = logits.argmax(axis=1)
     margins = logits[np.arange(len(y)), y][:, None] - logits
@@ -230,7 +234,7 @@ def test_numpy_checker_confirms_the_budget_and_refutes_an_inflated_one(norm, mod
         smallest = float(claimed.min()) if smallest is None else smallest
         claims = {"uniform_budget": claimed.tolist(), "min": smallest}
         check._check_multilayer(r, {norm: claims, ("max" if norm == "fro" else "fro"): other},
-                                net, values, y, margins, bias)
+                                graph, values, y, margins, bias)
         return r
 
     assert report(t).ok
@@ -242,8 +246,8 @@ def test_numpy_checker_confirms_the_budget_and_refutes_an_inflated_one(norm, mod
 
 
 def test_bad_budgets_are_refused_with_the_layer_names():
-    net = Network.from_module(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double())
     x = torch.randn(2, 3, dtype=torch.float64)
+    net = capture(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), x)
     with pytest.raises(ValueError, match=r"got 1 budgets .* 2 affine layers \(0, 2\)"):
         multilayer_bound(net, x, [0.1], "fro")
     with pytest.raises(ValueError, match=r"finite and >= 0; got 0=-0.1"):
@@ -254,6 +258,21 @@ def test_bad_budgets_are_refused_with_the_layer_names():
         multilayer_bound(net, x, ["a", 0.0], "max")
     with pytest.raises(ValueError, match="norm must be one of"):
         multilayer_bound(net, x, [0.0, 0.0], "spectral")
-    ends_in_relu = Network.from_module(nn.Sequential(nn.Linear(3, 2), nn.ReLU()).double())
-    with pytest.raises(ValueError, match="must be a Linear layer producing the logits"):
-        uniform_budget(ends_in_relu, x, "fro")
+
+
+@pytest.mark.parametrize("norm", ["fro", "max"])
+def test_logits_after_an_activation_are_certified_through_the_output(norm):
+    """Logits that are not a dense layer's output (a ReLU after it): the chain refused
+    them; the graph bounds ``|Delta m_j| <= ||c_j||_dual ||Delta o||``, and attacks inside
+    the uniform budget change no class."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.ReLU()).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    net = capture(model, x)
+    assert not net.is_last_dense(net.affine_indices[-1])
+    y, _ = predictions(net, x)
+    t = uniform_budget(net, x, norm)
+    assert torch.all(t >= 0) and torch.all(torch.isfinite(t)) and bool((t > 0).any())
+    radii = [0.999 * t * size for size in weight_sizes(net, norm, False)]
+    for Ds in attacks(net, x, y, radii, norm, False):
+        assert torch.equal(perturbed_logits(net, x, Ds, False).argmax(-1), y)

@@ -5,7 +5,7 @@ onnxruntime, compared with the original in float64, and captured again by torch.
 torch 2.13 (it needs onnxscript); ``dynamo=False`` the TorchScript-based one. The dynamo
 exporter writes static shapes: ``nn.Flatten`` becomes ``Reshape(x, [4, 784])`` for an export
 with 4 inputs, which certify.onnx_files turns into a reshape that copies the batch size, so the
-loaded module takes any number of inputs. The graph capture of certify.network does exactly
+loaded module takes any number of inputs. The graph capture of certify.capture does exactly
 what ``_reexport`` does.
 """
 

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.network import Add, Affine, Network, Save, Swap, UnsupportedModelError
-from certify.radius import _columns, _weight, layer_radii, predictions, witness
+from certify.capture import UnsupportedModelError, capture
+from certify.graph import Graph
+from certify.operators import Add, Affine
+from certify.radius import layer_radii, predictions
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1)]
 
@@ -99,35 +101,103 @@ def residual_cnns(draw):
     return model.double().eval(), (1, 6, 6)
 
 
+class _Dag(nn.Module):
+    """Forms that need a graph (a chain of steps with a stack could not hold them), on
+    inputs ``(6,)``: ``kind`` picks one, ``act`` the activation, ``w`` the width.
+
+    ``crossing``: a value used inside a residual block and after it; ``cat``: two branches
+    concatenated and sliced; ``logits_added``: the logits are a sum of two branches;
+    ``batchnorm_first``: a batch norm that follows no affine layer (a ``ScaleShift``);
+    ``softmax_output``: softmax at the output (dropped: it keeps the argmax); ``alpha``:
+    ``a + 2 b`` and ``a - x`` (the input itself, a constant of every layer's downstream
+    map); ``constant``: arithmetic with constants.
+    """
+
+    KINDS = ("crossing", "cat", "logits_added", "batchnorm_first", "softmax_output", "alpha",
+             "constant")
+
+    def __init__(self, kind: str, act, w: int, classes: int):
+        super().__init__()
+        self.kind, self.act, self.w = kind, act(), w
+        self.a, self.b = nn.Linear(6, w), nn.Linear(w if kind == "crossing" else 6, w)
+        self.c = nn.Linear(2 * w - 1 if kind == "cat" else w, classes)
+        self.d = nn.Linear(6, classes)
+        self.bn = nn.BatchNorm1d(6)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        act, kind = self.act, self.kind
+        if kind == "crossing":
+            p = self.a(x)
+            q = act(self.b(act(p)))
+            return self.c(act(q + p) + q)
+        if kind == "cat":
+            both = torch.cat([act(self.a(x)), torch.tanh(self.b(x))], 1)
+            return self.c(both[:, 1:])
+        if kind == "logits_added":
+            return self.c(act(self.a(x))) + self.d(x)
+        if kind == "batchnorm_first":
+            return self.c(act(self.a(self.bn(x))))
+        if kind == "softmax_output":
+            return torch.softmax(self.c(act(self.a(x))), dim=-1)
+        if kind == "alpha":
+            both = torch.add(act(self.a(x)), act(self.b(x)), alpha=2)
+            return self.c(both - x[:, 6 - self.w:])
+        return self.c(act(self.a(x)) * 0.5 + 1.0)
+
+
+@st.composite
+def dags(draw):
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    model = _Dag(draw(st.sampled_from(_Dag.KINDS)), draw(st.sampled_from(ACTIVATIONS)),
+                 draw(st.integers(2, 6)), draw(st.integers(2, 4)))
+    return model.double().eval(), (6,)
+
+
+def _weight(layer: Affine, bias: bool) -> torch.Tensor:
+    """The weight matrix, with the bias as its last column when the bias moves too."""
+    return torch.cat([layer.matrix, layer.bias[:, None]], dim=1) if bias else layer.matrix
+
+
+def _columns(layer: Affine, h: torch.Tensor, bias: bool) -> torch.Tensor:
+    """The layer input as columns ``(B, n, L)``, with a row of ones when the bias moves."""
+    P = layer.patches(h)
+    return torch.cat([P, torch.ones_like(P[:, :1])], dim=1) if bias else P
+
+
 def _apply(layer: Affine, weight, P, bias: bool, out_shape) -> torch.Tensor:
     """The layer's output with a per-input weight ``(B, m, n)`` (the fixed bias added)."""
     Z = torch.matmul(weight, P)
     if not bias:
         Z = Z + layer.bias[:, None]
-    return Z.reshape(P.shape[0], *out_shape)
+    return layer.uncolumns(Z, out_shape)
 
 
-def perturbed_classes(net: Network, x, index, D, bias) -> torch.Tensor:
+def perturbed_classes(net: Graph, x, index, D, bias) -> torch.Tensor:
     """Forward pass with layer ``index``'s weight replaced by ``W + D`` (per input)."""
-    layer = net.steps[index]
-    states = net.trace_states(x)
-    P = _columns(layer, states[index][0], bias)
-    Z = _apply(layer, _weight(layer, bias) + D, P, bias, states[index + 1][0].shape[1:])
-    return net.run(Z, index + 1, states[index + 1][1]).argmax(-1)
+    layer = net.layer(index)
+    values = net.values(x)
+    P = _columns(layer, values[net.input_of(index)], bias)
+    Z = _apply(layer, _weight(layer, bias) + D, P, bias, values[index].shape[1:])
+    return net.run(index, Z, values).argmax(-1)
 
 
 def pgd_attack(net, x, index, radius, norm, bias, steps=40) -> torch.Tensor:
     """Projected gradient descent on the smallest margin over ``||D|| <= radius``."""
-    layer = net.steps[index]
+    layer = net.layer(index)
     W = _weight(layer, bias)
     y, _ = predictions(net, x)
-    states = net.trace_states(x)
-    P = _columns(layer, states[index][0], bias)
-    out_shape, stack = states[index + 1][0].shape[1:], states[index + 1][1]
+    values = net.values(x)
+    P = _columns(layer, values[net.input_of(index)], bias)
+    out_shape = values[index].shape[1:]
     D = (torch.rand(len(x), *W.shape, dtype=W.dtype) - 0.5) * 1e-3
     for _ in range(steps):
         D.requires_grad_(True)
-        logits = net.run(_apply(layer, W + D, P, bias, out_shape), index + 1, stack)
+        logits = net.run(index, _apply(layer, W + D, P, bias, out_shape), values)
         other = logits.scatter(-1, y[:, None], -torch.inf).amax(-1)
         margin = logits.gather(-1, y[:, None])[:, 0] - other
         (grad,) = torch.autograd.grad(margin.sum(), D)
@@ -151,15 +221,15 @@ def random_ball(shape, radius, norm) -> torch.Tensor:
 
 
 def certification_problem(model_and_shape, seed: int):
-    """The traced network, six random inputs and their predicted classes."""
+    """The captured graph, six random inputs and their predicted classes."""
     model, shape = model_and_shape
     torch.manual_seed(seed)
-    net = Network.from_module(model)
     x = torch.randn(6, *shape, dtype=torch.float64)
+    net = capture(model, x)
     return net, x, predictions(net, x)[0]
 
 
-PROBLEMS = (st.one_of(mlps(), cnns(), residual_mlps(), residual_cnns()),
+PROBLEMS = (st.one_of(mlps(), cnns(), residual_mlps(), residual_cnns(), dags()),
             st.sampled_from(["fro", "max"]), st.booleans(), st.integers(0, 2**31 - 1))
 
 
@@ -173,7 +243,7 @@ def test_attacks_inside_lower_never_change_the_class(model_and_shape, norm, bias
         assert torch.all(r.lower >= 0)
         # lower = inf (the layer's input is 0: no weight change moves anything): attack big.
         inside = torch.where(torch.isfinite(r.lower), 0.999 * r.lower, torch.full_like(r.lower, 1e6))
-        W = _weight(net.steps[index], bias)
+        W = _weight(net.layer(index), bias)
         for D in (pgd_attack(net, x, index, inside, norm, bias),
                   random_ball((len(x), *W.shape), inside, norm)):
             assert torch.equal(perturbed_classes(net, x, index, D, bias), y), (
@@ -186,12 +256,8 @@ def test_attacks_inside_lower_never_change_the_class(model_and_shape, norm, bias
 def test_witnesses_change_the_class_and_match_upper(model_and_shape, norm, bias, seed):
     net, x, y = certification_problem(model_and_shape, seed)
     for index in net.affine_indices:
-        layer = net.steps[index]
-        states = net.trace_states(x)
-        P = _columns(layer, states[index][0], bias)
-        upper, found_witness = witness(net, index, P, y, norm, bias, states[index + 1][0].shape[1:],
-                                       stack=states[index + 1][1])
-        D = found_witness.matrix()
+        r = layer_radii(net, x, index, norm, bias)
+        upper, D = r.upper, r.witness.matrix()
         found = torch.isfinite(upper)
         changed = perturbed_classes(net, x, index, D, bias) != y
         assert torch.all(changed[found])
@@ -203,8 +269,9 @@ def test_witnesses_change_the_class_and_match_upper(model_and_shape, norm, bias,
 @settings(max_examples=20, deadline=None)
 def test_last_layer_lower_equals_upper(model_and_shape, norm, bias):
     model, shape = model_and_shape
-    net = Network.from_module(model)
     x = torch.randn(5, *shape, dtype=torch.float64)
+    net = capture(model, x)
+    assert net.is_last_dense(net.affine_indices[-1])
     r = layer_radii(net, x, net.affine_indices[-1], norm, bias)
     assert r.method == "exact"
     np.testing.assert_allclose(r.lower.numpy(), r.upper.numpy(), rtol=1e-8)
@@ -214,20 +281,10 @@ def test_last_layer_lower_equals_upper(model_and_shape, norm, bias):
 @given(cnns())
 def test_batchnorm_is_folded_and_outputs_agree(model_and_shape):
     model, shape = model_and_shape
-    net = Network.from_module(model)
     x = torch.randn(4, *shape, dtype=torch.float64)
+    net = capture(model, x)
     assert torch.allclose(net(x), model(x), atol=1e-12)
-    assert sum(isinstance(s, Affine) for s in net.steps) == 2
-
-
-@pytest.mark.parametrize("module,match", [
-    (nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=-1)), "Softmax is not supported"),
-    (nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)), "must follow a Linear or Conv2d"),
-    (nn.Sequential(nn.ReLU()), "no Linear or Conv2d"),
-])
-def test_unsupported_models_are_named(module, match):
-    with pytest.raises(UnsupportedModelError, match=match):
-        Network.from_module(module)
+    assert net.layer_names == ["0+1", "5"]  # the convolution carries its batch norm
 
 
 class _TwoBranches(nn.Module):
@@ -242,61 +299,113 @@ class _TwoBranches(nn.Module):
         return self.out(self.combine(torch.relu(self.a(x)), torch.tanh(self.b(x))))
 
 
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.fc(out[:, -1])
+
+
+class _Shared(nn.Module):
+    """One Linear module called twice: its weight is in two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.a(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("module,shape,match", [
+    (nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=-1), nn.Linear(3, 2)), (3,),
+     "softmax or log-softmax is only supported at the output"),
+    (_Recurrent(), (5, 3), r"lstm\.\w+ is not supported \(module 'lstm' \(LSTM\)"),
+    (_TwoBranches(lambda a, b: a * b), (3,), "mul of two computed tensors"),
+    (_TwoBranches(lambda a, b: a / b), (3,), "div of two computed tensors"),
+    (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)), (3,),
+     r"layer_norm\.\w+ is not supported \(module '1' \(LayerNorm\)"),
+    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 2)), (2, 4, 4),
+     "groups=2"),
+    (nn.Sequential(nn.ReLU()), (3,), "no layer with a weight parameter"),
+    (_Shared(), (3,),
+     "'a.weight' is used by two layers"),
+])
+def test_unsupported_models_are_named(module, shape, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        capture(module.double(), shape)
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.one_of(residual_mlps(), residual_cnns()))
-def test_residual_models_trace_to_stack_steps_that_compute_the_model(model_and_shape):
+def test_residual_models_capture_to_graphs_that_compute_the_model(model_and_shape):
     model, shape = model_and_shape
-    net = Network.from_module(model)
     x = torch.randn(4, *shape, dtype=torch.float64)
+    net = capture(model, x)
     assert torch.allclose(net(x), model(x), atol=1e-12)
-    kinds = [type(s) for s in net.steps]
-    assert kinds.count(Save) == kinds.count(Swap) == kinds.count(Add) >= 1
-    # Every affine module appears once (BatchNorm folded), and a run from the middle of a
-    # block with the saved stack gives the same logits.
-    modules = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    assert len(net.affine_indices) == len(modules)
-    states = net.trace_states(x)
-    for i, (value, stack) in enumerate(states):
-        assert torch.allclose(net.run(value, i, stack), states[-1][0], atol=1e-12)
+    assert sum(isinstance(node.op, Add) for node in net.nodes) >= 1
+    # Every affine module appears once (BatchNorm folded), under its module path.
+    modules = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert [name.split("+")[0] for name in net.layer_names] == modules
+    # A run from any node with the other nodes' values gives the same logits, and a changed
+    # node changes only the nodes downstream of it.
+    values = net.values(x)
+    for i in range(len(net.nodes)):
+        assert torch.allclose(net.run(i, values[i], values), values[-1], atol=1e-12)
+        moved = net.rerun(i, values[i] + 1.0, values)
+        for k in set(range(len(net.nodes))) - set(net.downstream(i)):
+            assert moved[k] is values[k]
 
 
-def test_residual_forms_and_their_limits():
+def test_residual_forms_and_what_a_graph_adds():
     torch.manual_seed(0)
     x = torch.randn(5, 3, dtype=torch.float64)
-    for combine in (lambda a, b: a + b, torch.add, lambda a, b: a.add(b), lambda a, b: a + a):
+    # Additions in every spelling, and forms the chain of steps refused: a concatenation
+    # sliced, an addition of a constant, an addition with alpha.
+    for combine, kind in ((lambda a, b: a + b, Add), (torch.add, Add),
+                          (lambda a, b: a.add(b), Add), (lambda a, b: a + a, Add),
+                          (lambda a, b: torch.cat([a, b], 1)[:, :3], None),
+                          (lambda a, b: a + 1, None),
+                          (lambda a, b: torch.add(a, b, alpha=2), Add)):
         model = _TwoBranches(combine).double()
-        assert torch.allclose(Network.from_module(model)(x), model(x), atol=1e-12)
-    for combine, match in ((lambda a, b: torch.cat([a, b], 1)[:, :3], r"cat takes 2 tensors"),
-                           (lambda a, b: a * b, r"mul takes 2 tensors"),
-                           (lambda a, b: a + 1, r"only additions of two tensors"),
-                           (lambda a, b: torch.add(a, b, alpha=2), r"only additions of two")):
-        with pytest.raises(UnsupportedModelError, match=match) as error:
-            Network.from_module(_TwoBranches(combine))
-        assert "not supported yet" not in str(error.value)
+        net = capture(model, x)
+        assert torch.allclose(net(x), model(x), atol=1e-12)
+        if kind is not None:
+            assert any(isinstance(node.op, kind) for node in net.nodes)
+    alpha = capture(_TwoBranches(lambda a, b: torch.add(a, b, alpha=2)).double(), x)
+    assert [node.op.alpha for node in alpha.nodes if isinstance(node.op, Add)] == [2]
+    # Logits out of an addition, and a value used inside a residual block and after it.
+    for model in (_Dag("logits_added", nn.ReLU, 3, 2), _Dag("crossing", nn.ReLU, 3, 2)):
+        net = capture(model.double().eval(), (6,))
+        z = torch.randn(4, 6, dtype=torch.float64)
+        assert torch.allclose(net(z), model(z), atol=1e-12)
+    crossing = capture(_Dag("crossing", nn.ReLU, 3, 2).double().eval(), (6,))
+    a, b = (crossing.affine_indices[crossing.layer_names.index(n)] for n in ("a", "b"))
+    # q = act(b(...)) feeds the addition inside the block and the one after it.
+    (q,) = crossing.consumers[b]
+    assert [type(crossing.nodes[k].op) for k in crossing.consumers[q]] == [Add, Add]
+    assert set(crossing.consumers[q]) <= set(crossing.downstream(a))
 
-    class LogitsAdded(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
 
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
-    with pytest.raises(UnsupportedModelError, match="logits come out of a residual addition"):
-        Network.from_module(LogitsAdded())
-
-    class Crossing(nn.Module):  # q is used inside the block r and after it: no nesting
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
-
-        def forward(self, x):
-            p = self.a(x)
-            q = self.b(p)
-            return self.c((q + p) + q)
-
-    with pytest.raises(UnsupportedModelError, match="used both inside and after"):
-        Network.from_module(Crossing())
+@settings(max_examples=15, deadline=None)
+@given(dags(), st.sampled_from(["fro", "max"]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_forms_a_chain_refused_now_certify(model_and_shape, norm, bias, seed):
+    """Every form of ``_Dag`` certifies: sound radii, witnesses that change the class."""
+    net, x, y = certification_problem(model_and_shape, seed)
+    model, _ = model_and_shape
+    assert torch.equal(net(x).argmax(-1), model(x).argmax(-1))
+    for index in net.affine_indices:
+        r = layer_radii(net, x, index, norm, bias)
+        assert torch.all((0 <= r.lower) & (r.lower <= r.upper))
+        found = torch.isfinite(r.upper)
+        assert torch.all((perturbed_classes(net, x, index, r.witness.matrix(), bias) != y)[found])
+        inside = torch.where(torch.isfinite(r.lower), 0.999 * r.lower,
+                             torch.full_like(r.lower, 1e6))
+        D = pgd_attack(net, x, index, inside, norm, bias)
+        assert torch.equal(perturbed_classes(net, x, index, D, bias), y)
 
 
 @settings(max_examples=15, deadline=None)

@@ -20,7 +20,8 @@ from torch import nn
 
 from certify.compressed import Compression, compress, prune_count
 from certify.multilayer import multilayer_bound
-from certify.network import Affine, Network
+from certify.capture import capture
+from certify.graph import Graph
 from certify.radius import layer_radii, predictions
 from certify.testing import (_compression_errors, assert_compression_safe, assert_robust,
                              compressions, inputs,
@@ -50,9 +51,11 @@ def test_networks_and_inputs_are_valid(types, data):
         assert not convs and len(linears) >= 2
     if types == ("conv",):
         assert convs and len(linears) == 1
-    net = Network.from_module(model)  # supported by certify, BatchNorm folded
+    net = capture(model, x)  # supported by certify, BatchNorm folded
     out = model(x)
-    assert out.shape == (len(x), net.steps[-1].weight.shape[0]) and 2 <= out.shape[1] <= 4
+    assert net.is_last_dense(net.output) and len(net.affine_indices) == len(convs + linears)
+    assert out.shape == (len(x), net.layer(net.output).weight.shape[0]) and \
+        2 <= out.shape[1] <= 4
     torch.testing.assert_close(net(x), out, rtol=1e-10, atol=1e-12)
 
 
@@ -60,12 +63,12 @@ def test_networks_and_inputs_are_valid(types, data):
 @given(MLPS, compressions(layers=["1", "3"], ranks=(0, 8)))
 def test_compressions_are_valid_single_layer_compressions(model, c):
     assert isinstance(c, Compression) and c.layers in (("1",), ("3",))
-    net = Network.from_module(model)
-    names = [net.steps[i].name for i in net.affine_indices]
-    if c.layers[0] in names:  # only the named layer is touched
+    net = capture(model, (6,))
+    if c.layers[0] in net.layer_names:  # only the named layer is touched
         small = compress(net, c)
-        assert [a is b for a, b in zip(small.steps, net.steps)] == \
-            [not (isinstance(s, Affine) and s.name == c.layers[0]) for s in net.steps]
+        assert [a.op is b.op for a, b in zip(small.nodes, net.nodes)] == \
+            [i not in net.affine_indices or node.name != c.layers[0]
+             for i, node in enumerate(net.nodes)]
 
 
 @settings(max_examples=12, deadline=None)
@@ -73,14 +76,13 @@ def test_compressions_are_valid_single_layer_compressions(model, c):
 def test_perturbations_inside_keep_and_outside_change_the_class(model, norm, data):
     shape = (1, 6, 6) if any(isinstance(m, nn.Conv2d) for m in model.modules()) else (6,)
     x = data.draw(inputs(shape, batch=(2, 5)))
-    net = Network.from_module(model)
-    layer = net.steps[data.draw(st.sampled_from(net.affine_indices))].name
+    net = capture(model, x)
+    layer = net.nodes[data.draw(st.sampled_from(net.affine_indices))].name
     y = predictions(net, x)[0]
     inside = data.draw(perturbations(model, x, layer, norm, inside=0.99))
     assert torch.all(inside.size <= 0.99 * inside.lower)
     assert torch.equal(inside.classes(model), y)
-    radii = layer_radii(net, x, net.affine_indices[[net.steps[i].name for i in
-                                                    net.affine_indices].index(layer)], norm)
+    radii = layer_radii(net, x, net.affine_indices[net.layer_names.index(layer)], norm)
     if torch.isfinite(radii.upper).any():
         outside = data.draw(perturbations(net, x, layer, norm, outside=1.0))
         assert torch.all(outside.size >= outside.lower)
@@ -89,7 +91,7 @@ def test_perturbations_inside_keep_and_outside_change_the_class(model, norm, dat
         assert torch.all(outside.classes(net) != y[found])
 
 
-def _attack(net: Network, x, c: Compression) -> bool:
+def _attack(net: Graph, x, c: Compression) -> bool:
     """The real attack: does the compressed network change any prediction?"""
     return bool((compress(net, c)(x).argmax(-1) != net(x).argmax(-1)).any())
 
@@ -98,16 +100,17 @@ def _attack(net: Network, x, c: Compression) -> bool:
 @given(MLPS, inputs((6,), batch=(4, 8)), st.data())
 def test_assert_robust_fails_whenever_a_compression_flips_and_holds_when_it_passes(
         model, x, data):
-    net = Network.from_module(model)
-    layer = net.steps[data.draw(st.sampled_from(net.affine_indices))]
+    net = capture(model, x)
+    index = data.draw(st.sampled_from(net.affine_indices))
+    layer, name = net.layer(index), net.nodes[index].name
     c = data.draw(compressions(kinds=("rank", "bits", "bits_per_channel", "prune"),
-                               layers=[layer.name], ranks=(0, 8), bits=(2, 14)))
+                               layers=[name], ranks=(0, 8), bits=(2, 14)))
     kind = "bits" if c.kind == "bits_per_channel" else c.kind
     try:
-        assert_robust(model, x, layers=[layer.name], **{kind: c.level})
+        assert_robust(model, x, layers=[name], **{kind: c.level})
     except AssertionError as err:
         message = str(err)
-        assert f"layer '{layer.name}'" in message and "certified radius" in message
+        assert f"layer '{name}'" in message and "certified radius" in message
         event("not proved")
         return
     event("proved")
@@ -120,14 +123,15 @@ def test_assert_robust_fails_whenever_a_compression_flips_and_holds_when_it_pass
                    for k in ("bits", "bits_per_channel")]
     else:
         gentler = [("prune", k / (m * n)) for k in range(prune_count(c.level, m * n) + 1)]
-    for g in (Compression(k, level, (layer.name,)) for k, level in gentler):
+    for g in (Compression(k, level, (name,)) for k, level in gentler):
         assert not _attack(net, x, g), f"assert_robust passed {c} but {g} changes a class"
 
 
 def test_a_rank_that_really_flips_fails_with_a_precise_message():
     model = small_mlp()
-    net = Network.from_module(model)
     x = torch.randn(20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net = capture(model, x)
+    first = net.affine_indices[0]
     flips = [r for r in range(4) if _attack(net, x, Compression("rank", r, ("0",)))]
     assert flips, "no rank flips a class: the test would be vacuous"
     r = max(flips)
@@ -139,10 +143,10 @@ def test_a_rank_that_really_flips_fails_with_a_precise_message():
                       r"required ([\d.e-]+)", line)
     assert match, line
     i, radius, required = int(match[2]), float(match[5]), float(match[7])
-    lower = layer_radii(net, x, 0, match[6]).lower
+    lower = layer_radii(net, x, first, match[6]).lower
     assert radius == pytest.approx(float(lower[i]), rel=1e-2) and radius < required
     assert float(match[4]) == pytest.approx(float(predictions(net, x)[1][i].min()), rel=1e-2)
-    sigma = torch.linalg.svdvals(net.steps[0].matrix)
+    sigma = torch.linalg.svdvals(net.layer(first).matrix)
     assert required == pytest.approx(float(sigma[r]), rel=1e-2)  # ||W - W_r||_2
     with pytest.raises(AssertionError, match=rf"rank={r}@0: REFUTED on input \d+ .*"
                                              r"the compressed model predicts \d"):
@@ -151,14 +155,14 @@ def test_a_rank_that_really_flips_fails_with_a_precise_message():
 
 def test_robust_cases_pass_and_radii_beyond_a_witness_are_refuted():
     model = small_mlp()
-    net = Network.from_module(model)
     x = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    net = capture(model, x)
     lower = min(float(layer_radii(net, x, i, "fro").lower.min()) for i in net.affine_indices)
     claims = assert_robust(model, x, bits=24, radius=0.99 * lower)
     assert len(claims) == 4 and all(bool(c.proved.all()) for c in claims)
     assert_compression_safe(model, x, bits=24)  # both layers at once: section 5
     assert_compression_safe(model, x, "bits_per_channel=24@2")
-    upper = layer_radii(net, x, 2, "max").upper
+    upper = layer_radii(net, x, net.affine_indices[1], "max").upper
     with pytest.raises(AssertionError) as info:
         assert_robust(model, x, radius=1.01 * float(upper.min()), norm="max", layers=["2"])
     i = int(upper.argmin())
@@ -168,8 +172,8 @@ def test_robust_cases_pass_and_radii_beyond_a_witness_are_refuted():
 
 def test_several_layers_at_once_fail_when_the_compressed_model_flips():
     model = small_mlp()
-    net = Network.from_module(model)
     x = torch.randn(20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net = capture(model, x)
     assert _attack(net, x, Compression("bits", 2))
     with pytest.raises(AssertionError, match=r"layers '0,2', bits=2: REFUTED .*section-5 "
                                              r"bound: margin / margin change"):
@@ -270,13 +274,14 @@ def test_claimed_errors_cover_every_gentler_compression(m, n, dense, seed, kind,
 
 def test_several_layers_unproved_fail_although_the_compressed_model_agrees():
     model = small_mlp()
-    net = Network.from_module(model)
     x = torch.randn(20, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net = capture(model, x)
     for bits in range(2, 16):  # the first level that changes nothing concretely
         if not _attack(net, x, Compression("bits", bits)):
             break
-    E = [float(np.abs(s.matrix - compress(net, Compression("bits", bits)).steps[i].matrix)
-               .max()) for i, s in enumerate(net.steps) if isinstance(s, Affine)]
+    small = compress(net, Compression("bits", bits))
+    E = [float((net.layer(i).matrix - small.layer(i).matrix).abs().max())
+         for i in net.affine_indices]
     assert not multilayer_bound(net, x, E, "max").certified.all()
     with pytest.raises(AssertionError, match=rf"layers '0,2', bits={bits}: not proved"):
         assert_compression_safe(model, x, bits=bits)

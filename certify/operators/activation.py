@@ -1,0 +1,210 @@
+"""Elementwise activations: ReLU, LeakyReLU (piecewise linear), ELU, Tanh, Sigmoid, GELU
+(exact erf form) and Softplus.
+
+Linear rules (``backward``). ReLU and LeakyReLU: for bounds in both directions one line
+``phi(x) = lam x + mu +- nu`` with ``lam`` the chord slope and ``mu +- nu`` the range of
+``phi(x) - lam x`` on ``[l, u]`` (its extremes lie at ``l``, ``0`` and ``u``); for a lower
+bound only (the margins), CROWN's adaptive lines: below ``s x`` (``s`` = 1 or the negative
+slope), above the chord, when the function is convex (negative slope in ``[0, 1]``). The
+smooth activations: the chord slope ``lam`` and, by the mean value theorem,
+``phi(x) - lam x - (phi(l) - lam l) = (phi'(xi) - lam)(x - l)`` with ``phi'(xi)`` in the
+derivative range on ``[l, u]`` (``derivative_range``), so ``nu <= (u - l) max(d_hi - lam,
+lam - d_lo) / 2`` around the middle of that range.
+
+Constants (``lipschitz``): ``sup |phi'|``, derived in proofs/lipschitz.py (GELU at
+``x = sqrt(2)``). Softplus follows torch: linear above ``threshold / beta``, where it jumps
+down by at most ``log1p(exp(-threshold)) / beta``; that jump widens every bound, and leaves
+softplus without a Lipschitz constant (``inf``: the global bound through it is 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from certify.operators.base import ROUND, Operator, row_sum
+
+GELU_LIPSCHITZ = (1 + math.erf(1)) / 2 + math.exp(-1) / math.sqrt(math.pi)
+# GELU decreases left of its minimiser and increases right of it; its minimum is -0.16997...,
+# so GELU_FLOOR is a lower bound of it.
+GELU_ARGMIN = -0.7517916
+GELU_FLOOR = -0.17
+# GELU' = Phi(x) + x phi(x) ranges over [1 - GELU_LIPSCHITZ, GELU_LIPSCHITZ] (extremes at
+# -+sqrt(2), by the symmetry Phi(-x) = 1 - Phi(x)); widened for rounding.
+GELU_DERIVATIVE = (-(GELU_LIPSCHITZ - 1) * (1 + 1e-12), GELU_LIPSCHITZ * (1 + 1e-12))
+
+KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "softplus")
+
+
+@dataclass(frozen=True)
+class Activation(Operator):
+    kind: str
+    slope: float = 0.0  # leaky_relu: negative slope; elu: alpha; softplus: beta
+    scale: float = 1.0  # elu: output scale (SELU); softplus: threshold
+    input_scale: float = 1.0  # elu
+
+    nonlinear = True
+
+    @property
+    def piecewise_linear(self) -> bool:
+        return self.kind in ("relu", "leaky_relu")
+
+    def __call__(self, x):
+        kind = self.kind
+        if kind == "relu":
+            return torch.relu(x)
+        if kind == "leaky_relu":
+            return F.leaky_relu(x, self.slope)
+        if kind == "elu":
+            return torch.ops.aten.elu(x, self.slope, self.scale, self.input_scale)
+        if kind == "gelu":
+            return F.gelu(x)
+        if kind == "softplus":
+            return F.softplus(x, self.slope, self.scale)
+        return torch.tanh(x) if kind == "tanh" else torch.sigmoid(x)
+
+    @property
+    def jump(self) -> float:
+        """Largest downward jump of the forward map (softplus at its threshold)."""
+        return math.log1p(math.exp(-self.scale)) / self.slope if self.kind == "softplus" else 0.0
+
+    def interval(self, box):
+        lo, hi = box
+        f_lo, f_hi = self(lo), self(hi)
+        if self.kind == "gelu":
+            low = torch.minimum(f_lo, f_hi)
+            inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
+            return torch.where(inside, torch.full_like(low, GELU_FLOOR), low), \
+                torch.maximum(f_lo, f_hi)
+        return f_lo - self.jump, f_hi + self.jump
+
+    def derivative(self, x):
+        """``phi'`` of the smooth activations (right derivative at kinks)."""
+        kind = self.kind
+        if kind == "tanh":
+            return 1 - torch.tanh(x) ** 2
+        if kind == "sigmoid":
+            s = torch.sigmoid(x)
+            return s * (1 - s)
+        if kind == "elu":
+            curve = self.scale * self.slope * self.input_scale * torch.exp(self.input_scale * x)
+            return torch.where(x > 0, torch.full_like(x, self.scale), curve)
+        if kind == "softplus":
+            return torch.where(self.slope * x > self.scale, torch.ones_like(x),
+                               torch.sigmoid(self.slope * x))
+        if kind == "gelu":  # Phi(x) + x phi(x)
+            return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + \
+                x * torch.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        # Tensors, not Python floats: torch.where would round a scalar slope to float32.
+        return torch.where(x > 0, torch.ones_like(x), torch.full_like(
+            x, self.slope if self.kind == "leaky_relu" else 0.0))
+
+    def derivative_range(self, lo, hi):
+        """An interval containing every (generalised) derivative of ``phi`` on ``[lo, hi]``."""
+        kind = self.kind
+        if self.piecewise_linear:
+            a, b = min(self.slope, 1.0), max(self.slope, 1.0)
+            slope, one = torch.full_like(lo, self.slope), torch.ones_like(lo)
+            low = torch.where(hi < 0, slope, torch.where(lo > 0, one, torch.full_like(lo, a)))
+            high = torch.where(hi < 0, slope, torch.where(lo > 0, one, torch.full_like(lo, b)))
+            return low, high
+        if kind == "gelu":
+            return torch.full_like(lo, GELU_DERIVATIVE[0]), torch.full_like(lo, GELU_DERIVATIVE[1])
+        d_lo, d_hi = self.derivative(lo), self.derivative(hi)
+        if kind in ("tanh", "sigmoid"):  # phi' is even about 0 and falls with |x|
+            inside = (lo <= 0) & (hi >= 0)
+            top = torch.where(inside, self.derivative(torch.zeros_like(lo)),
+                              torch.maximum(d_lo, d_hi))
+            return torch.minimum(d_lo, d_hi) * (1 - ROUND), top * (1 + ROUND)
+        # elu, softplus: phi' is monotone on each side of the kink at 0 (elu) and increasing.
+        low, high = torch.minimum(d_lo, d_hi), torch.maximum(d_lo, d_hi)
+        if kind == "elu":
+            inside = (lo <= 0) & (hi >= 0)
+            left = self.scale * self.slope * self.input_scale
+            low = torch.where(inside, torch.clamp(low, max=min(left, self.scale)), low)
+            high = torch.where(inside, torch.clamp(high, min=max(left, self.scale)), high)
+        return low * (1 - ROUND), high * (1 + ROUND)
+
+    def unstable(self, lo, hi):
+        if self.piecewise_linear:
+            return (lo < 0) & (hi > 0)
+        return torch.ones_like(lo, dtype=torch.bool)
+
+    def symmetric(self, lo, hi):
+        """``phi(x) in lam x + mu +- nu`` on ``[lo, hi]``."""
+        f_lo, f_hi = self(lo), self(hi)
+        width = hi - lo
+        if self.piecewise_linear:
+            unstable = (lo < 0) & (hi > 0)
+            stable = torch.where(lo >= 0, torch.ones_like(lo), torch.full_like(lo, self.slope))
+            lam = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, width, 1.0), stable)
+            g_lo, g_hi = f_lo - lam * lo, f_hi - lam * hi
+            zero = torch.where(unstable, 0.0, g_lo)
+            low = torch.minimum(torch.minimum(g_lo, g_hi), zero)
+            high = torch.maximum(torch.maximum(g_lo, g_hi), zero)
+            slack = ROUND * (lo.abs() + hi.abs())
+            return lam, (high + low) / 2, (high - low) / 2 + slack
+        wide = width > 0
+        lam = torch.where(wide, (f_hi - f_lo) / torch.where(wide, width, 1.0), self.derivative(lo))
+        d_lo, d_hi = self.derivative_range(lo, hi)
+        g_lo = f_lo - lam * lo
+        below, above = torch.clamp(d_lo - lam, max=0) * width, torch.clamp(d_hi - lam, min=0) * width
+        slack = ROUND * (lo.abs() + hi.abs() + f_lo.abs() + f_hi.abs()) + self.jump
+        return lam, g_lo + (below + above) / 2, (above - below) / 2 + slack
+
+    def adaptive(self, lo, hi):
+        """CROWN's lines for a convex piecewise-linear ``phi``: ``phi(x) >= s_l x`` and
+        ``phi(x) <= s_u x + b_u`` on ``[lo, hi]``."""
+        unstable = (lo < 0) & (hi > 0)
+        f_lo, f_hi = self(lo), self(hi)
+        chord = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, hi - lo, 1.0), 0.0)
+        stable = torch.where(lo >= 0, torch.ones_like(lo), torch.full_like(lo, self.slope))
+        s_upper = torch.where(unstable, chord, stable)
+        # The chord through (lo, f_lo) with the rounded slope: check both ends and lift by
+        # the larger miss, so that the line is above phi on the whole interval.
+        b_upper = f_lo - s_upper * lo
+        miss = torch.clamp(f_hi - (s_upper * hi + b_upper), min=0)
+        b_upper = torch.where(unstable, b_upper + miss + ROUND * (f_lo.abs() + f_hi.abs()), 0.0)
+        s_lower = torch.where(unstable, torch.where(hi >= -lo, torch.ones_like(lo),
+                                                    torch.full_like(lo, self.slope)), stable)
+        return s_lower, s_upper, b_upper
+
+    def backward(self, A, boxes, lower):
+        lo, hi = boxes[0]
+        if lower and self.piecewise_linear and 0 <= self.slope <= 1:
+            s_lower, s_upper, b_upper = self.adaptive(lo, hi)
+            positive, negative = A.clamp(min=0), A.clamp(max=0)
+            return (positive * s_lower[:, None] + negative * s_upper[:, None],), \
+                row_sum(negative * b_upper[:, None]), None
+        lam, mu, nu = self.symmetric(lo, hi)
+        return (A * lam[:, None],), row_sum(A * mu[:, None]), row_sum(A.abs() * nu[:, None])
+
+    def jacobian(self, rows, boxes):
+        if self.jump:  # the mean value theorem does not hold across a jump
+            return None
+        lo, hi = rows
+        d_lo, d_hi = (t[:, None] for t in self.derivative_range(*boxes[0]))
+        products = (lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi)
+        low = torch.minimum(torch.minimum(products[0], products[1]),
+                            torch.minimum(products[2], products[3]))
+        high = torch.maximum(torch.maximum(products[0], products[1]),
+                             torch.maximum(products[2], products[3]))
+        return ((low, high),)
+
+    def lipschitz(self, norm, in_shapes):
+        return (self.constant,)
+
+    @property
+    def constant(self) -> float:
+        """``sup |phi'|``: the constant in every norm, as phi acts entrywise; ``inf`` for
+        torch's softplus, which jumps at its threshold (only local bounds then certify)."""
+        kind = self.kind
+        if kind == "softplus":
+            return math.inf
+        if kind == "elu":
+            return self.scale * max(1.0, self.slope * self.input_scale)
+        return {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": GELU_LIPSCHITZ,
+                "leaky_relu": max(1.0, abs(self.slope))}[kind]

@@ -1,0 +1,121 @@
+"""What every operator of a graph provides: THEORY.md section 8.
+
+An operator is one node's operation on the values of earlier nodes (tensors with a leading
+batch axis; constants of the model are folded into the operator when it is captured). Each
+operator holds, in one place, every rule the bounds need:
+
+* ``__call__``: the forward map;
+* ``interval``: an output box containing ``f(x)`` for every ``x`` in the input boxes;
+* ``backward``: the linear (CROWN-style) rule. Rows ``A`` on the output, ``(B, R, *out)``,
+  become rows on every input plus constants: ``A . f(x) in sum_i A_i . x_i + d +- e`` for all
+  ``x`` in the input boxes (``lower=True`` asks only for ``>= sum_i A_i . x_i + d``, so
+  that ``e`` may be 0 and the lines adapt to the sign of ``A``);
+* ``jacobian``: interval rows: every ``A J_i`` with ``A`` in the given interval rows and
+  ``J_i`` a (generalised) Jacobian of ``f`` on the boxes; ``None`` where not implemented;
+* ``lipschitz``: per input, an upper bound of ``||f||_Lip`` in the l2 (``"fro"``) or l_inf
+  (``"max"``) geometry, and ``combine`` the constant of the node from its inputs'.
+
+Floating point: rules widen their results by ``ROUND`` times the magnitudes that entered
+them, far above float64 rounding (relative 1e-16 per operation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ROUND = 1e-10
+EPS = torch.finfo(torch.float64).eps
+
+
+def row_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of rows ``(B, R, *shape)`` over ``shape``: ``(B, R)``."""
+    return t.reshape(*t.shape[:2], -1).sum(-1)
+
+
+def batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-input tensor ``(B,)`` shaped to broadcast against ``(B, *shape)``."""
+    return t.reshape(-1, *[1] * (ndim - 1))
+
+
+def adjoints(f, A: torch.Tensor, in_shapes) -> tuple[torch.Tensor, ...]:
+    """``A J_i`` for a map ``f`` linear in its inputs (``A``: ``(B, R, *out)``), by autograd."""
+    B, R = A.shape[:2]
+    xs = [torch.zeros(B * R, *shape, dtype=A.dtype, requires_grad=True) for shape in in_shapes]
+    out = f(*xs)
+    grads = torch.autograd.grad(out, xs, grad_outputs=A.reshape(B * R, *out.shape[1:]),
+                                allow_unused=True)
+    return tuple(torch.zeros(B, R, *shape, dtype=A.dtype) if g is None
+                 else g.reshape(B, R, *shape) for g, shape in zip(grads, in_shapes))
+
+
+def schur_norms(absolute, in_shapes, index: int) -> tuple[float, float]:
+    """``(||M||_2, ||M||_inf)`` upper bounds of input ``index``'s part ``M`` of a linear map
+    whose entrywise absolute value is the map ``absolute``: ``||M||_inf`` is the largest row
+    sum of ``|M|`` and ``||M||_2 <= sqrt(||M||_1 ||M||_inf)`` (Schur's test), with the column
+    sums from the adjoint of ``absolute``. Inflated by ``2 n eps`` for the summations."""
+    ones = [torch.zeros(1, *shape, dtype=torch.float64) for shape in in_shapes]
+    ones[index] = torch.ones_like(ones[index])
+    with torch.no_grad():
+        out = absolute(*ones)
+    rows = float(out.max()) if out.numel() else 0.0
+    cols = adjoints(absolute, torch.ones(1, 1, *out.shape[1:], dtype=torch.float64), in_shapes)
+    columns = float(cols[index].max()) if cols[index].numel() else 0.0
+    slack = 1 + 2 * (math.prod(in_shapes[index]) + out[0].numel()) * EPS
+    return math.sqrt(rows * columns) * slack, rows * slack
+
+
+class Operator:
+    """Base of every operator; ``arity`` inputs, defaults for rules an operator lacks."""
+
+    arity = 1
+    nonlinear = False  # its linear rule needs input boxes: refinement may tighten them
+
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def interval(self, *boxes):
+        raise NotImplementedError
+
+    def backward(self, A: torch.Tensor, boxes, lower: bool):
+        """Default linear rule: the output box enters as a constant (no rows go on)."""
+        low, high = self.interval(*boxes)
+        center, radius = (high + low) / 2, (high - low) / 2
+        return (None,) * self.arity, row_sum(A * center[:, None]), \
+            row_sum(A.abs() * radius[:, None])
+
+    def jacobian(self, rows, boxes):
+        return None
+
+    def unstable(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Entries of the input box whose tighter bounds would tighten the linear rule."""
+        return torch.ones_like(lo, dtype=torch.bool)
+
+    def lipschitz(self, norm: str, in_shapes) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def combine(self, norm: str, own, moving) -> float:
+        """Constant of the output from ``own`` (``lipschitz``) and the inputs' constants
+        ``moving`` (``None``: a constant input): ``sum_i own_i L_i`` (triangle inequality)."""
+        return sum(times(c, L) for c, L in zip(own, moving) if L is not None)
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def times(c: float, L):
+    """``c L`` for a constant ``c`` and a bound ``L`` (a float or per-input tensor), with
+    ``inf * 0 = 0``: an input that cannot move moves nothing, whatever the constant."""
+    if c != math.inf:
+        return c * L
+    if isinstance(L, torch.Tensor):
+        return torch.where(L > 0, math.inf, 0.0).to(L.dtype)
+    return math.inf if L > 0 else 0.0
+
+
+def interval_sum(a, b):
+    """``[a_lo + b_lo, a_hi + b_hi]``, widened for the rounding of the two sums."""
+    (a_lo, a_hi), (b_lo, b_hi) = a, b
+    return (a_lo + b_lo - ROUND * (a_lo.abs() + b_lo.abs()),
+            a_hi + b_hi + ROUND * (a_hi.abs() + b_hi.abs()))
