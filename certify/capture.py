@@ -52,16 +52,7 @@ def capture(module: nn.Module, example) -> Graph:
     shape = _example_shape(example, InputError)
     require_finite(list(module.named_parameters()) + list(module.named_buffers()),
                    f"the model ({type(module).__name__})")
-    try:
-        with _quiet():
-            copied = copy.deepcopy(module)
-    except Exception as err:  # deepcopy fails in as many ways as objects can refuse it
-        raise UnsupportedModelError(
-            f"cannot copy the {type(module).__name__} ({type(err).__name__}: {err}); certify "
-            "exports a float64 copy so as not to change your module: make it copyable") from None
-    copied = copied.to(torch.float64)
-    for m in copied.modules():  # eval() is refused by torch.export modules; the flag is enough
-        m.training = False
+    copied = float64_copy(module)
     x = torch.randn(_export_batch(module), *shape, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(0))
     try:
@@ -87,6 +78,21 @@ def capture(module: nn.Module, example) -> Graph:
             "an example batch (an operator certify reads differently from torch); please "
             "report it with the model")
     return graph
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    """A float64 copy of ``module`` in eval mode (the caller's module is not changed)."""
+    try:
+        with _quiet():
+            copied = copy.deepcopy(module)
+    except Exception as err:  # deepcopy fails in as many ways as objects can refuse it
+        raise UnsupportedModelError(
+            f"cannot copy the {type(module).__name__} ({type(err).__name__}: {err}); certify "
+            "exports a float64 copy so as not to change your module: make it copyable") from None
+    copied = copied.to(torch.float64)
+    for m in copied.modules():  # eval() is refused by torch.export modules; the flag is enough
+        m.training = False
+    return copied
 
 
 @contextlib.contextmanager

@@ -141,10 +141,7 @@ def load(args: argparse.Namespace):
     onnxruntime first (the result on stderr)."""
     import sys
 
-    import torch
-
     from certify.capture import UnsupportedModelError, capture
-    from certify.inputs import inputs_for
     from certify.loading import file_sha256, load_model
 
     x, y = read_data(args.data)
@@ -161,10 +158,6 @@ def load(args: argparse.Namespace):
             raise CommandError(f"inputs of shape {x.shape[1:]} do not fit the model: "
                                f"{refusal}") from None
         raise
-    try:
-        inputs_for(network, torch.from_numpy(x[:1]))
-    except ValueError as err:
-        raise CommandError(f"inputs of shape {x.shape[1:]} do not fit the model: {err}") from None
     y = labels(y, args.data, count, args.limit, network.nodes[-1].shape[0])
     return network, x, y, file_sha256(args.model)
 
@@ -172,14 +165,12 @@ def load(args: argparse.Namespace):
 def _refusal(module, x) -> str | None:
     """Why ``module`` itself cannot take the inputs ``x`` (run on a float64 copy in eval
     mode), or ``None`` when it can."""
-    import copy
-
     import torch
 
+    from certify.capture import float64_copy
+
     try:
-        copied = copy.deepcopy(module).to(torch.float64)
-        for m in copied.modules():
-            m.training = False
+        copied = float64_copy(module)
         with torch.no_grad():
             copied(torch.from_numpy(x))
     except Exception as err:  # a module can fail on a wrong shape in any way it likes

@@ -120,6 +120,4 @@ class Graph:
 
     def is_last_dense(self, index: int) -> bool:
         """Is ``index`` the logits layer, dense on a plain vector (the exact case)?"""
-        op = self.nodes[index].op
-        return index == self.output and isinstance(op, Affine) and not op.is_conv and \
-            len(self.nodes[self.input_of(index)].shape) == 1
+        return index == self.output and self.is_dense(index)

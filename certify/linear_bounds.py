@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from certify.graph import Graph
+from certify.lipschitz import node_constants
 from certify.operators import Affine
 from certify.operators.base import ROUND, interval_sum, row_sum
 
@@ -183,7 +184,6 @@ def intermediate_bounds(graph: Graph, start: int, region: Region, rho: torch.Ten
     ball = region.norm == "fro"
     reach = {start: rho * region.unit} if ball else {}
     if ball and constants is None:
-        from certify.lipschitz import node_constants
         constants = node_constants(graph, start, "fro")
     moving = set(graph.downstream(start))
     for i in graph.downstream(start)[1:]:

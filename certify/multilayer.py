@@ -51,7 +51,7 @@ from certify import lipschitz
 from certify.graph import Graph
 from certify.inputs import InputError, check_network, inputs_for
 from certify.operators import Affine
-from certify.radius import NORMS, SAFETY, _columns, _weight, predictions, region_scale
+from certify.radius import NORMS, SAFETY, _columns, _weight, class_margins, region_scale
 
 # Bracket search for the uniform budget: octaves of t = 2^k tried around t = 1 (a change as
 # large as the weights), then bisection to this relative width.
@@ -123,7 +123,7 @@ def _chain(network: Graph, x: torch.Tensor, norm: str, bias: bool) -> _Chain:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     x = inputs_for(network, x)
     values = network.values(x)
-    y, margins = predictions(network, x)
+    y, margins = class_margins(values[-1])
     shapes = [node.shape for node in network.nodes]
     layers, constants = {}, {}
     for i, node in enumerate(network.nodes[1:], start=1):

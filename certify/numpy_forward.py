@@ -10,7 +10,6 @@ is a constant of that map (THEORY.md section 8).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +26,12 @@ class NumpyNode:
 
 
 class NumpyGraph:
-    """Nodes in topological order: node 0 the input, the last node the logits."""
+    """The twins of a graph's operators, in its topological order: node 0 the input, the
+    last node the logits. The structure (which nodes feed which, which depend on a layer)
+    is the graph's own; only the arithmetic is recomputed here."""
 
-    def __init__(self, nodes):
-        self.nodes = tuple(nodes)
-        self._downstream: dict[int, tuple[int, ...]] = {}
+    def __init__(self, structure, nodes):
+        self.structure, self.nodes = structure, tuple(nodes)
 
     @classmethod
     def of(cls, graph) -> NumpyGraph:
@@ -40,53 +40,43 @@ class NumpyGraph:
             shapes = [tuple(graph.nodes[j].shape) for j in node.inputs]
             op = None if node.op is None else twin(node.op, shapes, tuple(node.shape))
             nodes.append(NumpyNode(node.name, op, tuple(node.inputs), tuple(node.shape)))
-        return cls(nodes)
+        return cls(graph, nodes)
 
     @property
     def output(self) -> int:
-        return len(self.nodes) - 1
+        return self.structure.output
 
-    @functools.cached_property
+    @property
     def affine_indices(self) -> list[int]:
-        return [i for i, n in enumerate(self.nodes) if isinstance(n.twin, AffineTwin)]
+        return self.structure.affine_indices
 
-    def layer(self, index: int) -> AffineTwin:
-        return self.nodes[index].twin
+    @property
+    def consumers(self) -> tuple[tuple[int, ...], ...]:
+        return self.structure.consumers
+
+    def downstream(self, start: int) -> tuple[int, ...]:
+        """``start`` and every node that depends on it, in topological order."""
+        return self.structure.downstream(start)
 
     def input_of(self, index: int) -> int:
-        return self.nodes[index].inputs[0]
+        return self.structure.input_of(index)
 
     def is_dense(self, index: int) -> bool:
         """A dense layer on a plain vector (one column per input)."""
-        return not self.layer(index).is_conv and len(self.nodes[self.input_of(index)].shape) == 1
+        return self.structure.is_dense(index)
 
     def is_last_dense(self, index: int) -> bool:
-        return index == self.output and self.is_dense(index)
+        return self.structure.is_last_dense(index)
+
+    def layer(self, index: int) -> AffineTwin:
+        return self.nodes[index].twin
 
     def with_weight(self, index: int, weight: np.ndarray) -> NumpyGraph:
         """The same graph with layer ``index``'s weight replaced."""
         nodes = list(self.nodes)
         node = nodes[index]
         nodes[index] = NumpyNode(node.name, node.twin.with_weight(weight), node.inputs, node.shape)
-        return NumpyGraph(nodes)
-
-    def downstream(self, start: int) -> tuple[int, ...]:
-        """``start`` and every node that depends on it, in topological order."""
-        if start not in self._downstream:
-            depends = {start}
-            for i in range(start + 1, len(self.nodes)):
-                if any(j in depends for j in self.nodes[i].inputs):
-                    depends.add(i)
-            self._downstream[start] = tuple(sorted(depends))
-        return self._downstream[start]
-
-    @functools.cached_property
-    def consumers(self) -> tuple[tuple[int, ...], ...]:
-        users = [[] for _ in self.nodes]
-        for i, node in enumerate(self.nodes):
-            for j in node.inputs:
-                users[j].append(i)
-        return tuple(tuple(u) for u in users)
+        return NumpyGraph(self.structure, nodes)
 
     def values(self, x: np.ndarray) -> list[np.ndarray]:
         """Every node's value for the inputs ``x`` ``(B, *input_shape)``."""

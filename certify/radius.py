@@ -68,7 +68,11 @@ class LayerRadii:
 
 def predictions(network: Graph, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted classes and margins ``m_j = o_y - o_j`` (``+inf`` at ``j = y``)."""
-    logits = network(x)
+    return class_margins(network(x))
+
+
+def class_margins(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``predictions`` from the logits already computed."""
     y = logits.argmax(-1)
     m = logits.gather(-1, y[:, None]) - logits
     return y, m.scatter(-1, y[:, None], math.inf)
@@ -364,7 +368,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     with clock("prepare"):
         values = network.values(x)
         h, Z = values[network.input_of(index)], values[index]
-        y, margins = predictions(network, x)
+        y, margins = class_margins(values[-1])
         P = _columns(layer, h, bias)
     with clock("estimate"):
         estimate = first_order(network, index, P, Z, y, norm, values)[0]
