@@ -3,20 +3,25 @@
 ``BUILDERS`` maps an ATen operator (its overload packet) to a rule that adds the matching
 node to a ``Build``; ``IDENTITIES`` are dropped (copies, dropout in eval mode, float casts),
 and softmax and log-softmax may end the graph (``Tail``: the argmax is kept, and log-softmax
-keeps the margins ``o_y - o_j`` exactly). Arguments are per-batch in the export; every rule
-converts them to per-input shapes and axes (``Build.shape``, ``Build.dim``) and refuses
-operations along the batch axis.
+keeps the margins ``o_y - o_j`` exactly); a softmax used inside the network (attention) is a
+``Softmax`` node. Products of two computed tensors (``Q K^T``, attention times values) are
+``Product`` nodes, scaled dot-product attention is decomposed into them, and
+``x / max(||x||, eps)`` (``F.normalize``) is one ``Normalize`` node. Arguments are per-batch
+in the export; every rule converts them to per-input shapes and axes (``Build.shape``,
+``Build.dim``) and refuses operations along the batch axis.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 
-from certify.graph_build import Build, Const, Ref, UnsupportedModelError
-from certify.operators import (Activation, Add, Affine, AvgPool, Cat, Expand, MaxPool,
-                               Permute, Reduce, Reshape, ScaleShift, Slice, ZeroPad)
+from certify.graph_build import Build, Const, Norm, Ref, UnsupportedModelError
+from certify.operators import (Activation, Add, Affine, AvgPool, Cat, Expand, LayerNorm,
+                               MaxPool, Normalize, Permute, Product, Reduce, Reshape,
+                               ScaleShift, Slice, Softmax, ZeroPad)
 
 aten = torch.ops.aten
 
@@ -28,8 +33,8 @@ def _const(value, fx, what: str) -> Const:
     if isinstance(value, Const):
         return value
     raise UnsupportedModelError(
-        f"{fx.name}: {what} is computed from the input; products of two computed tensors "
-        "(bilinear maps, attention) are not supported yet")
+        f"{fx.name}: {what} is computed from the input; certify reads a layer's weight and "
+        "bias as parameters or constants")
 
 
 def _zeros(n: int) -> torch.Tensor:
@@ -53,6 +58,11 @@ def _addmm(b: Build, fx, where, bias, x, weight_t, beta=1, alpha=1):
 
 
 def _mm(b: Build, fx, where, x, weight_t):
+    if isinstance(x, Ref) and isinstance(weight_t, Ref):
+        if b.ndim(x) < 3 or b.ndim(weight_t) < 3:
+            raise UnsupportedModelError(f"{fx.name}: a product of computed vectors ({where}); "
+                                        "supported: matrices per input (attention)")
+        return b.node(Product(matmul=True), [x, weight_t], fx)
     if not isinstance(x, Ref):
         raise UnsupportedModelError(f"{fx.name}: a constant times a computed tensor "
                                     f"({where}); certify reads x @ W with W a weight")
@@ -112,10 +122,7 @@ def _activation(kind, **defaults):
     def rule(b: Build, fx, where, x, *args, **kwargs):
         if kind == "gelu":
             approximate = (args or (kwargs.get("approximate", "none"),))[0]
-            if approximate != "none":
-                raise UnsupportedModelError(f"GELU(approximate={approximate!r}) ({where}); "
-                                            "supported: the exact erf form")
-            return b.node(Activation("gelu"), [x], fx)
+            return b.node(Activation("gelu" if approximate == "none" else "gelu_tanh"), [x], fx)
         names = list(defaults)
         values = dict(defaults)
         values.update(zip(names, args))
@@ -206,6 +213,14 @@ def _arith(kind):
             raise UnsupportedModelError(f"division with rounding_mode ({where})")
         if kind in ("add", "sub") and isinstance(a, Ref) and isinstance(c, Ref):
             return b.node(Add(alpha if kind == "add" else -alpha), [a, c], fx)
+        if kind == "mul" and isinstance(a, Ref) and isinstance(c, Ref):
+            return b.node(Product(), [a, c], fx)
+        if kind == "div" and isinstance(c, Norm):
+            if c.ref != a:
+                raise UnsupportedModelError(
+                    f"{fx.name}: division by the norm of another tensor ({where}); supported: "
+                    "x / max(||x||, eps) over the last axis (F.normalize)")
+            return b.node(Normalize(c.eps), [a], fx)
         if isinstance(c, Ref) and kind in ("add", "mul"):
             a, c = c, a
         if isinstance(c, Ref):
@@ -215,8 +230,8 @@ def _arith(kind):
                 return b.node(ScaleShift(torch.tensor(-float(alpha), dtype=torch.float64),
                                          shift), [x], fx)
             raise UnsupportedModelError(
-                f"{fx.name}: {kind} of two computed tensors ({where}); products and quotients "
-                "of computed tensors (bilinear maps, attention) are not supported yet")
+                f"{fx.name}: division by a computed tensor ({where}); supported: division by "
+                "a constant, and x / max(||x||, eps) over the last axis (F.normalize)")
         t = _per_input(c, fx, kind, b.ndim(a))
         one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         op = {"add": lambda: ScaleShift(one, alpha * t), "sub": lambda: ScaleShift(one, -alpha * t),
@@ -310,11 +325,75 @@ def _sym_size(b: Build, fx, where, x, dim):
     return int(fx.meta["val"])
 
 
-def _tail(b: Build, fx, where, x, dim, *args, **kwargs):
+def _tail(log):
+    def rule(b: Build, fx, where, x, dim, *args, **kwargs):
+        n = b.ndim(x)
+        if (dim + n if dim < 0 else dim) != n - 1:
+            raise UnsupportedModelError(f"{'log-' if log else ''}softmax over an axis other "
+                                        f"than the last ({where})")
+        return b.tail(x, fx, log)
+    return rule
+
+
+def _layer_norm(b: Build, fx, where, x, shape, weight=None, bias=None, eps=1e-5, cudnn=True):
+    n = b.nodes[x.index].shape[-1]
+    if len(shape) != 1:
+        raise UnsupportedModelError(f"layer norm over {len(shape)} axes ({where}); supported: "
+                                    "over the last axis")
+    g = torch.ones(n, dtype=torch.float64) if weight is None else _const(weight, fx, "the weight").value
+    beta = _zeros(n) if bias is None else _const(bias, fx, "the bias").value
+    return b.node(LayerNorm(g, beta, float(eps)), [x], fx)
+
+
+def _native_layer_norm(b: Build, fx, where, x, shape, weight, bias, eps):
+    return (_layer_norm(b, fx, where, x, shape, weight, bias, eps), None, None)
+
+
+def _attention(b: Build, fx, where, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+               scale=None, enable_gqa=False):
+    """``softmax(q k^T scale) v`` as the nodes it is made of."""
+    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
+        raise UnsupportedModelError(
+            f"scaled_dot_product_attention with a mask, is_causal, dropout or grouped "
+            f"queries ({where}); supported: plain attention softmax(q k^T scale) v")
+    if not all(isinstance(t, Ref) for t in (q, k, v)):
+        raise UnsupportedModelError(f"{fx.name}: attention with constant queries, keys or "
+                                    f"values ({where})")
+    *lead, T, E = b.nodes[q.index].shape
+    S = b.nodes[k.index].shape[-2]
+    n = len(lead) + 2
+    keys = b.node(Permute(tuple(range(n - 2)) + (n - 1, n - 2)), [k], fx, f"{fx.name}/keys",
+                  (*lead, E, S))
+    scores = b.node(Product(matmul=True), [q, keys], fx, f"{fx.name}/scores", (*lead, T, S))
+    factor = torch.tensor(1 / math.sqrt(E) if scale is None else float(scale),
+                          dtype=torch.float64)
+    scaled = b.node(ScaleShift(factor, torch.zeros((), dtype=torch.float64)), [scores], fx,
+                    f"{fx.name}/scaled", (*lead, T, S))
+    weights = b.node(Softmax(), [scaled], fx, f"{fx.name}/softmax", (*lead, T, S))
+    return b.node(Product(matmul=True), [weights, v], fx)
+
+
+def _vector_norm(b: Build, fx, where, x, ord=2, dim=None, keepdim=False, dtype=None):
     n = b.ndim(x)
-    if (dim + n if dim < 0 else dim) != n - 1:
-        raise UnsupportedModelError(f"softmax over an axis other than the classes ({where})")
-    return b.tail(x, fx)
+    dims = dim if isinstance(dim, (list, tuple)) else [dim]
+    if ord != 2 or len(dims) != 1 or dims[0] is None or b.dim(dims[0], n, fx) != n - 2 or \
+            not keepdim:
+        raise UnsupportedModelError(f"{fx.name}: a vector norm other than the l2 norm over the "
+                                    f"last axis with keepdim=True ({where})")
+    return Norm(x)
+
+
+def _clamp_min(b: Build, fx, where, x, low):
+    if isinstance(x, Norm) and x.eps == 0.0 and float(low) >= 0:
+        return Norm(x.ref, float(low))
+    raise UnsupportedModelError(f"{fx.name}: clamp_min({low}) of a computed tensor ({where}); "
+                                "supported: the norm's floor in F.normalize")
+
+
+def _expand_norm(b: Build, fx, where, x, *args, **kwargs):
+    if isinstance(x, Norm):
+        return x
+    return _expand(b, fx, where, x, None)
 
 
 BUILDERS = {
@@ -333,7 +412,7 @@ BUILDERS = {
     aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape,
     aten.flatten: _reshape, aten.unflatten: _reshape, aten.squeeze: _reshape,
     aten.unsqueeze: _reshape, aten.permute: _permute, aten.transpose: _transpose,
-    aten.expand: _expand, aten.slice: _slice, aten.select: _select,
+    aten.expand: _expand_norm, aten.slice: _slice, aten.select: _select,
     aten.cat: _cat(False), aten.stack: _cat(True),
     aten.add: _arith("add"), aten.add_: _arith("add"), aten.sub: _arith("sub"),
     aten.sub_: _arith("sub"), aten.mul: _arith("mul"), aten.mul_: _arith("mul"),
@@ -347,19 +426,28 @@ BUILDERS = {
     aten.max_pool1d_with_indices: _max_pool(False, True),
     aten.constant_pad_nd: _pad_nd, aten.pad: _pad,
     aten.dropout: _dropout, aten.feature_dropout: _dropout, aten.alpha_dropout: _dropout,
-    aten.softmax: _tail, aten._softmax: _tail, aten.log_softmax: _tail,
-    aten._log_softmax: _tail,
+    aten.softmax: _tail(False), aten._softmax: _tail(False), aten.log_softmax: _tail(True),
+    aten._log_softmax: _tail(True),
+    aten.layer_norm: _layer_norm, aten.native_layer_norm: _native_layer_norm,
+    aten.scaled_dot_product_attention: _attention, aten.bmm: _mm,
+    aten.linalg_vector_norm: _vector_norm, aten.clamp_min: _clamp_min,
+    aten.expand_as: _expand_norm,
     aten._to_copy: _to_copy, aten.to: _to_copy, aten.sym_size: _sym_size,
     operator.getitem: _getitem,
 }
+
+# The operators a vector norm may feed on its way to F.normalize's division.
+NORM_USERS = {aten.clamp_min, aten.expand, aten.expand_as, aten.div}
 
 IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 
 SUPPORTED = (
     "linear, addmm/mm/matmul by a weight, conv1d/conv2d (groups=1), batch norm in eval mode, "
-    "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact), softplus, max and average pooling "
-    "(1-d, 2-d, adaptive average), view/reshape/flatten/squeeze/unsqueeze, permute/transpose, "
-    "expand, slice/select, cat/stack, addition and subtraction of computed tensors, "
-    "arithmetic with constants, mean/sum, zero padding, dropout and copies (dropped), "
-    "softmax/log-softmax at the output"
+    "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact and tanh), softplus, max and average "
+    "pooling (1-d, 2-d, adaptive average), layer norm (last axis), "
+    "view/reshape/flatten/squeeze/unsqueeze, permute/transpose, expand, slice/select, "
+    "cat/stack, addition, subtraction and products (mul, matmul/bmm) of computed tensors, "
+    "scaled_dot_product_attention (no mask), softmax over the last axis, "
+    "F.normalize (l2, last axis), arithmetic with constants, mean/sum, zero padding, "
+    "dropout and copies (dropped), log-softmax at the output"
 )

@@ -26,8 +26,8 @@ import warnings
 import torch
 from torch import nn
 
-from certify.aten import BUILDERS, IDENTITIES, SUPPORTED
-from certify.graph_build import Build, UnsupportedModelError
+from certify.aten import BUILDERS, IDENTITIES, NORM_USERS, SUPPORTED
+from certify.graph_build import Build, Norm, Tail, UnsupportedModelError
 from certify.graph import Graph, Node
 
 __all__ = ["UnsupportedModelError", "capture", "SUPPORTED"]
@@ -50,6 +50,7 @@ def capture(module: nn.Module, example) -> Graph:
     if not isinstance(module, nn.Module):
         raise InputTypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
     shape = _example_shape(example, InputError)
+    _refuse_modules(module)
     require_finite(list(module.named_parameters()) + list(module.named_buffers()),
                    f"the model ({type(module).__name__})")
     copied = float64_copy(module)
@@ -78,6 +79,24 @@ def capture(module: nn.Module, example) -> Graph:
             "an example batch (an operator certify reads differently from torch); please "
             "report it with the model")
     return graph
+
+
+def _refuse_modules(module: nn.Module) -> None:
+    """Modules refused before export, with what to do instead. Embedding lookups take
+    integer tokens, which no weight perturbation bound speaks of: the embedded vectors are
+    the input of the network certify reads. ``nn.MultiheadAttention`` moves the batch axis."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            raise UnsupportedModelError(
+                f"module {name!r} ({type(m).__name__}) looks up integer tokens; certify "
+                "treats embeddings as inputs: certify the module that runs after the lookup, "
+                "on the embedded float vectors (see certify.minilm for a BERT split this way)")
+        if isinstance(m, nn.MultiheadAttention):
+            raise UnsupportedModelError(
+                f"module {name!r} (MultiheadAttention) moves the batch axis inside its forward, "
+                "which certify cannot follow; write attention with separate query, key and "
+                "value nn.Linear layers and F.scaled_dot_product_attention (or softmax(q @ "
+                "k.transpose(-2, -1) * scale) @ v), as certify.small_models.mnist_vit does")
 
 
 def float64_copy(module: nn.Module) -> nn.Module:
@@ -184,6 +203,11 @@ def _call(build: Build, fx, env):
     if rule is None:
         raise UnsupportedModelError(
             f"{_name(target)} is not supported ({where}); supported operators: {SUPPORTED}")
+    # A softmax used here becomes a node; a vector norm may only go on to F.normalize.
+    args = torch.fx.node.map_aggregate(
+        args, lambda v: build.inside(v) if isinstance(v, Tail) else v)
+    if packet not in NORM_USERS:
+        torch.fx.node.map_aggregate(args, lambda v: build.inside(v) if isinstance(v, Norm) else v)
     return rule(build, fx, where, *args, **kwargs)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from certify.graph import Graph, Node
-from certify.operators import Affine, ScaleShift, fold_batchnorm
+from certify.operators import Affine, ScaleShift, Softmax, fold_batchnorm
 
 
 class UnsupportedModelError(ValueError):
@@ -37,11 +37,24 @@ class Const:
     source: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tail:
-    """The result of an operation allowed only as the output (softmax, log-softmax)."""
+    """Softmax or log-softmax over the last axis: dropped at the output (it keeps the
+    argmax, and log-softmax the margins); a softmax that feeds other operations (attention)
+    becomes a ``Softmax`` node when it is first used."""
 
     ref: Ref
+    fx: object
+    log: bool
+
+
+@dataclass(frozen=True)
+class Norm:
+    """``max(||x||_2, eps)`` over the last axis of node ``ref`` (keepdim): allowed only as the
+    divisor of ``x`` itself (``F.normalize``), which becomes one ``Normalize`` node."""
+
+    ref: Ref
+    eps: float = 0.0
 
 
 def _walk(value, found):
@@ -57,6 +70,7 @@ class Build:
         self.batch, self.nodes, self.names = batch, [], set()
         self.weights = set()  # the parameters of the layers so far
         self.tails = []  # operations dropped at the output, to check the capture against
+        self.softmax = {}  # Tail -> its Softmax node, once used inside the network
 
     # ---------------------------------------------------------------- nodes and constants
     def add(self, node: Node) -> Ref:
@@ -71,7 +85,8 @@ class Build:
         return isinstance(value, (Ref, Tail))
 
     def depends(self, args, kwargs) -> bool:
-        return _walk(list(args) + list(kwargs.values()), lambda v: isinstance(v, (Ref, Tail)))
+        return _walk(list(args) + list(kwargs.values()),
+                     lambda v: isinstance(v, (Ref, Tail, Norm)))
 
     def fold(self, target, args, kwargs, fx):
         """Evaluate an operation on constants (constant folding)."""
@@ -97,14 +112,30 @@ class Build:
             return type(result)(self._wrap(r, source) for r in result)
         return result
 
-    def node(self, op, inputs, fx, name: str | None = None) -> Ref:
-        for value in inputs:
-            if isinstance(value, Tail):
-                raise UnsupportedModelError(
-                    "softmax or log-softmax is only supported at the output of the model "
-                    "(attention blocks are not supported yet)")
-        return self.add(Node(self._unique(name or fx.name), op,
-                             tuple(v.index for v in inputs), self.shape(fx)))
+    def node(self, op, inputs, fx, name: str | None = None, shape=None) -> Ref:
+        """A node applying ``op`` to ``inputs``; ``shape`` (per input) defaults to that of
+        ``fx``'s result (given when one ATen operator becomes several nodes)."""
+        inputs = [self.inside(v) for v in inputs]
+        return self.add(Node(self._unique(name or fx.name), op, tuple(v.index for v in inputs),
+                             self.shape(fx) if shape is None else tuple(shape)))
+
+    def inside(self, value):
+        """A value used by an operation: a softmax becomes a node; a bare vector norm is
+        refused."""
+        if isinstance(value, Norm):
+            raise UnsupportedModelError(
+                "a vector norm of a computed tensor is supported only as the divisor of that "
+                "tensor (F.normalize(x, dim=-1), x / x.norm(dim=-1, keepdim=True))")
+        if not isinstance(value, Tail):
+            return value
+        if value.log:
+            raise UnsupportedModelError("log-softmax is only supported at the output of the "
+                                        "model; inside it, use softmax")
+        if value not in self.softmax:
+            fx = value.fx
+            self.softmax[value] = self.add(Node(self._unique(fx.name), Softmax(),
+                                                (value.ref.index,), self.shape(fx)))
+        return self.softmax[value]
 
     def _unique(self, name: str) -> str:
         base, n = name, 1
@@ -176,13 +207,14 @@ class Build:
         shape = (channels,) + (1,) * (self.ndim(x) - 2)
         return self.node(ScaleShift(scale.reshape(shape), shift.reshape(shape)), [x], fx)
 
-    def tail(self, x, fx) -> Tail:
-        self.tails.append(lambda o: fx.target(o, *fx.args[1:], **fx.kwargs))
-        return Tail(x)
+    def tail(self, x, fx, log: bool) -> Tail:
+        return Tail(self.inside(x), fx, log)
 
     # ---------------------------------------------------------------- the result
     def finish(self, out) -> Graph:
         if isinstance(out, Tail):
+            fx = out.fx
+            self.tails.append(lambda o: fx.target(o, *fx.args[1:], **fx.kwargs))
             out = out.ref
         keep = {out.index}
         for i in range(out.index, -1, -1):

@@ -160,8 +160,12 @@ def _refine(graph: Graph, start: int, i: int, wanted: torch.Tensor, boxes: dict,
         f = backward(graph, start, {i: A.reshape(B, k, *shape)},
                      torch.zeros(B, k, dtype=lo.dtype), boxes, values, lower=False)
     center, spread, slack = _concretise(f, region, rho)
-    new_lo = torch.maximum(flat_lo.gather(-1, order), center - spread - slack)
-    new_hi = torch.minimum(flat_hi.gather(-1, order), center + spread + slack)
+    # Only the wanted entries: the padding must not tighten an input's boxes, or its bound
+    # would depend on the other inputs of the batch (and the checker's batch is another).
+    hit = wanted.gather(-1, order)
+    old_lo, old_hi = flat_lo.gather(-1, order), flat_hi.gather(-1, order)
+    new_lo = torch.where(hit, torch.maximum(old_lo, center - spread - slack), old_lo)
+    new_hi = torch.where(hit, torch.minimum(old_hi, center + spread + slack), old_hi)
     return (flat_lo.scatter(-1, order, new_lo).reshape(lo.shape),
             flat_hi.scatter(-1, order, new_hi).reshape(hi.shape))
 
@@ -200,7 +204,11 @@ def intermediate_bounds(graph: Graph, start: int, region: Region, rho: torch.Ten
                 lo, hi = torch.maximum(lo, r_lo), torch.minimum(hi, r_hi)
             nominal = values[i]
             corner = torch.maximum(hi - nominal, nominal - lo).flatten(1)
-            combined = node.op.combine("fro", constants[i], [reach.get(j) for j in node.inputs])
+            reaches = [reach.get(j) for j in node.inputs]
+            combined = node.op.combine("fro", constants[i], reaches)
+            local = node.op.local_reach(inputs, reaches, [values[j] for j in node.inputs])
+            if local is not None:
+                combined = torch.minimum(torch.as_tensor(combined, dtype=local.dtype), local)
             reach[i] = torch.minimum(combined, torch.linalg.vector_norm(corner, dim=-1) *
                                      (1 + ROUND))
         boxes[i] = (lo, hi)

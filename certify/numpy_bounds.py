@@ -202,8 +202,12 @@ def _refine(graph, start, i, wanted, boxes, values, region, rho):
         f = backward(graph, start, {i: A.reshape(B, k, *lo.shape[1:])}, np.zeros((B, k)),
                      boxes, values, lower=False)
     center, spread, slack = _concretise(f, region, rho)
-    new_lo = np.maximum(np.take_along_axis(flat_lo, order, -1), center - spread - slack)
-    new_hi = np.minimum(np.take_along_axis(flat_hi, order, -1), center + spread + slack)
+    # Only the wanted entries (the padding would make the bound depend on the batch).
+    hit = np.take_along_axis(wanted, order, -1)
+    old_lo = np.take_along_axis(flat_lo, order, -1)
+    old_hi = np.take_along_axis(flat_hi, order, -1)
+    new_lo = np.where(hit, np.maximum(old_lo, center - spread - slack), old_lo)
+    new_hi = np.where(hit, np.minimum(old_hi, center + spread + slack), old_hi)
     np.put_along_axis(flat_lo, order, new_lo, -1)
     np.put_along_axis(flat_hi, order, new_hi, -1)
     return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
@@ -234,9 +238,13 @@ def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, valu
                 r_lo, r_hi = node.twin.reach_interval(boxes[j], values[j], reach[j])
                 lo, hi = np.maximum(lo, r_lo), np.minimum(hi, r_hi)
             corner = np.maximum(hi - values[i], values[i] - lo).reshape(len(lo), -1)
+            reaches = [reach.get(j) for j in node.inputs]
             with np.errstate(invalid="ignore"):  # inf (softplus) times a zero reach
-                combined = node.twin.combine("fro", constants[i],
-                                             [reach.get(j) for j in node.inputs])
+                combined = node.twin.combine("fro", constants[i], reaches)
+            local = node.twin.local_reach([boxes[j] for j in node.inputs], reaches,
+                                          [values[j] for j in node.inputs])
+            if local is not None:
+                combined = np.minimum(combined, local)
             reach[i] = np.minimum(combined, np.linalg.norm(corner, axis=-1) * (1 + ROUND))
         boxes[i] = (lo, hi)
         consumers = [graph.nodes[c].twin for c in graph.consumers[i]

@@ -119,6 +119,16 @@ def global_lower(network: Graph, index: int, scale: torch.Tensor, constants: dic
     return bound.amin(dim=-1) / scale
 
 
+WIDE = 1e3  # a witness this many times the global bound: search between them geometrically
+
+
+def global_exists(network: Graph, index: int, norm: str, constants: dict) -> bool:
+    """Is the Lipschitz constant from the layer's output to the logits finite (section 5)?"""
+    lip = lipschitz.downstream(network, index, norm, constants)[lipschitz.class_rows(
+        network, torch.zeros(1, dtype=torch.long), norm)[1]]
+    return bool(torch.isfinite(torch.as_tensor(lip)).all())
+
+
 def region(layer: Affine, Z: torch.Tensor, scale: torch.Tensor, norm: str) -> Region:
     """The section-4 region ``Z + rho U`` of a weight ball of radius ``rho``: ``U`` is the
     l2 ball of radius ``sigma_max(P~)`` (``fro``) or the box ``|dZ_cj| <= ||P~_:j||_1``."""
@@ -131,7 +141,9 @@ def region(layer: Affine, Z: torch.Tensor, scale: torch.Tensor, norm: str) -> Re
 
 def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
                 scale: torch.Tensor, cap: torch.Tensor, constants: dict | None,
-                evaluations: int = 8, refine: bool = True) -> torch.Tensor:
+                evaluations: int = 8, refine: bool = True,
+                shrink: torch.Tensor | float = 2.0,
+                floor: torch.Tensor | None = None) -> torch.Tensor:
     """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
@@ -141,9 +153,16 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     radii certified by their own evaluation are returned, so that ``certify check`` can
     confirm each by one evaluation at the claimed radius. ``values``: every node's unperturbed
     value; ``constants``: ``lipschitz.node_constants(network, index, "fro")`` for ``fro``.
+    ``shrink``: the factor by which the search falls while nothing is certified (per input;
+    larger where no global bound brackets the radius from below). ``floor``: radii already
+    certified otherwise (the global bound), where positive the bracket's lower end, and the
+    search is geometric from the start.
     """
     where = region(network.layer(index), values[index], scale, norm)
-    lo, hi, rho = torch.zeros_like(cap), cap.clone(), cap / 2
+    lo, hi, rho = torch.zeros_like(cap), cap.clone(), cap / shrink
+    if floor is not None:
+        lo = torch.where(floor > 0, torch.minimum(floor, cap), lo)
+        rho = torch.where(lo > 0, torch.sqrt(lo * hi), rho)
     for _ in range(evaluations):
         lines = margin_lines(network, index, where, rho, y, values,
                              constants if norm == "fro" else None, refine)
@@ -152,7 +171,7 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
         hi = torch.where(ok, hi, torch.minimum(hi, rho))
         # Next: the lines' root (the relaxations only tighten as rho shrinks), but at least
         # the middle of the bracket (geometric once it has a positive lower end).
-        middle = torch.where(lo > 0, torch.sqrt(lo * hi), hi / 2)
+        middle = torch.where(lo > 0, torch.sqrt(lo * hi), hi / shrink)
         step = torch.maximum(lines.root(y) * (1 - 1e-7), middle)
         rho = torch.where(step < hi, step, middle)
         if (hi <= lo * (1 + 1e-3)).all():
@@ -397,14 +416,30 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
         with clock("local"):
             if refine == "auto":
                 refine = refine_work(network, index) <= REFINE_WORK
-            # The search needs a finite upper end; without a witness, beyond the estimate.
+            # The search needs a finite upper end; without a witness, beyond the estimate,
+            # else far beyond the global bound, else ten times the weight itself.
             fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
+            fallback = torch.where(fallback > 0, fallback, 10 * float(_norm(
+                layer.matrix[None], norm)[0]))
             cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
+            # Without a global bound (through attention) the radius may lie orders of
+            # magnitude below the witness: the search falls faster until it certifies.
+            # Without a global bound (through attention) the radius may lie orders of
+            # magnitude below the witness: the search falls faster until it certifies; where
+            # the global bound lies orders of magnitude below the witness (LayerNorm's
+            # 1/sqrt(eps)), it is the search's lower end and the search geometric.
+            shrink = torch.where(lower_global > 0, 2.0, 16.0).to(cap.dtype)
+            wide = torch.where(cap > WIDE * lower_global, lower_global, 0.0)
             local = local_lower(network, index, values, y, norm, scale, cap, constants,
-                                refine=refine) * (1 - SAFETY)
+                                refine=refine, shrink=shrink, floor=wide,
+                                evaluations=8 if global_exists(network, index, norm, constants)
+                                else 12) * (1 - SAFETY)
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
-        method = "lipschitz+crown" + ("(refined)" if refine else "")
+        # Through attention (products of computed tensors) the global constant is infinite
+        # and the section-5 bound does not exist: the linear bounds alone certify.
+        method = ("lipschitz+crown" if global_exists(network, index, norm, constants)
+                  else "crown") + ("(refined)" if refine else "")
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 CLASSES = 10
 DATASETS = ("digits", "mnist")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "vit")
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,72 @@ def mnist_cnn() -> nn.Sequential:
     )
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention ``out(softmax(q k^T / sqrt(d_head)) v)``.
+
+    Separate ``q``, ``k``, ``v`` and ``out`` projections (not ``nn.MultiheadAttention``, whose
+    batch transposes ``torch.export`` cannot hand to certify), so that each is a layer.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D)`` to ``(B, heads, T, D / heads)``."""
+        return x.view(x.shape[0], -1, self.heads, x.shape[-1] // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        a = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+        return self.out((a @ v).transpose(1, 2).reshape(x.shape[0], -1, x.shape[-1]))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + fc2(gelu(fc1(ln2(x))))``."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ViT(nn.Module):
+    """Patch embedding, learned position embedding, pre-LN blocks, LayerNorm, mean over the
+    tokens (no class token) and a linear head; images ``(B, 1, s, s)``."""
+
+    def __init__(self, side: int, patch: int, dim: int, depth: int, heads: int, hidden: int):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, kernel_size=patch, stride=patch)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, (side // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads, hidden) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # (B, patches, dim)
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
+def mnist_vit() -> ViT:
+    """Pre-LN ViT: 7 x 7 patches (16 tokens of width 64), 2 blocks of 4 heads, MLP 64-128-64.
+
+    Layers ``"patch"``, ``"blocks.<i>.attn.q"`` (``k``, ``v``, ``out``), ``"blocks.<i>.fc1"``,
+    ``"blocks.<i>.fc2"`` for ``i`` in 0, 1, and ``"head"``.
+    """
+    torch.manual_seed(0)
+    return ViT(side=28, patch=7, dim=64, depth=2, heads=4, hidden=128)
+
+
 FACTORIES = {("digits", "mlp"): "digits_mlp", ("mnist", "mlp"): "mnist_mlp",
-             ("mnist", "cnn"): "mnist_cnn"}
-"""(data set, model) -> factory name in this module; digits images are too small for a CNN."""
+             ("mnist", "cnn"): "mnist_cnn", ("mnist", "vit"): "mnist_vit"}
+"""(data set, model) -> factory name in this module; digits images are too small for a CNN
+or a ViT."""
 
 
 def factory(dataset: str, model: str) -> str:
@@ -104,6 +168,6 @@ def factory(dataset: str, model: str) -> str:
     return f"{__name__}:{FACTORIES[dataset, model]}"
 
 
-def build(dataset: str, model: str) -> nn.Sequential:
+def build(dataset: str, model: str) -> nn.Module:
     """A freshly initialised model for a (data set, model) pair."""
     return globals()[factory(dataset, model).partition(":")[2]]()

@@ -91,6 +91,27 @@ def check_activations() -> None:
     if not all(float(peak) > abs(float(v)) for v in [trough, *limits]):
         raise DerivationError("GELU: x = sqrt(2) is not where |GELU'| is largest")
     require_equal(peak, GELU_LIPSCHITZ, "GELU: sup |phi'| = (1 + erf(1))/2 + exp(-1)/sqrt(pi)")
+    check_gelu_tanh(x)
+
+
+def check_gelu_tanh(x: sp.Symbol) -> None:
+    """GELU's tanh approximation: ``phi(x) - phi(-x) = x``, so ``phi'(-x) = 1 - phi'(x)`` and
+    the derivative's range is ``[1 - L, L]`` with ``L`` its peak, at the positive root of
+    ``phi''`` (located to 30 digits; a grid over [-50, 50] finds no larger value)."""
+    from certify.operators.activation import GELU_TANH_LIPSCHITZ
+
+    u = sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6) * x**3)
+    phi = x * (1 + sp.tanh(u)) / 2
+    require_equal(sp.simplify((phi - phi.subs(x, -x)).rewrite(sp.exp)), x,
+                  "GELU tanh: phi(x) - phi(-x) = x")
+    d1 = sp.diff(phi, x)
+    root = sp.nsolve(sp.diff(d1, x), x, 1.4185, prec=30)
+    peak = float(d1.subs(x, root).evalf(30))
+    grid = sp.lambdify(x, d1, "mpmath")
+    top = max(float(grid(sp.Rational(k, 20))) for k in range(-1000, 1001))
+    if not (top <= peak * (1 + 1e-12) and peak <= GELU_TANH_LIPSCHITZ):
+        raise DerivationError(f"GELU tanh: sup phi' = {peak} (grid {top}) exceeds the constant "
+                              f"{GELU_TANH_LIPSCHITZ}")
 
 
 register("Lipschitz chain inequality", "5",

@@ -3,15 +3,18 @@
 Each is written the way people write models, not the way certify once needed them: an MLP
 that reshapes with ``view``, a CNN with max pooling, a CNN with batch norm and a residual
 block whose shortcut is a strided 1x1 convolution, a model that normalises its input with
-constant tensors, and one that concatenates two branches. ``--factory
+constant tensors, one that concatenates two branches, and a vision transformer (issue 11:
+``certify.small_models.ViT`` with 4 patches of width 8, 2 heads, 1 block). ``--factory
 matrix_models:<name>`` builds them (pytest puts ``tests/`` on ``sys.path``); weights are
-seeded, batch-norm statistics set to non-trivial values.
+seeded, batch-norm statistics and layer-norm affine parameters set to non-trivial values.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from certify.small_models import ViT
 
 
 class ViewMLP(nn.Module):
@@ -77,6 +80,13 @@ class Concat(nn.Module):
         return self.head(h.flatten(1))
 
 
+class TinyViT(ViT):
+    """Patches 4 x 4 (4 tokens of width 8), 1 pre-LN block of 2 heads, MLP 8-16-8."""
+
+    def __init__(self):
+        super().__init__(side=8, patch=4, dim=8, depth=1, heads=2, hidden=16)
+
+
 def _seeded(cls, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = cls()
@@ -84,6 +94,7 @@ def _seeded(cls, seed: int) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return model.eval()
@@ -109,4 +120,8 @@ def concat() -> nn.Module:
     return _seeded(Concat, 4)
 
 
-MODELS = ("view_mlp", "pool_cnn", "residual_bn", "normalised", "concat")
+def vit() -> nn.Module:
+    return _seeded(TinyViT, 5)
+
+
+MODELS = ("view_mlp", "pool_cnn", "residual_bn", "normalised", "concat", "vit")

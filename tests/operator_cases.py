@@ -23,12 +23,16 @@ from certify.operators import (
     AvgPool,
     Cat,
     Expand,
+    LayerNorm,
     MaxPool,
+    Normalize,
     Permute,
+    Product,
     Reduce,
     Reshape,
     ScaleShift,
     Slice,
+    Softmax,
     ZeroPad,
 )
 
@@ -123,6 +127,25 @@ def interval_rows_for(case: Case, R: int, degenerate: bool, salt: int = 3):
     if degenerate:
         r = torch.where(rand(gen, *shape) < 0.5, 0.0, r)
     return c - r, c + r
+
+
+def reaches_for(case: Case, salt: int = 4):
+    """Boxes, l2 reaches ``(B,)`` and nominal points for ``local_reach``: each nominal point
+    uniform in its box, each reach up to the length of its box's diagonal (the ball or the
+    box binds); one input of two is sometimes a constant (reach ``None``, its box the
+    nominal point)."""
+    gen = case.generator(salt)
+    boxes = boxes_for(case)
+    moving = [True] * len(boxes)
+    if len(boxes) == 2:
+        moving[int(torch.randint(0, 2, (), generator=gen))] = bool(rand(gen) < 0.5)
+    out, reaches, nominals = [], [], []
+    for (lo, hi), moves in zip(boxes, moving):
+        x0 = lo + (hi - lo) * rand(gen, *lo.shape)
+        nominals.append(x0)
+        out.append((lo, hi) if moves else (x0, x0))
+        reaches.append(rand(gen, len(lo)) * (hi - lo).flatten(1).norm(dim=-1) if moves else None)
+    return out, reaches, nominals
 
 
 def valid(op, in_shapes, B=2) -> bool:
@@ -246,17 +269,60 @@ def cats(draw):
 
 
 @st.composite
-def adds(draw):
+def broadcast_pair(draw):
+    """Two shapes that broadcast: either side has size one along some axes (both carry the
+    batch axis, so torch aligns them only at equal rank)."""
     shape = draw(in_shape())
-    alpha = draw(st.sampled_from([1.0, -1.0, 0.5, -2.5]))
-    # Either side may broadcast along size-one axes (both carry the batch axis, so torch
-    # aligns them only at equal rank).
     def side():
         return tuple(1 if draw(st.integers(0, 3)) == 0 else d for d in shape)
-    a, b = side(), side()
-    op = Add(alpha)
-    assume(valid(op, [a, b]))
-    return op, [a, b]
+    return [side(), side()]
+
+
+@st.composite
+def adds(draw):
+    op, shapes = Add(draw(st.sampled_from([1.0, -1.0, 0.5, -2.5]))), draw(broadcast_pair())
+    assume(valid(op, shapes))
+    return op, shapes
+
+
+@st.composite
+def products(draw, matmul: bool):
+    """``x * y`` with broadcasting (``(3, 4) * (3, 1)``, ...) or ``(h, T, k) @ (h, k, S)``
+    (``h`` absent or a head axis)."""
+    if not matmul:
+        return Product(), draw(broadcast_pair())
+    heads = draw(st.sampled_from([(), (1,), (2,)]))
+    T, k, S = draw(small), draw(small), draw(small)
+    return Product(matmul=True), [(*heads, T, k), (*heads, k, S)]
+
+
+@st.composite
+def softmaxes(draw):
+    return Softmax(), [draw(st.sampled_from([(1,), (2,), (5,), (2, 3, 4), (1, 2, 3)]))]
+
+
+@st.composite
+def sequence_shapes(draw):
+    """``(n,)`` or ``(T, n)``: one vector or a sequence of tokens, normalised over ``n``."""
+    n = draw(st.integers(1, 5))
+    return draw(st.sampled_from([(n,), (2, n), (3, n)]))
+
+
+@st.composite
+def layer_norms(draw):
+    shape = draw(sequence_shapes())
+    gen = torch.Generator().manual_seed(draw(seeds))
+    weight, bias = randn(gen, shape[-1]), randn(gen, shape[-1])  # some weights negative
+    if draw(st.booleans()):
+        weight = torch.where(rand(gen, shape[-1]) < 0.3, 0.0, weight)
+    return LayerNorm(weight, bias, draw(st.sampled_from([1e-5, 1e-2]))), [shape]
+
+
+@st.composite
+def normalizes(draw):
+    """``F.normalize``'s default floor 1e-12 and floors the boxes reach (``||x|| < eps``:
+    the map is ``x / eps``); "straddle" and "grid" boxes contain 0."""
+    return Normalize(draw(st.sampled_from([1e-12, 0.5, 1.0]))), [draw(sequence_shapes())]
 
 
 @st.composite
@@ -338,6 +404,7 @@ FAMILIES = {
     "tanh": activations("tanh"),
     "sigmoid": activations("sigmoid"),
     "gelu": activations("gelu"),
+    "gelu_tanh": activations("gelu_tanh"),
     "softplus": activations("softplus"),
     "reshape": reshapes(),
     "permute": permutes(),
@@ -352,6 +419,11 @@ FAMILIES = {
     "scale_shift": scale_shifts(),
     "max_pool1d": max_pools(False),
     "max_pool2d": max_pools(True),
+    "mul": products(False),
+    "matmul": products(True),
+    "softmax": softmaxes(),
+    "layer_norm": layer_norms(),
+    "normalize": normalizes(),
 }
 
 
@@ -371,8 +443,8 @@ def _teeth_cases() -> list[tuple[str, Case]]:
     g = torch.Generator().manual_seed(0)
     out = []
 
-    def add(name, op, shapes, attained=ALL, style="generic", B=2):
-        out.append((name, Case(op, shapes, len(out) + 1, B, style, frozenset(attained))))
+    def add(name, op, shapes, attained=ALL, style="generic", B=2, boxes=None):
+        out.append((name, Case(op, shapes, len(out) + 1, B, style, frozenset(attained), boxes)))
 
     add("affine_dense", Affine(randn(g, 3, 4), randn(g, 3)), [(4,)])
     add("affine_sequence", Affine(randn(g, 3, 4), randn(g, 3)), [(2, 4)])
@@ -393,11 +465,12 @@ def _teeth_cases() -> list[tuple[str, Case]]:
     add("sigmoid", Activation("sigmoid"), [(6,)], smooth, style="straddle")
     # softplus: no jacobian and no finite constant (it jumps at its threshold).
     add("softplus", Activation("softplus", 1.0, 20.0), [(6,)], smooth - {"jacobian", "fro", "max"})
-    # GELU: one box across both extremes of GELU' (-+sqrt 2) and its minimiser, another
-    # across the minimiser only (the floor -0.17 is attained to 3e-5).
-    out.append(("gelu", Case(Activation("gelu"), [(2,)], 99, 1, "generic", smooth,
-                             [(torch.tensor([[-2.0, -1.0]], dtype=DT),
-                               torch.tensor([[2.0, 0.5]], dtype=DT))])))
+    # GELU, exact and tanh form: one box across both extremes of GELU' (-+sqrt 2, -+1.4185)
+    # and its minimiser, another across the minimiser only (the floor is attained to 3e-5,
+    # 5e-8 for the tanh form).
+    box = (torch.tensor([[-2.0, -1.0]], dtype=DT), torch.tensor([[2.0, 0.5]], dtype=DT))
+    for kind in ("gelu", "gelu_tanh"):
+        add(kind, Activation(kind), [(2,)], smooth, B=1, boxes=[box])
     add("reshape", Reshape((6,)), [(2, 3)])
     add("permute", Permute((1, 0)), [(2, 3)])
     add("expand", Expand((2, 3)), [(1, 3)])
@@ -421,6 +494,33 @@ def _teeth_cases() -> list[tuple[str, Case]]:
     add("max_pool2d", MaxPool((2, 2), (2, 2), (0, 0), (1, 1)), [(1, 4, 4)], ALL - {"jacobian"})
     add("max_pool1d_overlap", MaxPool((2,), (1,), (0,), (1,)), [(1, 5)],
         {"interval", "fro", "max"})
+    # Products (no finite constant): with both factors moving, each entry of x * y is one
+    # x entry times one y entry ((3, 1) shares y along a row, never x), so the corners attain
+    # the interval and dx . dy attains +-x_r . y_r in the linear rule. A matrix product
+    # shares its factors between entries; with one factor a point (a projection perturbed
+    # inside its own attention block) it is linear and every rule exact.
+    bilinear = ALL - {"fro", "max"}
+    add("mul", Product(), [(3, 4), (3, 1)], bilinear)
+    # ... and |x y - x0 y0| = |x0 dy + y0 dx + dx dy| reaches |x0| r_y + |y0| r_x + r_x r_y.
+    add("mul_scalar", Product(), [(1,), (1,)], bilinear | {"local_reach"})
+    keys = randn(g, 2, 2, 3, 2)
+    add("matmul_point", Product(matmul=True), [(2, 2, 3), (2, 3, 2)], bilinear,
+        boxes=[make_box(g, 2, (2, 2, 3), "generic"), (keys, keys)])
+    # Softmax: p_i is least at x_i = l_i, x_j = u_j (an exact interval); its row sums
+    # 2 p_k (1 - p_k) of |J| reach 1/2 at p_k = 1/2 (and ||J||_2 <= 1/2: the l2 constant
+    # 1 is not attained).
+    add("softmax", Softmax(), [(2, 3)], {"interval", "max"})
+    # l2 normalisation on boxes across 0: x_k / max(||x||, eps) is largest at x = u_k e_k
+    # (an exact interval); inside the ball ||x|| < eps = 1 it is x itself (constant 1 / eps,
+    # and the reach around a point there).
+    across = [(-0.1 - rand(g, 2, 3), 0.1 + rand(g, 2, 3))]
+    add("normalize", Normalize(1e-12), [(3,)], {"interval"}, boxes=across)
+    add("normalize_floor", Normalize(1.0), [(3,)], {"interval", "fro", "local_reach"},
+        boxes=across)
+    # LayerNorm: ||J||_2 <= max |g| / sqrt(eps), approached at constant vectors (c^ -> 0,
+    # J -> diag(g) P / sqrt(eps)) when |g| is constant (diag(g) P is then |g| P, norm |g|).
+    add("layer_norm", LayerNorm(torch.tensor([2.0, -2.0, 2.0], dtype=DT), randn(g, 3), 1e-2),
+        [(3,)], {"fro"})
     return out
 
 

@@ -295,7 +295,7 @@ def test_module_is_left_unchanged(call):
 
 
 def test_capture_leaves_the_module_as_it_was_when_it_fails():
-    model = nn.Sequential(nn.Linear(2, 2), nn.Softmax(-1), nn.Linear(2, 2)).train()
+    model = nn.Sequential(nn.Linear(2, 2), nn.LogSoftmax(-1), nn.Linear(2, 2)).train()
     snapshot = _snapshot(model)
     with pytest.raises(UnsupportedModelError, match="only supported at the output"):
         capture(model, (2,))

@@ -1,7 +1,8 @@
 """Every model people write, in every format certify reads, certifies and checks (issue 10).
 
-Rows: the five models of ``matrix_models`` (``view``, max pooling, batch norm with a
-projection-shortcut residual block, input normalisation, concatenation). Columns: the
+Rows: the six models of ``matrix_models`` (``view``, max pooling, batch norm with a
+projection-shortcut residual block, input normalisation, concatenation, a vision transformer
+with layer norms, attention and GELU). Columns: the
 ``nn.Module`` itself (Python API: ``capture``, ``certify_network``, ``check``), a ``.pt2``
 archive, ONNX from the legacy and from the default (dynamo) exporter, and a state dict with
 ``--factory`` (the command line: ``certify model``, then ``certify check``). Inputs are real

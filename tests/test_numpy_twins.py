@@ -6,13 +6,14 @@ agree with the torch ones, and it accepts fresh certificates and refutes tampere
   boxes across kinks, on grids with ties, thin, degenerate): forward, interval, both
   linear rules, interval Jacobian, Lipschitz constants, and rows through the exact Jacobian
   at a point (autograd's vector-Jacobian product; for the linear maps that is the adjoint)
-  equal the torch operator's to 1e-12;
-* random small graphs with every operator, built as ``nn.Module`` and captured: every
-  node's numpy value and adjoint at that value equal torch's to 1e-12, the margin
-  gradients through the whole graph equal autograd's, the
-  numpy global, local (CROWN, interval Jacobian, interval, refined or not) and multi-layer
-  bounds equal the torch ones, and ``certify.check`` confirms every claim of a certificate
-  made by ``certify.certificate.certify_network`` and refutes it once tampered with.
+  and local reaches equal the torch operator's to 1e-12;
+* random small graphs with every operator (images, sequences, vectors and a tiny
+  transformer: LayerNorm, attention, MLP, F.normalize), built as ``nn.Module`` and
+  captured: every node's numpy value and adjoint at that value equal torch's to 1e-12, the
+  margin gradients through the whole graph equal autograd's, the numpy global, local
+  (CROWN, interval Jacobian, interval, refined or not) and multi-layer bounds equal the
+  torch ones, and ``certify.check`` confirms every claim of a certificate made by
+  ``certify.certificate.certify_network`` and refutes it once tampered with.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from operator_cases import FAMILIES, boxes_for, cases, interval_rows_for, rows_for
+from operator_cases import FAMILIES, boxes_for, cases, interval_rows_for, reaches_for, rows_for
 from scipy.optimize import brentq
 from scipy.special import erf
 from torch import nn
@@ -130,6 +131,14 @@ def test_every_rule_of_every_operator_has_an_equal_numpy_twin(family, data):
             close(g_hi, w_hi, loose, "jacobian")
     for norm in ("fro", "max"):
         close(t.lipschitz(norm), op.lipschitz(norm, shapes), what=f"lipschitz {norm}")
+    reach_boxes, reaches, nominals = reaches_for(case)
+    want = op.local_reach(reach_boxes, reaches, nominals)
+    got = t.local_reach([(lo.numpy(), hi.numpy()) for lo, hi in reach_boxes],
+                        [None if r is None else r.numpy() for r in reaches],
+                        [x.numpy() for x in nominals])
+    assert (want is None) == (got is None)
+    if want is not None:
+        close(got, want, what="local reach")
 
 
 @pytest.mark.parametrize("op, shape", [
@@ -165,17 +174,45 @@ def test_gelu_constants_are_derived_independently():
                                                                 rel=1e-15)
 
 
+def test_gelu_tanh_constants_are_derived_independently():
+    """From ``phi = x (1 + tanh(u)) / 2``, ``u = k (x + a x^3)``: ``phi' = (1 + t) / 2 +
+    x (1 - t^2) u' / 2`` and ``phi'' = (1 - t^2) (u' - x t u'^2 + x u'' / 2)``, roots by
+    bisection; ``phi'`` peaks at the root of ``phi''`` and ``phi'(-x) = 1 - phi'(x)``."""
+    k, a = math.sqrt(2 / math.pi), 0.044715
+    u = lambda x: k * (x + a * x**3)
+    du, ddu = lambda x: k * (1 + 3 * a * x * x), lambda x: 6 * k * a * x
+    gelu = lambda x: x * (1 + math.tanh(u(x))) / 2
+    slope = lambda x: (1 + math.tanh(u(x))) / 2 + x * (1 - math.tanh(u(x)) ** 2) * du(x) / 2
+    bend = lambda x: (1 - math.tanh(u(x)) ** 2) * (du(x) - x * math.tanh(u(x)) * du(x) ** 2 +
+                                                   x * ddu(x) / 2)
+    peak = brentq(bend, 1.0, 2.0, xtol=1e-15)  # phi'' > 0 before it, < 0 after it
+    assert bend(0.5) > 0 > bend(3.0)
+    top = slope(peak)
+    assert 1 - slope(-peak) == pytest.approx(top, rel=1e-15)
+    assert top <= numpy_activation.GELU_TANH_LIPSCHITZ <= top * (1 + 1e-11)
+    low, high = numpy_activation.GELU_TANH_DERIVATIVE
+    assert low <= 1 - top and high >= top
+    root = brentq(slope, -1.0, -0.5, xtol=1e-15)
+    assert abs(root - numpy_activation.GELU_TANH_ARGMIN) < 1e-9
+    assert numpy_activation.GELU_TANH_FLOOR <= gelu(root) < numpy_activation.GELU_TANH_FLOOR + 1e-6
+    for name in ("GELU_TANH_LIPSCHITZ", "GELU_TANH_DERIVATIVE", "GELU_TANH_ARGMIN",
+                 "GELU_TANH_FLOOR"):
+        assert getattr(numpy_activation, name) == pytest.approx(getattr(torch_activation, name),
+                                                                rel=1e-15)
+
+
 # -- random small graphs with every operator -------------------------------------------------
 
-ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1),
-               lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0), lambda: nn.Softplus(1.0, 1.5)]
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.GELU(approximate="tanh"),
+               lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0),
+               lambda: nn.Softplus(1.0, 1.5)]
 
 
 def _activation(draw, choices):
     return draw(st.sampled_from(choices))()
 
 
-SHAPES = {"_Image": (2, 6, 6), "_Sequence": (3, 8), "_Vector": (6,)}
+SHAPES = {"_Image": (2, 6, 6), "_Sequence": (3, 8), "_Vector": (6,), "_Transformer": (3, 4)}
 
 
 class _Image(nn.Module):
@@ -295,11 +332,48 @@ class _Vector(nn.Module):
         return self.out(self.act2(self.lin2(q)))
 
 
+class _Transformer(nn.Module):
+    """A tiny pre-LN transformer on 3 tokens of width 4: LayerNorm (random weight), query,
+    key and value projections split into 1 or 2 heads, attention ``softmax(q k^T / sqrt(k))
+    v`` written out or by ``F.scaled_dot_product_attention``, the output projection with a
+    residual, an MLP with a residual, the mean over the tokens, ``F.normalize`` (its floor
+    1e-12 or 0.5, which the mean may fall below) and the head."""
+
+    def __init__(self, draw, acts):
+        super().__init__()
+        width = SHAPES[type(self).__name__][1]
+        self.heads = draw(st.sampled_from([1, 2]))
+        self.fused = draw(st.booleans())
+        self.eps = draw(st.sampled_from([1e-12, 0.5]))
+        self.ln = nn.LayerNorm(width, eps=draw(st.sampled_from([1e-5, 1e-2])))
+        nn.init.normal_(self.ln.weight)
+        nn.init.normal_(self.ln.bias, std=0.1)
+        self.q, self.k, self.v, self.proj = (nn.Linear(width, width) for _ in range(4))
+        hidden = draw(st.integers(2, 6))
+        self.fc1, self.act, self.fc2 = nn.Linear(width, hidden), _activation(draw, acts), \
+            nn.Linear(hidden, width)
+        self.head = nn.Linear(width, draw(st.integers(2, 4)))
+
+    def split(self, t):  # (B, T, width) -> (B, heads, T, width / heads)
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.ln(x)
+        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        x = x + self.proj(a.transpose(1, 2).flatten(2))
+        x = x + self.fc2(self.act(self.fc1(x)))
+        return self.head(F.normalize(x.mean(1), dim=-1, eps=self.eps))
+
+
 @st.composite
 def graphs(draw):
-    """A model with every operator (``_Image``, ``_Sequence``, ``_Vector``), its graph and a
-    batch of inputs."""
-    kind = draw(st.sampled_from([_Image, _Sequence, _Vector]))
+    """A model with every operator (``_Image``, ``_Sequence``, ``_Vector``, ``_Transformer``),
+    its graph and a batch of inputs."""
+    kind = draw(st.sampled_from([_Image, _Sequence, _Vector, _Transformer]))
     torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
     shape = SHAPES[kind.__name__]
     x = torch.randn(draw(st.integers(2, 4)), *shape, dtype=torch.float64)

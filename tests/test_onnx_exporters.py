@@ -1,5 +1,7 @@
-"""Five models through both ONNX exporters and torch.export: loaded, cross-checked against
+"""Six models through both ONNX exporters and torch.export: loaded, cross-checked against
 onnxruntime, compared with the original in float64, and captured again by torch.export.
+The MNIST vision transformer also at the older opsets, where the exporters decompose layer
+norms and GELU: the loader recovers the operators, and certify reads them.
 
 ``torch.onnx.export(model, (x,), path)`` uses the torch.export-based ("dynamo") exporter in
 torch 2.13 (it needs onnxscript); ``dynamo=False`` the TorchScript-based one. The dynamo
@@ -22,9 +24,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from certify import small_models
+from certify.capture import UnsupportedModelError, capture
 from certify.cli_inputs import crosscheck_onnx
 from certify.loading import ModelLoadError, load_model, onnx_crosscheck
 from certify.onnx_files import ConstantReshape
+from certify.operators import Activation, LayerNorm
 
 BATCH = 4  # the batch size of every export
 
@@ -110,7 +115,7 @@ def resnet() -> nn.Module:
 
 
 MODELS = {"view_mlp": ViewMLP, "cnn": cnn, "resnet": resnet, "normalised": Normalised,
-          "concat": Concat}
+          "concat": Concat, "vit": small_models.mnist_vit}
 KINDS = ("dynamo", "legacy", "pt2")
 
 
@@ -123,14 +128,15 @@ def inputs(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
-def export(model: nn.Module, kind: str, path: Path) -> Path:
+def export(model: nn.Module, kind: str, path: Path, opset: int | None = None) -> Path:
     x = inputs(BATCH)
+    version = {} if opset is None else {"opset_version": opset}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "dynamo":
-            torch.onnx.export(model, (x,), str(path))  # the default exporter
+            torch.onnx.export(model, (x,), str(path), **version)  # the default exporter
         elif kind == "legacy":
-            torch.onnx.export(model, (x,), str(path), dynamo=False)
+            torch.onnx.export(model, (x,), str(path), dynamo=False, **version)
         else:
             torch.export.save(torch.export.export(model, (x,)), str(path))
     return path
@@ -256,16 +262,23 @@ def test_the_cli_cross_checks_at_most_16_inputs(files):
     assert crosscheck_onnx(str(path), module, inputs(1).numpy()).endswith(" on 1 input")
 
 
+def _op_types(path: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("kind", ["dynamo", "legacy"])
-def test_gelu_at_the_default_opset(tmp_path, kind, approximate):
-    # Both exporters write Gelu-20, which has no older version to down-convert to and no
-    # onnx2torch converter: certify converts it to nn.GELU itself.
+@pytest.mark.parametrize("kind, opset", [("dynamo", None), ("legacy", None), ("dynamo", 18),
+                                         ("legacy", 17), ("legacy", 11)])
+def test_gelu_becomes_nn_gelu(tmp_path, kind, opset, approximate):
+    # At their default opset both exporters write Gelu-20, which has no older version to
+    # down-convert to and no onnx2torch converter; before opset 20 they write its formula
+    # with Erf or Tanh. certify converts both to nn.GELU.
     torch.manual_seed(5)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.GELU(approximate=approximate),
                           nn.Linear(16, 10)).eval()
-    path = export(model, kind, tmp_path / "gelu.onnx")
-    assert "Gelu" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    path = export(model, kind, tmp_path / "gelu.onnx", opset)
+    written = "Gelu" if opset is None else "Erf" if approximate == "none" else "Tanh"
+    assert written in _op_types(path)
     module = load_model(path)
     gelus = [m for m in module.modules() if isinstance(m, nn.GELU)]
     assert [g.approximate for g in gelus] == [approximate]
@@ -275,3 +288,95 @@ def test_gelu_at_the_default_opset(tmp_path, kind, approximate):
                                    rtol=1e-5, atol=1e-5)
     assert onnx_crosscheck(path, module, x) < 1e-5
     reexport(module, x.double())
+
+
+VIT_OPSETS = [("legacy", 11), ("legacy", 14), ("legacy", 16), ("legacy", 17), ("legacy", 18),
+              ("legacy", None), ("dynamo", 18), ("dynamo", None)]
+
+
+@pytest.mark.parametrize("kind, opset", VIT_OPSETS)
+def test_a_vit_at_every_opset_is_read_as_its_operators(tmp_path, kind, opset):
+    # Before opset 17 the legacy exporter decomposes nn.LayerNorm (ReduceMean, Sub, Pow, ...)
+    # and before opset 20 both decompose GELU (Erf); the legacy exporter computes the shape of
+    # x.flatten(2) in the graph (Shape, Slice, Concat). certify reads 5 layer norms and 2
+    # GELUs, and 14 layers named after their ONNX nodes, each nn.Linear with its bias.
+    path = export(build("vit"), kind, tmp_path / "vit.onnx", opset)
+    written = _op_types(path)
+    version = next(e.version for e in onnx.load(str(path)).opset_import if e.domain == "")
+    assert ("Pow" in written) == (version < 17)
+    assert ("Erf" in written) == (version < 20)
+    assert ("Shape" in written) == (kind == "legacy")
+    module = load_model(path)
+    assert not {"OnnxErf", "OnnxPow", "OnnxShape"} & {type(m).__name__ for m in module.modules()}
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 13 and all(m.bias is not None for m in linears)
+    x = inputs(BATCH, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x.double()), reference("vit", x), rtol=1e-5, atol=1e-5)
+    assert onnx_crosscheck(path, module, x) < 1e-5
+    network = capture(module, x.double())
+    ops = [node.op for node in network.nodes]
+    assert sum(isinstance(op, LayerNorm) for op in ops) == 5
+    assert [op.kind for op in ops if isinstance(op, Activation)] == ["gelu", "gelu"]
+    nodes = {_plain(n.name) for n in onnx.load(str(path)).graph.node}
+    assert len(network.layer_names) == 14
+    assert all(_plain(n) in nodes for n in network.layer_names)
+
+
+def _plain(name: str) -> str:
+    """A node name as onnx2torch's module path may spell it."""
+    return "".join(c for c in name if c.isalnum())
+
+
+class Tokens(nn.Module):
+    """Patches as tokens through a linear layer, then flattened with ``x.shape[0]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.fc = nn.Conv2d(1, 4, 7, stride=7), nn.Linear(4, 4)
+        self.head = nn.Linear(16 * 4, 10)
+
+    def forward(self, x):
+        tokens = self.fc(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head(tokens.reshape(x.shape[0], -1))
+
+
+def test_a_file_with_a_dynamic_batch_axis_takes_any_batch(tmp_path):
+    # With dynamic_axes the legacy exporter computes every shape from Shape(x); certify folds
+    # them at batch size 1, and the reshapes copy the batch.
+    torch.manual_seed(8)
+    model, path = Tokens().eval(), tmp_path / "dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (inputs(BATCH),), str(path), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    assert "Shape" in _op_types(path)
+    module = load_model(path)
+    for batch in (1, 3):
+        x = inputs(batch, seed=9)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x.double()), model.double()(x.double()),
+                                       rtol=1e-5, atol=1e-5)
+        assert onnx_crosscheck(path, module, x) < 1e-5
+    assert capture(module, inputs(2).double()).layer_names == ["patch/Conv", "fc/MatMul",
+                                                                "head/Gemm"]
+
+
+class ErfHead(nn.Module):
+    """``erf`` on its own: not a GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(784, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.erf(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "legacy"])
+def test_an_operator_certify_does_not_read_is_named(tmp_path, kind):
+    path = export(ErfHead().eval(), kind, tmp_path / "erf.onnx")
+    module = load_model(path)
+    with pytest.raises(UnsupportedModelError, match=r"erf\.default is not supported \(module "
+                                                    r"'[^']+' \(OnnxErf\)"):
+        capture(module, inputs(2).double())

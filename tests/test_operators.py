@@ -13,13 +13,16 @@ rows) each rule is attacked:
    ``[lo, hi]``), against the returned interval rows;
 4. ``lipschitz``: gradient ascent on ``||op(x) - op(x')|| / ||x - x'||`` (l2 for "fro",
    l_inf for "max") from random pairs, one input moving; ``combine`` likewise on
-   ``z -> op(M_1 z, M_2 z)``.
+   ``z -> op(M_1 z, M_2 z)``;
+5. ``local_reach``: the attack of 1. on ``||op(x) - op(x0)||_2`` over the boxes, each
+   point pulled radially into the ball ``||x_i - x0_i|| <= r_i`` around the nominal one.
 
 The attack has teeth: on hand-picked cases where the rule's bound is attained, the same
 attack against a deliberately tightened bound (the interval shrunk by 10% of its width on
 each side, ``e`` halved and ``d`` moved by 1e-6, the lower line lifted by half the largest
-sampled slack plus 1e-6, the interval rows shrunk by 10%, the constant halved) must find a
-violation. Only float64 rounding is tolerated (``TOL`` absolute, ``LIP_TOL`` relative).
+sampled slack plus 1e-6, the interval rows shrunk by 10%, the constant and the local reach
+halved) must find a violation. Only float64 rounding is tolerated (``TOL`` absolute,
+``LIP_TOL`` relative).
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ from operator_cases import (
     cases,
     interval_rows_for,
     randn,
+    reaches_for,
     rows_for,
 )
 from torch.func import jacrev, vmap
 
 from certify.capture import UnsupportedModelError, capture
-from certify.operators import Activation, Add, Affine, Cat, MaxPool
+from certify.operators import Activation, Add, Affine, Cat, MaxPool, Operator
 
 TOL = 1e-12  # absolute: float64 rounding of O(1) quantities only
 LIP_TOL = 1e-9  # relative, on a ratio of differences
@@ -192,12 +196,11 @@ def per_sample_jacobians(op, xs, index):
     """``J`` of output w.r.t. input ``index`` at every point: ``(N B, out, in)`` (flat)."""
     flat = [_flat(x) for x in xs]
 
-    def f(xi):
-        args = [x[:1] if j != index else xi[None] for j, x in enumerate(flat)]
-        return op(*args)[0].reshape(-1)
+    def f(*point):
+        return op(*(x[None] for x in point))[0].reshape(-1)
 
-    # Multi-input operators are linear: their Jacobian does not depend on the other inputs.
-    return vmap(jacrev(f))(flat[index]).reshape(len(flat[index]), -1, flat[index][0].numel())
+    return vmap(jacrev(f, argnums=index))(*flat).reshape(len(flat[index]), -1,
+                                                         flat[index][0].numel())
 
 
 def jacobian_violation(op, boxes, rows, gen, tighten=False, **kw):
@@ -253,6 +256,32 @@ def lipschitz_violation(op, in_shapes, norm, gen, tighten=False, steps=40, N=48)
     return worst
 
 
+def local_reach_violation(op, boxes, reaches, nominals, gen, tighten=False, **kw):
+    """Largest ``||op(x) - op(x0)||_2 - bound`` found (``bound`` halved by ``tighten``),
+    ``None`` where the operator has no ``local_reach``. A point ``x`` of the boxes enters as
+    ``x0 + (x - x0) min(1, r / ||x - x0||)``: in the ball and, as the box holds ``x0``, in
+    the box."""
+    bound = op.local_reach(boxes, reaches, nominals)
+    if bound is None:
+        return None
+    assert bound.shape == (len(nominals[0]),)
+    bound = bound * (0.5 if tighten else 1.0)
+    center = op(*nominals)
+
+    def violation(xs):
+        pulled = []
+        for x, x0, r in zip(xs, nominals, reaches):
+            d = x - x0
+            if r is not None:
+                length = d.flatten(2).norm(dim=-1).clamp(min=1e-300)
+                d = d * (r / length).clamp(max=1.0).reshape(*length.shape, *[1] * (d.ndim - 2))
+            pulled.append(x0 + d)
+        change = apply(op, pulled) - center
+        return (change.flatten(2).norm(dim=-1) - bound)[..., None]
+
+    return maximise(violation, boxes, gen, **kw)
+
+
 def _ratio(f, shape, norm, gen, steps, N):
     """Largest ``||f(x + d) - f(x)|| / ||d||`` found (per point of a batch of ``N``)."""
     scales = torch.tensor([0.3, 1.0, 3.0, 10.0], dtype=DT).repeat(N)[:N]
@@ -303,7 +332,7 @@ def _ratio(f, shape, norm, gen, steps, N):
 # Cases per example: the activations' and max pooling's rules have the most branches (kinks,
 # slopes, ties, padding), and their checks are cheap.
 WEIGHT = {"relu": 3, "leaky_relu": 4, "elu": 3, "tanh": 2, "sigmoid": 2, "gelu": 2,
-          "softplus": 3, "max_pool1d": 2, "max_pool2d": 2}
+          "gelu_tanh": 2, "softplus": 3, "max_pool1d": 2, "max_pool2d": 2}
 
 
 def drawn(data, family, rule):
@@ -358,6 +387,17 @@ def test_lipschitz_sound(family, norm, data):
         assert v <= LIP_TOL, f"{norm} Lipschitz constant of {case} exceeded by a factor {1 + v}"
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@FAST
+@given(data=st.data())
+def test_local_reach_sound(family, data):
+    for case in drawn(data, family, "local_reach"):
+        boxes, reaches, nominals = reaches_for(case)
+        v = local_reach_violation(case.op, boxes, reaches, nominals, case.generator(15))
+        assert (v is None) == (type(case.op).local_reach is Operator.local_reach)
+        assert v is None or v <= TOL, f"local reach of {case} exceeded by {v:.3e}"
+
+
 # ------------------------------------------------------------------ teeth (hand-picked)
 
 TEETH_IDS = [name for name, _ in TEETH]
@@ -405,6 +445,17 @@ def test_lipschitz_teeth(case, norm):
     assert lipschitz_violation(case.op, case.in_shapes, norm, case.generator(13)) <= LIP_TOL
     assert lipschitz_violation(case.op, case.in_shapes, norm, case.generator(13),
                                tighten=True) > LIP_TOL
+
+
+@pytest.mark.parametrize("case", _teeth("local_reach"))
+def test_local_reach_teeth(case):
+    """Around the centre of every box, as far as its least radius (a ball inside the box)."""
+    boxes = boxes_for(case)
+    nominals = [(lo + hi) / 2 for lo, hi in boxes]
+    reaches = [((hi - lo) / 2).flatten(1).amin(-1) for lo, hi in boxes]
+    assert local_reach_violation(case.op, boxes, reaches, nominals, case.generator(15)) <= TOL
+    assert local_reach_violation(case.op, boxes, reaches, nominals, case.generator(15),
+                                 tighten=True) > TOL
 
 
 # ------------------------------------------------------------------------------ combine

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
 from certify.capture import UnsupportedModelError, capture
@@ -320,14 +321,37 @@ class _Shared(nn.Module):
         return self.out(self.a(torch.relu(self.a(x))))
 
 
+class _Attention(nn.Module):
+    """Attention with a causal mask, or nn.MultiheadAttention (it moves the batch axis)."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal, self.q, self.head = causal, nn.Linear(4, 4), nn.Linear(4, 2)
+        if not causal:
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        if self.causal:
+            q = self.q(x)
+            y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        else:
+            y = self.mha(x, x, x, need_weights=False)[0]
+        return self.head(y.mean(1))
+
+
 @pytest.mark.parametrize("module,shape,match", [
-    (nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=-1), nn.Linear(3, 2)), (3,),
-     "softmax or log-softmax is only supported at the output"),
+    (nn.Sequential(nn.Linear(3, 3), nn.LogSoftmax(dim=-1), nn.Linear(3, 2)), (3,),
+     "log-softmax is only supported at the output"),
     (_Recurrent(), (5, 3), r"lstm\.\w+ is not supported \(module 'lstm' \(LSTM\)"),
-    (_TwoBranches(lambda a, b: a * b), (3,), "mul of two computed tensors"),
-    (_TwoBranches(lambda a, b: a / b), (3,), "div of two computed tensors"),
-    (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)), (3,),
-     r"layer_norm\.\w+ is not supported \(module '1' \(LayerNorm\)"),
+    (_TwoBranches(lambda a, b: a / b), (3,), "division by a computed tensor"),
+    (_TwoBranches(lambda a, b: a / b.norm(dim=-1, keepdim=True)), (3,),
+     "division by the norm of another tensor"),
+    (nn.Sequential(nn.Linear(3, 3), nn.Unflatten(1, (1, 3)), nn.LayerNorm((1, 3)),
+                   nn.Flatten(), nn.Linear(3, 2)), (3,), "layer norm over 2 axes"),
+    (_Attention(causal=True), (3, 4), "scaled_dot_product_attention with a mask, is_causal"),
+    (_Attention(causal=False), (3, 4), r"module 'mha' \(MultiheadAttention\) moves the batch"),
+    (nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), (3,),
+     r"module '0' \(Embedding\) looks up integer tokens"),
     (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 2)), (2, 4, 4),
      "groups=2"),
     (nn.Sequential(nn.ReLU()), (3,), "no layer with a weight parameter"),

@@ -24,6 +24,12 @@ from certify.numpy_operators.linear_maps import (
     ZeroPadTwin,
 )
 from certify.numpy_operators.pooling import AvgPoolTwin, MaxPoolTwin
+from certify.numpy_operators.transformer import (
+    LayerNormTwin,
+    NormalizeTwin,
+    ProductTwin,
+    SoftmaxTwin,
+)
 
 TWINS = {
     torch_ops.Affine: AffineTwin, torch_ops.Activation: ActivationTwin,
@@ -31,7 +37,9 @@ TWINS = {
     torch_ops.Reshape: ReshapeTwin, torch_ops.Permute: PermuteTwin,
     torch_ops.Expand: ExpandTwin, torch_ops.Slice: SliceTwin, torch_ops.Cat: CatTwin,
     torch_ops.Add: AddTwin, torch_ops.Reduce: ReduceTwin, torch_ops.ZeroPad: ZeroPadTwin,
-    torch_ops.ScaleShift: ScaleShiftTwin,
+    torch_ops.ScaleShift: ScaleShiftTwin, torch_ops.Product: ProductTwin,
+    torch_ops.Softmax: SoftmaxTwin, torch_ops.LayerNorm: LayerNormTwin,
+    torch_ops.Normalize: NormalizeTwin,
 }
 
 

@@ -1,7 +1,7 @@
 """Numpy twin of ``certify.operators.Activation``: ReLU, LeakyReLU, ELU, Tanh, Sigmoid,
-GELU (exact erf form), Softplus (linear above ``threshold / beta``, as torch computes it,
-where it jumps down by ``log1p(exp(-threshold)) / beta``: it has no Lipschitz constant, and
-the jump widens its intervals and linear rule).
+GELU (exact erf form and tanh approximation), Softplus (linear above ``threshold / beta``,
+as torch computes it, where it jumps down by ``log1p(exp(-threshold)) / beta``: it has no
+Lipschitz constant, and the jump widens its intervals and linear rule).
 
 Linear rules, as the torch operator makes them (so that the bounds confirm its radii):
 piecewise-linear kinds, for a lower bound only and a convex function (negative slope in
@@ -9,9 +9,10 @@ piecewise-linear kinds, for a lower bound only and a convex function (negative s
 ``lam x + mu +- nu`` with the chord slope ``lam`` and ``mu +- nu`` the range of
 ``phi(x) - lam x`` on ``[l, u]``: at ``l``, ``0`` and ``u`` for piecewise-linear kinds, by
 the mean value theorem with the derivative range for the smooth ones (plus the softplus
-jump). Intervals: the ends' values for the monotone kinds (and the jump); GELU's floor
-when the box contains its minimiser; a LeakyReLU with a negative slope is not monotone,
-its interval includes ``phi(0) = 0``.
+jump). Intervals: the ends' values for the monotone kinds (and the jump); for both GELUs,
+which fall and then rise, the ends' values widened by ``ROUND``, or the floor when the box
+contains the minimiser; a LeakyReLU with a negative slope is not monotone, its interval
+includes ``phi(0) = 0``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ GELU_LIPSCHITZ = (1 + math.erf(1)) / 2 + math.exp(-1) / math.sqrt(math.pi)
 GELU_DERIVATIVE = (-(GELU_LIPSCHITZ - 1) * (1 + 1e-12), GELU_LIPSCHITZ * (1 + 1e-12))
 GELU_ARGMIN = -0.7517916
 GELU_FLOOR = -0.17
+# GELU's tanh form phi(x) = x (1 + tanh(k (x + 0.044715 x^3))) / 2, k = sqrt(2 / pi): phi'
+# peaks at the root 1.41850400879 of phi'' and phi'(-x) = 1 - phi'(x) (phi(x) - phi(-x) =
+# x); phi falls left of the root of phi' and rises right of it, down to -0.17004075057.
+GELU_TANH_LIPSCHITZ = 1.1289930686587718 * (1 + 1e-12)
+GELU_TANH_DERIVATIVE = (1 - GELU_TANH_LIPSCHITZ * (1 + 1e-12), GELU_TANH_LIPSCHITZ * (1 + 1e-12))
+GELU_TANH_ARGMIN = -0.7524614220710
+GELU_TANH_FLOOR = -0.1700408
+GELU_TANH_SCALE = math.sqrt(2 / math.pi)
+# (argmin, floor, derivative range) of each GELU
+GELUS = {"gelu": (GELU_ARGMIN, GELU_FLOOR, GELU_DERIVATIVE),
+         "gelu_tanh": (GELU_TANH_ARGMIN, GELU_TANH_FLOOR, GELU_TANH_DERIVATIVE)}
 
 
 class ActivationTwin(Twin):
@@ -60,6 +72,8 @@ class ActivationTwin(Twin):
             return expit(x)
         if kind == "gelu":
             return x * 0.5 * (1 + erf(x / math.sqrt(2)))
+        if kind == "gelu_tanh":
+            return x * 0.5 * (1 + np.tanh(GELU_TANH_SCALE * (x + 0.044715 * x ** 3)))
         beta, threshold = self.slope, self.scale  # softplus
         with np.errstate(over="ignore"):
             return np.where(x * beta > threshold, x, np.logaddexp(0.0, x * beta) / beta)
@@ -79,14 +93,21 @@ class ActivationTwin(Twin):
             return s * (1 - s)
         if kind == "gelu":
             return 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        if kind == "gelu_tanh":  # (1 + t) / 2 + x (1 - t^2) u' / 2, t = tanh(u)
+            t = np.tanh(GELU_TANH_SCALE * (x + 0.044715 * x ** 3))
+            du = GELU_TANH_SCALE * (1 + 3 * 0.044715 * x * x)
+            return (1 + t) / 2 + x * (1 - t * t) * du / 2
         return np.where(x * self.slope > self.scale, 1.0, expit(x * self.slope))
 
     def interval(self, box):
         lo, hi = box
         f_lo, f_hi = self(lo), self(hi)
-        if self.kind == "gelu":
-            inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
-            return np.where(inside, GELU_FLOOR, np.minimum(f_lo, f_hi)), np.maximum(f_lo, f_hi)
+        if self.kind in GELUS:
+            argmin, floor, _ = GELUS[self.kind]
+            high = np.maximum(f_lo, f_hi)
+            slack = ROUND * (np.abs(high) + np.abs(lo) + np.abs(hi))  # erf cancels at x << 0
+            return np.where((lo <= argmin) & (hi >= argmin), floor,
+                            np.minimum(f_lo, f_hi) - slack), high + slack
         if self.kind == "leaky_relu" and self.slope < 0:
             inside = (lo < 0) & (hi > 0)
             low, high = np.minimum(f_lo, f_hi), np.maximum(f_lo, f_hi)
@@ -102,8 +123,9 @@ class ActivationTwin(Twin):
             low = np.where(hi < 0, s, np.where(lo > 0, 1.0, a))
             high = np.where(hi < 0, s, np.where(lo > 0, 1.0, b))
             return low, high
-        if kind == "gelu":
-            return np.full_like(lo, GELU_DERIVATIVE[0]), np.full_like(lo, GELU_DERIVATIVE[1])
+        if kind in GELUS:
+            low, high = GELUS[kind][2]
+            return np.full_like(lo, low), np.full_like(lo, high)
         d_lo, d_hi = self.derivative(lo), self.derivative(hi)
         if kind in ("tanh", "sigmoid"):  # even about 0, falling with |x|
             top = np.where((lo <= 0) & (hi >= 0), self.derivative(np.zeros_like(lo)),
@@ -191,4 +213,5 @@ class ActivationTwin(Twin):
         if kind == "elu":
             return (self.scale * max(1.0, self.slope * self.input_scale),)
         return ({"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": GELU_LIPSCHITZ,
+                 "gelu_tanh": GELU_TANH_LIPSCHITZ,
                  "leaky_relu": max(1.0, abs(self.slope))}[kind],)

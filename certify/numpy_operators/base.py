@@ -106,9 +106,45 @@ class Twin:
     def lipschitz(self, norm: str) -> tuple:
         raise NotImplementedError
 
+    def local_reach(self, boxes, reaches, nominals):
+        """An l2 bound ``(B,)`` of ``||f(x) - f(nominal)||`` for ``x`` in the boxes with
+        ``||x_i - nominal_i|| <= reaches[i]`` (``None``: a constant input), or ``None``
+        where only the Lipschitz constants (``combine``) bound it."""
+        return None
+
     def combine(self, norm: str, own, moving):
         """``sum_i own_i L_i`` over the inputs that move (triangle inequality)."""
-        return sum(c * L for c, L in zip(own, moving) if L is not None)
+        return sum(times(c, L) for c, L in zip(own, moving) if L is not None)
+
+
+def times(c: float, L):
+    """``c L`` for a constant ``c`` and a bound ``L`` (a float or per-input array), with
+    ``inf * 0 = 0``: an input that does not move moves nothing, whatever the constant."""
+    if c != math.inf:
+        return c * L
+    return np.where(L > 0, math.inf, 0.0) if isinstance(L, np.ndarray) else \
+        (math.inf if L > 0 else 0.0)
+
+
+def mean_value_rule(twin: Twin, A: np.ndarray, boxes):
+    """The linear rule of a (Lipschitz) map from its interval Jacobian (``jacobian``).
+
+    The mean value theorem at the centres ``c_i`` of the boxes (radii ``r_i``):
+    ``A f(x) - A f(c) = sum_i G_i (x_i - c_i)`` with every ``G_i`` in the interval rows
+    ``[L_i, U_i]``, so with ``M_i = (L_i + U_i) / 2`` and ``S_i = (U_i - L_i) / 2``,
+    ``A f(x) in sum_i M_i x_i + (A f(c) - sum_i M_i c_i) +- sum_i S_i r_i``."""
+    centres = [(lo + hi) / 2 for lo, hi in boxes]
+    value = twin(*centres)
+    d, size = row_sum(A * value[:, None]), row_sum(np.abs(A * value[:, None]))
+    e = np.zeros_like(d)
+    rows = []
+    for (L, U), (lo, hi), c in zip(twin.jacobian((A, A), boxes), boxes, centres):
+        M = (L + U) / 2
+        d = d - row_sum(M * c[:, None])
+        size = size + row_sum(np.abs(M * c[:, None]))
+        e = e + row_sum((U - L) / 2 * ((hi - lo) / 2)[:, None])
+        rows.append(M)
+    return tuple(rows), d, e + ROUND * (size + e)
 
 
 class LinearTwin(Twin):

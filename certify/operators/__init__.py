@@ -8,7 +8,10 @@ from certify.operators.base import Operator
 from certify.operators.linear_maps import (Add, AvgPool, Cat, Expand, LinearMap, Permute,
                                            Reduce, Reshape, ScaleShift, Slice, ZeroPad)
 from certify.operators.max_pool import MaxPool
+from certify.operators.normalisation import LayerNorm, Normalize
+from certify.operators.product import Product
+from certify.operators.softmax import Softmax
 
-__all__ = ["Activation", "Add", "Affine", "AvgPool", "Cat", "Expand", "LinearMap", "MaxPool",
-           "Operator", "Permute", "Reduce", "Reshape", "ScaleShift", "Slice", "ZeroPad",
-           "fold_batchnorm"]
+__all__ = ["Activation", "Add", "Affine", "AvgPool", "Cat", "Expand", "LayerNorm", "LinearMap",
+           "MaxPool", "Normalize", "Operator", "Permute", "Product", "Reduce", "Reshape",
+           "ScaleShift", "Slice", "Softmax", "ZeroPad", "fold_batchnorm"]

@@ -1,5 +1,5 @@
 """Elementwise activations: ReLU, LeakyReLU (piecewise linear), ELU, Tanh, Sigmoid, GELU
-(exact erf form) and Softplus.
+(exact erf form and tanh approximation) and Softplus.
 
 Linear rules (``backward``). ReLU and LeakyReLU: for bounds in both directions one line
 ``phi(x) = lam x + mu +- nu`` with ``lam`` the chord slope and ``mu +- nu`` the range of
@@ -12,7 +12,7 @@ derivative range on ``[l, u]`` (``derivative_range``), so ``nu <= (u - l) max(d_
 lam - d_lo) / 2`` around the middle of that range.
 
 Constants (``lipschitz``): ``sup |phi'|``, derived in proofs/lipschitz.py (GELU at
-``x = sqrt(2)``). Softplus follows torch: linear above ``threshold / beta``, where it jumps
+``x = sqrt(2)``; its tanh approximation at the root of ``phi''`` near 1.4185, located there). Softplus follows torch: linear above ``threshold / beta``, where it jumps
 down by at most ``log1p(exp(-threshold)) / beta``; that jump widens every bound, and leaves
 softplus without a Lipschitz constant (``inf``: the global bound through it is 0).
 """
@@ -36,7 +36,15 @@ GELU_FLOOR = -0.17
 # -+sqrt(2), by the symmetry Phi(-x) = 1 - Phi(x)); widened for rounding.
 GELU_DERIVATIVE = (-(GELU_LIPSCHITZ - 1) * (1 + 1e-12), GELU_LIPSCHITZ * (1 + 1e-12))
 
-KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "softplus")
+# GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): its derivative
+# peaks at x = 1.41850400879 (checked in proofs/lipschitz.py), and phi'(-x) = 1 - phi'(x) because
+# phi(x) - phi(-x) = x; its minimum -0.170040750571 lies at x = -0.7524614220710.
+GELU_TANH_LIPSCHITZ = 1.1289930686587718 * (1 + 1e-12)
+GELU_TANH_DERIVATIVE = (1 - GELU_TANH_LIPSCHITZ * (1 + 1e-12), GELU_TANH_LIPSCHITZ * (1 + 1e-12))
+GELU_TANH_ARGMIN = -0.7524614220710
+GELU_TANH_FLOOR = -0.1700408
+
+KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "softplus")
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class Activation(Operator):
             return torch.ops.aten.elu(x, self.slope, self.scale, self.input_scale)
         if kind == "gelu":
             return F.gelu(x)
+        if kind == "gelu_tanh":
+            return F.gelu(x, approximate="tanh")
         if kind == "softplus":
             return F.softplus(x, self.slope, self.scale)
         return torch.tanh(x) if kind == "tanh" else torch.sigmoid(x)
@@ -74,11 +84,16 @@ class Activation(Operator):
     def interval(self, box):
         lo, hi = box
         f_lo, f_hi = self(lo), self(hi)
-        if self.kind == "gelu":
+        if self.kind in ("gelu", "gelu_tanh"):  # decreasing, then increasing
+            argmin, floor = (GELU_ARGMIN, GELU_FLOOR) if self.kind == "gelu" else \
+                (GELU_TANH_ARGMIN, GELU_TANH_FLOOR)
             low = torch.minimum(f_lo, f_hi)
-            inside = (lo <= GELU_ARGMIN) & (hi >= GELU_ARGMIN)
-            return torch.where(inside, torch.full_like(low, GELU_FLOOR), low), \
-                torch.maximum(f_lo, f_hi)
+            inside = (lo <= argmin) & (hi >= argmin)
+            high = torch.maximum(f_lo, f_hi)
+            # Phi(x) = (1 + erf(x / sqrt 2)) / 2 cancels for x << 0: an absolute error of
+            # about eps |x|, covered by ROUND times the inputs' magnitudes.
+            slack = ROUND * (high.abs() + lo.abs() + hi.abs())
+            return torch.where(inside, torch.full_like(low, floor), low - slack), high + slack
         return f_lo - self.jump, f_hi + self.jump
 
     def derivative(self, x):
@@ -98,6 +113,10 @@ class Activation(Operator):
         if kind == "gelu":  # Phi(x) + x phi(x)
             return 0.5 * (1 + torch.erf(x / math.sqrt(2))) + \
                 x * torch.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        if kind == "gelu_tanh":
+            c = math.sqrt(2 / math.pi)
+            t = torch.tanh(c * (x + 0.044715 * x**3))
+            return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
         # Tensors, not Python floats: torch.where would round a scalar slope to float32.
         return torch.where(x > 0, torch.ones_like(x), torch.full_like(
             x, self.slope if self.kind == "leaky_relu" else 0.0))
@@ -111,8 +130,9 @@ class Activation(Operator):
             low = torch.where(hi < 0, slope, torch.where(lo > 0, one, torch.full_like(lo, a)))
             high = torch.where(hi < 0, slope, torch.where(lo > 0, one, torch.full_like(lo, b)))
             return low, high
-        if kind == "gelu":
-            return torch.full_like(lo, GELU_DERIVATIVE[0]), torch.full_like(lo, GELU_DERIVATIVE[1])
+        if kind in ("gelu", "gelu_tanh"):
+            low, high = GELU_DERIVATIVE if kind == "gelu" else GELU_TANH_DERIVATIVE
+            return torch.full_like(lo, low), torch.full_like(lo, high)
         d_lo, d_hi = self.derivative(lo), self.derivative(hi)
         if kind in ("tanh", "sigmoid"):  # phi' is even about 0 and falls with |x|
             inside = (lo <= 0) & (hi >= 0)
@@ -207,4 +227,5 @@ class Activation(Operator):
         if kind == "elu":
             return self.scale * max(1.0, self.slope * self.input_scale)
         return {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": GELU_LIPSCHITZ,
+                "gelu_tanh": GELU_TANH_LIPSCHITZ,
                 "leaky_relu": max(1.0, abs(self.slope))}[kind]

@@ -95,6 +95,12 @@ class Operator:
     def lipschitz(self, norm: str, in_shapes) -> tuple[float, ...]:
         raise NotImplementedError
 
+    def local_reach(self, boxes, reaches, nominals):
+        """An l2 bound of ``||f(x) - f(nominal)||`` per input ``(B,)`` for ``x`` in the boxes
+        with ``||x_i - nominal_i|| <= reaches[i]`` (``None``: a constant input), from the
+        boxes themselves; ``None`` where the global constants (``combine``) are all there is."""
+        return None
+
     def combine(self, norm: str, own, moving) -> float:
         """Constant of the output from ``own`` (``lipschitz``) and the inputs' constants
         ``moving`` (``None``: a constant input): ``sum_i own_i L_i`` (triangle inequality)."""
@@ -119,3 +125,28 @@ def interval_sum(a, b):
     (a_lo, a_hi), (b_lo, b_hi) = a, b
     return (a_lo + b_lo - ROUND * (a_lo.abs() + b_lo.abs()),
             a_hi + b_hi + ROUND * (a_hi.abs() + b_hi.abs()))
+
+
+def mean_value_rule(op: Operator, A: torch.Tensor, boxes):
+    """A linear rule from the interval Jacobian (``op.jacobian``) by the mean value theorem.
+
+    With ``c_i`` the centres and ``r_i`` the radii of the input boxes,
+    ``A f(x) = A f(c) + sum_i (A J_i(xi)) (x_i - c_i)`` for some ``xi`` on the segment, and
+    every ``A J_i(xi)`` lies in the interval rows ``[L_i, U_i]``; so with ``M = (L + U)/2``,
+    ``S = (U - L)/2``: ``A f(x) in sum_i M_i x_i + (A f(c) - sum_i M_i c_i) +- sum_i S_i r_i``.
+    Sound for any differentiable ``f`` whose ``jacobian`` is sound; exact when ``f`` is linear.
+    """
+    centers = [(lo + hi) / 2 for lo, hi in boxes]
+    radii = [(hi - lo) / 2 for lo, hi in boxes]
+    out = op(*centers)
+    d = row_sum(A * out[:, None])
+    size = row_sum(A.abs() * out.abs()[:, None])
+    e = torch.zeros_like(d)
+    rows = []
+    for (L, U), c, r in zip(op.jacobian((A, A), boxes), centers, radii):
+        M, S = (U + L) / 2, (U - L) / 2
+        d = d - row_sum(M * c[:, None])
+        size = size + row_sum(M.abs() * c.abs()[:, None])
+        e = e + row_sum(S * r[:, None])
+        rows.append(M)
+    return tuple(rows), d, e + ROUND * (size + e)
