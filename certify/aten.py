@@ -5,40 +5,33 @@ node to a ``Build``; ``IDENTITIES`` are dropped (copies, dropout in eval mode, f
 and softmax and log-softmax may end the graph (``Tail``: the argmax is kept, and log-softmax
 keeps the margins ``o_y - o_j`` exactly); a softmax used inside the network (attention) is a
 ``Softmax`` node. Products of two computed tensors (``Q K^T``, attention times values) are
-``Product`` nodes, scaled dot-product attention is decomposed into them, and
-``x / max(||x||, eps)`` (``F.normalize``) is one ``Normalize`` node. Arguments are per-batch
-in the export; every rule converts them to per-input shapes and axes (``Build.shape``,
-``Build.dim``) and refuses operations along the batch axis.
+``Product`` nodes, and ``x / max(||x||, eps)`` (``F.normalize``) is one ``Normalize`` node.
+Arguments are per-batch in the export; every rule converts them to per-input shapes and axes
+(``Build.shape``, ``Build.dim``) and refuses operations along the batch axis.
+
+The rules of the layers here; those of transformer blocks (layer norm, scaled dot-product
+attention decomposed into products and a softmax, the vector norm of ``F.normalize``) are in
+:mod:`certify.aten_transformers`, and both read constant operands (weights, biases, the
+constants of arithmetic) with :mod:`certify.aten_operands`.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 
-from certify.graph_build import Build, Const, Norm, Ref, UnsupportedModelError
-from certify.operators import (Activation, Add, Affine, AvgPool, Cat, Expand, LayerNorm,
-                               MaxPool, Normalize, Permute, Product, Reduce, Reshape,
-                               ScaleShift, Slice, Softmax, ZeroPad)
+from certify.aten_operands import _const, _per_input, _zeros
+from certify.aten_transformers import (_attention, _clamp_min, _expand_norm, _layer_norm,
+                                       _native_layer_norm, _vector_norm)
+from certify.graph_build import Build, Norm, Ref, UnsupportedModelError
+from certify.operators import (Activation, Add, Affine, AvgPool, Cat, MaxPool, Normalize,
+                               Permute, Product, Reduce, Reshape, ScaleShift, Slice, ZeroPad)
 
 aten = torch.ops.aten
 
 
 # -------------------------------------------------------------------- rules
-
-
-def _const(value, fx, what: str) -> Const:
-    if isinstance(value, Const):
-        return value
-    raise UnsupportedModelError(
-        f"{fx.name}: {what} is computed from the input; certify reads a layer's weight and "
-        "bias as parameters or constants")
-
-
-def _zeros(n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.float64)
 
 
 def _linear(b: Build, fx, where, x, weight, bias=None):
@@ -168,10 +161,6 @@ def _transpose(b: Build, fx, where, x, d0, d1):
     return b.node(Permute(tuple(d - 1 for d in dims[1:])), [x], fx)
 
 
-def _expand(b: Build, fx, where, x, size, implicit=False):
-    return b.node(Expand(b.shape(fx)), [x], fx)
-
-
 def _slice(b: Build, fx, where, x, dim=0, start=None, end=None, step=1):
     n = b.ndim(x)
     d = dim + n if dim < 0 else dim
@@ -194,17 +183,6 @@ def _cat(stack):
         n = b.ndim(tensors[0]) + stack
         return b.node(Cat(b.dim(dim, n, fx, "cat"), len(tensors), stack), list(tensors), fx)
     return rule
-
-
-def _per_input(value, fx, what: str, ndim: int):
-    """A constant operand as a tensor that broadcasts per input (batch axis dropped)."""
-    t = value.value if isinstance(value, Const) else torch.tensor(float(value), dtype=torch.float64)
-    if t.ndim >= ndim:
-        if t.ndim > ndim or t.shape[0] != 1:
-            raise UnsupportedModelError(f"{fx.name}: {what} by a constant that varies along "
-                                        "the batch axis")
-        t = t[0]
-    return t.to(torch.float64)
 
 
 def _arith(kind):
@@ -335,67 +313,6 @@ def _tail(log):
     return rule
 
 
-def _layer_norm(b: Build, fx, where, x, shape, weight=None, bias=None, eps=1e-5, cudnn=True):
-    n = b.nodes[x.index].shape[-1]
-    if len(shape) != 1:
-        raise UnsupportedModelError(f"layer norm over {len(shape)} axes ({where}); supported: "
-                                    "over the last axis")
-    g = torch.ones(n, dtype=torch.float64) if weight is None else _const(weight, fx, "the weight").value
-    beta = _zeros(n) if bias is None else _const(bias, fx, "the bias").value
-    return b.node(LayerNorm(g, beta, float(eps)), [x], fx)
-
-
-def _native_layer_norm(b: Build, fx, where, x, shape, weight, bias, eps):
-    return (_layer_norm(b, fx, where, x, shape, weight, bias, eps), None, None)
-
-
-def _attention(b: Build, fx, where, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
-               scale=None, enable_gqa=False):
-    """``softmax(q k^T scale) v`` as the nodes it is made of."""
-    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
-        raise UnsupportedModelError(
-            f"scaled_dot_product_attention with a mask, is_causal, dropout or grouped "
-            f"queries ({where}); supported: plain attention softmax(q k^T scale) v")
-    if not all(isinstance(t, Ref) for t in (q, k, v)):
-        raise UnsupportedModelError(f"{fx.name}: attention with constant queries, keys or "
-                                    f"values ({where})")
-    *lead, T, E = b.nodes[q.index].shape
-    S = b.nodes[k.index].shape[-2]
-    n = len(lead) + 2
-    keys = b.node(Permute(tuple(range(n - 2)) + (n - 1, n - 2)), [k], fx, f"{fx.name}/keys",
-                  (*lead, E, S))
-    scores = b.node(Product(matmul=True), [q, keys], fx, f"{fx.name}/scores", (*lead, T, S))
-    factor = torch.tensor(1 / math.sqrt(E) if scale is None else float(scale),
-                          dtype=torch.float64)
-    scaled = b.node(ScaleShift(factor, torch.zeros((), dtype=torch.float64)), [scores], fx,
-                    f"{fx.name}/scaled", (*lead, T, S))
-    weights = b.node(Softmax(), [scaled], fx, f"{fx.name}/softmax", (*lead, T, S))
-    return b.node(Product(matmul=True), [weights, v], fx)
-
-
-def _vector_norm(b: Build, fx, where, x, ord=2, dim=None, keepdim=False, dtype=None):
-    n = b.ndim(x)
-    dims = dim if isinstance(dim, (list, tuple)) else [dim]
-    if ord != 2 or len(dims) != 1 or dims[0] is None or b.dim(dims[0], n, fx) != n - 2 or \
-            not keepdim:
-        raise UnsupportedModelError(f"{fx.name}: a vector norm other than the l2 norm over the "
-                                    f"last axis with keepdim=True ({where})")
-    return Norm(x)
-
-
-def _clamp_min(b: Build, fx, where, x, low):
-    if isinstance(x, Norm) and x.eps == 0.0 and float(low) >= 0:
-        return Norm(x.ref, float(low))
-    raise UnsupportedModelError(f"{fx.name}: clamp_min({low}) of a computed tensor ({where}); "
-                                "supported: the norm's floor in F.normalize")
-
-
-def _expand_norm(b: Build, fx, where, x, *args, **kwargs):
-    if isinstance(x, Norm):
-        return x
-    return _expand(b, fx, where, x, None)
-
-
 BUILDERS = {
     aten.linear: _linear, aten.addmm: _addmm, aten.mm: _mm, aten.matmul: _mm,
     aten.conv1d: _conv, aten.conv2d: _conv, aten.convolution: _convolution,
@@ -435,9 +352,6 @@ BUILDERS = {
     aten._to_copy: _to_copy, aten.to: _to_copy, aten.sym_size: _sym_size,
     operator.getitem: _getitem,
 }
-
-# The operators a vector norm may feed on its way to F.normalize's division.
-NORM_USERS = {aten.clamp_min, aten.expand, aten.expand_as, aten.div}
 
 IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 

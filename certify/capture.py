@@ -26,7 +26,8 @@ import warnings
 import torch
 from torch import nn
 
-from certify.aten import BUILDERS, IDENTITIES, NORM_USERS, SUPPORTED
+from certify.aten import BUILDERS, IDENTITIES, SUPPORTED
+from certify.aten_transformers import NORM_USERS
 from certify.graph_build import Build, Norm, Tail, UnsupportedModelError
 from certify.graph import Graph, Node
 

@@ -28,7 +28,7 @@ from certify import small_models
 from certify.capture import UnsupportedModelError, capture
 from certify.cli_inputs import crosscheck_onnx
 from certify.loading import ModelLoadError, load_model, onnx_crosscheck
-from certify.onnx_files import ConstantReshape
+from certify.onnx_converted import ConstantReshape
 from certify.operators import Activation, LayerNorm
 
 BATCH = 4  # the batch size of every export
