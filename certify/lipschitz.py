@@ -48,6 +48,14 @@ def downstream(graph: Graph, start: int, norm: str, constants=None) -> list[floa
     return L
 
 
+def margin_node(graph: Graph) -> int:
+    """The node whose constant multiplies ``class_rows``: the logits layer's input when the
+    output is a dense layer, else the output itself."""
+    out = graph.nodes[graph.output]
+    dense = isinstance(out.op, Affine) and not out.op.is_conv
+    return graph.input_of(graph.output) if dense else graph.output
+
+
 def class_rows(graph: Graph, y: torch.Tensor, norm: str) -> tuple[torch.Tensor, int]:
     """``||W_L^T (e_y - e_j)||`` (l2 for fro, l1 for max), ``(B, C)``, ``inf`` at ``j = y``,
     and the node whose constant multiplies them: the logits layer's input when the output
@@ -58,10 +66,8 @@ def class_rows(graph: Graph, y: torch.Tensor, norm: str) -> tuple[torch.Tensor, 
         diff = W[y][:, None, :] - W[None, :, :]  # (B, C, n)
         ord = 2 if norm == "fro" else 1
         rows = torch.linalg.vector_norm(diff, ord=ord, dim=-1) * (1 + W.shape[1] * 1e-15)
-        node = graph.input_of(graph.output)
     else:
         C = out.shape[0]
         rows = torch.full((len(y), C), math.sqrt(2) * (1 + 1e-15) if norm == "fro" else 2.0,
                           dtype=torch.float64)
-        node = graph.output
-    return rows.scatter(-1, y[:, None], math.inf), node
+    return rows.scatter(-1, y[:, None], math.inf), margin_node(graph)

@@ -124,8 +124,7 @@ WIDE = 1e3  # a witness this many times the global bound: search between them ge
 
 def global_exists(network: Graph, index: int, norm: str, constants: dict) -> bool:
     """Is the Lipschitz constant from the layer's output to the logits finite (section 5)?"""
-    lip = lipschitz.downstream(network, index, norm, constants)[lipschitz.class_rows(
-        network, torch.zeros(1, dtype=torch.long), norm)[1]]
+    lip = lipschitz.downstream(network, index, norm, constants)[lipschitz.margin_node(network)]
     return bool(torch.isfinite(torch.as_tensor(lip)).all())
 
 
@@ -423,23 +422,21 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 layer.matrix[None], norm)[0]))
             cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
             # Without a global bound (through attention) the radius may lie orders of
-            # magnitude below the witness: the search falls faster until it certifies.
-            # Without a global bound (through attention) the radius may lie orders of
             # magnitude below the witness: the search falls faster until it certifies; where
             # the global bound lies orders of magnitude below the witness (LayerNorm's
             # 1/sqrt(eps)), it is the search's lower end and the search geometric.
             shrink = torch.where(lower_global > 0, 2.0, 16.0).to(cap.dtype)
             wide = torch.where(cap > WIDE * lower_global, lower_global, 0.0)
+            # Through attention (products of computed tensors) the global constant is
+            # infinite and the section-5 bound does not exist: the linear bounds alone
+            # certify, with more evaluations.
+            exists = global_exists(network, index, norm, constants)
             local = local_lower(network, index, values, y, norm, scale, cap, constants,
                                 refine=refine, shrink=shrink, floor=wide,
-                                evaluations=8 if global_exists(network, index, norm, constants)
-                                else 12) * (1 - SAFETY)
+                                evaluations=8 if exists else 12) * (1 - SAFETY)
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
-        # Through attention (products of computed tensors) the global constant is infinite
-        # and the section-5 bound does not exist: the linear bounds alone certify.
-        method = ("lipschitz+crown" if global_exists(network, index, norm, constants)
-                  else "crown") + ("(refined)" if refine else "")
+        method = ("lipschitz+crown" if exists else "crown") + ("(refined)" if refine else "")
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")

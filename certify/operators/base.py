@@ -120,6 +120,18 @@ def times(c: float, L):
     return math.inf if L > 0 else 0.0
 
 
+def interval_product(a, b):
+    """``[a] [b]`` for broadcastable intervals ``(lo, hi)``, in centre-radius form
+    ``a_c b_c +- (|a_c| b_r + a_r |b_c| + a_r b_r)`` (exact when either is a point), widened
+    for rounding."""
+    ac, ar = (a[1] + a[0]) / 2, (a[1] - a[0]) / 2
+    bc, br = (b[1] + b[0]) / 2, (b[1] - b[0]) / 2
+    center = ac * bc
+    radius = ac.abs() * br + ar * (bc.abs() + br)
+    radius = radius * (1 + ROUND) + ROUND * center.abs()
+    return center - radius, center + radius
+
+
 def interval_sum(a, b):
     """``[a_lo + b_lo, a_hi + b_hi]``, widened for the rounding of the two sums."""
     (a_lo, a_hi), (b_lo, b_hi) = a, b

@@ -29,18 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from certify.operators.base import ROUND, Operator, mean_value_rule
-
-
-def _product(a, b):
-    """``[a] [b]`` for broadcastable intervals ``(lo, hi)``, in centre-radius form
-    ``a_c b_c +- (|a_c| b_r + a_r |b_c| + a_r b_r)`` (exact when either is a point)."""
-    ac, ar = (a[1] + a[0]) / 2, (a[1] - a[0]) / 2
-    bc, br = (b[1] + b[0]) / 2, (b[1] - b[0]) / 2
-    center = ac * bc
-    radius = ac.abs() * br + ar * (bc.abs() + br)
-    radius = radius * (1 + ROUND) + ROUND * center.abs()
-    return center - radius, center + radius
+from certify.operators.base import ROUND, Operator, interval_product, mean_value_rule
 
 
 def _centred(lo, hi):
@@ -62,7 +51,7 @@ def _square_range(lo, hi):
 
 def _dot(a, b):
     """Interval of ``a . b`` over the last axis."""
-    lo, hi = _product(a, b)
+    lo, hi = interval_product(a, b)
     return lo.sum(-1, keepdim=True), hi.sum(-1, keepdim=True)
 
 
@@ -117,8 +106,8 @@ class LayerNorm(Operator):
         reach = torch.sqrt((torch.maximum(a[0].abs(), a[1].abs()) ** 2).sum(-1, keepdim=True)
                            * n) * (1 + ROUND)  # |a' . c^| <= ||a'|| ||c^||, ||c^|| < sqrt(n)
         w = (torch.maximum(w_lo, -reach), torch.minimum(w_hi, reach))
-        t_lo, t_hi = _product(w, (h_lo / n, h_hi / n))
-        return (_product((s_lo, s_hi), (u[0] - t_hi, u[1] - t_lo)),)
+        t_lo, t_hi = interval_product(w, (h_lo / n, h_hi / n))
+        return (interval_product((s_lo, s_hi), (u[0] - t_hi, u[1] - t_lo)),)
 
     def backward(self, A, boxes, lower):
         return mean_value_rule(self, A, boxes)
@@ -175,12 +164,12 @@ class Normalize(Operator):
         y = tuple(t[:, None] for t in self._unit(boxes[0]))
         a = rows
         w = _dot(a, y)
-        t_lo, t_hi = _product(w, y)
+        t_lo, t_hi = interval_product(w, y)
         # Inside the ball ||x|| < eps the y y^T term is absent: lam in [0, 1].
         touches = n_lo <= self.eps
         t_lo, t_hi = torch.where(touches, t_lo.clamp(max=0), t_lo), \
             torch.where(touches, t_hi.clamp(min=0), t_hi)
-        return (_product((1 / N_hi * (1 - ROUND), 1 / N_lo * (1 + ROUND)),
+        return (interval_product((1 / N_hi * (1 - ROUND), 1 / N_lo * (1 + ROUND)),
                          (a[0] - t_hi, a[1] - t_lo)),)
 
     def backward(self, A, boxes, lower):

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from certify.operators.base import ROUND, Operator, mean_value_rule
-from certify.operators.normalisation import _product
+from certify.operators.base import ROUND, Operator, interval_product, mean_value_rule
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,14 @@ class Softmax(Operator):
     def jacobian(self, rows, boxes):
         a_lo, a_hi = rows
         p_lo, p_hi = (t[:, None] for t in self.interval(boxes[0]))
-        s_lo, s_hi = _product((a_lo, a_hi), (p_lo, p_hi))
+        s_lo, s_hi = interval_product((a_lo, a_hi), (p_lo, p_hi))
         s_lo, s_hi = s_lo.sum(-1, keepdim=True), s_hi.sum(-1, keepdim=True)
         # s is a convex combination of the a_i: within [min a, max a] too.
         s_lo = torch.maximum(s_lo, a_lo.amin(-1, keepdim=True))
         s_hi = torch.minimum(s_hi, a_hi.amax(-1, keepdim=True))
         widen = ROUND * (a_lo.abs() + a_hi.abs()).amax(-1, keepdim=True)
         diff = (a_lo - s_hi - widen, a_hi - s_lo + widen)
-        return (_product((p_lo.expand_as(a_lo), p_hi.expand_as(a_lo)), diff),)
+        return (interval_product((p_lo.expand_as(a_lo), p_hi.expand_as(a_lo)), diff),)
 
     def backward(self, A, boxes, lower):
         return mean_value_rule(self, A, boxes)
