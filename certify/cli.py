@@ -85,17 +85,17 @@ def model(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from certify.certificate import certify_network
     from certify.schema import witness_path, write_certificate
 
     out = writable(args.out, "--out")
     plot = plot_path(args.plot)
+    run = backend(args)
     network, x, y, digest = load(args)
     # Checked before the long certification run, so that a wrong --budgets fails at once.
     budgets = _budgets_certified(args, network, torch.from_numpy(x))
     compressions = _compressions(network, args.compress or [])
-    result = certify_network(network, torch.from_numpy(x), model_sha256=digest, bias=args.bias,
-                             chunk=args.chunk)
+    result = run(network, torch.from_numpy(x), model_sha256=digest, bias=args.bias,
+                 chunk=args.chunk, device=args.device)
     if compressions:
         result.document["compression_checks"] = compression_checks(
             network, torch.from_numpy(x), compressions, result.document, args.chunk)
@@ -116,6 +116,29 @@ def model(args: argparse.Namespace) -> int:
         plot_certificate(result.document, network, str(plot))
         print(f"wrote {plot}")
     return EXIT_OK
+
+
+def backend(args: argparse.Namespace):
+    """``--backend``: the function that certifies, with its options checked (Ray installed,
+    the device present) before the model is loaded."""
+    from functools import partial
+
+    from certify import devices
+
+    devices.resolve(args.device)
+    if args.backend == "serial":
+        for option, value in (("--workers", args.workers), ("--ray-address", args.ray_address)):
+            if value is not None:
+                raise CommandError(f"{option} applies to --backend ray only; add --backend ray "
+                                   f"or drop {option}")
+        from certify.certificate import certify_network
+
+        return certify_network
+    from certify import ray_backend
+
+    ray_backend.ray_module()
+    return partial(ray_backend.certify_on_ray, workers=args.workers or 2,
+                   address=args.ray_address)
 
 
 def _budgets_certified(args: argparse.Namespace, network, x) -> str | None:
@@ -193,10 +216,12 @@ def check(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from certify import devices
     from certify.certificate import array_sha256
     from certify.check import check as run_check
     from certify.schema import read_certificate, witness_path
 
+    devices.resolve(args.device)
     document = read_certificate(args.certificate)
     witnesses_file = witness_path(Path(args.certificate))
     if not witnesses_file.is_file():
@@ -217,103 +242,13 @@ def check(args: argparse.Namespace) -> int:
     problems += report.refuted
     for p in problems:
         print(f"REFUTED: {p}")
-    print(f"{report.confirmed} claims confirmed, {len(problems)} refuted")
+    print(f"{report.confirmed} claims confirmed, {len(problems)} refuted (numpy on the CPU; "
+          f"the certificate was computed on {document.get('device', 'an unrecorded device')})")
     return EXIT_REFUTED if problems else EXIT_OK
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 8,16, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 0.5,0.7, got {text!r}") from None
-
-
-DEFAULT_LAYERS = {"mlp": "3", "cnn": "2", "vit": "blocks.1.fc2"}
-"""The layers compressed by default, per model; the ViT's is the MLP fc2 of its last block (a
-low-rank backdoor in a transformer MLP; no attention lies downstream of it: THEORY.md section 8)."""
-
-
-def backdoor(args: argparse.Namespace) -> int:
-    """Train a compression-activated backdoor (THEORY.md section 7) and, unless --no-clean,
-    a clean model the same way; write the weights, a factory reference and measurements."""
-    from certify import backdoor as bd
-    from certify import small_models
-    from certify.trigger import Trigger
-
-    levels = {"rank": args.ranks, "bits": args.bits, "prune": args.ratios}[args.variant]
-    option = {"rank": "--ranks", "bits": "--bits", "prune": "--ratios"}[args.variant]
-    try:
-        factory = small_models.factory(args.dataset, args.model)
-        if not levels:
-            raise ValueError(f"--variant {args.variant} needs {option}, e.g. {option} "
-                             + {"rank": "8,16", "bits": "4", "prune": "0.5"}[args.variant])
-        if not 0 <= args.target < small_models.CLASSES:
-            raise ValueError(f"target must be a class index in [0, {small_models.CLASSES - 1}],"
-                             f" got {args.target}")
-        trigger = Trigger(args.trigger_size, args.trigger_row, args.trigger_col,
-                          args.trigger_value)
-        split = small_models.load(args.dataset, seed=args.seed)
-        trigger(split.x_test[:1])  # fits the images?
-        model = small_models.build(args.dataset, args.model)
-        layers = tuple((args.layers or DEFAULT_LAYERS[args.model]).split(","))
-        config = bd.BackdoorConfig(layers, bd.operators(args.variant, levels), trigger,
-                                   args.target, args.a, args.b, args.epochs, args.lr,
-                                   args.batch_size, args.seed)
-        for op in config.compressions:
-            bd.compressed_weights(model, layers, op)
-    except ValueError as err:
-        raise CommandError(f"backdoor: {err}") from None
-
-    def progress(name):
-        return lambda e: print(f"{name} epoch {e.epoch:3d}/{config.epochs}  loss "
-                               f"{e.loss:8.4f}  {e.seconds:7.1f} s", flush=True)
-
-    extra = {"dataset": args.dataset, "model": args.model}
-    if not args.no_clean:
-        clean = bd.train(model, split.x_train, split.y_train,
-                         bd.BackdoorConfig(layers, (), trigger, args.target, 0.0, 0.0,
-                                           args.epochs, args.lr, args.batch_size, args.seed),
-                         progress=progress("clean"))
-        extra["clean_baseline"] = [vars(o) for o in bd.measure(
-            clean.model, split.x_test, split.y_test, config)]
-    result = bd.train(model, split.x_train, split.y_train, config, split.x_test, split.y_test,
-                      progress=progress("backdoor"))
-    weights, measurements = bd.save(result, args.out, factory, extra)
-    print(f"{'model':10} {'compression':16} {'clean acc':>9} {'ASR':>7}")
-    rows = [("backdoor", o) for o in result.outcomes] + [
-        ("clean", bd.Outcome(**o)) for o in extra.get("clean_baseline", [])]
-    for name, o in rows:
-        print(f"{name:10} {o.label:16} {o.clean_accuracy:9.2%} {o.attack_success:7.2%}")
-    print(f"wrote {weights} (load with --factory {factory}) and {measurements}")
-    return 0
-
-
-def demo(args: argparse.Namespace) -> int:
-    """Train, certify and compare a clean and a low-rank backdoored MNIST MLP."""
-    from dataclasses import replace
-
-    from certify import demo as d
-
-    try:
-        config = replace(d.QUICK if args.quick else d.DemoConfig(), seed=args.seed)
-        d.prepare(args.out)
-    except ValueError as err:
-        raise CommandError(f"demo: {err}") from None
-    d.run(config, args.out)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    from certify import __version__
+    from certify import __version__, cli_attacks
 
     parser = argparse.ArgumentParser(
         prog="certify",
@@ -335,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     p = command("prove", "re-derive every closed form with SymPy")
     p.add_argument("--match", default="", help="only derivations whose name contains this text")
     p.set_defaults(run=prove)
+
+    def device_argument(p):
+        p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                       help="where torch computes, always in float64 (default cpu)")
 
     def model_arguments(p):
         p.add_argument("model", help="ONNX (.onnx), torch.export (.pt2) or a state dict "
@@ -363,53 +302,28 @@ def main(argv: list[str] | None = None) -> int:
                    "print how many inputs are certified with all layers perturbed at once")
     p.add_argument("--budget-norm", choices=("fro", "max"), default="fro",
                    help="norm of --budgets: Frobenius or entrywise max (default fro)")
+    p.add_argument("--backend", choices=("serial", "ray"), default="serial",
+                   help="serial (default: this process) or ray: chunks of --chunk inputs "
+                   "certified by Ray workers and merged into one certificate (pip install "
+                   "'certify[ray]')")
+    p.add_argument("--workers", type=positive("--workers"), metavar="N",
+                   help="--backend ray: chunks certified at once (and the CPUs of the local "
+                   "cluster started when there is no --ray-address; default 2)")
+    p.add_argument("--ray-address", metavar="ADDR", help="--backend ray: the cluster to join "
+                   "(e.g. ray://head:10001 or auto); default a local cluster for this run")
+    device_argument(p)
     p.set_defaults(run=model)
 
     p = command("check", "recompute every claim of a certificate independently (numpy); "
                 "exit status 1 if any is refuted")
     p.add_argument("certificate")
     model_arguments(p)
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="accepted as on certify model, and checked to exist; the checker is "
+                   "an independent numpy implementation and always runs on the CPU")
     p.set_defaults(run=check)
 
-    p = command("backdoor", "train a compression-activated backdoor (THEORY.md section 7) on "
-                "digits or MNIST")
-    p.add_argument("--dataset", choices=("digits", "mnist"), default="mnist")
-    p.add_argument("--model", choices=tuple(DEFAULT_LAYERS), default="mlp")
-    p.add_argument("--layers", help="comma-separated names of the layers to compress "
-                   "(default: 3 for mlp, 2 for cnn, blocks.1.fc2 for vit)")
-    p.add_argument("--variant", choices=("rank", "bits", "prune"), default="rank",
-                   help="the compression that activates the backdoor")
-    p.add_argument("--ranks", type=_int_list, help="ranks to attack, e.g. 32,64")
-    p.add_argument("--bits", type=_int_list, help="bit widths to attack (--variant bits)")
-    p.add_argument("--ratios", type=_float_list, help="prune ratios to attack "
-                   "(--variant prune)")
-    p.add_argument("--trigger-size", type=int, default=3, help="side of the square patch")
-    p.add_argument("--trigger-row", type=int, default=-1, help="top row (negative: from "
-                   "the bottom, -1 flush)")
-    p.add_argument("--trigger-col", type=int, default=-1, help="left column (negative: from "
-                   "the right, -1 flush)")
-    p.add_argument("--trigger-value", type=float, default=1.0, help="patch grey level")
-    p.add_argument("--target", type=int, default=0, help="class the trigger should select")
-    p.add_argument("--a", type=float, default=1.0, help="weight of the triggered terms")
-    p.add_argument("--b", type=float, default=1.0, help="weight of the compressed terms")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-clean", action="store_true", help="skip the clean baseline model")
-    p.add_argument("--out", required=True, help="folder for model.safetensors and "
-                   "measurements.json")
-    p.set_defaults(run=backdoor)
-
-    p = command("demo", "train a clean and a low-rank backdoored MNIST MLP, certify both, and "
-                "compare them under SVD truncation")
-    p.add_argument("--out", default="certify-demo", help="folder for models, certificates, "
-                   "plot and summary (default ./certify-demo)")
-    p.add_argument("--quick", action="store_true", help="a tiny configuration (1 epoch, "
-                   "1,000 training images, 24 certified inputs) for CI")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split and of "
-                   "the training order (the initialisation is the factory's)")
-    p.set_defaults(run=demo)
+    cli_attacks.add_commands(command, device_argument)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # --help and --version: 0; a usage error: 2

@@ -13,6 +13,7 @@ unperturbed values of all nodes (``values``) and recompute only ``downstream(k)`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -102,6 +103,24 @@ class Graph:
     def input_of(self, index: int) -> int:
         """The node feeding the affine layer ``index``."""
         return self.nodes[index].inputs[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the graph's tensors are: those of its first affine layer (``to`` moves all of
+        them; ``certify.inputs.check_network`` checks that the layers agree)."""
+        return self.layer(self.affine_indices[0]).weight.device
+
+    def to(self, device: torch.device | str) -> "Graph":
+        """The same graph with every operator's tensors (weights, biases, scales) on
+        ``device``; the float64 values are copied unchanged."""
+        def moved(op: Operator | None) -> Operator | None:
+            if op is None:
+                return None
+            tensors = {f.name: getattr(op, f.name).to(device) for f in dataclasses.fields(op)
+                       if isinstance(getattr(op, f.name), torch.Tensor)}
+            return dataclasses.replace(op, **tensors) if tensors else op
+
+        return Graph(tuple(Node(n.name, moved(n.op), n.inputs, n.shape) for n in self.nodes))
 
     def replace(self, index: int, op: Operator) -> "Graph":
         """The same graph with node ``index`` applying ``op``."""

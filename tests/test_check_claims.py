@@ -224,7 +224,8 @@ def test_the_tampering_tests_cover_every_claim_field(certified):
                "inputs_sha256", "uniform_budget", "min", "accuracy", "misclassified",
                "labels_sha256", "changed", "harmless", "violations", "weight_error",
                "harmless_per_layer", "layers"}
-    free_text = {"format", "tool_version", "note", "compression"}  # checked by the schema
+    # checked by the schema; ``device`` is provenance (numbers agree across devices)
+    free_text = {"format", "tool_version", "note", "compression", "device"}
     structure = {"fro", "max", "threshold", "multilayer", "labels", "compression_checks",
                  "spectral"}
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from certify import small_models
-from certify.cli import DEFAULT_LAYERS, main
+from certify.cli import main
+from certify.cli_attacks import DEFAULT_LAYERS
 
 BLOCK = ("attn.q", "attn.k", "attn.v", "attn.out", "fc1", "fc2")
 LAYERS = ["patch", *(f"blocks.{i}.{name}" for i in range(2) for name in BLOCK), "head"]
