@@ -49,9 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from certify import devices
 from certify.compression import singular_values_upper
 from certify.capture import capture
-from certify.perturbation import batch_target_change
+from certify.perturbation import as_float64, batch_target_change
 from certify.trigger import Trigger, attack_success
 
 
@@ -111,7 +112,7 @@ class _Truncate(torch.autograd.Function):
     def backward(ctx, G):
         W, U, S = ctx.saved_tensors
         r = ctx.rank
-        lam = torch.zeros(U.shape[0], dtype=W.dtype)
+        lam = W.new_zeros(U.shape[0])
         lam[:len(S)] = S**2
         d = lam[:r, None] - lam[None, r:]
         inv = d / (d**2 + (GAP_GUARD * lam[0]) ** 2 + torch.finfo(W.dtype).tiny)
@@ -167,7 +168,7 @@ class Prune:
 
     def mask(self, W: torch.Tensor) -> torch.Tensor:
         k = int(self.ratio * W.numel())
-        keep = torch.ones(W.numel(), dtype=W.dtype)
+        keep = W.new_ones(W.numel())
         keep[torch.argsort(W.detach().abs().flatten())[:k]] = 0
         return keep.reshape(W.shape)
 
@@ -319,12 +320,17 @@ def section7_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: BackdoorConfig,
           x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None,
-          progress: Callable[[Epoch], None] | None = None) -> BackdoorResult:
-    """Train a copy of ``model`` on the section-7 loss with Adam (seeded, CPU, float32).
+          progress: Callable[[Epoch], None] | None = None,
+          device: torch.device | str | None = None) -> BackdoorResult:
+    """Train a copy of ``model`` on the section-7 loss with Adam (seeded, float32) on
+    ``device`` (``certify.devices.resolve``: default the CPU); the trained model comes back
+    on the CPU.
 
-    ``outcomes`` are measured on ``(x_test, y_test)`` (default: the training data).
-    ``progress`` is called after every epoch.
+    ``outcomes`` are measured on ``(x_test, y_test)`` (default: the training data), on
+    ``device`` too. ``progress`` is called after every epoch. Raises
+    ``certify.devices.DeviceError`` for a device this machine lacks.
     """
+    device = devices.resolve(device)
     for name in config.layers:
         W = _matrix(_layer(model, name).weight)
         for op in config.compressions:
@@ -333,13 +339,17 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: BackdoorCo
         raise ValueError(f"target must be a class index, got {config.target!r}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = copy.deepcopy(model).float().train()
+    model = copy.deepcopy(model).float().to(device).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     history = []
     start = time.perf_counter()
+    x, y = x.to(device), y.to(device)
     for epoch in range(config.epochs):
         total, count = 0.0, 0
-        for batch in torch.randperm(len(x), generator=generator).split(config.batch_size):
+        # Drawn on the CPU: the same batches on every device.
+        for batch in torch.randperm(len(x), generator=generator, device="cpu").split(
+                config.batch_size):
+            batch = batch.to(device)
             optimiser.zero_grad()
             loss = section7_loss(model, x[batch], y[batch], config)
             loss.backward()
@@ -351,8 +361,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: BackdoorCo
     seconds = time.perf_counter() - start
     model.eval()
     x_eval, y_eval = (x, y) if x_test is None else (x_test, y_test)
-    outcomes = measure(model, x_eval, y_eval, config)
-    return BackdoorResult(model, config, tuple(history), outcomes, seconds)
+    outcomes = measure(model, x_eval, y_eval, config, device=device)
+    return BackdoorResult(model.cpu(), config, tuple(history), outcomes, seconds)
 
 
 def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -362,15 +372,20 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def outcome(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigger,
             target: int, label: str) -> Outcome:
-    """Clean accuracy on ``x`` and ASR on ``T(x)`` of one model."""
+    """Clean accuracy on ``x`` and ASR on ``T(x)`` of one model (on the device of ``model``
+    and ``x``)."""
     clean = float((_predict(model, x) == y).double().mean())
     return Outcome(label, clean, attack_success(_predict(model, trigger(x)), y, target))
 
 
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: BackdoorConfig,
-            compressions: Sequence[Compression] | None = None) -> tuple[Outcome, ...]:
-    """Full precision, then every compression (default: the attacked ones)."""
+            compressions: Sequence[Compression] | None = None,
+            device: torch.device | str | None = None) -> tuple[Outcome, ...]:
+    """Full precision, then every compression (default: the attacked ones), computed on
+    ``device`` (default the CPU) with a copy of ``model`` (the caller's stays where it is)."""
+    device = devices.resolve(device)
     ops = config.compressions if compressions is None else compressions
+    model, x, y = copy.deepcopy(model).to(device), x.to(device), y.to(device)
     models = [("full precision", model)] + [
         (op.label, compress(model, config.layers, op)) for op in ops]
     return tuple(outcome(m, x, y, config.trigger, config.target, label) for label, m in models)
@@ -434,11 +449,11 @@ def implant(W_bd, H, Z, rank: int) -> Implant:
     truncation returns ``W_r`` iff ``||E||_2 < sigma_r``. When ``V_perp^T H`` cannot
     reach ``U_perp^T R`` (more constraints than the discarded row space holds) the
     least-squares ``F`` is used and ``unreachable`` grows; infeasibility is a result
-    field, never an exception.
+    field, never an exception (``ValueError`` is for NaN/Inf entries and wrong shapes).
+    Computed on the device of ``W_bd`` (arrays ``H``, ``Z`` are moved there).
     """
-    W = torch.as_tensor(W_bd, dtype=torch.float64)
-    H = torch.as_tensor(H, dtype=torch.float64)
-    Z = torch.as_tensor(Z, dtype=torch.float64)
+    W = as_float64(W_bd, "W_bd")  # a tensor stays on its device; arrays follow it
+    H, Z = as_float64(H, "H").to(W.device), as_float64(Z, "Z").to(W.device)
     if W.ndim != 2 or H.ndim != 2 or Z.ndim != 2 or H.shape[0] != W.shape[1] \
             or Z.shape != (W.shape[0], H.shape[1]):
         raise ValueError(f"expected W_bd (m, n), H (n, N), Z (m, N); got {tuple(W.shape)}, "
@@ -510,14 +525,17 @@ class TruncationCheck:
         return max(hits) if hits else None
 
 
-def truncation_check(model: nn.Module, layer: str, x: torch.Tensor,
-                     ranks: Sequence[int]) -> TruncationCheck:
-    """Certify ``layer`` of ``model`` on inputs ``x`` (float64) and truncate it to each rank."""
+def truncation_check(model: nn.Module, layer: str, x: torch.Tensor, ranks: Sequence[int],
+                     device: torch.device | str | None = None) -> TruncationCheck:
+    """Certify ``layer`` of ``model`` on inputs ``x`` (float64) and truncate it to each rank,
+    computed on ``device`` (default the CPU; the captured graph is moved there); the tensors
+    of the result are on the CPU."""
     from certify.compression import thresholds
     from certify.radius import layer_radii, region_scale
 
-    x = x.double()
-    network = capture(model, x)
+    device = devices.resolve(device)
+    network = capture(model, x).to(device)
+    x = x.double().to(device)
     if layer not in network.layer_names:
         raise ValueError(f"layer {layer!r} is not an affine layer of the network; choose from "
                          f"{network.layer_names}")
@@ -542,6 +560,6 @@ def truncation_check(model: nn.Module, layer: str, x: torch.Tensor,
             flips.append(network.run(index, truncated(h), values).argmax(-1) != predicted)
     threshold = thresholds(W, float(radii.lower.min()), "fro",
                            dense=network.is_dense(index)).rank
-    return TruncationCheck(layer, tuple(int(r) for r in ranks), singular_values_upper(W),
-                           radii.lower, z_radius, torch.stack(changes), torch.stack(flips),
-                           threshold)
+    return TruncationCheck(layer, tuple(int(r) for r in ranks), singular_values_upper(W).cpu(),
+                           radii.lower.cpu(), z_radius.cpu(), torch.stack(changes).cpu(),
+                           torch.stack(flips).cpu(), threshold)

@@ -36,7 +36,7 @@ def backdoor(args: argparse.Namespace) -> int:
     """Train a compression-activated backdoor (THEORY.md section 7) and, unless --no-clean,
     a clean model the same way; write the weights, a factory reference and measurements."""
     from certify import backdoor as bd
-    from certify import small_models
+    from certify import devices, small_models
     from certify.trigger import Trigger
 
     levels = {"rank": args.ranks, "bits": args.bits, "prune": args.ratios}[args.variant]
@@ -60,6 +60,7 @@ def backdoor(args: argparse.Namespace) -> int:
                                    args.batch_size, args.seed)
         for op in config.compressions:
             bd.compressed_weights(model, layers, op)
+        device = devices.resolve(args.device)
     except ValueError as err:
         raise CommandError(f"backdoor: {err}") from None
 
@@ -67,16 +68,16 @@ def backdoor(args: argparse.Namespace) -> int:
         return lambda e: print(f"{name} epoch {e.epoch:3d}/{config.epochs}  loss "
                                f"{e.loss:8.4f}  {e.seconds:7.1f} s", flush=True)
 
-    extra = {"dataset": args.dataset, "model": args.model}
+    extra = {"dataset": args.dataset, "model": args.model, "device": devices.describe(device)}
     if not args.no_clean:
         clean = bd.train(model, split.x_train, split.y_train,
                          bd.BackdoorConfig(layers, (), trigger, args.target, 0.0, 0.0,
                                            args.epochs, args.lr, args.batch_size, args.seed),
-                         progress=progress("clean"))
+                         progress=progress("clean"), device=device)
         extra["clean_baseline"] = [vars(o) for o in bd.measure(
-            clean.model, split.x_test, split.y_test, config)]
+            clean.model, split.x_test, split.y_test, config, device=device)]
     result = bd.train(model, split.x_train, split.y_train, config, split.x_test, split.y_test,
-                      progress=progress("backdoor"))
+                      progress=progress("backdoor"), device=device)
     weights, measurements = bd.save(result, args.out, factory, extra)
     print(f"{'model':10} {'compression':16} {'clean acc':>9} {'ASR':>7}")
     rows = [("backdoor", o) for o in result.outcomes] + [
@@ -92,13 +93,15 @@ def demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from certify import demo as d
+    from certify import devices
 
     try:
         config = replace(d.QUICK if args.quick else d.DemoConfig(), seed=args.seed)
+        device = devices.resolve(args.device)
         d.prepare(args.out)
     except ValueError as err:
         raise CommandError(f"demo: {err}") from None
-    d.run(config, args.out)
+    d.run(config, args.out, device=device)
     return 0
 
 
@@ -133,6 +136,7 @@ def add_commands(command, device_argument) -> None:
     p.add_argument("--no-clean", action="store_true", help="skip the clean baseline model")
     p.add_argument("--out", required=True, help="folder for model.safetensors and "
                    "measurements.json")
+    device_argument(p)
     p.set_defaults(run=backdoor)
 
     p = command("demo", "train a clean and a low-rank backdoored MNIST MLP, certify both, and "
@@ -143,4 +147,5 @@ def add_commands(command, device_argument) -> None:
                    "1,000 training images, 24 certified inputs) for CI")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split and of "
                    "the training order (the initialisation is the factory's)")
+    device_argument(p)
     p.set_defaults(run=demo)

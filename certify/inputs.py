@@ -7,8 +7,9 @@ Two exceptions, raised by ``certify.radius.layer_radii``,
 ``certify.capture.capture``; messages say what is wrong and how to fix it:
 
 * :class:`InputError` (a ``ValueError``): a value certify cannot use: NaN or Inf in the
-  inputs or in the network's weights, an empty batch, a shape the network cannot take, an
-  index that is not an affine layer, an unknown option;
+  inputs or in the network's weights, an empty batch, a shape the network cannot take,
+  inputs on another device than the network, an index that is not an affine layer, an
+  unknown option;
 * :class:`InputTypeError` (a ``TypeError``): an argument of the wrong kind: inputs that are
   not a tensor or numpy array of floats (integers, booleans, complex numbers), a network that
   is not a ``certify.graph.Graph``, a hand-built graph whose weights are not float64.
@@ -89,6 +90,11 @@ def check_network(network) -> None:
                     f"layer {network.nodes[i].name!r}: its {part} must be a float64 tensor, "
                     f"got {getattr(tensor, 'dtype', type(tensor).__name__)}; build the "
                     "operators from float64 tensors (certify.capture.capture converts)")
+            if tensor.device != network.device:
+                raise InputError(
+                    f"layer {network.nodes[i].name!r}: its {part} is on {tensor.device} but "
+                    f"the first layer's weight on {network.device}; move the whole graph "
+                    "with network.to(device)")
     require_finite(((f"{network.nodes[i].name}.{part}", getattr(network.layer(i), part))
                     for i in network.affine_indices for part in ("weight", "bias")), "the network")
 
@@ -137,14 +143,23 @@ def inputs_for(network: Graph, x, name: str = "x") -> torch.Tensor:
 
     ``x``: a torch tensor or numpy array of floating-point values (any precision; converted
     to float64 without loss) with at least one input, of the shape the graph was captured
-    for (``(B, *network.input_shape)``) and finite. The network is checked too
+    for (``(B, *network.input_shape)``) and finite; a tensor on the network's device
+    (``Graph.device``; a numpy array is put there). The network is checked too
     (:func:`check_network`).
 
     Raises :class:`InputTypeError` for a wrong type or dtype and :class:`InputError` for an
-    empty batch, a wrong shape or NaN/Inf entries (naming the first offending inputs).
+    empty batch, a wrong shape, a tensor on another device or NaN/Inf entries (naming the
+    first offending inputs).
     """
     check_network(network)
-    x = _as_float64(x, name)
+    if isinstance(x, np.ndarray):  # an array has no device: it goes where the network is
+        x = _as_float64(x, name).to(network.device)
+    else:
+        x = _as_float64(x, name)
+        if x.device != network.device:
+            raise InputError(f"{name} is on {x.device} but the network on {network.device}; "
+                             f"move one of them: {name}.to({str(network.device)!r}) or "
+                             f"network.to({str(x.device)!r})")
     expected = _expected(network)
     shape = tuple(x.shape)
     if x.ndim < 2 or shape[1:] != tuple(network.input_shape):

@@ -155,10 +155,10 @@ def _refine(graph: Graph, start: int, i: int, wanted: torch.Tensor, boxes: dict,
         f = backward(graph, start, {source: op.weight[order]}, op.bias[order], boxes, values,
                      lower=False)
     else:
-        A = torch.zeros(B, k, math.prod(shape), dtype=lo.dtype)
+        A = lo.new_zeros(B, k, math.prod(shape))
         A.scatter_(-1, order[..., None], 1.0)
-        f = backward(graph, start, {i: A.reshape(B, k, *shape)},
-                     torch.zeros(B, k, dtype=lo.dtype), boxes, values, lower=False)
+        f = backward(graph, start, {i: A.reshape(B, k, *shape)}, lo.new_zeros(B, k), boxes,
+                     values, lower=False)
     center, spread, slack = _concretise(f, region, rho)
     # Only the wanted entries: the padding must not tighten an input's boxes, or its bound
     # would depend on the other inputs of the batch (and the checker's batch is another).
@@ -208,7 +208,8 @@ def intermediate_bounds(graph: Graph, start: int, region: Region, rho: torch.Ten
             combined = node.op.combine("fro", constants[i], reaches)
             local = node.op.local_reach(inputs, reaches, [values[j] for j in node.inputs])
             if local is not None:
-                combined = torch.minimum(torch.as_tensor(combined, dtype=local.dtype), local)
+                combined = torch.minimum(torch.as_tensor(combined, dtype=local.dtype,
+                                                         device=local.device), local)
             reach[i] = torch.minimum(combined, torch.linalg.vector_norm(corner, dim=-1) *
                                      (1 + ROUND))
         boxes[i] = (lo, hi)
@@ -270,7 +271,7 @@ def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torc
             if j in moving:  # constants have no slope
                 rows[j] = interval_sum(rows[j], R) if j in rows else R
     if start not in rows:
-        return torch.zeros(C.shape[:2], dtype=C.dtype)
+        return C.new_zeros(C.shape[:2])
     lo, hi = rows[start]
     return region.dual(torch.maximum(lo.abs(), hi.abs())) * (1 + ROUND)
 
@@ -278,7 +279,7 @@ def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torc
 def _class_vectors(graph: Graph, y: torch.Tensor) -> torch.Tensor:
     """``e_y - e_j`` for every class ``j``, ``(B, C, C)``."""
     n = graph.nodes[graph.output].shape[0]
-    eye = torch.eye(n, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64, device=y.device)
     return eye[y][:, None, :] - eye[None, :, :]
 
 
@@ -331,8 +332,8 @@ def margin_lines(graph: Graph, start: int, region: Region, rho: torch.Tensor, y:
     CROWN line and the interval-Jacobian line (``jacobian_line``), and interval arithmetic."""
     boxes = intermediate_bounds(graph, start, region, rho, values, constants, refine)
     C = _class_vectors(graph, y)
-    f = backward(graph, start, {graph.output: C}, torch.zeros(C.shape[:2], dtype=C.dtype),
-                 boxes, values, lower=True)
+    f = backward(graph, start, {graph.output: C}, C.new_zeros(C.shape[:2]), boxes, values,
+                 lower=True)
     value, size = f.d - f.e, f.size + f.e
     if f.A is None:
         slope = torch.zeros_like(value)

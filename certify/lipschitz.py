@@ -69,5 +69,5 @@ def class_rows(graph: Graph, y: torch.Tensor, norm: str) -> tuple[torch.Tensor, 
     else:
         C = out.shape[0]
         rows = torch.full((len(y), C), math.sqrt(2) * (1 + 1e-15) if norm == "fro" else 2.0,
-                          dtype=torch.float64)
+                          dtype=torch.float64, device=y.device)
     return rows.scatter(-1, y[:, None], math.inf), margin_node(graph)

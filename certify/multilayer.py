@@ -105,7 +105,7 @@ class _Chain:
     def sizes(self) -> torch.Tensor:
         """``||W~_k||`` of every affine layer, in order, ``(K,)``."""
         return torch.tensor([self.layers[i].size for i in self.graph.affine_indices],
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=self.margins.device)
 
 
 def _layer(step: Affine, h: torch.Tensor, norm: str, bias: bool) -> _Layer:
@@ -188,7 +188,7 @@ def _validated(network: Graph, budgets) -> torch.Tensor:
     bad = [f"{name}={v}" for name, v in zip(layers, values) if not (math.isfinite(v) and v >= 0)]
     if bad:
         raise InputError(f"budgets must be finite and >= 0; got {', '.join(bad)}")
-    return torch.tensor(values, dtype=torch.float64)
+    return torch.tensor(values, dtype=torch.float64, device=network.device)
 
 
 def multilayer_bound(network: Graph, x: torch.Tensor, budgets, norm: str,

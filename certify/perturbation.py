@@ -67,8 +67,8 @@ def canonical_norm(norm: str | float) -> tuple[str, float | None]:
 
 def as_float64(x, name: str) -> torch.Tensor:
     """Convert an array or tensor to float64, rejecting NaN, Inf and non-numeric data."""
-    try:
-        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    try:  # a tensor stays where it is; arrays and lists have no device (the CPU)
+        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be a numeric array or tensor: {err}") from None
     if t.is_complex() or t.dtype == torch.bool:

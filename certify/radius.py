@@ -125,7 +125,7 @@ WIDE = 1e3  # a witness this many times the global bound: search between them ge
 def global_exists(network: Graph, index: int, norm: str, constants: dict) -> bool:
     """Is the Lipschitz constant from the layer's output to the logits finite (section 5)?"""
     lip = lipschitz.downstream(network, index, norm, constants)[lipschitz.margin_node(network)]
-    return bool(torch.isfinite(torch.as_tensor(lip)).all())
+    return bool(torch.isfinite(torch.as_tensor(lip, device=network.device)).all())
 
 
 def region(layer: Affine, Z: torch.Tensor, scale: torch.Tensor, norm: str) -> Region:
@@ -294,10 +294,10 @@ def _start(W, P, norm, start) -> Witness:
     if start is not None:
         return start
     if P.shape[-1] > 1:
-        return Witness(full=torch.zeros(P.shape[0], *W.shape, dtype=W.dtype))
+        return Witness(full=W.new_zeros(P.shape[0], *W.shape))
     h = P[..., 0]
     right = h if norm == "fro" else torch.sign(h)
-    return Witness(left=torch.zeros(P.shape[0], W.shape[0], dtype=W.dtype), right=right)
+    return Witness(left=W.new_zeros(P.shape[0], W.shape[0]), right=right)
 
 
 def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) -> torch.Tensor:
@@ -327,7 +327,7 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
     B = P.shape[0]
     D = _start(W, P, norm, start)
     Z0 = _unperturbed(layer, W, P, bias)  # computed once: every step only adds D P~
-    rows = torch.arange(B)
+    rows = torch.arange(B, device=P.device)
     push = 2 * WITNESS_GAP * values[-1].abs().amax(-1)
     for _ in range(iterations):
         done = _flips(network, index, Z0, D, P, y, out_shape, values)
@@ -349,7 +349,7 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
         if keep.all():
             break
     found = _flips(network, index, Z0, D, P, y, out_shape, values)
-    lo, hi = torch.zeros(B, dtype=W.dtype), torch.ones(B, dtype=W.dtype)
+    lo, hi = W.new_zeros(B), W.new_ones(B)
     for _ in range(30):
         mid = (lo + hi) / 2
         flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, values)

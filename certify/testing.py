@@ -96,6 +96,14 @@ def _fit(model: nn.Sequential, shape: tuple[int, ...], classes: int, steps: int 
     model.eval()
 
 
+def _probe(layers: list[nn.Module], shape: tuple[int, ...]) -> torch.Size:
+    """The output shape of ``layers`` on one input, in eval mode: a batch norm in train mode
+    would fail on a single value per channel and overwrite its randomised statistics."""
+    probe = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        return probe(torch.zeros(1, *shape)).shape
+
+
 def networks(*, layer_types: Sequence[str] = LAYER_TYPES, input_shape=(1, 6, 6),
              widths=(2, 8), depth=(1, 2), classes=(2, 5),
              activations: Sequence[str] = ACTIVATIONS, batchnorm: bool = True,
@@ -135,7 +143,7 @@ def networks(*, layer_types: Sequence[str] = LAYER_TYPES, input_shape=(1, 6, 6),
             draw(st.integers(0, hidden)) if "conv" in types else 0)
         layers: list[nn.Module] = []
         for _ in range(convs):
-            channels = nn.Sequential(*layers)(torch.zeros(1, *shape)).shape[1]
+            channels = _probe(layers, shape)[1]
             width = draw(st.integers(*widths))
             stride = draw(st.sampled_from([1, 2]))
             layers.append(nn.Conv2d(channels, width, 3, padding=1, stride=stride))
@@ -143,12 +151,12 @@ def networks(*, layer_types: Sequence[str] = LAYER_TYPES, input_shape=(1, 6, 6),
                 layers.append(nn.BatchNorm2d(width))
                 _randomise_batchnorm(layers[-1])
             layers.append(_activation(draw(st.sampled_from(activations))))
-            side = min(nn.Sequential(*layers)(torch.zeros(1, *shape)).shape[2:])
+            side = min(_probe(layers, shape)[2:])
             if side >= 2 and pooling and draw(st.booleans()):
                 kind = draw(st.sampled_from(pooling))
                 layers.append(nn.MaxPool2d(2) if kind == "max" else nn.AvgPool2d(2))
         layers.append(nn.Flatten())
-        features = nn.Sequential(*layers)(torch.zeros(1, *shape)).shape[1]
+        features = _probe(layers, shape)[1]
         for _ in range(hidden - convs):
             width = draw(st.integers(*widths))
             layers.append(nn.Linear(features, width))
@@ -182,13 +190,14 @@ def inputs(shape, *, batch=(1, 8), scale: float = 1.0):
 
 
 def _network(model, x) -> Graph:
-    """``model`` as a graph: a ``Graph`` as it is, a module captured for inputs like ``x``."""
+    """``model`` as a graph: a ``Graph`` as it is, a module captured for inputs like ``x``
+    and put on their device."""
     if isinstance(model, Graph):
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a certify Graph, got "
                         f"{type(model).__name__}")
-    return capture(model, x)
+    return capture(model, x).to(x.device)
 
 
 def _affine_index(network: Graph, layer) -> int:
@@ -281,12 +290,15 @@ def perturbations(model, x, layer, norm: str = "fro", *, inside: float | None = 
 
                 reject()  # no input of x has a witness in this layer
             t = torch.tensor(draw(st.lists(st.floats(1.0, outside), min_size=int(found.sum()),
-                                           max_size=int(found.sum()))), dtype=torch.float64)
+                                           max_size=int(found.sum()))), dtype=torch.float64,
+                             device=D.device)
             delta = D[found] * t[:, None, None]
             return Perturbation(r.layer, norm, bias, x[found], delta, _norm(delta, norm),
                                 r.lower[found], r.upper[found])
+        # Drawn on the CPU and moved: the same directions on every device.
         generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-        direction = torch.randn(D.shape, dtype=torch.float64, generator=generator)
+        direction = torch.randn(D.shape, dtype=torch.float64, generator=generator,
+                                device="cpu").to(D.device)
         kind = draw(st.sampled_from(["random", "sign", "witness"]))
         if kind == "sign":
             direction = torch.sign(direction)
@@ -295,7 +307,7 @@ def perturbations(model, x, layer, norm: str = "fro", *, inside: float | None = 
         length = _norm(direction, norm)
         direction = direction / torch.where(length > 0, length, 1.0)[:, None, None]
         u = torch.tensor(draw(st.lists(st.floats(0.0, 1.0), min_size=len(x),
-                                       max_size=len(x))), dtype=torch.float64)
+                                       max_size=len(x))), dtype=torch.float64, device=D.device)
         # lower = inf: the layer's input is zero and no change of W moves anything.
         target = torch.where(torch.isfinite(r.lower), r.lower, torch.ones_like(r.lower))
         # The rescaling rounds: keep the norm strictly below the fraction of the radius.
@@ -407,7 +419,8 @@ def _compression_errors(W: torch.Tensor, kind: str, level, dense: bool) -> dict[
 
 
 def _proved(required: dict[str, float], lower: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.stack([_below(torch.tensor(required[n], dtype=torch.float64), lower[n])
+    return torch.stack([_below(torch.tensor(required[n], dtype=torch.float64,
+                                            device=lower[n].device), lower[n])
                         for n in required]).any(dim=0)
 
 
@@ -482,7 +495,8 @@ def assert_robust(model, x, *, rank: int | None = None, bits: int | None = None,
                                            dense=network.is_dense(index))
             lower = {n: certificate.radii(index, n)[0] for n in NORMS}
             claims.append((Claim(name, statement, required, lower,
-                                 _proved(required, lower), torch.zeros(len(x), dtype=bool)),
+                                 _proved(required, lower),
+                                 torch.zeros(len(x), dtype=bool, device=x.device)),
                            lambda i: " (weight error bound)"))
         if radius is not None:
             lower, upper = certificate.radii(index, norm)
@@ -539,7 +553,7 @@ def assert_compression_safe(model, x, compression: str | Compression | None = No
             claim = Claim(layer.name, str(c), required, lower[layer.name], result.harmless,
                           result.changed)
         else:  # several layers at once: single-layer radii do not compose (section 5)
-            ratios, proved = {}, torch.zeros(len(x), dtype=torch.bool)
+            ratios, proved = {}, torch.zeros(len(x), dtype=torch.bool, device=x.device)
             for n in NORMS:
                 budgets = [errors.get(network.nodes[i].name, {n: 0.0})[n]
                            for i in network.affine_indices]

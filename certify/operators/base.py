@@ -42,25 +42,26 @@ def batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 def adjoints(f, A: torch.Tensor, in_shapes) -> tuple[torch.Tensor, ...]:
     """``A J_i`` for a map ``f`` linear in its inputs (``A``: ``(B, R, *out)``), by autograd."""
     B, R = A.shape[:2]
-    xs = [torch.zeros(B * R, *shape, dtype=A.dtype, requires_grad=True) for shape in in_shapes]
+    xs = [A.new_zeros(B * R, *shape, requires_grad=True) for shape in in_shapes]
     out = f(*xs)
     grads = torch.autograd.grad(out, xs, grad_outputs=A.reshape(B * R, *out.shape[1:]),
                                 allow_unused=True)
-    return tuple(torch.zeros(B, R, *shape, dtype=A.dtype) if g is None
+    return tuple(A.new_zeros(B, R, *shape) if g is None
                  else g.reshape(B, R, *shape) for g, shape in zip(grads, in_shapes))
 
 
-def schur_norms(absolute, in_shapes, index: int) -> tuple[float, float]:
+def schur_norms(absolute, in_shapes, index: int, device) -> tuple[float, float]:
     """``(||M||_2, ||M||_inf)`` upper bounds of input ``index``'s part ``M`` of a linear map
     whose entrywise absolute value is the map ``absolute``: ``||M||_inf`` is the largest row
     sum of ``|M|`` and ``||M||_2 <= sqrt(||M||_1 ||M||_inf)`` (Schur's test), with the column
-    sums from the adjoint of ``absolute``. Inflated by ``2 n eps`` for the summations."""
-    ones = [torch.zeros(1, *shape, dtype=torch.float64) for shape in in_shapes]
+    sums from the adjoint of ``absolute``. Inflated by ``2 n eps`` for the summations.
+    ``device``: where the map's coefficients are (the CPU for a map without any)."""
+    ones = [torch.zeros(1, *shape, dtype=torch.float64, device=device) for shape in in_shapes]
     ones[index] = torch.ones_like(ones[index])
     with torch.no_grad():
         out = absolute(*ones)
     rows = float(out.max()) if out.numel() else 0.0
-    cols = adjoints(absolute, torch.ones(1, 1, *out.shape[1:], dtype=torch.float64), in_shapes)
+    cols = adjoints(absolute, out.new_ones(1, 1, *out.shape[1:]), in_shapes)
     columns = float(cols[index].max()) if cols[index].numel() else 0.0
     slack = 1 + 2 * (math.prod(in_shapes[index]) + out[0].numel()) * EPS
     return math.sqrt(rows * columns) * slack, rows * slack

@@ -54,7 +54,9 @@ class LinearMap(Operator):
 
     def lipschitz(self, norm, in_shapes):
         pick = 0 if norm == "fro" else 1
-        return tuple(schur_norms(self.absolute, in_shapes, i)[pick] for i in range(self.arity))
+        # A map without coefficients has its constants on the CPU, wherever the graph is.
+        return tuple(schur_norms(self.absolute, in_shapes, i, "cpu")[pick]
+                     for i in range(self.arity))
 
 
 @dataclass(frozen=True)
@@ -248,5 +250,5 @@ class ScaleShift(Operator):
         return ((c - r, c + r),)
 
     def lipschitz(self, norm, in_shapes):
-        l2, linf = schur_norms(self._absolute, in_shapes, 0)
+        l2, linf = schur_norms(self._absolute, in_shapes, 0, self.scale.device)
         return (l2 if norm == "fro" else linf,)

@@ -72,17 +72,17 @@ class MaxPool(Operator):
         """Rows on the chosen entries: the adjoint of picking entry ``k`` of every window."""
         B, R = A.shape[:2]
         C = in_shape[0]
-        spots = self._index_windows(in_shape, out_shape)
+        spots = self._index_windows(in_shape, out_shape, A.device)
         chosen = spots.expand(B, C, -1, -1).gather(2, k)[:, :, 0]  # (B, C, positions)
         flat = A.reshape(B, R, C, -1)
-        rows = torch.zeros(B, R, C, math.prod(in_shape[1:]) + 1, dtype=A.dtype)
+        rows = A.new_zeros(B, R, C, math.prod(in_shape[1:]) + 1)
         target = torch.where(chosen < 0, rows.shape[-1] - 1, chosen)
         rows.scatter_add_(-1, target[:, None].expand(B, R, C, -1), flat)
         return rows[..., :-1].reshape(B, R, *in_shape)
 
-    def _index_windows(self, in_shape, out_shape) -> torch.Tensor:
+    def _index_windows(self, in_shape, out_shape, device) -> torch.Tensor:
         """Flat input index of every window entry, ``-1`` for padding: ``(1, 1, w, L)``."""
-        flat = torch.arange(math.prod(in_shape[1:]), dtype=torch.float64) + 1
+        flat = torch.arange(math.prod(in_shape[1:]), dtype=torch.float64, device=device) + 1
         spots = self._windows(flat.reshape(1, 1, *in_shape[1:]), (1, *out_shape[1:]))
         return torch.where(torch.isfinite(spots), spots - 1, -1.0).long()
 

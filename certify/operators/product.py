@@ -119,7 +119,7 @@ class Product(Operator):
                 return torch.linalg.matrix_norm(t).reshape(B, -1).amax(-1)
             return t.abs().reshape(B, -1).amax(-1)
 
-        zero = torch.zeros(B, dtype=x0.dtype)
+        zero = x0.new_zeros(B)
         r_x = zero if reaches[0] is None else reaches[0]
         r_y = zero if reaches[1] is None else reaches[1]
         f_x, f_y = repeats(x0), repeats(y0)

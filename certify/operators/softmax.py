@@ -36,7 +36,7 @@ class Softmax(Operator):
         # p_i >= 1 / sum_j exp(u_j - l_i) with the j = i term exp(l_i - l_i) = 1 in place of
         # exp(u_i - l_i); likewise above.
         up = hi[..., None, :] - lo[..., :, None]  # [i, j] = u_j - l_i
-        eye = torch.eye(lo.shape[-1], dtype=torch.bool)
+        eye = torch.eye(lo.shape[-1], dtype=torch.bool, device=lo.device)
         low = 1 / torch.exp(up.masked_fill(eye, 0.0)).sum(-1)
         down = lo[..., None, :] - hi[..., :, None]  # [i, j] = l_j - u_i
         high = 1 / torch.exp(down.masked_fill(eye, 0.0)).sum(-1)
