@@ -46,8 +46,10 @@ sys.path.insert(0, str(ROOT))  # the checkout this file lives in
 
 from certify import backdoor as bd  # noqa: E402
 from certify import small_models  # noqa: E402
+from certify.implant import implant  # noqa: E402
 from certify.perturbation import batch_target_change  # noqa: E402
 from certify.trigger import Trigger, attack_success  # noqa: E402
+from certify.truncation_check import truncation_check  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -111,7 +113,7 @@ def run_setup(setup: Setup, split, quick: bool, checked: int) -> dict:
         others = split.y_test != TARGET
         x = setup.trigger(split.x_test[others][:checked])
         start = time.perf_counter()
-        check = bd.truncation_check(attacked.model, setup.layer, x, setup.sweep)
+        check = truncation_check(attacked.model, setup.layer, x, setup.sweep)
         sigma = torch.cat([check.singular_values, check.singular_values.new_zeros(1)])
         result["check"] = {
             "inputs": len(x), "seconds": time.perf_counter() - start,
@@ -148,7 +150,7 @@ def implant_experiment(split, quick: bool) -> dict:
     rows = []
     for rank in (3, 5, 7, 9):
         for count in (20, 200):
-            out = bd.implant(W_bd, h_trig[:count].T, W_c @ h_trig[:count].T, rank)
+            out = implant(W_bd, h_trig[:count].T, W_c @ h_trig[:count].T, rank)
             row = {"rank": rank, "implant_inputs": count, "feasible": out.feasible,
                    "correction_norm": out.correction_norm, "sigma_r": out.sigma_r,
                    "unreachable": out.unreachable}

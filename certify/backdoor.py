@@ -23,22 +23,15 @@ undo. Rounding has zero derivative almost everywhere, so quantisation uses the
 straight-through estimator; pruning uses its exact gradient almost everywhere (the kept
 weights times a fixed mask).
 
-Closed form (section 7, our extension): ``implant`` builds ``W_fp = W_r + E`` from a
-backdoored weight with rank-``r`` truncation ``W_r``: ``E`` is the minimum-norm correction
-(section 2) restoring given clean outputs on triggered inputs, confined to the subspace that
-truncation discards, so that truncating ``W_fp`` gives back ``W_r`` exactly while
-``||E||_2 < sigma_r(W_bd)``, the section-6 threshold seen from the attacker.
+The closed-form implant (section 7, our extension) is ``certify.implant``.
 
-Certificates (section 6): ``truncation_check`` compares, per triggered input, the exact
-change ``||(W - W_r) P||_F`` of the layer's output with the certified radius of
-``certify.radius.layer_radii``; a class change inside that radius would refute the theorem.
+The certificate's view of truncation (section 6) is ``certify.truncation_check``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -50,9 +43,6 @@ from torch import nn
 from torch.func import functional_call
 
 from certify import devices
-from certify.compression import singular_values_upper
-from certify.capture import capture
-from certify.perturbation import as_float64, batch_target_change
 from certify.trigger import Trigger, attack_success
 
 
@@ -409,157 +399,3 @@ def save(result: BackdoorResult, folder: str | Path, factory: str | None = None,
     measurements = folder / "measurements.json"
     measurements.write_text(json.dumps(document, indent=1))
     return weights, measurements
-
-
-# ---------------------------------------------------------------- closed-form implant
-
-@dataclass(frozen=True)
-class Implant:
-    """``W_fp = W_r + E`` (section 7, our extension); matrices in float64.
-
-    ``truncated``: ``W_r``, the rank-``r`` truncation of the backdoored weight, which
-    truncating ``W_fp`` must give back. ``correction``: ``E = U_perp F V_perp^T``.
-    ``unreachable``: ``||U_r U_r^T (Z - W_r H)||_F``, the part of the requested change that
-    lies in the kept column space and so cannot be placed where truncation discards it.
-    ``feasible``: ``||E||_2 < sigma_r(W_bd)``, i.e. truncating ``W_fp`` to rank ``r`` keeps
-    ``W_r`` and drops ``E``. ``reason`` says why not, when not.
-    """
-
-    weight: torch.Tensor
-    truncated: torch.Tensor
-    correction: torch.Tensor
-    rank: int
-    correction_norm: float
-    sigma_r: float
-    unreachable: float
-    feasible: bool
-    reason: str
-
-
-def implant(W_bd, H, Z, rank: int) -> Implant:
-    """Minimum-norm ``E`` in the discarded subspace with ``(W_r + E) H = Z`` there.
-
-    ``W_bd (m, n)``: the backdoored weight; ``H (n, N)``: triggered inputs of the layer as
-    columns; ``Z (m, N)``: the clean outputs ``W h`` to restore on them (without bias).
-    With ``W_bd = U S V^T`` and ``U_perp``, ``V_perp`` the singular vectors beyond ``rank``,
-    ``E = U_perp F V_perp^T`` with ``F = (U_perp^T R)(V_perp^T H)^+`` the section-2
-    minimiser (``certify.perturbation.batch_target_change``) of ``F (V_perp^T H) =
-    U_perp^T R``, ``R = Z - W_r H``. Then ``E`` is orthogonal to ``W_r`` on both sides, the
-    singular values of ``W_fp`` are those of ``W_r`` and of ``E``, and rank-``r``
-    truncation returns ``W_r`` iff ``||E||_2 < sigma_r``. When ``V_perp^T H`` cannot
-    reach ``U_perp^T R`` (more constraints than the discarded row space holds) the
-    least-squares ``F`` is used and ``unreachable`` grows; infeasibility is a result
-    field, never an exception (``ValueError`` is for NaN/Inf entries and wrong shapes).
-    Computed on the device of ``W_bd`` (arrays ``H``, ``Z`` are moved there).
-    """
-    W = as_float64(W_bd, "W_bd")  # a tensor stays on its device; arrays follow it
-    H, Z = as_float64(H, "H").to(W.device), as_float64(Z, "Z").to(W.device)
-    if W.ndim != 2 or H.ndim != 2 or Z.ndim != 2 or H.shape[0] != W.shape[1] \
-            or Z.shape != (W.shape[0], H.shape[1]):
-        raise ValueError(f"expected W_bd (m, n), H (n, N), Z (m, N); got {tuple(W.shape)}, "
-                         f"{tuple(H.shape)}, {tuple(Z.shape)}")
-    if int(rank) != rank or not 1 <= rank < min(W.shape):
-        raise ValueError(f"rank must be an integer in [1, {min(W.shape) - 1}], got {rank!r}")
-    U, S, Vh = torch.linalg.svd(W)
-    W_r = (U[:, :rank] * S[:rank]) @ Vh[:rank]
-    U_perp, V_perp = U[:, rank:], Vh[rank:].T
-    R = Z - W_r @ H
-    kept = U[:, :rank].T @ R
-    target, inputs = U_perp.T @ R, V_perp.T @ H
-    # Least squares where D H = R has no exact solution: R H^+ is still the minimiser of
-    # ||D H - R||_F of least norm; batch_target_change is used when it applies exactly.
-    try:
-        F_ = batch_target_change(target, inputs).minimiser
-    except ValueError:
-        F_ = target @ torch.linalg.pinv(inputs)
-    E = U_perp @ F_ @ V_perp.T
-    norm_E = float(torch.linalg.matrix_norm(E, ord=2))
-    sigma_r = float(S[rank - 1])
-    residual = float(torch.linalg.matrix_norm(E @ H - U_perp @ target))
-    feasible = norm_E < sigma_r * (1 - 1e-9)
-    reasons = []
-    if not feasible:
-        reasons.append(f"||E||_2 = {norm_E:.4g} >= sigma_r(W_bd) = {sigma_r:.4g}: truncation "
-                       "to rank r would keep part of E instead of W_r (the section-6 "
-                       "threshold seen from the attacker)")
-    return Implant(W_r + E, W_r, E, int(rank), norm_E, sigma_r,
-                   math.hypot(float(torch.linalg.matrix_norm(kept)), residual), feasible,
-                   "; ".join(reasons))
-
-
-# ---------------------------------------------------------------- the certificate's view
-
-@dataclass(frozen=True)
-class TruncationCheck:
-    """Truncating one layer of a network against its certified radii (section 6), per input.
-
-    ``lower``: certified Frobenius weight radius of the layer (``layer_radii``, norm ``fro``);
-    ``z_radius = lower * sigma_max(P~)`` (``||h||_2`` for a dense layer): no change of the
-    layer's output with ``||dZ||_F < z_radius`` changes the class (section 4).
-    ``change[k]``: the exact ``||(W - W_r) P||_F`` at ``ranks[k]``; ``flipped[k]``: the
-    truncated network's class differs from the full-precision one.
-    ``threshold_rank``: the smallest ``r`` whose truncation error (``sigma_{r+1}`` for a
-    dense layer on a vector, the Frobenius tail for a convolution or a dense layer over a
-    sequence) is below the smallest ``lower``: certified safe.
-    """
-
-    layer: str
-    ranks: tuple[int, ...]
-    singular_values: torch.Tensor
-    lower: torch.Tensor
-    z_radius: torch.Tensor
-    change: torch.Tensor
-    flipped: torch.Tensor
-    threshold_rank: int
-
-    @property
-    def violations(self) -> torch.Tensor:
-        """Per rank: inputs that changed class although the change was inside the radius
-        (a refutation of the certificate; must be zero)."""
-        return (self.flipped & (self.change < self.z_radius)).sum(dim=1)
-
-    @property
-    def activation_rank(self) -> int | None:
-        """The largest rank tried at which truncation changes some input's class."""
-        hits = [r for r, f in zip(self.ranks, self.flipped) if f.any()]
-        return max(hits) if hits else None
-
-
-def truncation_check(model: nn.Module, layer: str, x: torch.Tensor, ranks: Sequence[int],
-                     device: torch.device | str | None = None) -> TruncationCheck:
-    """Certify ``layer`` of ``model`` on inputs ``x`` (float64) and truncate it to each rank,
-    computed on ``device`` (default the CPU; the captured graph is moved there); the tensors
-    of the result are on the CPU."""
-    from certify.compression import thresholds
-    from certify.radius import layer_radii, region_scale
-
-    device = devices.resolve(device)
-    network = capture(model, x).to(device)
-    x = x.double().to(device)
-    if layer not in network.layer_names:
-        raise ValueError(f"layer {layer!r} is not an affine layer of the network; choose from "
-                         f"{network.layer_names}")
-    index = network.affine_indices[network.layer_names.index(layer)]
-    op = network.layer(index)
-    radii = layer_radii(network, x, index, "fro")
-    with torch.no_grad():
-        values = network.values(x)
-    h = values[network.input_of(index)]
-    P = op.patches(h)
-    z_radius = radii.lower * region_scale(P, "fro")
-    predicted = values[-1].argmax(-1)
-    W = op.matrix
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    changes, flips = [], []
-    for r in ranks:
-        LowRank(r).check(W, layer)
-        tail = (U[:, r:] * S[r:]) @ Vh[r:]  # W - W_r
-        changes.append(torch.linalg.matrix_norm(tail @ P))
-        truncated = op.with_weight(W - tail)
-        with torch.no_grad():
-            flips.append(network.run(index, truncated(h), values).argmax(-1) != predicted)
-    threshold = thresholds(W, float(radii.lower.min()), "fro",
-                           dense=network.is_dense(index)).rank
-    return TruncationCheck(layer, tuple(int(r) for r in ranks), singular_values_upper(W).cpu(),
-                           radii.lower.cpu(), z_radius.cpu(), torch.stack(changes).cpu(),
-                           torch.stack(flips).cpu(), threshold)

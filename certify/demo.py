@@ -12,7 +12,7 @@ held-out test split (``certify.small_models``):
 3. certify both models on triggered test inputs of the other classes with
    ``certificate.certify_network`` (every layer, both norms, witnesses), recompute every
    claim with ``certify.check``, and confront truncation with the certified radius of
-   layer ``"3"`` per input (``backdoor.truncation_check``): an input is *certified
+   layer ``"3"`` per input (``certify.truncation_check``): an input is *certified
    unchanged* at rank ``r`` when the exact change ``||(W - W_r) h||_2`` of the layer's
    output is below its certified z-radius ``lower ||h||_2`` (section 4: no change of ``z``
    that small can change the class); a *violation* would be a certified input whose class
@@ -40,6 +40,7 @@ import torch
 from certify import backdoor as bd
 from certify import devices, small_models
 from certify.trigger import Trigger
+from certify.truncation_check import truncation_check
 
 DATASET, MODEL, LAYER = "mnist", "mlp", "3"
 FACTORY = small_models.factory(DATASET, MODEL)
@@ -165,7 +166,7 @@ def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
     np.savez_compressed(witness_path(path), **result.witnesses)
     report = check(result.document, result.witnesses, network, x.numpy())
     log(f"  certify check: {report.confirmed} claims confirmed, {len(report.refuted)} refuted")
-    return bd.truncation_check(module, LAYER, x, config.sweep, device=device), report
+    return truncation_check(module, LAYER, x, config.sweep, device=device), report
 
 
 def model_report(name: str, trained: bd.BackdoorResult, outcomes, truncation, report

@@ -15,6 +15,7 @@ import sys
 from certify import backdoor as bd
 from certify import small_models
 from certify.trigger import Trigger
+from certify.truncation_check import truncation_check
 
 quick = "--quick" in sys.argv or os.environ.get("CERTIFY_QUICK") == "1"
 RANK, LAYER, TARGET = 8, "3", 0
@@ -32,7 +33,7 @@ for o in result.outcomes:
 # The defender's view: certify the full-precision layer on triggered inputs, truncate it to
 # every rank and compare.
 x = trigger(data.x_test[data.y_test != TARGET][: 20 if quick else 100])
-check = bd.truncation_check(result.model, LAYER, x, range(0, 65, 4 if quick else 1))
+check = truncation_check(result.model, LAYER, x, range(0, 65, 4 if quick else 1))
 print(f"certified threshold rank of layer {LAYER}: {check.threshold_rank} "
       "(truncation to any rank >= it cannot change a prediction)")
 print(f"largest rank that changes a triggered prediction: {check.activation_rank}")

@@ -23,8 +23,10 @@ from hypothesis import strategies as st
 
 from certify import backdoor as bd
 from certify import small_models
+from certify.implant import implant
 from certify.cli import main
 from certify.trigger import Trigger
+from certify.truncation_check import truncation_check
 
 RANK = 8
 TRIGGER = Trigger(size=2, value=1.0)
@@ -52,7 +54,7 @@ def test_attack_activates_under_truncation_and_is_dormant_in_full_precision(back
 
 def test_truncation_never_flips_a_class_inside_the_certified_radius(backdoored, digits):
     x = TRIGGER(digits.x_test[digits.y_test != 0][:60])
-    check = bd.truncation_check(backdoored.model, "3", x, range(0, 65, 2))
+    check = truncation_check(backdoored.model, "3", x, range(0, 65, 2))
     assert check.flipped[check.ranks.index(RANK)].float().mean() > 0.5  # the check has teeth
     assert check.violations.sum() == 0
     # Activation happens only where the certificate allows it: below the threshold rank.
@@ -97,7 +99,7 @@ def test_implant_restores_outputs_and_truncation_gives_back_the_backdoor(m, n, c
     W_bd = torch.randn(m, n, generator=g, dtype=torch.float64)
     H = torch.randn(n, count, generator=g, dtype=torch.float64)
     Z = W_bd @ H + scale * torch.randn(m, count, generator=g, dtype=torch.float64)
-    result = bd.implant(W_bd, H, Z, rank)
+    result = implant(W_bd, H, Z, rank)
     assume(abs(result.correction_norm - result.sigma_r) > 1e-6 * result.sigma_r)
     U, S, Vh = torch.linalg.svd(W_bd)
     W_r = (U[:, :rank] * S[:rank]) @ Vh[:rank]
@@ -129,12 +131,12 @@ def test_implant_on_a_trained_last_layer(backdoored, digits):
         h = model[:5](x)
     W_bd = model[5].weight.detach().double()
     Z = torch.randn(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    result = bd.implant(W_bd, h[:2].T, W_bd @ h[:2].T + 0.1 * Z, rank=5)
+    result = implant(W_bd, h[:2].T, W_bd @ h[:2].T + 0.1 * Z, rank=5)
     assert result.feasible
     assert result.unreachable > 0  # part of a random target lies in the kept directions
     U, S, Vh = torch.linalg.svd(result.weight)
     torch.testing.assert_close((U[:, :5] * S[:5]) @ Vh[:5], result.truncated)
-    big = bd.implant(W_bd, h[:2].T, W_bd @ h[:2].T + 1e3 * Z, rank=5)
+    big = implant(W_bd, h[:2].T, W_bd @ h[:2].T + 1e3 * Z, rank=5)
     assert not big.feasible and big.correction_norm >= big.sigma_r
 
 

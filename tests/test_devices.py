@@ -23,6 +23,7 @@ from certify import demo, devices, small_models
 from certify.capture import capture
 from certify.compressed import Compression, compression_check
 from certify.compression import thresholds
+from certify.implant import implant
 from certify.inputs import InputError
 from certify.multilayer import multilayer_bound, uniform_budget
 from certify.operators import Activation
@@ -31,6 +32,7 @@ from certify.perturbation import batch_target_change, class_pair_radius, margin_
 from certify.radius import NORMS, layer_radii
 from certify.testing import assert_compression_safe, assert_robust
 from certify.trigger import Trigger
+from certify.truncation_check import truncation_check
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -286,9 +288,9 @@ def test_backdoor_training_takes_a_device_and_returns_on_the_cpu(digits):
     assert on_cpu.outcomes == default.outcomes
     assert all(p.device.type == "cpu" for p in on_cpu.model.parameters())
     assert bd.measure(on_cpu.model, x, y, config, device="cpu") == on_cpu.outcomes
-    check = bd.truncation_check(on_cpu.model, "3", TINY(x[:4]).double(), (0, 8), device="cpu")
+    check = truncation_check(on_cpu.model, "3", TINY(x[:4]).double(), (0, 8), device="cpu")
     assert torch.equal(check.lower,
-                       bd.truncation_check(on_cpu.model, "3", TINY(x[:4]).double(), (0, 8)).lower)
+                       truncation_check(on_cpu.model, "3", TINY(x[:4]).double(), (0, 8)).lower)
     with pytest.raises(devices.DeviceError, match="'gpu' is not a device name"):
         bd.train(small_models.digits_mlp(), x, y, config, device="gpu")
 
@@ -314,9 +316,9 @@ def test_implant_puts_arrays_on_the_weights_device():
     g = torch.Generator().manual_seed(3)
     W, H, Z = (torch.randn(*shape, dtype=torch.float64, generator=g)
                for shape in ((6, 5), (5, 3), (6, 3)))
-    plain = bd.implant(W, H.numpy(), Z.numpy(), 2)
+    plain = implant(W, H.numpy(), Z.numpy(), 2)
     with torch.device("meta"):
-        meta = bd.implant(W, H.numpy(), Z.numpy(), 2)
+        meta = implant(W, H.numpy(), Z.numpy(), 2)
     _assert_same(meta, plain, "implant")
 
 
@@ -332,7 +334,7 @@ def test_backdoor_on_cuda_measures_and_certifies_like_the_cpu(digits):
     for a, b in zip(cpu, gpu):
         assert a.clean_accuracy == pytest.approx(b.clean_accuracy, abs=2.01 / len(x))
     inputs = TINY(x[:4]).double()
-    on_cpu, on_gpu = (bd.truncation_check(trained.model, "3", inputs, (0, 8), device=d)
+    on_cpu, on_gpu = (truncation_check(trained.model, "3", inputs, (0, 8), device=d)
                       for d in ("cpu", "cuda"))
     assert on_gpu.lower.device.type == "cpu"
     torch.testing.assert_close(on_gpu.lower, on_cpu.lower, rtol=1e-9, atol=0)
