@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import matplotlib
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in

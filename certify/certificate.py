@@ -54,7 +54,7 @@ from certify.compression import thresholds
 from certify.inputs import InputError, inputs_for
 from certify.multilayer import uniform_budget
 from certify.graph import Graph
-from certify.radius import NORMS, Witness, layer_radii
+from certify.radius import NORMS, LayerRadii, Witness, layer_radii
 from certify.schema import FORMAT
 
 def array_sha256(x: np.ndarray) -> str:

