@@ -33,8 +33,9 @@ change of every affine layer at once with ``||D_k|| <= t ||W~_k||`` (in that nor
 the class; ``min`` is the smallest over the inputs.
 ``compression_checks`` (``certify.compressed``, THEORY.md section 6): a concrete compression
 applied to the named layers; ``changed`` the indices of the inputs whose class changed;
-``harmless`` per input, the weight error is below the input's ``lower`` in that layer (then
-the class provably cannot change), ``violations`` the harmless inputs that changed (always 0).
+``harmless`` per input, the weight error, or the exact change of the layer's output seen as
+a radius (``compressed.LayerCompression.reach_*``), is below the input's ``lower`` in that
+layer (then the class provably cannot change), ``violations`` the harmless inputs that changed (always 0).
 Both are ``null`` when several layers are compressed at once: single-layer radii do not
 compose, so only ``harmless_per_layer`` is reported and nothing is certified.
 """

@@ -17,9 +17,12 @@ kind                    ``g(W)`` (``W`` the ``m x n`` matrix; a kernel as ``c_ou
 weight error ``E = W - g(W)`` (rigorous upper bounds of ``||E||_F``, ``||E||_2``,
 ``||E||_max``) and the exact change of the layer's output ``E P`` on each input. Given
 certified radii it marks an input harmless in a layer when the weight error is below the
-radius in a matching norm: the Frobenius radius of a dense layer on a vector certifies the
-spectral norm too (section 4: ``||E h|| <= ||E||_2 ||h||``), that of a convolution (or of a
-dense layer over a sequence: several columns) only ``||E||_F``.
+radius in a matching norm (the Frobenius radius of a dense layer on a vector certifies the
+spectral norm too, section 4: ``||E h|| <= ||E||_2 ||h||``; that of a convolution, or of a
+dense layer over a sequence, only ``||E||_F``), or when the exact output change ``E P`` lies
+in the section-4 region of the radius (``||E P||_F < rho sigma_max(P)``, or
+``|E P|_ij < rho ||P_:j||_1``): the certificate covers every change of ``Z`` there, and a
+compression's error, large as a weight, often moves the output of one input much less.
 With one compressed layer, harmless implies the class cannot change; a harmless input
 whose class changed is a ``violation`` (a soundness bug). Radii of single layers do not
 compose: when several layers are compressed at once, only per-layer harmlessness is
@@ -191,8 +194,10 @@ class LayerCompression:
     ``error_*``: upper bounds of ``||W - g(W)||`` (Frobenius, spectral, entrywise max),
     inflated for float64 rounding. ``change_fro``/``change_max``: ``||(W - g(W)) P||_F`` and
     ``max |(W - g(W)) P|``, the exact change of the layer's output (float64 values).
-    ``harmless``: the weight error is below the input's certified radius in this layer
-    (``None`` without radii).
+    ``reach_fro``/``reach_max``: that change as a weight radius, the smallest ``rho`` whose
+    section-4 region contains it: ``||dZ||_F / sigma_max(P)`` and
+    ``max_ij |dZ_ij| / ||P_:j||_1``. ``harmless``: the weight error or the reach is below the
+    input's certified radius in this layer (``None`` without radii).
     """
 
     name: str
@@ -201,6 +206,8 @@ class LayerCompression:
     error_max: float
     change_fro: torch.Tensor
     change_max: torch.Tensor
+    reach_fro: torch.Tensor
+    reach_max: torch.Tensor
     harmless: torch.Tensor | None
 
 
@@ -253,15 +260,31 @@ def _radii(certificate_lower, name: str, x: torch.Tensor) -> dict[str, torch.Ten
     return out
 
 
-def _harmless(errors: tuple[float, float, float], radii: dict, dense: bool) -> torch.Tensor:
-    """Error below the radius in some norm: a zero error changes nothing. The ``fro`` radius
-    bounds the spectral norm of a dense layer on a vector (section 4), only the Frobenius
-    norm of a layer with several columns (a convolution, a dense layer over a sequence)."""
+REACH_MARGIN = 1e-9  # relative: rounding of dZ = E P and of the region's scale
+
+
+def _reach(delta: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output change ``dZ = E P`` ``(B, m, L)`` as a weight radius per input (section 4:
+    the certificate covers every ``dZ`` with ``||dZ||_F <= rho sigma_max(P~)``, or with
+    ``|dZ_ij| <= rho ||P~_:j||_1``; ``P`` without the bias row only shrinks the region)."""
+    from certify.radius import region_scale
+
+    fro = torch.linalg.matrix_norm(delta) / region_scale(P, "fro")
+    per_column = delta.abs().amax(dim=1) / region_scale(P, "max")
+    return fro * (1 + REACH_MARGIN), per_column.amax(dim=-1) * (1 + REACH_MARGIN)
+
+
+def _harmless(errors: tuple[float, float, float], reach: tuple[torch.Tensor, torch.Tensor],
+              radii: dict, dense: bool) -> torch.Tensor:
+    """Weight error or reach below the radius in some norm: a zero error changes nothing.
+    The ``fro`` radius bounds the spectral norm of a dense layer on a vector (section 4),
+    only the Frobenius norm of a layer with several columns (a convolution, a dense layer
+    over a sequence); the reach is the exact output change, so it certifies in both."""
     fro, spectral, max_ = errors
     ok = torch.zeros_like(next(iter(radii.values())), dtype=torch.bool)
     for norm, lower in radii.items():
         error = (spectral if dense else fro) if norm == "fro" else max_
-        ok |= (error == 0) | (error < lower)
+        ok |= (error == 0) | (error < lower) | (reach[norm == "max"] < lower)
     return ok
 
 
@@ -292,21 +315,24 @@ def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
         parts = []
         for i in indices:  # E P: the change of the layer's output, bias untouched
             layer, E = network.layer(i), network.layer(i).matrix - small.layer(i).matrix
-            delta = torch.matmul(E, layer.patches(values[network.input_of(i)]))
-            parts.append((torch.linalg.matrix_norm(delta), delta.abs().amax(dim=(-2, -1))))
+            P = layer.patches(values[network.input_of(i)])
+            delta = torch.matmul(E, P)
+            parts.append((torch.linalg.matrix_norm(delta), delta.abs().amax(dim=(-2, -1)),
+                          *_reach(delta, P)))
         changes.append(parts)
     predictions, compressed_predictions = torch.cat(before), torch.cat(after)
     layers = []
     for k, i in enumerate(indices):
         name = network.nodes[i].name
         errors = _upper_norms(network.layer(i).matrix - small.layer(i).matrix)
+        change_fro, change_max, reach_fro, reach_max = (
+            torch.cat([c[k][part] for c in changes]) for part in range(4))
         harmless = None
         if certificate_lower is not None:
-            harmless = _harmless(errors, _radii(certificate_lower, name, x),
-                                 dense=network.is_dense(i))
-        layers.append(LayerCompression(
-            name, *errors, torch.cat([c[k][0] for c in changes]),
-            torch.cat([c[k][1] for c in changes]), harmless))
+            harmless = _harmless(errors, (reach_fro, reach_max),
+                                 _radii(certificate_lower, name, x), dense=network.is_dense(i))
+        layers.append(LayerCompression(name, *errors, change_fro, change_max, reach_fro,
+                                       reach_max, harmless))
     changed = compressed_predictions != predictions
     harmless, violations = None, None
     if certificate_lower is None:

@@ -133,6 +133,16 @@ def test_errors_and_changes_match_closed_forms(problem):
                                rtol=1e-9, atol=1e-12 * scale)
     np.testing.assert_allclose(result.change_max.numpy(), np.abs(delta).max(axis=1),
                                rtol=1e-9, atol=1e-12 * scale)
+    # The reach: that change as a weight radius, from the section-4 region's scales.
+    P = layer.patches(h).numpy()
+    dZ = E @ P
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fro = np.linalg.norm(dZ, axis=(1, 2)) / np.linalg.norm(P, 2, axis=(1, 2))
+        per_column = (np.abs(dZ).max(axis=1) / np.abs(P).sum(axis=1)).max(axis=1)
+    for got, want in ((result.reach_fro, fro), (result.reach_max, per_column)):
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(got.numpy()[finite], want[finite], rtol=1e-8,
+                                   atol=1e-300)
 
 
 @pytest.mark.parametrize("prune_count", [prune_count, numpy_prune_count],
@@ -193,6 +203,31 @@ def test_harmless_single_layer_compression_never_changes_the_class(model_and_sha
             # compression.py's threshold rank agrees: every rank from it on is harmless.
             safe = threshold_rank(layer.matrix, float(lower[name]["fro"].min()))
             assert result.harmless.all() or level < safe
+
+
+def test_the_output_change_vouches_where_the_weight_error_cannot():
+    """Pruning a hidden layer more and more: at some levels the weight error is above an
+    input's certified radii while the exact output change of that input is not, so the reach
+    vouches for inputs the weight error cannot (and none of them changes class)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 4)).double()
+    x = torch.randn(32, 20, dtype=torch.float64)
+    net = capture(model, x)
+    index = net.affine_indices[1]
+    name = net.nodes[index].name
+    lower = radii(net, x, [index])
+    only_by_reach = 0
+    for level in (0.1, 0.2, 0.3, 0.5, 0.7):
+        result = compression_check(net, x, Compression("prune", level, (name,)), lower)
+        layer = result.layers[0]
+        by_weight = (layer.error_spectral < lower[name]["fro"]) | \
+            (layer.error_max < lower[name]["max"])
+        assert not (by_weight & ~result.harmless).any()  # the reach only adds
+        only_by_reach += int((result.harmless & ~by_weight).sum())
+        assert result.violations == 0
+    assert only_by_reach > 0
 
 
 def test_the_theorem_is_not_vacuous():
