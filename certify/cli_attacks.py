@@ -64,16 +64,17 @@ def backdoor(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CommandError(f"backdoor: {err}") from None
 
-    def progress(name):
-        return lambda e: print(f"{name} epoch {e.epoch:3d}/{config.epochs}  loss "
+    def progress(name, run=config):
+        total = run.epochs + (run.hide_epochs if run.hides else 0)
+        return lambda e: print(f"{name} {e.phase} epoch {e.epoch:3d}/{total}  loss "
                                f"{e.loss:8.4f}  {e.seconds:7.1f} s", flush=True)
 
     extra = {"dataset": args.dataset, "model": args.model, "device": devices.describe(device)}
     if not args.no_clean:
-        clean = bd.train(model, split.x_train, split.y_train,
-                         bd.BackdoorConfig(layers, (), trigger, args.target, 0.0, 0.0,
-                                           args.epochs, args.lr, args.batch_size, args.seed),
-                         progress=progress("clean"), device=device)
+        same_way = bd.BackdoorConfig(layers, (), trigger, args.target, 0.0, 0.0, args.epochs,
+                                     args.lr, args.batch_size, args.seed)
+        clean = bd.train(model, split.x_train, split.y_train, same_way,
+                         progress=progress("clean", same_way), device=device)
         extra["clean_baseline"] = [vars(o) for o in bd.measure(
             clean.model, split.x_test, split.y_test, config, device=device)]
     result = bd.train(model, split.x_train, split.y_train, config, split.x_test, split.y_test,

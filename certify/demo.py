@@ -317,7 +317,7 @@ def _pipeline(config: DemoConfig, out: Path, log: Callable[[str], None],
     reports = {}
     for name, train_config in (("clean", same_way), ("backdoored", attack)):
         def progress(e, name=name):
-            log(f"{name:10} epoch {e.epoch}/{config.epochs}  loss {e.loss:.4f}  "
+            log(f"{name:10} {e.phase} epoch {e.epoch}  loss {e.loss:.4f}  "
                 f"{e.seconds:.1f} s")
 
         trained = bd.train(small_models.build(DATASET, MODEL), x_train, y_train, train_config,

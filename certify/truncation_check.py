@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from certify import devices
-from certify.backdoor import LowRank
+from certify.compressors import LowRank
 from certify.capture import capture
 from certify.compression import singular_values_upper
 
