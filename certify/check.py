@@ -11,7 +11,8 @@ the numpy twins ``numpy_forward``, ``numpy_bounds`` and ``numpy_compression``:
 * ``layers[].name`` and ``shape``: the model's affine layers (the ``Affine`` nodes of its
   graph, in topological order; a batch norm after a layer folded into it);
 * ``method``: ``exact`` on the last dense layer (the logits node, dense on a vector) and
-  only there; ``lower`` is checked by the method the certificate names (refined or not);
+  only there; ``lower`` is checked by the method the certificate names (``(refined)``:
+  some inputs were refined, so each claim is confirmed without refinement or with it);
 * ``upper``: the stored witness ``D`` (its shape must fit the layer and
   ``bias_perturbed``) changes the class in a numpy forward pass with ``W + D`` (the
   layer's output ``(W~ + D) P~`` recomputed, then every node downstream of it; within
@@ -24,7 +25,9 @@ the numpy twins ``numpy_forward``, ``numpy_bounds`` and ``numpy_compression``:
 * ``lower``, last dense layer: the exact class-pair formula (section 3); other layers:
   the numpy global Lipschitz bound (section 5) reaches it, or the numpy local bound
   (interval propagation, backward refinement when ``method`` says ``refined``, CROWN and
-  the interval Jacobian) certifies the section-4 region of that radius; ``lower <= upper``;
+  the interval Jacobian; for a layer with several columns concretised over ``{D P~}``,
+  ``certify.numpy_regions``) certifies the section-4 region of that radius;
+  ``lower <= upper``;
 * thresholds (``certify.check_compression``): the compression error at the claimed level
   is below the layer's smallest ``lower``, and one level further it is not (up to the
   margins of ``THRESHOLD_SLACK``);
@@ -33,8 +36,9 @@ the numpy twins ``numpy_forward``, ``numpy_bounds`` and ``numpy_compression``:
 * ``compression_checks`` (``certify.check_compression``): the compression applied again
   in numpy: the layers it names, the
   inputs whose class changed (up to ties within ``TIE``), the weight errors, harmlessness
-  per layer and overall from the certificate's radii, and ``violations`` (which must be 0:
-  a harmless input that changes class refutes the radii).
+  per layer from the certificate's radii, overall (that one layer's, or for several layers
+  the section-5 recursion with budgets the weight errors), and ``violations`` (which must
+  be 0: a harmless input that changes class refutes the radii, or the recursion).
 
 ``tool_version`` and a compression check's ``note`` are free text, not claims.
 
@@ -217,11 +221,14 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
             bad = np.nonzero(lower > exact * (1 + 1e-12))[0]
         else:
             confirmed = lower <= global_lower(graph, index, P, y, margins, norm) * (1 + 1e-12)
-            rest = ~confirmed & (lower > 0)
-            if rest.any():
+            # "(refined)": some inputs were certified with refined intermediate bounds, the
+            # others without; each claim is confirmed by either evaluation.
+            for refine in (False, True) if "refined" in claims["method"] else (False,):
+                rest = ~confirmed & (lower > 0)
+                if not rest.any():
+                    break
                 bounds = local_lower_bounds(graph, index, [v[rest] for v in values], P[rest],
-                                            lower[rest], y[rest], norm,
-                                            refine="refined" in claims["method"])
+                                            lower[rest], y[rest], norm, refine=refine)
                 bounds[np.arange(len(bounds)), y[rest]] = np.inf
                 confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
             bad = np.nonzero(~confirmed & (lower > 0))[0]

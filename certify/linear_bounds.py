@@ -2,9 +2,10 @@
 
 Section 4 reduces a layer's weight robustness to the input robustness of the downstream
 graph at the layer's output ``z``: the weight ball of radius ``rho`` becomes the region
-``z + rho U`` with ``U`` the l2 ball of radius ``sigma_max(P~)`` (Frobenius) or the box
-``|dz| <= ||P~_:j||_1`` (entrywise max). This module bounds every margin
-``m_j = (e_y - e_j)^T o`` from below over that region.
+``z + rho U`` of ``certify.regions`` (for a dense layer on a vector the l2 ball of radius
+``sigma_max(P~)`` or the box ``|dz| <= ||P~_:j||_1``; for a layer with several columns the
+reachable set ``{D P~}`` itself, concretised in weight space). This module bounds every
+margin ``m_j = (e_y - e_j)^T o`` from below over that region.
 
 Every node that does not depend on ``z`` is a constant of this map (its unperturbed value,
 ``values``). The passes walk the downstream nodes:
@@ -19,8 +20,9 @@ Every node that does not depend on ``z`` is a constant of this map (its unpertur
 
 Intermediate bounds. The box of every node that feeds a nonlinear operator is tightened, for
 the entries its consumers mark ``unstable``, by a backward pass to ``z`` concretised over the
-region: ``A z + d +- (e + rho ||A||_U*)`` with ``||A||_U* = sigma ||A||_2`` (ball) or
-``|A| . box`` (box). The two boxes are intersected.
+region: ``A z + d +- (e + rho ||A||_U*)`` with ``||A||_U* = sup_{u in U} A u``
+(``Region.dual``: ``sigma ||A||_2`` on the ball, ``|A| . box`` on the box, ``||A P~^T||``
+in weight space). The two boxes are intersected.
 
 Margins. The final pass gives ``m_j >= A_j z + d_j - rho' ||A_j||_U*`` for every
 ``rho' <= rho`` (the relaxations, made on the larger region, stay valid on a smaller one):
@@ -42,37 +44,7 @@ from certify.graph import Graph
 from certify.lipschitz import node_constants
 from certify.operators import Affine
 from certify.operators.base import ROUND, interval_sum, row_sum
-
-
-@dataclass(frozen=True)
-class Region:
-    """``z + rho U`` in a layer's output space, per input.
-
-    ``norm == "fro"``: ``U`` is the l2 ball of radius ``unit`` ``(B,)``;
-    ``norm == "max"``: ``U`` is the box ``|dz| <= unit`` (``unit`` shaped like ``z``).
-    """
-
-    z: torch.Tensor
-    norm: str
-    unit: torch.Tensor
-
-    def box(self, rho: torch.Tensor) -> torch.Tensor:
-        """Per-entry radius of the smallest box around ``rho U`` (shaped like ``z``)."""
-        if self.norm == "fro":
-            return (rho * self.unit).reshape(-1, *[1] * (self.z.ndim - 1)).expand_as(self.z)
-        return rho.reshape(-1, *[1] * (self.z.ndim - 1)) * self.unit
-
-    def dual(self, A: torch.Tensor) -> torch.Tensor:
-        """``sup_{u in U} A u`` for rows ``A`` ``(B, R, *z)``: ``(B, R)``."""
-        flat = A.reshape(*A.shape[:2], -1)
-        if self.norm == "fro":
-            return torch.linalg.vector_norm(flat, dim=-1) * self.unit[:, None]
-        return torch.einsum("brn,bn->br", flat.abs(), self.unit.reshape(len(flat), -1))
-
-    def value(self, A: torch.Tensor) -> torch.Tensor:
-        """``A z`` and ``|A| |z|`` (the magnitude for rounding), ``(B, R)`` each."""
-        flat, z = A.reshape(*A.shape[:2], -1), self.z.reshape(len(A), -1)
-        return torch.einsum("brn,bn->br", flat, z), torch.einsum("brn,bn->br", flat.abs(), z.abs())
+from certify.regions import Region
 
 
 @dataclass
@@ -222,14 +194,19 @@ def intermediate_bounds(graph: Graph, start: int, region: Region, rho: torch.Ten
     return boxes
 
 
-REFINE_WORK = 1e6  # per input: on the MNIST models refinement costs much and gains little
+# ``refine="auto"`` (``radius.layer_radii``): every input is refined when the work per input
+# is at most REFINE_WORK; otherwise only the inputs whose certified radius stays below
+# REFINE_BELOW times their verified upper bound, when the work is at most REFINE_LIMIT.
+REFINE_WORK = 1e6
+REFINE_LIMIT = 1e8
+REFINE_BELOW = 0.5
 
 
 def refine_work(graph: Graph, start: int) -> float:
     """Multiply-adds per input of the backward-pass refinement of the nodes after ``start``:
     for each node feeding a nonlinear operator, its entries times the work of walking back
     (an affine layer costs its multiply-adds; a dense one whose rows are taken as they are
-    costs nothing). ``refine="auto"`` refines when this is at most ``REFINE_WORK``."""
+    costs nothing); ``REFINE_WORK`` and ``REFINE_LIMIT`` are compared with it."""
     work, walked, last = 0.0, 0.0, {}
     for i in graph.downstream(start)[1:]:
         node = graph.nodes[i]
@@ -253,9 +230,10 @@ def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torc
 
     Every Jacobian of the margins along a segment in the region lies in the interval
     Jacobian, computed backwards from the rows ``e_y - e_j`` by the operators' ``jacobian``
-    rules (interval rows from several consumers add up; constants have none). The bound is
-    the region's dual norm of the entrywise largest magnitude. ``None`` where an operator has
-    no interval Jacobian (max pooling).
+    rules (interval rows from several consumers add up; constants have none). With ``J`` the
+    entrywise largest magnitude, ``|J(z') dz| <= <J, |dz|>``, bounded over the region by
+    ``Region.dual_of_magnitude``. ``None`` where an operator has no interval Jacobian (max
+    pooling).
     """
     C = _class_vectors(graph, y)
     rows = {graph.output: (C, C)}
@@ -273,7 +251,7 @@ def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torc
     if start not in rows:
         return C.new_zeros(C.shape[:2])
     lo, hi = rows[start]
-    return region.dual(torch.maximum(lo.abs(), hi.abs())) * (1 + ROUND)
+    return region.dual_of_magnitude(torch.maximum(lo.abs(), hi.abs())) * (1 + ROUND)
 
 
 def _class_vectors(graph: Graph, y: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,8 @@ from certify import lipschitz
 from certify.graph import Graph
 from certify.inputs import InputError, check_network, inputs_for
 from certify.operators import Affine
-from certify.radius import NORMS, SAFETY, _columns, _weight, class_margins, region_scale
+from certify.radius import NORMS, SAFETY, _columns, class_margins, region_scale
+from certify.witness import augmented_weight
 
 # Bracket search for the uniform budget: octaves of t = 2^k tried around t = 1 (a change as
 # large as the weights), then bisection to this relative width.
@@ -110,7 +111,7 @@ class _Chain:
 
 def _layer(step: Affine, h: torch.Tensor, norm: str, bias: bool) -> _Layer:
     P = _columns(step, h, bias)
-    W = _weight(step, bias)
+    W = augmented_weight(step, bias)
     if norm == "fro":
         return _Layer(step.operator_norm(norm), region_scale(P, norm),
                       math.sqrt(step.overlap), float(torch.linalg.matrix_norm(W)))

@@ -23,6 +23,7 @@ import numpy as np
 from certify.numpy_forward import NumpyGraph
 from certify.numpy_operators import ROUND, AffineTwin
 from certify.numpy_operators.base import row_sum, spectral_upper
+from certify.numpy_regions import Region, WeightRegion
 
 # -- global (section 5) --------------------------------------------------------------------
 
@@ -77,6 +78,21 @@ def region_scale(P: np.ndarray, norm: str) -> np.ndarray:
     return np.abs(P).sum(axis=1) * (1 + P.shape[1] * 1e-15)
 
 
+def section4_region(layer: AffineTwin, z, P, norm: str) -> Region:
+    """``certify.radius.region`` in numpy: the Z-space ball or box for one column, the
+    reachable set ``{D P~}`` (``WeightRegion``) for several."""
+    scale = region_scale(P, norm)
+    if norm == "fro":
+        unit = scale
+    else:
+        B, L = scale.shape
+        unit = layer.uncolumns(np.ascontiguousarray(
+            np.broadcast_to(scale[:, None, :], (B, layer.weight.shape[0], L))))
+    if P.shape[-1] == 1:
+        return Region(z, norm, unit)
+    return WeightRegion(z, norm, unit, P, layer)
+
+
 def global_lower(graph: NumpyGraph, index: int, P, y, margins, norm: str) -> np.ndarray:
     """``min_j m_j / (||W_L^T c_j|| L scale(P~))`` (section 5)."""
     rows, node = class_rows(graph, y, norm)
@@ -90,43 +106,6 @@ def global_lower(graph: NumpyGraph, index: int, P, y, margins, norm: str) -> np.
 
 
 # -- local (sections 4, 8) -----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Region:
-    """``z + rho U``: the l2 ball of radius ``unit`` ``(B,)`` (fro) or the box
-    ``|dz| <= unit`` (max, shaped like ``z``)."""
-
-    z: np.ndarray
-    norm: str
-    unit: np.ndarray
-
-    @classmethod
-    def of(cls, layer: AffineTwin, z, P, norm: str) -> Region:
-        scale = region_scale(P, norm)
-        if norm == "fro":
-            return cls(z, norm, scale)
-        B, L = scale.shape
-        unit = np.broadcast_to(scale[:, None, :], (B, layer.weight.shape[0], L))
-        return cls(z, norm, layer.uncolumns(np.ascontiguousarray(unit)))
-
-    def box(self, rho):
-        shape = (-1, *[1] * (self.z.ndim - 1))
-        if self.norm == "fro":
-            return np.broadcast_to((rho * self.unit).reshape(shape), self.z.shape)
-        return rho.reshape(shape) * self.unit
-
-    def dual(self, A):
-        """``sup_{u in U} A u`` for rows ``(B, R, *z)``."""
-        flat = A.reshape(*A.shape[:2], -1)
-        if self.norm == "fro":
-            return np.linalg.norm(flat, axis=-1) * self.unit[:, None]
-        return np.einsum("brn,bn->br", np.abs(flat), self.unit.reshape(len(flat), -1))
-
-    def value(self, A):
-        """``A z`` and ``|A| |z|``."""
-        flat, z = A.reshape(*A.shape[:2], -1), self.z.reshape(len(A), -1)
-        return np.einsum("brn,bn->br", flat, z), np.einsum("brn,bn->br", np.abs(flat), np.abs(z))
-
 
 @dataclass
 class Linear:
@@ -271,8 +250,9 @@ def class_vectors(graph: NumpyGraph, y: np.ndarray) -> np.ndarray:
 
 def jacobian_slope(graph: NumpyGraph, start: int, region: Region, boxes, y):
     """``|m_j(z + dz) - m_j(z)| <= rho' slope_j`` on the region (mean value theorem): the
-    interval Jacobian of the margins walked back by the operators' ``jacobian`` rules, in the
-    region's dual norm; ``None`` where an operator has none (max pooling)."""
+    interval Jacobian of the margins walked back by the operators' ``jacobian`` rules, its
+    largest magnitudes ``J`` bounding ``<J, |dz|>`` (``dual_of_magnitude``); ``None`` where an
+    operator has none (max pooling)."""
     C = class_vectors(graph, y)
     rows = {graph.output: (C, C)}
     moving = set(graph.downstream(start))
@@ -289,7 +269,7 @@ def jacobian_slope(graph: NumpyGraph, start: int, region: Region, boxes, y):
     if start not in rows:
         return np.zeros(C.shape[:2])
     lo, hi = rows[start]
-    return region.dual(np.maximum(np.abs(lo), np.abs(hi))) * (1 + ROUND)
+    return region.dual_of_magnitude(np.maximum(np.abs(lo), np.abs(hi))) * (1 + ROUND)
 
 
 def _interval_margins(graph: NumpyGraph, boxes, y) -> np.ndarray:
@@ -315,7 +295,7 @@ def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: s
     around layer ``index``'s output: the best of the CROWN line, the interval-Jacobian line
     and interval arithmetic (``certify.linear_bounds.margin_lines``, recomputed in numpy).
     ``P``: the layer's ``P~`` (``columns``)."""
-    region = Region.of(graph.layer(index), values[index], P, norm)
+    region = section4_region(graph.layer(index), values[index], P, norm)
     boxes = intermediate_bounds(graph, index, region, rho, values, refine)
     C = class_vectors(graph, y)
     f = backward(graph, index, {graph.output: C}, np.zeros(C.shape[:2]), boxes, values, True)

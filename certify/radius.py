@@ -8,15 +8,16 @@ the spectral radius; ``"max"``: entrywise max), three numbers per input:
 * ``lower``: a sound certificate, no ``||D|| < lower`` changes the predicted class.
   Last dense layer: the exact class-pair formula (section 3). Other layers: section 4 turns
   the weight ball into a region of ``Z`` (``||D P~||_F <= rho sigma_max(P~)``;
-  ``|(D P~)_ij| <= rho ||P~_:j||_1``), and the best of two input-space bounds on the
+  ``|(D P~)_ij| <= rho ||P~_:j||_1``; for several columns the set ``{D P~}`` itself,
+  ``certify.regions``), and the best of two input-space bounds on the
   downstream network certifies it: the global Lipschitz bound (section 5) and CROWN-style
   linear bounds over that region (``certify.linear_bounds``), whose margin lines give the
   next radius to try (a few evaluations, no bisection).
-* ``upper``: the norm of a verified witness: a weight-space DeepFool iteration (the
-  first-order rank-one step of section 3, re-linearised) until a forward pass with the
+* ``upper``: the norm of a verified witness (``certify.witness``): a weight-space DeepFool
+  iteration (the first-order step of section 3, re-linearised) until a forward pass with the
   perturbed weights really changes the class, then shrunk by bisection while it still does.
 * ``estimate``: the first-order back-propagated-margin value ``min_j m_j / ||g_j P~^T||_dual``
-  (section 3); an estimate, not a bound.
+  (section 3, ``certify.witness.first_order``); an estimate, not a bound.
 
 Graphs (section 8): every node that does not depend on the layer (other branches, values
 saved before it) is a constant of the downstream map from ``Z``; every forward pass from the
@@ -41,13 +42,16 @@ from certify import lipschitz
 from certify.compression import singular_values_upper
 from certify.graph import Graph
 from certify.inputs import InputError, affine_index, inputs_for
-from certify.linear_bounds import REFINE_WORK, Region, margin_lines, refine_work
+from certify.linear_bounds import (REFINE_BELOW, REFINE_LIMIT, REFINE_WORK, margin_lines,
+                                   refine_work)
 from certify.operators import Affine
 from certify.perturbation import class_pair_radius
+from certify.regions import Region, WeightRegion
+from certify.witness import WITNESS_GAP, Witness, first_order, weight_norm, witness
 
 SAFETY = 1e-9
-WITNESS_GAP = 1e-12  # relative: how far another logit must pass the predicted one
 NORMS = ("fro", "max")
+CONCRETISE = ("weight", "output")  # the local bound's region for layers with several columns
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,6 @@ def _columns(layer: Affine, h: torch.Tensor, bias: bool) -> torch.Tensor:
     """``P~``: the layer input as columns ``(B, n, L)``, with a row of ones for a bias."""
     P = layer.patches(h)
     return torch.cat([P, torch.ones_like(P[:, :1])], dim=1) if bias else P
-
-
-def _weight(layer: Affine, bias: bool) -> torch.Tensor:
-    W = layer.matrix
-    return torch.cat([W, layer.bias[:, None]], dim=1) if bias else W
 
 
 def region_scale(P: torch.Tensor, norm: str) -> torch.Tensor:
@@ -128,21 +127,33 @@ def global_exists(network: Graph, index: int, norm: str, constants: dict) -> boo
     return bool(torch.isfinite(torch.as_tensor(lip, device=network.device)).all())
 
 
-def region(layer: Affine, Z: torch.Tensor, scale: torch.Tensor, norm: str) -> Region:
-    """The section-4 region ``Z + rho U`` of a weight ball of radius ``rho``: ``U`` is the
-    l2 ball of radius ``sigma_max(P~)`` (``fro``) or the box ``|dZ_cj| <= ||P~_:j||_1``."""
+def region(layer: Affine, Z: torch.Tensor, P: torch.Tensor, norm: str,
+           scale: torch.Tensor | None = None, concretise: str = "weight") -> Region:
+    """The section-4 region ``Z + rho U`` of a weight ball of radius ``rho``
+    (``certify.regions``): for one column ``P~ = h`` the l2 ball of radius ``||h||_2``
+    (``fro``) or the box ``|dZ_c| <= ||h||_1``, exact; for several columns the reachable set
+    ``{D P~}`` (``WeightRegion``), with ``unit`` the Z-space ball of radius
+    ``sigma_max(P~)`` or the box ``|dZ_cj| <= ||P~_:j||_1``. ``scale``:
+    ``region_scale(P~, norm)`` when already computed. ``concretise="output"``: the Z-space
+    ball or box for several columns too (looser; the bound of earlier releases)."""
+    scale = region_scale(P, norm) if scale is None else scale
     if norm == "fro":
-        return Region(Z, norm, scale)
-    B, L = scale.shape
-    unit = scale[:, None, :].expand(B, layer.weight.shape[0], L)
-    return Region(Z, norm, layer.uncolumns(unit, Z.shape[1:]))
+        unit = scale
+    else:
+        B, L = scale.shape
+        unit = layer.uncolumns(scale[:, None, :].expand(B, layer.weight.shape[0], L),
+                               Z.shape[1:])
+    if P.shape[-1] == 1 or concretise == "output":
+        return Region(Z, norm, unit)
+    return WeightRegion(Z, norm, unit, P, layer)
 
 
 def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
-                scale: torch.Tensor, cap: torch.Tensor, constants: dict | None,
+                P: torch.Tensor, scale: torch.Tensor, cap: torch.Tensor, constants: dict | None,
                 evaluations: int = 8, refine: bool = True,
                 shrink: torch.Tensor | float = 2.0,
-                floor: torch.Tensor | None = None) -> torch.Tensor:
+                floor: torch.Tensor | None = None,
+                concretise: str = "weight") -> torch.Tensor:
     """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
@@ -151,13 +162,14 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     (the fixed point ``root(rho) = rho`` is the best radius these bounds can reach). Only
     radii certified by their own evaluation are returned, so that ``certify check`` can
     confirm each by one evaluation at the claimed radius. ``values``: every node's unperturbed
-    value; ``constants``: ``lipschitz.node_constants(network, index, "fro")`` for ``fro``.
+    value; ``P``: the layer input as columns ``P~``, ``scale`` its ``region_scale``;
+    ``constants``: ``lipschitz.node_constants(network, index, "fro")`` for ``fro``.
     ``shrink``: the factor by which the search falls while nothing is certified (per input;
     larger where no global bound brackets the radius from below). ``floor``: radii already
     certified otherwise (the global bound), where positive the bracket's lower end, and the
-    search is geometric from the start.
+    search is geometric from the start. ``concretise``: as in ``region``.
     """
-    where = region(network.layer(index), values[index], scale, norm)
+    where = region(network.layer(index), values[index], P, norm, scale, concretise)
     lo, hi, rho = torch.zeros_like(cap), cap.clone(), cap / shrink
     if floor is not None:
         lo = torch.where(floor > 0, torch.minimum(floor, cap), lo)
@@ -178,206 +190,34 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     return lo
 
 
-def _margin_gradients(network, index, Z, y, values):
-    """``g_j = d m_j / d Z`` for every class ``j`` as columns ``(B, C, m, L)``, and the
-    logits (every node that does not depend on the layer held at its value in ``values``)."""
-    Z = Z.detach().requires_grad_(True)
-    logits = network.run(index, Z, values)
-    layer = network.layer(index)
-    grads = []
-    for j in range(logits.shape[-1]):
-        m = logits.gather(-1, y[:, None])[:, 0] - logits[:, j]
-        (g,) = torch.autograd.grad(m.sum(), Z, retain_graph=True, allow_unused=True)
-        g = torch.zeros_like(Z) if g is None else g
-        grads.append(layer.columns(g))
-    return torch.stack(grads, dim=1), logits.detach()
-
-
-def _gradient(g: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """``d m_j / d D = g_j P~^T`` for one class per input: ``(B, m, L) x (B, n, L)``."""
-    return torch.matmul(g, P.transpose(1, 2))
-
-
-def _dual_norms(g: torch.Tensor, P: torch.Tensor, norm: str) -> torch.Tensor:
-    """``||g_j P~^T||_dual`` for every class, ``(B, C)``; rank one for dense layers."""
-    if P.shape[-1] == 1:  # ||g h^T||_F = ||g||_2 ||h||_2, ||g h^T||_sum = ||g||_1 ||h||_1
-        ord = 2 if norm == "fro" else 1
-        return torch.linalg.vector_norm(g[..., 0], ord=ord, dim=-1) * \
-            torch.linalg.vector_norm(P[:, None, :, 0], ord=ord, dim=-1)
-    return _dual(torch.matmul(g, P.transpose(1, 2)[:, None]), norm)
-
-
-def _dual(G: torch.Tensor, norm: str) -> torch.Tensor:
-    """Dual norm of a gradient w.r.t. ``D`` (last two axes): Frobenius or entrywise sum."""
-    return torch.linalg.matrix_norm(G) if norm == "fro" else G.abs().sum(dim=(-2, -1))
-
-
-def first_order(network, index, P, Z, y, norm, values):
-    """Section 3 estimate ``min_j m_j / ||g_j P~^T||_dual``; also ``g``, the margins and ratios."""
-    g, logits = _margin_gradients(network, index, Z, y, values)
-    m = logits.gather(-1, y[:, None]) - logits
-    ratio = (m / _dual_norms(g, P, norm)).scatter(-1, y[:, None], math.inf)
-    return ratio.amin(dim=-1), g, m, ratio
-
-
-def _step(G: torch.Tensor, m: torch.Tensor, norm: str) -> torch.Tensor:
-    """The minimal-norm ``D`` with ``<D, G> = -m`` (section 3, any ``G``)."""
-    if norm == "fro":
-        return -m[:, None, None] * G / torch.linalg.matrix_norm(G)[:, None, None] ** 2
-    return -m[:, None, None] * torch.sign(G) / G.abs().sum(dim=(-2, -1))[:, None, None]
-
-
-@dataclass(frozen=True)
-class Witness:
-    """Per-input weight perturbations that change the class.
-
-    Dense layers: every DeepFool step is rank one with the same right factor
-    (``h~`` for Frobenius, ``sign(h~)`` for entrywise max), so ``D = left right^T`` is stored
-    as its two factors (``(B, m)`` and ``(B, n)``). Convolutions: ``full`` is ``(B, m, n)``.
-    """
-
-    left: torch.Tensor | None = None
-    right: torch.Tensor | None = None
-    full: torch.Tensor | None = None
-
-    def matrix(self) -> torch.Tensor:
-        return self.full if self.full is not None else self.left[:, :, None] * self.right[:, None, :]
-
-    def norm(self, norm: str) -> torch.Tensor:
-        if self.full is not None:
-            return _norm(self.full, norm)
-        ord = 2 if norm == "fro" else math.inf
-        return torch.linalg.vector_norm(self.left, ord=ord, dim=-1) * \
-            torch.linalg.vector_norm(self.right, ord=ord, dim=-1)
-
-    def scaled(self, t: torch.Tensor) -> "Witness":
-        if self.full is not None:
-            return Witness(full=t[:, None, None] * self.full)
-        return Witness(left=t[:, None] * self.left, right=self.right)
-
-    def change(self, P: torch.Tensor) -> torch.Tensor:
-        """``D P~`` as ``(B, m, L)``."""
-        if self.full is not None:
-            return torch.matmul(self.full, P)
-        return self.left[:, :, None] * (self.right[:, :, None] * P).sum(dim=1, keepdim=True)
-
-
-def _norm(D: torch.Tensor, norm: str) -> torch.Tensor:
-    return torch.linalg.matrix_norm(D) if norm == "fro" else D.abs().amax(dim=(-2, -1))
-
-
-def _unperturbed(layer, W, P, bias) -> torch.Tensor:
-    """``W P~`` (+ the fixed bias) as ``(B, m, L)``: one matrix product for dense layers."""
-    if P.shape[-1] == 1:
-        Z = (P[..., 0] @ W.T)[..., None]
-    else:
-        Z = torch.matmul(W, P)
-    return Z if bias else Z + layer.bias[:, None]
-
-
-def _perturbed(layer: Affine, Z0: torch.Tensor, D: Witness, P, out_shape) -> torch.Tensor:
-    """``Z = (W + D) P~ (+ b) = Z0 + D P~``, shaped like the layer's output."""
-    return layer.uncolumns(Z0 + D.change(P), out_shape)
-
-
-def _flips(network, index, Z0, D: Witness, P, y, out_shape, values) -> torch.Tensor:
-    """Forward pass with the perturbed weights ``W + D``: did the class change?"""
-    Z = _perturbed(network.layer(index), Z0, D, P, out_shape)
-    logits = network.run(index, Z, values)
-    # Another class must win by more than rounding: a tie decided by the last bit is no
-    # witness (certify check accepts it only beyond the same relative gap).
-    gap = logits.scatter(-1, y[:, None], -math.inf).amax(-1) - logits.gather(-1, y[:, None])[:, 0]
-    return gap > WITNESS_GAP * logits.abs().amax(-1)
-
-
-def _start(W, P, norm, start) -> Witness:
-    if start is not None:
-        return start
-    if P.shape[-1] > 1:
-        return Witness(full=W.new_zeros(P.shape[0], *W.shape))
-    h = P[..., 0]
-    right = h if norm == "fro" else torch.sign(h)
-    return Witness(left=W.new_zeros(P.shape[0], W.shape[0]), right=right)
-
-
-def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) -> torch.Tensor:
-    """Left factor of the section-3 step for ``G = g h^T`` (the right factor is fixed)."""
-    if norm == "fro":
-        scale = (g**2).sum(-1) * (h**2).sum(-1)
-        return -m[:, None] * g / scale[:, None]
-    scale = g.abs().sum(-1) * h.abs().sum(-1)
-    return -m[:, None] * torch.sign(g) / scale[:, None]
-
-
-def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None = None,
-            iterations: int = 50, overshoot: float = 1.02,
-            values=()) -> tuple[torch.Tensor, Witness]:
-    """A verified ``D`` that changes the class, per input; ``(upper, D)``.
-
-    Weight-space DeepFool from ``start`` (zero by default): step to the minimal-norm ``D``
-    that zeroes the linearised smallest margin (section 3), overshot by ``overshoot`` and
-    by ``2 WITNESS_GAP max|o|`` (so that a step from a near-tie still passes it), re-linearise,
-    repeat until a forward pass with ``W + D`` changes the class by more than rounding
-    (``_flips``); then shrink ``t D`` by bisection while it
-    still does. ``upper`` is ``inf`` where no witness was found. ``values``: every node's
-    unperturbed value (``network.values(x)``).
-    """
-    layer = network.layer(index)
-    W = _weight(layer, bias)
-    B = P.shape[0]
-    D = _start(W, P, norm, start)
-    Z0 = _unperturbed(layer, W, P, bias)  # computed once: every step only adds D P~
-    rows = torch.arange(B, device=P.device)
-    push = 2 * WITNESS_GAP * values[-1].abs().amax(-1)
-    for _ in range(iterations):
-        done = _flips(network, index, Z0, D, P, y, out_shape, values)
-        if done.all():
-            break
-        Z = _perturbed(layer, Z0, D, P, out_shape)
-        _, g, m, ratio = first_order(network, index, P, Z, y, norm, values)
-        j = ratio.argmin(dim=-1)
-        # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
-        stuck = ~torch.isfinite(ratio[rows, j])
-        keep = (done | stuck)
-        if D.full is not None:
-            step = _step(_gradient(g[rows, j], P), m[rows, j] * overshoot + push, norm)
-            D = Witness(full=torch.where(keep[:, None, None], D.full, D.full + step))
-        else:
-            step = _dense_step(g[rows, j][..., 0], m[rows, j] * overshoot + push, P[..., 0],
-                               norm)
-            D = Witness(left=torch.where(keep[:, None], D.left, D.left + step), right=D.right)
-        if keep.all():
-            break
-    found = _flips(network, index, Z0, D, P, y, out_shape, values)
-    lo, hi = W.new_zeros(B), W.new_ones(B)
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, values)
-        hi = torch.where(flip & found, mid, hi)
-        lo = torch.where(flip & found, lo, mid)
-    D = D.scaled(hi)
-    upper = torch.where(found, D.norm(norm), torch.full_like(hi, math.inf))
-    return upper, D
-
-
 def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
-                bias: bool = False, refine: bool | str = "auto",
+                bias: bool = False, refine: bool | str = "auto", concretise: str = "weight",
                 clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
     ``x``: a batch of finite floating-point inputs (any precision, computed in float64);
     ``index``: the node index of an affine layer (``network.affine_indices``).
     ``refine``: backward-pass intermediate bounds in the local bound (tighter, costlier);
-    ``"auto"`` uses them when ``linear_bounds.refine_work`` is at most ``REFINE_WORK``.
-    ``clock(phase)`` is entered around each phase (for timing breakdowns).
+    ``"auto"`` spends them where they pay: on every input when ``linear_bounds.refine_work``
+    is at most ``REFINE_WORK``, else, when it is at most ``REFINE_LIMIT``, a second search
+    from the unrefined radius for the inputs still below ``REFINE_BELOW`` times their
+    verified upper bound (``method`` then ends in ``(refined)``: some inputs were).
+    ``concretise``: ``"weight"`` concretises the local bound of a layer with several columns
+    (a convolution, a dense layer over a sequence) over the reachable set ``{D P~}``
+    (``certify.regions.WeightRegion``, tighter); ``"output"`` over the Z-space ball or box
+    containing it (earlier releases; for comparison). ``clock(phase)`` is entered around
+    each phase (for timing breakdowns).
 
     Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats,
     a non-integer index or a non-``Graph``, and ``certify.inputs.InputError`` (a
     ``ValueError``) for NaN/Inf inputs or weights, an empty batch, a shape the network cannot
-    take, an index that is not an affine layer, or an unknown ``norm`` or ``refine``.
+    take, an index that is not an affine layer, or an unknown ``norm``, ``refine`` or
+    ``concretise``.
     """
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+    if concretise not in CONCRETISE:
+        raise InputError(f"concretise must be one of {CONCRETISE}, got {concretise!r}")
     if refine not in (True, False, "auto"):
         raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
     x = inputs_for(network, x)
@@ -413,12 +253,14 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             lower_global = global_lower(network, index, scale, constants, y, margins, norm) * \
                 (1 - SAFETY)
         with clock("local"):
-            if refine == "auto":
-                refine = refine_work(network, index) <= REFINE_WORK
+            work = refine_work(network, index)
+            policy = refine == "auto"
+            if policy:
+                refine = work <= REFINE_WORK
             # The search needs a finite upper end; without a witness, beyond the estimate,
             # else far beyond the global bound, else ten times the weight itself.
             fallback = torch.where(torch.isfinite(estimate), 2 * estimate, 1e3 * lower_global)
-            fallback = torch.where(fallback > 0, fallback, 10 * float(_norm(
+            fallback = torch.where(fallback > 0, fallback, 10 * float(weight_norm(
                 layer.matrix[None], norm)[0]))
             cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
             # Without a global bound (through attention) the radius may lie orders of
@@ -431,9 +273,22 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             # infinite and the section-5 bound does not exist: the linear bounds alone
             # certify, with more evaluations.
             exists = global_exists(network, index, norm, constants)
-            local = local_lower(network, index, values, y, norm, scale, cap, constants,
+            local = local_lower(network, index, values, y, norm, P, scale, cap, constants,
                                 refine=refine, shrink=shrink, floor=wide,
+                                concretise=concretise,
                                 evaluations=8 if exists else 12) * (1 - SAFETY)
+            weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)
+            if policy and not refine and work <= REFINE_LIMIT and weak.any():
+                # The refined search starts from the unrefined radius (its bracket's lower
+                # end), so it can only raise it.
+                again = local_lower(network, index, [v[weak] for v in values], y[weak], norm,
+                                    P[weak], scale[weak], cap[weak], constants, refine=True,
+                                    shrink=shrink[weak], floor=local[weak],
+                                    concretise=concretise,
+                                    evaluations=8 if exists else 12) * (1 - SAFETY)
+                local = local.clone()
+                local[weak] = torch.maximum(local[weak], again)
+                refine = True
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
         method = ("lipschitz+crown" if exists else "crown") + ("(refined)" if refine else "")

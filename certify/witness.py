@@ -1,0 +1,210 @@
+"""Section 3 in weight space: the first-order estimate and verified witnesses (THEORY.md
+sections 2 and 3) for one affine layer ``Z = W P~ (+ b)``, every input at once.
+
+* ``first_order``: the back-propagated-margin estimate ``min_j m_j / ||g_j P~^T||_dual``,
+  ``g_j = d m_j / d Z`` (an ESTIMATE: exact while no activation flips, never a bound).
+* ``witness``: a weight change ``D`` that really changes the class, found by weight-space
+  DeepFool (the minimal-norm step of section 3 that zeroes the linearised smallest margin,
+  re-linearised until a forward pass flips the class) and shrunk by bisection; its norm is
+  a verified UPPER bound of the minimal radius.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from certify.operators import Affine
+
+WITNESS_GAP = 1e-12  # relative: how far another logit must pass the predicted one
+
+
+def augmented_weight(layer: Affine, bias: bool) -> torch.Tensor:
+    """``W~``: the weight matrix, with the bias as a last column when it is perturbed."""
+    W = layer.matrix
+    return torch.cat([W, layer.bias[:, None]], dim=1) if bias else W
+
+
+def _margin_gradients(network, index, Z, y, values):
+    """``g_j = d m_j / d Z`` for every class ``j`` as columns ``(B, C, m, L)``, and the
+    logits (every node that does not depend on the layer held at its value in ``values``)."""
+    Z = Z.detach().requires_grad_(True)
+    logits = network.run(index, Z, values)
+    layer = network.layer(index)
+    grads = []
+    for j in range(logits.shape[-1]):
+        m = logits.gather(-1, y[:, None])[:, 0] - logits[:, j]
+        (g,) = torch.autograd.grad(m.sum(), Z, retain_graph=True, allow_unused=True)
+        g = torch.zeros_like(Z) if g is None else g
+        grads.append(layer.columns(g))
+    return torch.stack(grads, dim=1), logits.detach()
+
+
+def _gradient(g: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """``d m_j / d D = g_j P~^T`` for one class per input: ``(B, m, L) x (B, n, L)``."""
+    return torch.matmul(g, P.transpose(1, 2))
+
+
+def _dual_norms(g: torch.Tensor, P: torch.Tensor, norm: str) -> torch.Tensor:
+    """``||g_j P~^T||_dual`` for every class, ``(B, C)``; rank one for dense layers."""
+    if P.shape[-1] == 1:  # ||g h^T||_F = ||g||_2 ||h||_2, ||g h^T||_sum = ||g||_1 ||h||_1
+        ord = 2 if norm == "fro" else 1
+        return torch.linalg.vector_norm(g[..., 0], ord=ord, dim=-1) * \
+            torch.linalg.vector_norm(P[:, None, :, 0], ord=ord, dim=-1)
+    return _dual(torch.matmul(g, P.transpose(1, 2)[:, None]), norm)
+
+
+def _dual(G: torch.Tensor, norm: str) -> torch.Tensor:
+    """Dual norm of a gradient w.r.t. ``D`` (last two axes): Frobenius or entrywise sum."""
+    return torch.linalg.matrix_norm(G) if norm == "fro" else G.abs().sum(dim=(-2, -1))
+
+
+def first_order(network, index, P, Z, y, norm, values):
+    """Section 3 estimate ``min_j m_j / ||g_j P~^T||_dual``; also ``g``, the margins and ratios."""
+    g, logits = _margin_gradients(network, index, Z, y, values)
+    m = logits.gather(-1, y[:, None]) - logits
+    ratio = (m / _dual_norms(g, P, norm)).scatter(-1, y[:, None], math.inf)
+    return ratio.amin(dim=-1), g, m, ratio
+
+
+def _step(G: torch.Tensor, m: torch.Tensor, norm: str) -> torch.Tensor:
+    """The minimal-norm ``D`` with ``<D, G> = -m`` (section 3, any ``G``)."""
+    if norm == "fro":
+        return -m[:, None, None] * G / torch.linalg.matrix_norm(G)[:, None, None] ** 2
+    return -m[:, None, None] * torch.sign(G) / G.abs().sum(dim=(-2, -1))[:, None, None]
+
+
+@dataclass(frozen=True)
+class Witness:
+    """Per-input weight perturbations that change the class.
+
+    Dense layers: every DeepFool step is rank one with the same right factor
+    (``h~`` for Frobenius, ``sign(h~)`` for entrywise max), so ``D = left right^T`` is stored
+    as its two factors (``(B, m)`` and ``(B, n)``). Convolutions: ``full`` is ``(B, m, n)``.
+    """
+
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+
+    def matrix(self) -> torch.Tensor:
+        return self.full if self.full is not None else self.left[:, :, None] * self.right[:, None, :]
+
+    def norm(self, norm: str) -> torch.Tensor:
+        if self.full is not None:
+            return weight_norm(self.full, norm)
+        ord = 2 if norm == "fro" else math.inf
+        return torch.linalg.vector_norm(self.left, ord=ord, dim=-1) * \
+            torch.linalg.vector_norm(self.right, ord=ord, dim=-1)
+
+    def scaled(self, t: torch.Tensor) -> "Witness":
+        if self.full is not None:
+            return Witness(full=t[:, None, None] * self.full)
+        return Witness(left=t[:, None] * self.left, right=self.right)
+
+    def change(self, P: torch.Tensor) -> torch.Tensor:
+        """``D P~`` as ``(B, m, L)``."""
+        if self.full is not None:
+            return torch.matmul(self.full, P)
+        return self.left[:, :, None] * (self.right[:, :, None] * P).sum(dim=1, keepdim=True)
+
+
+def weight_norm(D: torch.Tensor, norm: str) -> torch.Tensor:
+    """``||D||_F`` or ``||D||_max`` of a batch of matrices ``(B, m, n)``."""
+    return torch.linalg.matrix_norm(D) if norm == "fro" else D.abs().amax(dim=(-2, -1))
+
+
+def _unperturbed(layer, W, P, bias) -> torch.Tensor:
+    """``W P~`` (+ the fixed bias) as ``(B, m, L)``: one matrix product for dense layers."""
+    if P.shape[-1] == 1:
+        Z = (P[..., 0] @ W.T)[..., None]
+    else:
+        Z = torch.matmul(W, P)
+    return Z if bias else Z + layer.bias[:, None]
+
+
+def _perturbed(layer: Affine, Z0: torch.Tensor, D: Witness, P, out_shape) -> torch.Tensor:
+    """``Z = (W + D) P~ (+ b) = Z0 + D P~``, shaped like the layer's output."""
+    return layer.uncolumns(Z0 + D.change(P), out_shape)
+
+
+def _flips(network, index, Z0, D: Witness, P, y, out_shape, values) -> torch.Tensor:
+    """Forward pass with the perturbed weights ``W + D``: did the class change?"""
+    Z = _perturbed(network.layer(index), Z0, D, P, out_shape)
+    logits = network.run(index, Z, values)
+    # Another class must win by more than rounding: a tie decided by the last bit is no
+    # witness (certify check accepts it only beyond the same relative gap).
+    gap = logits.scatter(-1, y[:, None], -math.inf).amax(-1) - logits.gather(-1, y[:, None])[:, 0]
+    return gap > WITNESS_GAP * logits.abs().amax(-1)
+
+
+def _start(W, P, norm, start) -> Witness:
+    if start is not None:
+        return start
+    if P.shape[-1] > 1:
+        return Witness(full=W.new_zeros(P.shape[0], *W.shape))
+    h = P[..., 0]
+    right = h if norm == "fro" else torch.sign(h)
+    return Witness(left=W.new_zeros(P.shape[0], W.shape[0]), right=right)
+
+
+def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) -> torch.Tensor:
+    """Left factor of the section-3 step for ``G = g h^T`` (the right factor is fixed)."""
+    if norm == "fro":
+        scale = (g**2).sum(-1) * (h**2).sum(-1)
+        return -m[:, None] * g / scale[:, None]
+    scale = g.abs().sum(-1) * h.abs().sum(-1)
+    return -m[:, None] * torch.sign(g) / scale[:, None]
+
+
+def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None = None,
+            iterations: int = 50, overshoot: float = 1.02,
+            values=()) -> tuple[torch.Tensor, Witness]:
+    """A verified ``D`` that changes the class, per input; ``(upper, D)``.
+
+    Weight-space DeepFool from ``start`` (zero by default): step to the minimal-norm ``D``
+    that zeroes the linearised smallest margin (section 3), overshot by ``overshoot`` and
+    by ``2 WITNESS_GAP max|o|`` (so that a step from a near-tie still passes it), re-linearise,
+    repeat until a forward pass with ``W + D`` changes the class by more than rounding
+    (``_flips``); then shrink ``t D`` by bisection while it
+    still does. ``upper`` is ``inf`` where no witness was found. ``values``: every node's
+    unperturbed value (``network.values(x)``).
+    """
+    layer = network.layer(index)
+    W = augmented_weight(layer, bias)
+    B = P.shape[0]
+    D = _start(W, P, norm, start)
+    Z0 = _unperturbed(layer, W, P, bias)  # computed once: every step only adds D P~
+    rows = torch.arange(B, device=P.device)
+    push = 2 * WITNESS_GAP * values[-1].abs().amax(-1)
+    for _ in range(iterations):
+        done = _flips(network, index, Z0, D, P, y, out_shape, values)
+        if done.all():
+            break
+        Z = _perturbed(layer, Z0, D, P, out_shape)
+        _, g, m, ratio = first_order(network, index, P, Z, y, norm, values)
+        j = ratio.argmin(dim=-1)
+        # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
+        stuck = ~torch.isfinite(ratio[rows, j])
+        keep = (done | stuck)
+        if D.full is not None:
+            step = _step(_gradient(g[rows, j], P), m[rows, j] * overshoot + push, norm)
+            D = Witness(full=torch.where(keep[:, None, None], D.full, D.full + step))
+        else:
+            step = _dense_step(g[rows, j][..., 0], m[rows, j] * overshoot + push, P[..., 0],
+                               norm)
+            D = Witness(left=torch.where(keep[:, None], D.left, D.left + step), right=D.right)
+        if keep.all():
+            break
+    found = _flips(network, index, Z0, D, P, y, out_shape, values)
+    lo, hi = W.new_zeros(B), W.new_ones(B)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, values)
+        hi = torch.where(flip & found, mid, hi)
+        lo = torch.where(flip & found, lo, mid)
+    D = D.scaled(hi)
+    upper = torch.where(found, D.norm(norm), torch.full_like(hi, math.inf))
+    return upper, D
