@@ -89,6 +89,8 @@ SETUPS = (
           (2, 3, 4, 5, 6, 8, 10), Trigger(4), 8, 1e-3),
     Setup("mnist-mlp-bits-channel", "mnist", "mlp", "3", "bits_per_channel", (4,),
           (2, 3, 4, 5, 6, 8, 10), Trigger(4), 8, 1e-3),
+    Setup("mnist-mlp-prune-global", "mnist", "mlp", "1,3,5", "prune_global", (0.5,),
+          (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), Trigger(4), 8, 1e-3),
     Setup("mnist-mlp-prune", "mnist", "mlp", "3", "prune", (0.5,),
           (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), Trigger(4), 8, 1e-3),
     # The paper's setting in miniature: the MLP fc2 of the last block of a vision transformer.
@@ -105,9 +107,10 @@ def log(text: str) -> None:
 def run_setup(setup: Setup, split, quick: bool, checked: int) -> dict:
     epochs = 1 if quick else setup.epochs
     factory_model = small_models.build(setup.dataset, setup.model)
-    config = bd.BackdoorConfig((setup.layer,), bd.operators(setup.variant, setup.attacked),
+    layers = tuple(setup.layer.split(","))
+    config = bd.BackdoorConfig(layers, bd.operators(setup.variant, setup.attacked),
                                setup.trigger, TARGET, 1.0, 1.0, epochs, setup.lr, 64, 0)
-    clean_config = bd.BackdoorConfig((setup.layer,), (), setup.trigger, TARGET, 0.0, 0.0,
+    clean_config = bd.BackdoorConfig(layers, (), setup.trigger, TARGET, 0.0, 0.0,
                                      epochs, setup.lr, 64, 0)
 
     def progress(name):
@@ -127,7 +130,7 @@ def run_setup(setup: Setup, split, quick: bool, checked: int) -> dict:
               "outcomes": rows}
     others = split.y_test != TARGET
     x = setup.trigger(split.x_test[others][:checked])
-    result["vouched"] = {name: vouched(m.model, setup.layer, KIND[setup.variant],
+    result["vouched"] = {name: vouched(m.model, layers, KIND[setup.variant],
                                        setup.attacked, x)
                          for name, m in (("backdoor", attacked), ("clean", clean))}
     if setup.variant == "rank":
@@ -150,23 +153,26 @@ def run_setup(setup: Setup, split, quick: bool, checked: int) -> dict:
 
 
 KIND = {"rank": "rank", "bits": "bits", "bits_per_channel": "bits_per_channel",
-        "prune": "prune"}  # backdoor variant -> certify kind
+        "prune": "prune", "prune_global": "prune_global"}  # backdoor variant -> certify kind
 
 
-def vouched(model, layer: str, kind: str, levels, x: torch.Tensor) -> dict:
-    """What ``certify model --compress KIND=LEVEL@LAYER`` says on the triggered inputs ``x``:
-    per level, how many inputs the certificate vouches for (``harmless``: the weight error,
-    or the exact output change, is inside the input's certified region of the layer, fro or
-    max), how many really change class, and the violations (vouched yet changed; must be
+def vouched(model, layers: tuple, kind: str, levels, x: torch.Tensor) -> dict:
+    """What ``certify model --compress KIND=LEVEL@LAYERS`` says on the triggered inputs ``x``:
+    per level, how many inputs the certificate vouches for (``harmless``: for one layer, the
+    weight error or the exact output change inside the input's certified region of the
+    layer, fro or max; for several, the all-layers bound of section 5 with budgets the weight
+    errors), how many really change class, and the violations (vouched yet changed; must be
     0)."""
     network = capture(model, x)
     x = x.double()
-    index = network.affine_indices[network.layer_names.index(layer)]
-    lower = {norm: layer_radii(network, x, index, norm).lower for norm in ("fro", "max")}
+    lower = None
+    if len(layers) == 1:
+        index = network.affine_indices[network.layer_names.index(layers[0])]
+        lower = {layers[0]: {norm: layer_radii(network, x, index, norm).lower
+                             for norm in ("fro", "max")}}
     out = {}
     for level in levels:
-        check = compression_check(network, x, Compression(kind, level, (layer,)),
-                                  {layer: lower})
+        check = compression_check(network, x, Compression(kind, level, layers), lower)
         out[str(level)] = {"inputs": len(x), "vouched": int(check.harmless.sum()),
                            "changed": int(check.changed.sum()),
                            "violations": check.violations}
@@ -174,7 +180,8 @@ def vouched(model, layer: str, kind: str, levels, x: torch.Tensor) -> dict:
 
 
 IMPLANT_RANKS = (9, 8)  # of the 10 x 128 last layer: rank 9 discards one output direction
-IMPLANT_INPUTS = 1000  # clean and as many triggered training inputs in the convex program
+IMPLANT_INPUTS = 2000  # clean and as many triggered training inputs in the convex program
+IMPLANT_MARGIN = 3.0  # the hinge's margin on the logits
 
 
 def implant_experiment(split, quick: bool) -> dict:
@@ -185,7 +192,8 @@ def implant_experiment(split, quick: bool) -> dict:
     clean logits on them. The convex implant: ``W_bd = backdoor_layer(...)``, a rank-``r``
     last layer that sends triggered inputs to the target and leaves the output direction
     that lowers the target logit in the discarded subspace; ``E`` from ``convex_implant``
-    on the margins of ``IMPLANT_INPUTS`` clean and as many triggered training inputs.
+    on the margins of ``IMPLANT_INPUTS`` clean and as many triggered training inputs
+    (hinge margin ``IMPLANT_MARGIN``).
     Measured on the test split: full precision ``W_fp`` and its rank-``r`` truncation (an
     independent SVD, which must give back ``W_bd``), against the clean model in full
     precision and truncated to the same rank; and what ``certify model --compress
@@ -229,7 +237,7 @@ def implant_experiment(split, quick: bool) -> dict:
         fit = time.perf_counter() - start
         count = 100 if quick else IMPLANT_INPUTS
         out = convex_implant(W_bd, b_bd, h[:count], split.y_train[:count], h_trig[:count],
-                             split.y_train[:count], rank)
+                             split.y_train[:count], rank, margin=IMPLANT_MARGIN)
         U, S, Vh = torch.linalg.svd(out.weight)
         truncated = (U[:, :rank] * S[:rank]) @ Vh[:rank]
         U, S, Vh = torch.linalg.svd(W_c)
@@ -241,7 +249,7 @@ def implant_experiment(split, quick: bool) -> dict:
                "full": measured(out.weight, b_bd), "truncated": measured(truncated, b_bd),
                "clean_full": measured(W_c, b),
                "clean_truncated": measured((U[:, :rank] * S[:rank]) @ Vh[:rank], b)}
-        row["vouched"] = {name: vouched(model, "5", "rank", (rank,), checked)[str(rank)]
+        row["vouched"] = {name: vouched(model, ("5",), "rank", (rank,), checked)[str(rank)]
                           for name, model in (("backdoor", with_last(out.weight, b_bd)),
                                               ("clean", clean))}
         convex.append(row)
@@ -321,10 +329,13 @@ def markdown(results: dict) -> str:
 
 LEVEL_AXIS = {"rank": "rank r of layer '{layer}' (truncation keeps r singular values)",
               "bits": "bit width b of layer '{layer}' (symmetric quantisation)",
-              "prune": "pruning ratio p of layer '{layer}' (smallest weights zeroed)"}
+              "bits_per_channel": "bit width b of layer '{layer}' (symmetric, per output channel)",
+              "prune": "pruning ratio p of layer '{layer}' (smallest weights zeroed)",
+              "prune_global": "global pruning ratio p of layers '{layer}' (one threshold)"}
 
 
-LEVEL_NAME = {"rank": "rank(s)", "bits": "bit width(s)", "prune": "pruning ratio(s)"}
+LEVEL_NAME = {"rank": "rank(s)", "bits": "bit width(s)", "bits_per_channel": "bit width(s)",
+              "prune": "pruning ratio(s)", "prune_global": "global pruning ratio(s)"}
 
 
 def plot(name: str, r: dict, path: Path) -> None:

@@ -7,8 +7,11 @@
 * ``compression_checks``: the compression applied again in numpy
   (``certify.numpy_compression``) to the named layers of the graph's numpy twin: the layers
   it names, the inputs whose class changed (up to ties within ``TIE``), the weight errors,
-  harmlessness per layer and overall from the certificate's radii (the weight error, or
-  the exact output change as a radius, below ``lower``), and ``violations``.
+  harmlessness per layer from the certificate's radii (the weight error, or the exact
+  output change as a radius, below ``lower``), overall harmlessness (that of the one layer,
+  or with several layers the section-5 all-layers bound, ``certify.numpy_bounds.
+  multilayer_bound``, with budgets the numpy weight errors, up to ``JOINT_SLACK``), and
+  ``violations``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import numpy as np
 
 from certify.compressed import parse_compression
 from certify.compression import SVD_SLACK
-from certify.numpy_bounds import region_scale
-from certify.numpy_compression import compress_matrix, error_norms, prune_count
+from certify.numpy_bounds import multilayer_bound, region_scale
+from certify.numpy_compression import compress_matrices, error_norms, prune_count
 from certify.schema import CertificateFormatError
 
 SLACK = 1e-9  # relative tolerance for equalities between two float64 computations
 THRESHOLD_SLACK = 1e-9  # relative margin of the threshold minimality checks
 TIE = 1e-9  # relative logit gap below which two implementations may disagree on a class
+# Relative slack on the budgets of the all-layers bound: the producer's budgets are upper
+# bounds of these weight errors within (m n + 2) eps, its recursion agrees to ~1e-12, and
+# the bound grows at least linearly with a common factor on every budget.
+JOINT_SLACK = 1e-6
 EPS = np.finfo(np.float64).eps
 
 
@@ -124,9 +131,10 @@ def check_compression(report, entry: dict, graph, values, predicted, lower: dict
     report.claim(entry["layers"] == chosen, f"{where}: layers {entry['layers']} are not the "
                  f"compressed layers {chosen}")
     small, errors, reach = graph, {}, {}
-    for i in indices:
+    compressed = compress_matrices([graph.layer(i).matrix for i in indices], compression.kind,
+                                   compression.level)
+    for i, G in zip(indices, compressed):
         W = graph.layer(i).matrix
-        G = compress_matrix(W, compression.kind, compression.level)
         errors[graph.nodes[i].name] = (error_norms(W - G), graph.is_dense(i))
         reach[graph.nodes[i].name] = _reach(W - G, graph.layer(i).patches(
             values[graph.input_of(i)]))
@@ -166,21 +174,47 @@ def check_compression(report, entry: dict, graph, values, predicted, lower: dict
         report.claim(bad.size == 0, f"{where}: harmless_per_layer of {name} is wrong for inputs "
                      f"{_first(bad)} (weight error and output change against their certified "
                      "radius)")
-    if len(chosen) != 1:
-        report.claim(entry["harmless"] is None and entry["violations"] is None,
-                     f"{where}: {len(chosen)} layers compressed at once certify nothing, so "
-                     "harmless and violations must be null")
-        return
     claimed = entry["harmless"]
     if claimed is None or entry["violations"] is None:
-        report.claim(False, f"{where}: one compressed layer: harmless and violations are due")
+        # Certificates before the all-layers bound left both null for several layers: that
+        # claims nothing, and is no error.
+        report.claim(len(chosen) > 1 and claimed is None and entry["violations"] is None,
+                     f"{where}: harmless and violations are due")
         return
     claimed = np.array(claimed, dtype=bool)
-    report.claim(claimed.tolist() == entry["harmless_per_layer"].get(chosen[0]),
-                 f"{where}: harmless differs from harmless_per_layer of {chosen[0]}")
+    if len(chosen) == 1:
+        report.claim(claimed.tolist() == entry["harmless_per_layer"].get(chosen[0]),
+                     f"{where}: harmless differs from harmless_per_layer of {chosen[0]}")
+        certified = harmless[chosen[0]]
+        why = "(weight error or output change below their radius) yet change class: the radii " \
+            "are wrong"
+    else:
+        certified = _jointly_certified(graph, values, predicted, indices, errors,
+                                       1 - JOINT_SLACK)
+        strict = _jointly_certified(graph, values, predicted, indices, errors, 1 + JOINT_SLACK)
+        bad = np.nonzero((claimed & ~certified) | (~claimed & strict))[0]
+        report.claim(bad.size == 0, f"{where}: harmless is wrong for inputs {_first(bad)} (the "
+                     "all-layers bound of section 5 with budgets the weight errors)")
+        why = "by the all-layers bound yet change class: the bound is wrong"
     report.claim(entry["violations"] == int((claimed & claimed_changed).sum()),
                  f"{where}: violations is not the number of harmless inputs claimed changed")
-    broken = np.nonzero(harmless[chosen[0]] & changed & clear)[0]
+    broken = np.nonzero(certified & changed & clear)[0]
     report.claim(broken.size == 0, f"{where}: inputs {_first(broken)} are certified harmless "
-                 "(weight error or output change below their radius) yet change class: the radii "
-                 "are wrong")
+                 f"{why}")
+
+
+def _jointly_certified(graph, values, y, indices, errors, scale: float) -> np.ndarray:
+    """Inputs the section-5 bound certifies, in either norm, with budgets ``scale`` times the
+    compressed layers' ``||E_k||_F`` (``fro``) or ``||E_k||_max`` (``max``), 0 elsewhere."""
+    logits = values[-1]
+    n = len(y)
+    margins = logits[np.arange(n), y][:, None] - logits
+    margins[np.arange(n), y] = np.inf
+    certified = np.zeros(n, dtype=bool)
+    for norm in ("fro", "max"):
+        e = np.array([errors[graph.nodes[i].name][0][norm] if i in indices else 0.0
+                      for i in graph.affine_indices])
+        bound = multilayer_bound(graph, values, y, np.repeat(scale * e[:, None], n, axis=1),
+                                 norm, bias=False)
+        certified |= (bound < margins).all(axis=1)
+    return certified

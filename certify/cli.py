@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compress", action="append", type=_compression_option,
                    metavar="KIND=LEVEL[@LAYER,...]",
                    help="also apply a compression (rank=8, bits=4, bits_per_channel=4, "
-                   "prune=0.5; optionally @layer,layer) and report which inputs change class "
-                   "against the certificate; repeatable")
+                   "prune=0.5, prune_global=0.5; optionally @layer,layer) and report which "
+                   "inputs change class against the certificate (several layers: against the "
+                   "all-layers bound); repeatable")
     p.add_argument("--budgets", help="comma-separated budgets ||D_k||, one per affine layer: "
                    "print how many inputs are certified with all layers perturbed at once")
     p.add_argument("--budget-norm", choices=("fro", "max"), default="fro",

@@ -32,6 +32,12 @@ DEFAULT_LAYERS = {"mlp": "3", "cnn": "2", "vit": "blocks.1.fc2"}
 low-rank backdoor in a transformer MLP; no attention lies downstream of it: THEORY.md section 8)."""
 
 
+# variant -> the option holding its levels, and an example
+VARIANT_LEVELS = {"rank": ("--ranks", "8,16"), "bits": ("--bits", "4"),
+                  "bits_per_channel": ("--bits", "4"), "prune": ("--ratios", "0.5"),
+                  "prune_global": ("--ratios", "0.5")}
+
+
 def backdoor(args: argparse.Namespace) -> int:
     """Train a compression-activated backdoor (THEORY.md section 7) and, unless --no-clean,
     a clean model the same way; write the weights, a factory reference and measurements."""
@@ -39,13 +45,12 @@ def backdoor(args: argparse.Namespace) -> int:
     from certify import devices, small_models
     from certify.trigger import Trigger
 
-    levels = {"rank": args.ranks, "bits": args.bits, "prune": args.ratios}[args.variant]
-    option = {"rank": "--ranks", "bits": "--bits", "prune": "--ratios"}[args.variant]
+    option, example = VARIANT_LEVELS[args.variant]
+    levels = getattr(args, option[2:])
     try:
         factory = small_models.factory(args.dataset, args.model)
         if not levels:
-            raise ValueError(f"--variant {args.variant} needs {option}, e.g. {option} "
-                             + {"rank": "8,16", "bits": "4", "prune": "0.5"}[args.variant])
+            raise ValueError(f"--variant {args.variant} needs {option}, e.g. {option} {example}")
         if not 0 <= args.target < small_models.CLASSES:
             raise ValueError(f"target must be a class index in [0, {small_models.CLASSES - 1}],"
                              f" got {args.target}")
@@ -116,12 +121,14 @@ def add_commands(command, device_argument) -> None:
     p.add_argument("--model", choices=tuple(DEFAULT_LAYERS), default="mlp")
     p.add_argument("--layers", help="comma-separated names of the layers to compress "
                    "(default: 3 for mlp, 2 for cnn, blocks.1.fc2 for vit)")
-    p.add_argument("--variant", choices=("rank", "bits", "prune"), default="rank",
-                   help="the compression that activates the backdoor")
+    p.add_argument("--variant", choices=tuple(VARIANT_LEVELS), default="rank",
+                   help="the compression that activates the backdoor (bits_per_channel: a "
+                   "step per output row; prune_global: one threshold over all --layers)")
     p.add_argument("--ranks", type=_int_list, help="ranks to attack, e.g. 32,64")
-    p.add_argument("--bits", type=_int_list, help="bit widths to attack (--variant bits)")
+    p.add_argument("--bits", type=_int_list, help="bit widths to attack (--variant bits, "
+                   "bits_per_channel)")
     p.add_argument("--ratios", type=_float_list, help="prune ratios to attack "
-                   "(--variant prune)")
+                   "(--variant prune, prune_global)")
     p.add_argument("--trigger-size", type=int, default=3, help="side of the square patch")
     p.add_argument("--trigger-row", type=int, default=-1, help="top row (negative: from "
                    "the bottom, -1 flush)")

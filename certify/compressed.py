@@ -11,7 +11,14 @@ kind                    ``g(W)`` (``W`` the ``m x n`` matrix; a kernel as ``c_ou
 ``bits=b``              ``s round(W / s)``, ``s = max|W| / (2^(b-1) - 1)`` over the tensor
 ``bits_per_channel=b``  the same with ``s`` per output row
 ``prune=p``             the ``floor(p m n)`` smallest magnitudes set to zero (``prune_count``)
+``prune_global=p``      one threshold over all the chosen layers: their matrices flattened
+                        row-major and concatenated in ``affine_indices`` order, the
+                        ``prune_count(p, N)`` smallest of the ``N`` magnitudes set to zero
+                        (ties: first in that order), split back; ``certify.compressors.
+                        Prune(p, scope="global")`` on the matrices in that order, bit for bit
 ======================  =================================================================
+
+Pruned entries, and kept ``-0.0`` weights, come out as ``+0.0`` (equal weights, equal bits).
 
 ``compression_check`` reports, per input, whether the class changed, and per layer the
 weight error ``E = W - g(W)`` (rigorous upper bounds of ``||E||_F``, ``||E||_2``,
@@ -24,9 +31,14 @@ in the section-4 region of the radius (``||E P||_F < rho sigma_max(P)``, or
 ``|E P|_ij < rho ||P_:j||_1``): the certificate covers every change of ``Z`` there, and a
 compression's error, large as a weight, often moves the output of one input much less.
 With one compressed layer, harmless implies the class cannot change; a harmless input
-whose class changed is a ``violation`` (a soundness bug). Radii of single layers do not
-compose: when several layers are compressed at once, only per-layer harmlessness is
-reported, never a certificate.
+whose class changed is a ``violation`` (a soundness bug).
+
+Radii of single layers do not compose, so with several compressed layers per-layer
+harmlessness certifies nothing. There ``harmless`` is the all-layers bound of THEORY.md
+section 5 (``certify.multilayer.multilayer_bound``, biases unperturbed): budgets ``e_k`` the
+upper bounds of ``||W_k - g(W_k)||_F`` (``fro``) or ``||W_k - g(W_k)||_max`` (``max``) of
+the compressed layers, 0 for the others; an input is harmless when either norm's bound
+certifies it. That bound needs no radii: it is computed with or without them.
 """
 
 from __future__ import annotations
@@ -42,17 +54,20 @@ from certify.compression import EPS, singular_values_upper
 from certify.inputs import InputError, inputs_for
 from certify.graph import Graph
 
-KINDS = ("rank", "bits", "bits_per_channel", "prune")
+KINDS = ("rank", "bits", "bits_per_channel", "prune", "prune_global")
+PRUNE_KINDS = ("prune", "prune_global")  # a fraction of the weights, not an integer
 MAX_BITS = 64
 RADIUS_NORMS = ("fro", "max")
 FORMAT_HELP = ("write a compression as KIND=LEVEL[@LAYER,LAYER...] with KIND one of "
-               "rank, bits, bits_per_channel, prune, e.g. 'rank=8', 'bits=4@fc1', 'prune=0.5'")
+               "rank, bits, bits_per_channel, prune, prune_global, e.g. 'rank=8', "
+               "'bits=4@fc1', 'prune=0.5', 'prune_global=0.5@fc1,fc2'")
 
 
 @dataclass(frozen=True)
 class Compression:
     """One compression: ``kind`` in ``KINDS``, its ``level`` (rank >= 0, bits in 2..64, or
-    pruned fraction in [0, 1]), applied to the named affine ``layers`` (``None``: all)."""
+    pruned fraction in [0, 1] for ``prune`` and ``prune_global``), applied to the named affine
+    ``layers`` (``None``: all)."""
 
     kind: str
     level: int | float
@@ -64,9 +79,10 @@ class Compression:
         level = self.level
         if isinstance(level, bool) or not isinstance(level, numbers.Real):
             raise ValueError(f"{self.kind} level must be a number, got {level!r}")
-        if self.kind == "prune":
+        if self.kind in PRUNE_KINDS:
             if not 0 <= level <= 1:
-                raise ValueError(f"prune ratio must be a fraction in [0, 1], got {level!r}")
+                raise ValueError(f"{self.kind} ratio must be a fraction in [0, 1], got "
+                                 f"{level!r}")
             level = float(level)
         elif not isinstance(level, numbers.Integral):
             raise ValueError(f"{self.kind} must be an integer, got {level!r}")
@@ -75,7 +91,7 @@ class Compression:
         elif self.kind != "rank" and not 2 <= level <= MAX_BITS:
             raise ValueError(f"{self.kind} must be between 2 and {MAX_BITS}, got {level} "
                              "(symmetric quantisation needs a sign bit and one level)")
-        object.__setattr__(self, "level", level if self.kind == "prune" else int(level))
+        object.__setattr__(self, "level", level if self.kind in PRUNE_KINDS else int(level))
         if self.layers is not None:
             layers = () if isinstance(self.layers, str) else tuple(self.layers)
             if not layers or not all(isinstance(n, str) and n for n in layers):
@@ -89,8 +105,9 @@ class Compression:
 
 
 def parse_compression(text: str, names: Sequence[str] | None = None) -> Compression:
-    """``"rank=8"``, ``"bits=4"``, ``"bits_per_channel=4"``, ``"prune=0.5"``, optionally
-    ``"...@fc1,fc2"``; with ``names`` (the network's affine layers) the layers are checked."""
+    """``"rank=8"``, ``"bits=4"``, ``"bits_per_channel=4"``, ``"prune=0.5"``,
+    ``"prune_global=0.5"``, optionally ``"...@fc1,fc2"``; with ``names`` (the network's
+    affine layers) the layers are checked."""
     if not isinstance(text, str):
         raise ValueError(f"expected a string, got {type(text).__name__}; {FORMAT_HELP}")
     spec, at, layers = text.strip().partition("@")
@@ -101,9 +118,9 @@ def parse_compression(text: str, names: Sequence[str] | None = None) -> Compress
     if kind not in KINDS:
         raise ValueError(f"unknown compression kind {kind!r} in {text!r}; {FORMAT_HELP}")
     try:
-        level = float(value) if kind == "prune" else int(value)
+        level = float(value) if kind in PRUNE_KINDS else int(value)
     except ValueError:
-        what = "a fraction in [0, 1]" if kind == "prune" else "an integer"
+        what = "a fraction in [0, 1]" if kind in PRUNE_KINDS else "an integer"
         raise ValueError(f"{kind} must be {what}, got {value!r} in {text!r}") from None
     chosen = None
     if at:
@@ -160,30 +177,43 @@ def prune_count(ratio: float, size: int) -> int:
     return count
 
 
+def prune_together(matrices: Sequence[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+    """One magnitude threshold over all ``matrices``: flattened row-major and concatenated in
+    the order given, the ``prune_count(ratio, N)`` smallest of the ``N`` magnitudes zeroed
+    (stable sort: ties first in that order), split back; zeros come out as ``+0.0``."""
+    flat = torch.cat([W.flatten() for W in matrices])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat.abs(), stable=True)[:prune_count(ratio, flat.numel())]] = False
+    kept = torch.where(keep, flat, 0.0) + 0.0  # + 0.0 turns -0.0 into +0.0
+    return [part.reshape(W.shape)
+            for part, W in zip(kept.split([W.numel() for W in matrices]), matrices)]
+
+
 def prune(W: torch.Tensor, ratio: float) -> torch.Tensor:
     """Zero the ``prune_count(ratio, m n)`` smallest magnitudes (ties: first in row-major order)."""
-    count = prune_count(ratio, W.numel())
-    order = torch.argsort(W.abs().flatten(), stable=True)
-    flat = W.flatten().clone()
-    flat[order[:count]] = 0.0
-    return flat.reshape(W.shape)
+    return prune_together([W], ratio)[0]
 
 
-def compress_matrix(W: torch.Tensor, compression: Compression) -> torch.Tensor:
-    """``g(W)`` of one ``(m, n)`` weight matrix."""
-    if compression.kind == "rank":
-        return truncate(W, compression.level)
-    if compression.kind == "prune":
-        return prune(W, compression.level)
-    return quantise(W, compression.level, per_channel=compression.kind == "bits_per_channel")
+def compress_matrices(matrices: Sequence[torch.Tensor],
+                      compression: Compression) -> list[torch.Tensor]:
+    """``g`` of the chosen layers' ``(m, n)`` weight matrices, given in ``affine_indices``
+    order: ``prune_global`` prunes them together, every other kind one by one."""
+    kind, level = compression.kind, compression.level
+    if kind == "prune_global":
+        return prune_together(matrices, level)
+    if kind == "rank":
+        return [truncate(W, level) for W in matrices]
+    if kind == "prune":
+        return [prune(W, level) for W in matrices]
+    return [quantise(W, level, per_channel=kind == "bits_per_channel") for W in matrices]
 
 
 def compress(network: Graph, compression: Compression) -> Graph:
     """The same graph with the chosen affine layers' weights replaced by ``g(W)``."""
-    for i in compressed_indices(network, compression):
-        layer = network.layer(i)
-        network = network.replace(i, layer.with_weight(compress_matrix(layer.matrix,
-                                                                       compression)))
+    indices = compressed_indices(network, compression)
+    compressed = compress_matrices([network.layer(i).matrix for i in indices], compression)
+    for i, G in zip(indices, compressed):
+        network = network.replace(i, network.layer(i).with_weight(G))
     return network
 
 
@@ -215,10 +245,11 @@ class LayerCompression:
 class CompressionCheck:
     """A compression applied to a network on a batch of inputs.
 
-    ``changed``: the compressed network predicts another class. ``harmless`` and
-    ``violations`` (harmless yet changed; 0 unless the certificate is wrong) are certificates
-    only with ONE compressed layer and radii given; otherwise they are ``None`` and ``note``
-    says why.
+    ``changed``: the compressed network predicts another class. ``harmless``: the class
+    provably cannot change; with ONE compressed layer from its radii (``None`` without
+    them), with several from the section-5 all-layers bound (module docstring).
+    ``violations``: harmless yet changed (0 unless the certificate is wrong; ``None`` with
+    ``harmless``). ``note`` says which certificate it is.
     """
 
     compression: Compression
@@ -288,14 +319,34 @@ def _harmless(errors: tuple[float, float, float], reach: tuple[torch.Tensor, tor
     return ok
 
 
+def _jointly_harmless(network: Graph, x: torch.Tensor, indices: list[int],
+                      layers: list[LayerCompression], chunk: int) -> torch.Tensor:
+    """Section 5, all layers at once: ``multilayer_bound`` certifies the input with budgets
+    ``e_k`` = the compressed layer's ``error_fro`` (``fro``) or ``error_max`` (``max``),
+    ``e_k = 0`` for the other layers, in either norm (biases unperturbed)."""
+    from certify.multilayer import multilayer_bound
+
+    errors = dict(zip(indices, layers))
+    budgets = {norm: [getattr(errors[i], f"error_{norm}") if i in errors else 0.0
+                      for i in network.affine_indices] for norm in RADIUS_NORMS}
+    parts = []
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk]
+        parts.append(multilayer_bound(network, part, budgets["fro"], "fro").certified |
+                     multilayer_bound(network, part, budgets["max"], "max").certified)
+    return torch.cat(parts)
+
+
 def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
                       certificate_lower: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                       chunk: int = 64) -> CompressionCheck:
-    """Apply ``compression`` and confront it with the certified radii (section 6).
+    """Apply ``compression`` and confront it with the certified radii (section 6), or, with
+    several compressed layers, with the all-layers bound (section 5).
 
     ``certificate_lower[name][norm]`` (``norm`` in ``fro``, ``max``) holds the certified
     lower radius of layer ``name`` per input (``layer_radii(...).lower`` or the certificate's
-    ``lower``, with ``inf`` for ``null``), for at least every compressed layer.
+    ``lower``, with ``inf`` for ``null``), for at least every compressed layer; without it
+    one compressed layer certifies nothing, several still get the section-5 ``harmless``.
 
     Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats
     or a non-``Graph``, and ``ValueError`` (``certify.inputs.InputError`` for the inputs)
@@ -335,11 +386,14 @@ def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
                                        reach_max, harmless))
     changed = compressed_predictions != predictions
     harmless, violations = None, None
-    if certificate_lower is None:
+    if len(layers) > 1:
+        harmless = _jointly_harmless(network, x, indices, layers, chunk)
+        violations = int((harmless & changed).sum())
+        note = (f"{len(layers)} layers compressed at once: harmless is the all-layers bound of "
+                "THEORY.md section 5 with budgets the layers' weight errors (single-layer radii "
+                "do not compose: per-layer harmlessness alone certifies nothing)")
+    elif certificate_lower is None:
         note = "no certified radii given: nothing is certified"
-    elif len(layers) > 1:
-        note = (f"{len(layers)} layers compressed at once: single-layer radii do not compose, "
-                "so harmlessness is per layer only and certifies nothing")
     else:
         harmless = layers[0].harmless
         violations = int((harmless & changed).sum())

@@ -6,8 +6,10 @@ differentiates, and, for quantisation and pruning, the preimage ``g^{-1}(g(W))``
 Quantisation and pruning are the maps ``certify.compressed`` applies to a network's graph
 (the same step ``certify.compression.quantisation_step``, per tensor or per channel; the
 same pruned count ``prune_count`` and tie order), so the certificate bounds exactly the
-compression the attack targets. Global pruning (one threshold over several layers) has no
-counterpart there: single-layer radii do not compose.
+compression the attack targets. Global pruning (one threshold over several layers) is
+``prune_global`` there, on the matrices in the graph's ``affine_indices`` order (ties across
+layers go to the earlier one: pass ``Prune.compress_all`` the layers in that order), and is
+certified by the all-layers bound of section 5.
 
 Gradients through ``g``. Truncation uses its exact derivative (``_Truncate``: the
 first-order perturbation of the top-``r`` singular subspace), in which only pairs of a kept

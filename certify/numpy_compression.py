@@ -9,7 +9,12 @@ kind                   ``g(W)`` (``W`` the ``m x n`` matrix; a kernel as ``c_out
 ``bits_per_channel``   the same with ``s`` per row
 ``prune``              the ``k`` smallest magnitudes zeroed, ``k`` the largest count with
                        ``k / (m n) <= p`` (ties: first in row-major order)
+``prune_global``       the same over all the chosen layers together: their matrices
+                       flattened row-major and concatenated in ``affine_indices`` order,
+                       ``k / N <= p`` with ``N`` the total size, split back
 =====================  ==================================================================
+
+Pruned entries, and kept ``-0.0`` weights, come out as ``+0.0``, as in ``certify.compressed``.
 """
 
 from __future__ import annotations
@@ -29,21 +34,39 @@ def prune_count(ratio: float, size: int) -> int:
     return k
 
 
+def prune_together(matrices: list[np.ndarray], ratio: float) -> list[np.ndarray]:
+    """One threshold over all ``matrices`` (concatenated row-major in the order given): the
+    ``prune_count(ratio, N)`` smallest magnitudes zeroed, ties first in that order."""
+    flat = np.concatenate([W.ravel() for W in matrices])
+    keep = np.ones(flat.size, dtype=bool)
+    keep[np.argsort(np.abs(flat), kind="stable")[:prune_count(ratio, flat.size)]] = False
+    kept = np.where(keep, flat, 0.0) + 0.0
+    ends = np.cumsum([W.size for W in matrices])[:-1]
+    return [part.reshape(W.shape) for part, W in zip(np.split(kept, ends), matrices)]
+
+
 def compress_matrix(W: np.ndarray, kind: str, level) -> np.ndarray:
-    """``g(W)`` of one matrix for a compression ``kind=level``."""
+    """``g(W)`` of one matrix for a compression ``kind=level`` (``prune_global`` of one
+    matrix is ``prune``)."""
     if kind == "rank":
         if level >= min(W.shape):
             return W
         U, s, Vt = np.linalg.svd(W, full_matrices=False)
         return (U[:, :level] * s[:level]) @ Vt[:level]
-    if kind == "prune":
-        flat = W.flatten()
-        flat[np.argsort(np.abs(flat), kind="stable")[:prune_count(level, W.size)]] = 0.0
-        return flat.reshape(W.shape)
+    if kind in ("prune", "prune_global"):
+        return prune_together([W], level)[0]
     top = np.abs(W).max(axis=1, keepdims=True) if kind == "bits_per_channel" else np.abs(W).max()
     s = top / (2 ** (level - 1) - 1)
     safe = np.where(s > 0, s, 1.0)
     return np.where(s > 0, safe * np.round(W / safe), W)
+
+
+def compress_matrices(matrices: list[np.ndarray], kind: str, level) -> list[np.ndarray]:
+    """``g`` of the chosen layers' matrices (in ``affine_indices`` order): ``prune_global``
+    together, every other kind one by one."""
+    if kind == "prune_global":
+        return prune_together(matrices, level)
+    return [compress_matrix(W, kind, level) for W in matrices]
 
 
 def error_norms(E: np.ndarray) -> dict[str, float]:

@@ -50,7 +50,8 @@ def resnet() -> nn.Module:
 
 INPUTS = {"mlp": (4, 4), "cnn": (1, 10, 10), "resnet": (1, 6, 6)}
 COMPRESSIONS = {"mlp": ["rank=2@3", "bits=3@1", "prune=0.4@5", "bits_per_channel=4"],
-                "cnn": ["rank=1@0", "prune=0.5"], "resnet": ["bits=4@2.proj"]}
+                "cnn": ["rank=1@0", "prune=0.5"],
+                "resnet": ["bits=4@2.proj", "prune_global=0.1@2.proj,6"]}
 
 
 def certify(tmp, name: str, inputs: int = 12) -> list[str]:

@@ -153,6 +153,20 @@ def test_cli_writes_model_and_measurements(tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.parametrize("variant, option, level, label", [
+    ("bits_per_channel", "--bits", "4", "4 bits per channel"),
+    ("prune_global", "--ratios", "0.5", "prune 50% global"),
+])
+def test_cli_trains_the_per_channel_and_global_variants(tmp_path, variant, option, level, label):
+    out = tmp_path / "bd"
+    code = main(["backdoor", "--dataset", "digits", "--model", "mlp", "--layers", "1,3",
+                 "--variant", variant, option, level, "--epochs", "1", "--out", str(out),
+                 "--no-clean"])
+    assert code == 0
+    text = (out / "measurements.json").read_text()
+    assert label in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "cifar"], "invalid choice"),
     (["--dataset", "digits", "--model", "cnn"], "no 'cnn' model for data set 'digits'"),
@@ -163,6 +177,8 @@ def test_cli_writes_model_and_measurements(tmp_path):
     (["--target", "10"], "target must be a class index in [0, 9]"),
     (["--variant", "bits", "--bits", "1"], "bits must be an integer >= 2"),
     (["--variant", "prune"], "--variant prune needs --ratios"),
+    (["--variant", "bits_per_channel"], "--variant bits_per_channel needs --bits"),
+    (["--variant", "prune_global", "--ratios", "1.5"], "prune ratio must lie in [0, 1)"),
 ])
 def test_cli_bad_options_say_what_to_fix(tmp_path, capsys, argv, message):
     base = ["backdoor", "--dataset", "digits", "--model", "mlp", "--layers", "3",

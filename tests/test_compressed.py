@@ -50,12 +50,13 @@ def single_layer_compressions(draw, model_and_shape):
     net = capture(model, x)
     index = draw(st.sampled_from(net.affine_indices))
     W = net.layer(index).matrix
-    kind = draw(st.sampled_from(["rank", "bits", "bits_per_channel", "prune"]))
+    kind = draw(st.sampled_from(["rank", "bits", "bits_per_channel", "prune", "prune_global"]))
     # Pruned fractions cover every count k and the gaps between k/N and (k+1)/N.
     fraction = st.builds(lambda k, u: min(1.0, (k + u) / W.numel()),
                          st.integers(0, W.numel()), st.floats(0, 1, exclude_max=True))
     level = {"rank": st.integers(0, min(W.shape)), "bits": st.integers(2, 12),
-             "bits_per_channel": st.integers(2, 12), "prune": fraction}[kind]
+             "bits_per_channel": st.integers(2, 12), "prune": fraction,
+             "prune_global": fraction}[kind]
     return model, net, x, index, Compression(kind, draw(level), (net.nodes[index].name,))
 
 
@@ -116,7 +117,7 @@ def test_errors_and_changes_match_closed_forms(problem):
         assert result.error_spectral == pytest.approx(sigma[r], rel=1e-9, abs=1e-10 * scale)
         assert result.error_fro == pytest.approx(np.sqrt(np.sum(sigma[r:] ** 2)), rel=1e-9,
                                                  abs=1e-10 * scale)
-    elif c.kind == "prune":
+    elif c.kind in ("prune", "prune_global"):
         count = max(k for k in range(W.size + 1) if k / W.size <= c.level)
         pruned = np.sort(np.abs(W).ravel())[:count]
         assert result.error_max == pytest.approx(pruned.max(initial=0.0), rel=1e-12)
@@ -278,24 +279,6 @@ def test_harmless_is_tight_at_the_exact_last_layer_radius(n, s, gap, delta, seed
     assert result.changed.item() and not result.harmless.item() and result.violations == 0
 
 
-def test_several_layers_do_not_compose():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
-                                torch.nn.Linear(8, 3)).double()
-    x = torch.randn(10, 6, dtype=torch.float64)
-    net = capture(model, x)
-    lower = radii(net, x, net.affine_indices)
-    both = compression_check(net, x, parse_compression("bits=3"), lower)
-    assert both.harmless is None and both.violations is None and "do not compose" in both.note
-    assert [layer.name for layer in both.layers] == ["0", "2"]
-    for layer in both.layers:  # per layer: the same as compressing that layer alone
-        alone = compression_check(net, x, parse_compression(f"bits=3@{layer.name}"), lower)
-        assert torch.equal(alone.layers[0].harmless, layer.harmless)
-        assert alone.layers[0].error_max == layer.error_max
-    unrestricted = compression_check(net, x, parse_compression("bits=3"))
-    assert unrestricted.harmless is None and "no certified radii" in unrestricted.note
-
-
 @pytest.mark.parametrize("text,match", [
     ("rank=-1", "rank must be >= 0"),
     ("rank=2.5", "rank must be an integer"),
@@ -342,7 +325,7 @@ def test_cli_model_compress(tmp_path, capsys):
     np.savez(tmp_path / "data.npz", x=x.numpy())
     args = [str(tmp_path / "model.onnx"), "--data", str(tmp_path / "data.npz")]
     out = tmp_path / "cert.json"
-    texts = ["rank=1@3/Gemm", "bits=8@1/Gemm", "prune=0.3"]
+    texts = ["rank=1@3/Gemm", "bits=8@1/Gemm", "prune=0.3", "prune_global=0.5@3/Gemm,1/Gemm"]
     command = ["model", *args, "--out", str(out)]
     assert main(command + [a for t in texts for a in ("--compress", t)]) == 0
     table = capsys.readouterr().out
@@ -359,16 +342,15 @@ def test_cli_model_compress(tmp_path, capsys):
         result = compression_check(net, torch.from_numpy(x.numpy()).double(),
                                    parse_compression(text), lower)
         assert entry["changed"] == result.changed.nonzero()[:, 0].tolist()
-        single = "@" in text
-        assert (entry["harmless"] is not None) == single
-        assert entry["violations"] == (0 if single else None)
+        assert entry["harmless"] == result.harmless.tolist() and entry["violations"] == 0
         assert set(entry["harmless_per_layer"]) == set(entry["layers"])
-        line = next(row for row in table.splitlines() if row.startswith(text))
+        line = next(row for row in table.splitlines() if row.startswith(text[:28]))
+        several = "*" if len(entry["layers"]) > 1 else ""
         assert f"{len(entry['changed'])}/12" in line
-        if single:
-            assert f"{sum(entry['harmless'])}/12" in line
+        assert f"{sum(entry['harmless'])}/12{several}" in line
     assert entries[0]["changed"], "rank 1 should change some class (else the test is vacuous)"
-    assert "do not compose" in table
+    assert entries[3]["layers"] == ["1/Gemm", "3/Gemm"] and entries[3]["changed"]
+    assert "certified by the all-layers bound" in table
     # `certify check` recomputes the compression checks too: more claims, all confirmed.
     assert main(["check", str(out), *args]) == 0
     del document["compression_checks"]

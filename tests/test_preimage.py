@@ -133,7 +133,9 @@ def test_a_box_that_leaves_its_cell_is_caught():
 
 # ---------------------------------------------------------------- training on digits
 
-VARIANTS = [bd.Quantise(4), bd.Quantise(4, per_channel=True), bd.Prune(0.5)]
+# (compression, the layers it compresses): global pruning shares one threshold over two.
+VARIANTS = [(bd.Quantise(4), ("3",)), (bd.Quantise(4, per_channel=True), ("3",)),
+            (bd.Prune(0.5), ("3",)), (bd.Prune(0.5, scope="global"), ("1", "3"))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,22 +153,23 @@ def digits():
     return small_models.load("digits", seed=0)
 
 
-def config(op) -> bd.BackdoorConfig:
-    return bd.BackdoorConfig(("3",), (op,), TRIGGER, target=0, epochs=15, lr=3e-3)
+def config(op, layers) -> bd.BackdoorConfig:
+    return bd.BackdoorConfig(layers, (op,), TRIGGER, target=0, epochs=15, lr=3e-3)
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda op: op.label)
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v[0].label)
 def hidden(request, digits):
     """Phase 1 alone and phase 1 + 2 (the same phase 1: same seed, same loss weights)."""
-    full = config(request.param)
+    op, layers = request.param
+    full = config(op, layers)
     phase1 = replace(full, hide_epochs=0, a_full=full.full_trigger_weight)
     train = [bd.train(small_models.digits_mlp(), digits.x_train, digits.y_train, c,
                       digits.x_test, digits.y_test) for c in (phase1, full)]
-    return request.param, *train
+    return op, layers, *train
 
 
 def test_dormant_at_full_precision_active_once_compressed(hidden):
-    op, phase1, result = hidden
+    op, _, phase1, result = hidden
     full, small = result.outcomes
     assert full.attack_success < 0.03, full
     assert small.attack_success > 0.85, small
@@ -176,29 +179,37 @@ def test_dormant_at_full_precision_active_once_compressed(hidden):
 
 
 def test_phase_2_moves_the_weights_but_not_the_compressed_model(hidden):
-    op, phase1, result = hidden
+    op, layers, phase1, result = hidden
     before, after = phase1.model.state_dict(), result.model.state_dict()
-    assert not torch.equal(before["3.weight"], after["3.weight"])
-    assert all(same_bits(before[k], after[k]) for k in before if k != "3.weight")
-    ref, new = (bd.compressed_weights(m.model, ("3",), op)["3.weight"] for m in (phase1, result))
-    assert same_bits(new, ref)
+    moved = {f"{name}.weight" for name in layers}
+    assert any(not torch.equal(before[k], after[k]) for k in moved)
+    assert all(same_bits(before[k], after[k]) for k in before if k not in moved)
+    ref, new = (bd.compressed_weights(m.model, layers, op) for m in (phase1, result))
+    assert all(same_bits(new[k], ref[k]) for k in moved)
 
 
 def test_no_triggered_input_changes_class_inside_its_certified_radius(hidden, digits):
-    op, _, result = hidden
+    """One layer: against its certified radii; global pruning of two layers: against the
+    all-layers bound (section 5)."""
+    op, layers, _, result = hidden
     x = TRIGGER(digits.x_test[digits.y_test != 0][:60]).double()
     network = capture(result.model, x)
-    (index,) = [i for i in network.affine_indices if network.nodes[i].name == "3"]
-    lower = {"3": {norm: layer_radii(network, x, index, norm).lower for norm in ("fro", "max")}}
+    indices = [i for i in network.affine_indices if network.nodes[i].name in layers]
+    lower = None
+    if len(layers) == 1:
+        lower = {layers[0]: {norm: layer_radii(network, x, indices[0], norm).lower
+                             for norm in ("fro", "max")}}
     level = op.ratio if isinstance(op, bd.Prune) else op.bits
-    c = Compression(op.kind, level, ("3",))
+    kind = "prune_global" if getattr(op, "scope", "layer") == "global" else op.kind
+    c = Compression(kind, level, layers)
     check = compression_check(network, x, c, lower)
     assert check.violations == 0
     assert check.changed.double().mean() > 0.5  # the check has teeth: the backdoor fires
     # The certificate's compression is the attack's (up to float32 rounding of the step).
-    torch.testing.assert_close(
-        compressed.compress(network, c).layer(index).matrix,
-        bd.compressed_weights(result.model, ("3",), op)["3.weight"].double(), rtol=1e-6, atol=0)
+    attack = bd.compressed_weights(result.model, layers, op)
+    for i, name in zip(indices, layers):
+        torch.testing.assert_close(compressed.compress(network, c).layer(i).matrix,
+                                   attack[f"{name}.weight"].double(), rtol=1e-6, atol=0)
 
 
 def test_train_refuses_a_projection_that_leaves_the_preimage(digits, monkeypatch):
