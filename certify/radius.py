@@ -42,8 +42,8 @@ from certify import lipschitz
 from certify.compression import singular_values_upper
 from certify.graph import Graph
 from certify.inputs import InputError, affine_index, inputs_for
-from certify.linear_bounds import (REFINE_BELOW, REFINE_LIMIT, REFINE_WORK, margin_lines,
-                                   refine_work)
+from certify.linear_bounds import (REFINE_BELOW, REFINE_GAIN, REFINE_LIMIT, REFINE_PROBE,
+                                   REFINE_WORK, margin_lines, refine_work)
 from certify.operators import Affine
 from certify.perturbation import class_pair_radius
 from certify.regions import Region, WeightRegion
@@ -201,7 +201,9 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     ``"auto"`` spends them where they pay: on every input when ``linear_bounds.refine_work``
     is at most ``REFINE_WORK``, else, when it is at most ``REFINE_LIMIT``, a second search
     from the unrefined radius for the inputs still below ``REFINE_BELOW`` times their
-    verified upper bound (``method`` then ends in ``(refined)``: some inputs were).
+    verified upper bound: first for ``REFINE_PROBE`` of them, then for the rest only if the
+    probe's median radius grew by ``REFINE_GAIN`` (``method`` then ends in ``(refined)``:
+    some inputs were).
     ``concretise``: ``"weight"`` concretises the local bound of a layer with several columns
     (a convolution, a dense layer over a sequence) over the reachable set ``{D P~}``
     (``certify.regions.WeightRegion``, tighter); ``"output"`` over the Z-space ball or box
@@ -280,15 +282,24 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)
             if policy and not refine and work <= REFINE_LIMIT and weak.any():
                 # The refined search starts from the unrefined radius (its bracket's lower
-                # end), so it can only raise it.
-                again = local_lower(network, index, [v[weak] for v in values], y[weak], norm,
-                                    P[weak], scale[weak], cap[weak], constants, refine=True,
-                                    shrink=shrink[weak], floor=local[weak],
-                                    concretise=concretise,
-                                    evaluations=8 if exists else 12) * (1 - SAFETY)
-                local = local.clone()
-                local[weak] = torch.maximum(local[weak], again)
-                refine = True
+                # end), so it can only raise it. A probe of REFINE_PROBE weak inputs first:
+                # the others only where it raised their radius by REFINE_GAIN.
+                chosen = torch.nonzero(weak)[:, 0]
+                for part, last in ((chosen[:REFINE_PROBE], False),
+                                   (chosen[REFINE_PROBE:], True)):
+                    if not len(part):
+                        break
+                    again = local_lower(
+                        network, index, [v[part] for v in values], y[part], norm, P[part],
+                        scale[part], cap[part], constants, refine=True, shrink=shrink[part],
+                        floor=local[part], concretise=concretise,
+                        evaluations=8 if exists else 12) * (1 - SAFETY)
+                    gain = float((again / local[part]).median())
+                    local = local.clone()
+                    local[part] = torch.maximum(local[part], again)
+                    refine = True
+                    if not last and not gain >= REFINE_GAIN:
+                        break
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
         method = ("lipschitz+crown" if exists else "crown") + ("(refined)" if refine else "")

@@ -270,3 +270,40 @@ def test_the_magnitude_bound_holds_and_the_plain_dual_would_not():
     found = _magnitude_attack(where, A, generator)
     assert torch.all(found <= where.dual_of_magnitude(A) * (1 + 1e-9))
     assert torch.any(found > where.dual(A) * 1.01)
+
+
+def _refinable_cnn():
+    """A CNN with two ReLU convolutions before the head, real digits (8x8 scikit-learn)."""
+    from certify import small_models
+
+    digits = small_models.load("digits", seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(144, 10)).double().eval()
+    x = digits.x_test[:12].double()
+    return capture(model, x), x
+
+
+def test_the_refinement_policy_refines_weak_inputs_and_the_checker_confirms(monkeypatch):
+    """Forced onto a small CNN (``REFINE_WORK = 0``): ``refine="auto"`` refines a probe of
+    the weak inputs, never lowers a radius below the unrefined one, says ``(refined)``, and
+    the numpy checker confirms every radius (some with, some without refinement)."""
+    from certify import linear_bounds, radius
+    from certify.certificate import certify_network
+    from certify.check import check
+
+    network, x = _refinable_cnn()
+    index = network.affine_indices[0]
+    plain = radius.layer_radii(network, x, index, "fro", refine=False)
+    monkeypatch.setattr(radius, "REFINE_WORK", 0.0)
+    monkeypatch.setattr(radius, "REFINE_GAIN", 0.0)  # the probe always pays: refine them all
+    assert linear_bounds.refine_work(network, index) <= radius.REFINE_LIMIT
+    policy = radius.layer_radii(network, x, index, "fro")
+    weak = plain.lower < radius.REFINE_BELOW * plain.upper
+    assert weak.sum() > radius.REFINE_PROBE and policy.method.endswith("(refined)")
+    assert torch.all(policy.lower >= plain.lower)
+    assert torch.all(policy.lower[~weak] == plain.lower[~weak])
+    assert torch.any(policy.lower[weak] > 1.05 * plain.lower[weak])  # it does pay here
+    result = certify_network(network, x, model_sha256="0" * 64, progress=False)
+    report = check(result.document, result.witnesses, network, x.numpy())
+    assert report.ok and report.confirmed > 0, report.refuted[:3]
