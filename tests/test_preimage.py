@@ -153,7 +153,7 @@ def digits():
     return small_models.load("digits", seed=0)
 
 
-def config(op, layers) -> bd.BackdoorConfig:
+def config(op, layers=("3",)) -> bd.BackdoorConfig:
     return bd.BackdoorConfig(layers, (op,), TRIGGER, target=0, epochs=15, lr=3e-3)
 
 
