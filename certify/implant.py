@@ -70,8 +70,7 @@ def implant(W_bd, H, Z, rank: int) -> Implant:
             or Z.shape != (W.shape[0], H.shape[1]):
         raise ValueError(f"expected W_bd (m, n), H (n, N), Z (m, N); got {tuple(W.shape)}, "
                          f"{tuple(H.shape)}, {tuple(Z.shape)}")
-    if int(rank) != rank or not 1 <= rank < min(W.shape):
-        raise ValueError(f"rank must be an integer in [1, {min(W.shape) - 1}], got {rank!r}")
+    rank = _rank(rank, *W.shape)
     U, S, Vh = torch.linalg.svd(W)
     W_r = (U[:, :rank] * S[:rank]) @ Vh[:rank]
     U_perp, V_perp = U[:, rank:], Vh[rank:].T
@@ -94,7 +93,7 @@ def implant(W_bd, H, Z, rank: int) -> Implant:
         reasons.append(f"||E||_2 = {norm_E:.4g} >= sigma_r(W_bd) = {sigma_r:.4g}: truncation "
                        "to rank r would keep part of E instead of W_r (the section-6 "
                        "threshold seen from the attacker)")
-    return Implant(W_r + E, W_r, E, int(rank), norm_E, sigma_r,
+    return Implant(W_r + E, W_r, E, rank, norm_E, sigma_r,
                    math.hypot(float(torch.linalg.matrix_norm(kept)), residual), feasible,
                    "; ".join(reasons))
 
@@ -146,6 +145,24 @@ class ConvexImplant:
     threshold_rank: int
     feasible: bool
     reason: str
+
+
+def _last_layer(W, b, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W (m, n)`` and ``b (m,)`` in float64 on ``W``'s device, checked."""
+    W = as_float64(W, name)
+    if W.ndim != 2 or min(W.shape) < 2:
+        raise ValueError(f"{name} must be a matrix (m, n) with m, n >= 2, got {tuple(W.shape)}")
+    b = as_float64(b, "b").to(W.device)
+    if b.shape != (W.shape[0],):
+        raise ValueError(f"b must have shape ({W.shape[0]},) to match {name}, got "
+                         f"{tuple(b.shape)}")
+    return W, b
+
+
+def _rank(rank, m: int, n: int) -> int:
+    if int(rank) != rank or not 1 <= rank < min(m, n):
+        raise ValueError(f"rank must be an integer in [1, {min(m, n) - 1}], got {rank!r}")
+    return int(rank)
 
 
 def _rows(H, name: str, n: int, device) -> torch.Tensor:
@@ -207,24 +224,16 @@ def convex_implant(W_bd, b, H_clean, y_clean, H_trig, y_trig, rank: int, *,
     """
     import cvxpy as cp  # a second or so to import: only here
 
-    W = as_float64(W_bd, "W_bd")
-    device = W.device
-    if W.ndim != 2 or min(W.shape) < 2:
-        raise ValueError(f"W_bd must be a matrix (m, n) with m, n >= 2, got {tuple(W.shape)}")
-    m, n = W.shape
-    b = as_float64(b, "b").to(device)
-    if b.shape != (m,):
-        raise ValueError(f"b must have shape ({m},) to match W_bd, got {tuple(b.shape)}")
+    W, b = _last_layer(W_bd, b, "W_bd")
+    (m, n), device = W.shape, W.device
     H_clean, H_trig = _rows(H_clean, "H_clean", n, device), _rows(H_trig, "H_trig", n, device)
     if len(H_trig) == 0:
         raise ValueError("H_trig must hold at least one triggered input")
     y = torch.cat([_labels(y_clean, "y_clean", len(H_clean), m, device),
                    _labels(y_trig, "y_trig", len(H_trig), m, device)])
-    if int(rank) != rank or not 1 <= rank < min(m, n):
-        raise ValueError(f"rank must be an integer in [1, {min(m, n) - 1}], got {rank!r}")
+    rank = _rank(rank, m, n)
     if not (math.isfinite(margin) and margin > 0) or not 0 < slack < 1:
         raise ValueError(f"margin must be > 0 and slack in (0, 1), got {margin!r}, {slack!r}")
-    rank = int(rank)
     U, S, Vh = torch.linalg.svd(W)
     W_r = (U[:, :rank] * S[:rank]) @ Vh[:rank]
     U_perp, V_perp = U[:, rank:], Vh[rank:].T
@@ -306,18 +315,11 @@ def backdoor_layer(W, b, H_clean, y_clean, H_trig, y_trig, target: int, rank: in
     model lacks (section 7). ``ValueError``: shapes, labels, ``target`` or ``rank`` out of
     range.
     """
-    W = as_float64(W, "W")
-    device = W.device
-    if W.ndim != 2 or min(W.shape) < 2:
-        raise ValueError(f"W must be a matrix (m, n) with m, n >= 2, got {tuple(W.shape)}")
-    m, n = W.shape
-    b = as_float64(b, "b").to(device)
-    if b.shape != (m,):
-        raise ValueError(f"b must have shape ({m},) to match W, got {tuple(b.shape)}")
+    W, b = _last_layer(W, b, "W")
+    (m, n), device = W.shape, W.device
     if int(target) != target or not 0 <= target < m:
         raise ValueError(f"target must be a class index in [0, {m - 1}], got {target!r}")
-    if int(rank) != rank or not 1 <= rank < min(m, n):
-        raise ValueError(f"rank must be an integer in [1, {min(m, n) - 1}], got {rank!r}")
+    rank = _rank(rank, m, n)
     H_clean, H_trig = _rows(H_clean, "H_clean", n, device), _rows(H_trig, "H_trig", n, device)
     y_clean = _labels(y_clean, "y_clean", len(H_clean), m, device)
     y_trig = _labels(y_trig, "y_trig", len(H_trig), m, device)

@@ -59,10 +59,20 @@ class WeightRegion(Region):
     P: np.ndarray = None
     layer: object = None
 
+    def _column_norms(self):
+        """``||P~_:j||_2`` ``(B, L)``, inflated."""
+        return np.linalg.norm(self.P, axis=1) * (1 + self.P.shape[1] * 1e-15)
+
+    def _rows(self, A):
+        """Rows ``(B, R, *z)`` as the layer's columns ``(B, R, m, L)``."""
+        B, R = A.shape[:2]
+        rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
+        return rows.reshape(B, R, *rows.shape[1:])
+
     def box(self, rho):
         if self.norm == "max":
             return super().box(rho)
-        per_column = np.linalg.norm(self.P, axis=1) * (1 + self.P.shape[1] * 1e-15)
+        per_column = self._column_norms()
         B, L = per_column.shape
         unit = self.layer.uncolumns(np.ascontiguousarray(
             np.broadcast_to(per_column[:, None, :], (B, self.layer.weight.shape[0], L))))
@@ -70,8 +80,7 @@ class WeightRegion(Region):
 
     def dual(self, A):
         B, R = A.shape[:2]
-        rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
-        rows = rows.reshape(B, R, *rows.shape[1:])  # (B, R, m, L)
+        rows = self._rows(A)
         M = rows @ self.P.transpose(0, 2, 1)[:, None]  # A P~^T: (B, R, m, n)
         gamma = (self.P.shape[-1] + 2) * EPS
         if self.norm == "fro":
@@ -86,10 +95,7 @@ class WeightRegion(Region):
         the Z-space ball's bound, whichever is smaller; max: the exact box."""
         if self.norm == "max":
             return super().dual(A)
-        B, R = A.shape[:2]
-        rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
-        rows = rows.reshape(B, R, *rows.shape[1:])
-        per_column = np.linalg.norm(self.P, axis=1) * (1 + self.P.shape[1] * 1e-15)
-        per_row = np.einsum("brml,bl->brm", rows, per_column)
+        rows = self._rows(A)
+        per_row = np.einsum("brml,bl->brm", rows, self._column_norms())
         rounding = 1 + (self.P.shape[-1] + rows.shape[2] + 2) * EPS
         return np.minimum(np.linalg.norm(per_row, axis=-1) * rounding, super().dual(A))

@@ -255,8 +255,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             lower_global = global_lower(network, index, scale, constants, y, margins, norm) * \
                 (1 - SAFETY)
         with clock("local"):
-            work = refine_work(network, index)
             policy = refine == "auto"
+            work = refine_work(network, index) if policy else None
             if policy:
                 refine = work <= REFINE_WORK
             # The search needs a finite upper end; without a witness, beyond the estimate,
@@ -275,31 +275,30 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             # infinite and the section-5 bound does not exist: the linear bounds alone
             # certify, with more evaluations.
             exists = global_exists(network, index, norm, constants)
-            local = local_lower(network, index, values, y, norm, P, scale, cap, constants,
-                                refine=refine, shrink=shrink, floor=wide,
-                                concretise=concretise,
-                                evaluations=8 if exists else 12) * (1 - SAFETY)
+
+            def search(part, refined: bool, floor: torch.Tensor) -> torch.Tensor:
+                """The local search for the inputs ``part`` (an index or a slice)."""
+                return local_lower(
+                    network, index, [v[part] for v in values], y[part], norm, P[part],
+                    scale[part], cap[part], constants, refine=refined, shrink=shrink[part],
+                    floor=floor, concretise=concretise,
+                    evaluations=8 if exists else 12) * (1 - SAFETY)
+
+            local = search(slice(None), refine, wide)
             weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)
             if policy and not refine and work <= REFINE_LIMIT and weak.any():
                 # The refined search starts from the unrefined radius (its bracket's lower
                 # end), so it can only raise it. A probe of REFINE_PROBE weak inputs first:
                 # the others only where it raised their radius by REFINE_GAIN.
                 chosen = torch.nonzero(weak)[:, 0]
-                for part, last in ((chosen[:REFINE_PROBE], False),
-                                   (chosen[REFINE_PROBE:], True)):
-                    if not len(part):
-                        break
-                    again = local_lower(
-                        network, index, [v[part] for v in values], y[part], norm, P[part],
-                        scale[part], cap[part], constants, refine=True, shrink=shrink[part],
-                        floor=local[part], concretise=concretise,
-                        evaluations=8 if exists else 12) * (1 - SAFETY)
-                    gain = float((again / local[part]).median())
-                    local = local.clone()
-                    local[part] = torch.maximum(local[part], again)
-                    refine = True
-                    if not last and not gain >= REFINE_GAIN:
-                        break
+                probe, rest = chosen[:REFINE_PROBE], chosen[REFINE_PROBE:]
+                local = local.clone()
+                again = search(probe, True, local[probe])
+                gain = float((again / local[probe]).median())
+                local[probe] = torch.maximum(local[probe], again)
+                if gain >= REFINE_GAIN and len(rest):
+                    local[rest] = torch.maximum(local[rest], search(rest, True, local[rest]))
+                refine = True
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
         method = ("lipschitz+crown" if exists else "crown") + ("(refined)" if refine else "")

@@ -79,10 +79,20 @@ class WeightRegion(Region):
     P: torch.Tensor = None
     layer: object = None
 
+    def _column_norms(self) -> torch.Tensor:
+        """``||P~_:j||_2`` ``(B, L)``, inflated like ``radius.region_scale``."""
+        return torch.linalg.vector_norm(self.P, dim=1) * (1 + self.P.shape[1] * 1e-15)
+
+    def _rows(self, A: torch.Tensor) -> torch.Tensor:
+        """Rows ``A`` ``(B, R, *z)`` laid out as the layer's columns, ``(B, R, m, L)``."""
+        B, R = A.shape[:2]
+        rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
+        return rows.reshape(B, R, *rows.shape[1:])
+
     def box(self, rho: torch.Tensor) -> torch.Tensor:
         if self.norm == "max":
             return super().box(rho)
-        per_column = torch.linalg.vector_norm(self.P, dim=1) * (1 + self.P.shape[1] * 1e-15)
+        per_column = self._column_norms()
         B, L = per_column.shape
         unit = per_column[:, None, :].expand(B, self.layer.weight.shape[0], L)
         return rho.reshape(-1, *[1] * (self.z.ndim - 1)) * self.layer.uncolumns(
@@ -90,8 +100,7 @@ class WeightRegion(Region):
 
     def dual(self, A: torch.Tensor) -> torch.Tensor:
         B, R = A.shape[:2]
-        rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
-        rows = rows.reshape(B, R, *rows.shape[1:])  # (B, R, m, L)
+        rows = self._rows(A)
         M = torch.matmul(rows, self.P.transpose(1, 2)[:, None])  # A P~^T: (B, R, m, n)
         gamma = (self.P.shape[-1] + 2) * EPS
         if self.norm == "fro":
@@ -110,11 +119,8 @@ class WeightRegion(Region):
         smaller; entrywise max: the box ``|dZ_cj| <= ||P~_:j||_1``, which is exact."""
         if self.norm == "max":
             return super().dual(A)
-        B, R = A.shape[:2]
-        rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
-        rows = rows.reshape(B, R, *rows.shape[1:])  # (B, R, m, L)
-        per_column = torch.linalg.vector_norm(self.P, dim=1) * (1 + self.P.shape[1] * 1e-15)
-        per_row = torch.einsum("brml,bl->brm", rows, per_column)
+        rows = self._rows(A)
+        per_row = torch.einsum("brml,bl->brm", rows, self._column_norms())
         rounding = 1 + (self.P.shape[-1] + rows.shape[2] + 2) * EPS
         return torch.minimum(torch.linalg.vector_norm(per_row, dim=-1) * rounding,
                              super().dual(A))
