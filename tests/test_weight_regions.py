@@ -163,7 +163,7 @@ def test_bounds_hold_against_sampled_and_attacked_weight_changes(model_and_shape
                                                values), where, smaller, generator)
             assert torch.all(bound <= found + tolerance(found)), (
                 f"layer {index}: a margin bound exceeds a margin under an attacked weight change")
-        for i in net.downstream(index)[1:]:  # attack every entry of the first boxes
+        for i in net.downstream(index)[1:2]:  # every entry of the first downstream box
             lo, hi = boxes[i]
 
             def entry(z, sign, i=i):
@@ -173,7 +173,6 @@ def test_bounds_hold_against_sampled_and_attacked_weight_changes(model_and_shape
             high = -attacked(lambda z: entry(z, -1), where, rho, generator, steps=20)
             assert torch.all(lo.flatten(1) <= low + tolerance(low))
             assert torch.all(high <= hi.flatten(1) + tolerance(high))
-            break
 
 
 class _DualTooSmall(WeightRegion):
