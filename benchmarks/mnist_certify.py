@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/mnist_certify.py            # full: 4,000 train, 1,000 certified inputs
     python benchmarks/mnist_certify.py --quick    # smoke test: 100 train, 20 inputs, narrow
+    python benchmarks/mnist_certify.py --readme   # also rewrite the README's tables
 
 Writes ``mnist_certify.json``, ``mnist_certify.md`` (tables for the README),
 ``radii_per_layer.png`` and ``certified_by_rank.png`` to ``--out`` (default
@@ -56,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import mnist_models  # noqa: E402  (next to this file)
+from readme_blocks import replace_block  # noqa: E402
 from certify import compression  # noqa: E402
 from certify import radius as R  # noqa: E402
 from certify.capture import capture  # noqa: E402
@@ -386,6 +388,39 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+PHASE_NAMES = {"prepare": "preparation", "estimate": "estimate", "witness": "witnesses",
+               "global": "global", "local": "local bound", "exact": "exact last layer"}
+
+
+def readme_tables(report: dict) -> str:
+    """The README's speed table and per-layer tightness table (``--readme``)."""
+    out = ["| model | test acc. | certify s | ratio to fwd+bwd (f64) | ratio (f32) "
+           "| where the time goes |", "|---|---:|---:|---:|---:|---|"]
+    for m in report["models"]:
+        t = m["timing"]
+        shares = sorted(((t["phase_seconds"][p] / t["phase_seconds_total"], p) for p in PHASES),
+                        reverse=True)
+        where = ", ".join(f"{PHASE_NAMES[p]} {share:.0%}" for share, p in shares if share >= 0.05)
+        out.append(f"| {m['model']} | {m['training']['test_accuracy']:.3f} | "
+                   f"{t['certify_seconds']:.0f} | {t['ratio_float64']:,.0f} | "
+                   f"{t['ratio_float32']:,.0f} | {where} |")
+    out += ["", f"Median `lower / upper` per layer, over those of the {report['inputs']:,} "
+            "inputs that have a witness (`upper` is verified, so the true radius lies "
+            "between):", "",
+            "| model | layer | fro: lower/upper | fro: global/upper | max: lower/upper "
+            "| max: global/upper |", "|---|---|---:|---:|---:|---:|"]
+    for m in report["models"]:
+        for layer in m["layers"]:
+            cells = []
+            for norm in NORMS:
+                t = layer["norms"][norm]
+                exact = " (exact)" if t["method"] == "exact" else ""
+                cells += [f"{fmt(t['median_lower_over_upper'], 2)}{exact}",
+                          fmt(t["median_global_over_upper"], 2)]
+            out.append(f"| {m['model']} | {layer['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def plot_name(layer: dict) -> str:
     """A layer as the user knows it: its module name in the model, then the weight shape."""
     return f"{layer['name']} ({'x'.join(map(str, layer['compression']['shape']))})"
@@ -456,6 +491,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inputs", type=int, help="certify only this many test inputs")
     parser.add_argument("--chunk", type=int, help="inputs per layer_radii call")
     parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--readme", action="store_true",
+                        help="rewrite the README's speed and tightness tables")
     return parser.parse_args(argv)
 
 
@@ -489,6 +526,11 @@ def main(argv=None) -> None:
     plot_radii(report, out / "radii_per_layer.png")
     plot_ranks(report, out / "certified_by_rank.png")
     print(markdown(report))
+    if args.readme:
+        flags = " --quick" if args.quick else ""
+        flags += f" --inputs {args.inputs}" if args.inputs else ""
+        replace_block("mnist", readme_tables(report),
+                      f"python benchmarks/mnist_certify.py{flags} --readme")
     print(f"wrote {out} in {report['wall_seconds']:.0f} s")
 
 

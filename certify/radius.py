@@ -11,8 +11,8 @@ the spectral radius; ``"max"``: entrywise max), three numbers per input:
   ``|(D P~)_ij| <= rho ||P~_:j||_1``; for several columns the set ``{D P~}`` itself,
   ``certify.regions``), and the best of two input-space bounds on the
   downstream network certifies it: the global Lipschitz bound (section 5) and CROWN-style
-  linear bounds over that region (``certify.linear_bounds``), whose margin lines give the
-  next radius to try (a few evaluations, no bisection).
+  linear bounds over that region (``certify.linear_bounds``), whose margin lines guide a
+  secant search for the largest radius they certify (``local_lower``).
 * ``upper``: the norm of a verified witness (``certify.witness``): a weight-space DeepFool
   iteration (the first-order step of section 3, re-linearised) until a forward pass with the
   perturbed weights really changes the class, then shrunk by bisection while it still does.
@@ -50,6 +50,7 @@ from certify.regions import Region, WeightRegion
 from certify.witness import WITNESS_GAP, Witness, first_order, weight_norm, witness
 
 SAFETY = 1e-9
+CONVERGED = 1e-3  # the local search stops for an input once its bracket is this narrow
 NORMS = ("fro", "max")
 CONCRETISE = ("weight", "output")  # the local bound's region for layers with several columns
 
@@ -118,7 +119,6 @@ def global_lower(network: Graph, index: int, scale: torch.Tensor, constants: dic
     return bound.amin(dim=-1) / scale
 
 
-WIDE = 1e3  # a witness this many times the global bound: search between them geometrically
 
 
 def global_exists(network: Graph, index: int, norm: str, constants: dict) -> bool:
@@ -150,7 +150,7 @@ def region(layer: Affine, Z: torch.Tensor, P: torch.Tensor, norm: str,
 
 def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
                 P: torch.Tensor, scale: torch.Tensor, cap: torch.Tensor, constants: dict | None,
-                evaluations: int = 8, refine: bool = True,
+                evaluations: int = 16, refine: bool = True,
                 shrink: torch.Tensor | float = 2.0,
                 floor: torch.Tensor | None = None,
                 concretise: str = "weight") -> torch.Tensor:
@@ -158,35 +158,67 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
     margin, a line ``value - rho' slope`` valid for all ``rho' <= rho``: ``rho`` is certified
-    when every line is positive there, and the lines' common root is where to look next
-    (the fixed point ``root(rho) = rho`` is the best radius these bounds can reach). Only
-    radii certified by their own evaluation are returned, so that ``certify check`` can
-    confirm each by one evaluation at the claimed radius. ``values``: every node's unperturbed
-    value; ``P``: the layer input as columns ``P~``, ``scale`` its ``region_scale``;
-    ``constants``: ``lipschitz.node_constants(network, index, "fro")`` for ``fro``.
-    ``shrink``: the factor by which the search falls while nothing is certified (per input;
-    larger where no global bound brackets the radius from below). ``floor``: radii already
-    certified otherwise (the global bound), where positive the bracket's lower end, and the
-    search is geometric from the start. ``concretise``: as in ``region``.
+    when every line is positive there, and the lines' common root ``g(rho)`` is the largest
+    radius they certify. The best radius these bounds reach is the fixed point
+    ``g(rho*) = rho*``: the search looks for it by the secant method on
+    ``log g(rho) - log rho`` over ``log rho`` (from one evaluation, at ``g(rho)``), kept
+    inside the bracket ``[lo, hi]`` of the largest certified and smallest failed radius,
+    and geometric bisection where the secant cannot guide (no line positive, a certificate
+    beyond the lines' root, two steps that did not halve the bracket); while nothing is
+    certified it falls by ``shrink``, or to the failure's root if that is higher. An input leaves the search once ``hi <= lo (1 + CONVERGED)``. Only radii
+    certified by their own evaluation are returned, so that ``certify check`` can confirm
+    each by one evaluation at the claimed radius.
+    ``values``: every node's unperturbed value; ``P``: the layer input as columns ``P~``,
+    ``scale`` its ``region_scale``; ``constants``: ``lipschitz.node_constants(network,
+    index, "fro")`` for ``fro``. ``shrink``: per input (larger where no global bound
+    brackets the radius from below). ``floor``: radii already certified otherwise (the global
+    bound), where positive the bracket's lower end, and the search starts in the geometric
+    middle. ``concretise``: as in ``region``. ``evaluations``: at most this many per input.
     """
-    where = region(network.layer(index), values[index], P, norm, scale, concretise)
-    lo, hi, rho = torch.zeros_like(cap), cap.clone(), cap / shrink
+    layer = network.layer(index)
+    lo, hi = torch.zeros_like(cap), cap.clone()
     if floor is not None:
         lo = torch.where(floor > 0, torch.minimum(floor, cap), lo)
-        rho = torch.where(lo > 0, torch.sqrt(lo * hi), rho)
+    rho = torch.where(lo > 0, torch.sqrt(lo * hi), cap / shrink)
+    shrink = torch.as_tensor(shrink, dtype=cap.dtype, device=cap.device).expand_as(cap)
+    # The secant's points: log rho and log(g / rho) of the last two evaluations; the widths
+    # log(hi / lo) after the two before.
+    t0, h0 = torch.full_like(cap, math.nan), torch.full_like(cap, math.nan)
+    t1, h1 = t0.clone(), h0.clone()
+    w0, w1 = torch.full_like(cap, math.inf), torch.full_like(cap, math.inf)
+    # Each input's radius depends on that input alone, so the inputs whose bracket has
+    # closed leave the batch and the evaluations go to the others.
+    todo = torch.nonzero(hi > lo * (1 + CONVERGED))[:, 0]
     for _ in range(evaluations):
-        lines = margin_lines(network, index, where, rho, y, values,
-                             constants if norm == "fro" else None, refine)
-        ok = lines.certified(rho, y)
-        lo = torch.where(ok, torch.maximum(lo, rho), lo)
-        hi = torch.where(ok, hi, torch.minimum(hi, rho))
-        # Next: the lines' root (the relaxations only tighten as rho shrinks), but at least
-        # the middle of the bracket (geometric once it has a positive lower end).
-        middle = torch.where(lo > 0, torch.sqrt(lo * hi), hi / shrink)
-        step = torch.maximum(lines.root(y) * (1 - 1e-7), middle)
-        rho = torch.where(step < hi, step, middle)
-        if (hi <= lo * (1 + 1e-3)).all():
+        if not len(todo):
             break
+        r, a, b = rho[todo], lo[todo], hi[todo]
+        part = [v[todo] for v in values]
+        where = region(layer, part[index], P[todo], norm, scale[todo], concretise)
+        lines = margin_lines(network, index, where, r, y[todo], part,
+                             constants if norm == "fro" else None, refine)
+        ok, g = lines.certified(r, y[todo]), lines.root(y[todo])
+        a, b = torch.where(ok, torch.maximum(a, r), a), torch.where(ok, b, torch.minimum(b, r))
+        lo[todo], hi[todo] = a, b
+        t0[todo], h0[todo] = t1[todo], h1[todo]
+        t1[todo], h1[todo] = r.log(), (g / r).log()
+        # The secant's zero of h(t) = log(g / rho) at t = log rho; from one point, g itself.
+        dt, dh = t1[todo] - t0[todo], h1[todo] - h0[todo]
+        secant = torch.where(torch.isfinite(h0[todo]), t1[todo] - h1[todo] * dt / dh,
+                             g.log()).exp()
+        # Geometric bisection instead where the secant cannot guide: no line positive, a
+        # certificate beyond the lines' root (interval arithmetic), or two steps that did
+        # not halve the bracket.
+        now = (b / a).log()
+        blind = ~torch.isfinite(secant) | ~torch.isfinite(h1[todo]) | \
+            (ok & (g <= r * (1 + CONVERGED))) | (now > w0[todo] / 2)
+        w0[todo], w1[todo] = w1[todo], now
+        low, high = a * (1 + CONVERGED / 2), b / (1 + CONVERGED / 2)
+        inside = torch.where((low < high) & ~blind, secant.clamp(min=low).minimum(high),
+                             torch.sqrt(a * b))
+        fall = torch.maximum(g * (1 - 1e-7), b / shrink[todo]).minimum(b / (1 + CONVERGED))
+        rho[todo] = torch.where(a > 0, inside, fall)
+        todo = todo[b > a * (1 + CONVERGED)]
     return lo
 
 
@@ -266,11 +298,9 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 layer.matrix[None], norm)[0]))
             cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
             # Without a global bound (through attention) the radius may lie orders of
-            # magnitude below the witness: the search falls faster until it certifies; where
-            # the global bound lies orders of magnitude below the witness (LayerNorm's
-            # 1/sqrt(eps)), it is the search's lower end and the search geometric.
+            # magnitude below the witness: the search falls faster until it certifies; else
+            # the global bound is the search's lower end.
             shrink = torch.where(lower_global > 0, 2.0, 16.0).to(cap.dtype)
-            wide = torch.where(cap > WIDE * lower_global, lower_global, 0.0)
             # Through attention (products of computed tensors) the global constant is
             # infinite and the section-5 bound does not exist: the linear bounds alone
             # certify, with more evaluations.
@@ -282,9 +312,9 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                     network, index, [v[part] for v in values], y[part], norm, P[part],
                     scale[part], cap[part], constants, refine=refined, shrink=shrink[part],
                     floor=floor, concretise=concretise,
-                    evaluations=8 if exists else 12) * (1 - SAFETY)
+                    evaluations=16 if exists else 24) * (1 - SAFETY)
 
-            local = search(slice(None), refine, wide)
+            local = search(slice(None), refine, lower_global)
             weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)
             if policy and not refine and work <= REFINE_LIMIT and weak.any():
                 # The refined search starts from the unrefined radius (its bracket's lower

@@ -11,6 +11,7 @@ folded into it (``fold_batchnorm``), so the weight certified is the deployed, fo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -127,11 +128,19 @@ class Affine(Operator):
         """Rigorous upper bound of the operator norm of ``h -> W h`` (section 5): l2
         ``sqrt(overlap) sigma_max(W)`` (every entry lies in at most ``overlap`` patches, so
         ``||P(x)||_F <= sqrt(overlap) ||x||_2``); l_inf the largest row l1 norm, inflated by
-        ``n eps`` for the summation (padding only removes terms)."""
-        if norm == "fro":
-            return math.sqrt(self.overlap) * float(singular_values_upper(self.matrix)[0])
-        W = self.matrix
-        return float(W.abs().sum(dim=1).max()) * (1 + W.shape[1] * EPS)
+        ``n eps`` for the summation (padding only removes terms). Computed once per weight
+        (an SVD for l2): cached with the weight's version, which in-place changes bump."""
+        key = (norm, self.weight._version)
+        if key not in self._norms:
+            W = self.matrix
+            self._norms[key] = (
+                math.sqrt(self.overlap) * float(singular_values_upper(W)[0]) if norm == "fro"
+                else float(W.abs().sum(dim=1).max()) * (1 + W.shape[1] * EPS))
+        return self._norms[key]
+
+    @functools.cached_property
+    def _norms(self) -> dict:
+        return {}
 
     def lipschitz(self, norm, in_shapes):
         return (self.operator_norm(norm),)
