@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 sys.path.insert(0, str(ROOT / "tests"))  # the soundness tests' attacks
 
 from mnist_certify import PhaseClock, environment, fmt, quantiles  # noqa: E402  (next to this file)
+from readme_blocks import replace_block  # noqa: E402
 from test_radius_soundness import perturbed_classes, pgd_attack, random_ball  # noqa: E402
 
 from certify import backdoor, small_models  # noqa: E402
@@ -121,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="training epochs (default 15, --quick 5)")
     parser.add_argument("--chunk", type=int, default=25, help="inputs per layer_radii call")
     parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's tables")
     return parser.parse_args(argv)
 
 
@@ -162,6 +164,13 @@ def main(argv=None) -> None:
     (out / "vit_certify.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "vit_certify.md").write_text(markdown(report))
     print(markdown(report))
+    if args.readme:
+        flags = " --quick" if args.quick else ""
+        flags += f" --inputs {args.inputs}" if args.inputs else ""
+        flags += f" --epochs {args.epochs}" if args.epochs else ""
+        # The README has the two tables; the first line (versions) is in the JSON.
+        replace_block("vit", markdown(report).split("\n", 2)[2],
+                      f"python benchmarks/vit_certify.py{flags} --readme")
     print(f"wrote {out} in {report['wall_seconds']:.0f} s")
 
 
