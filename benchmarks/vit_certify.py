@@ -109,7 +109,7 @@ def markdown(report: dict) -> str:
         out.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['norm']} | "
                    f"{r['method']} | {fmt(r['lower']['median'])} | {fmt(r['upper']['median'])}"
                    f" | {fmt(r['median_lower_over_upper'])} | "
-                   f"{r['certified_positive'] / r['inputs']:.0%} | {r['attack_flips']} | "
+                   f"{r['certified_positive']} / {r['inputs']} | {r['attack_flips']} | "
                    f"{r['seconds']:.1f} |")
     return "\n".join(out) + "\n"
 
