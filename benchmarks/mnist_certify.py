@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import mnist_models  # noqa: E402  (next to this file)
-from readme_blocks import replace_block  # noqa: E402
+from readme_blocks import invoked, replace_block  # noqa: E402
 from certify import compression  # noqa: E402
 from certify import radius as R  # noqa: E402
 from certify.capture import capture  # noqa: E402
@@ -527,10 +527,7 @@ def main(argv=None) -> None:
     plot_ranks(report, out / "certified_by_rank.png")
     print(markdown(report))
     if args.readme:
-        flags = " --quick" if args.quick else ""
-        flags += f" --inputs {args.inputs}" if args.inputs else ""
-        replace_block("mnist", readme_tables(report),
-                      f"python benchmarks/mnist_certify.py{flags} --readme")
+        replace_block("mnist", readme_tables(report), invoked())
     print(f"wrote {out} in {report['wall_seconds']:.0f} s")
 
 

@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import mnist_models  # noqa: E402  (next to this file)
-from readme_blocks import replace_block  # noqa: E402
+from readme_blocks import invoked, replace_block  # noqa: E402
 from certify.capture import capture  # noqa: E402
 from certify.linear_bounds import REFINE_WORK, refine_work  # noqa: E402
 from certify.radius import layer_radii  # noqa: E402
@@ -204,9 +204,7 @@ def main() -> int:
     (out / "tightness.md").write_text(table)
     plot(report, out / "tightness.png")
     if args.readme:
-        flags = " --quick" if args.quick else ""
-        flags += f" --inputs {args.inputs}" if args.inputs else ""
-        replace_block("tightness", table, f"python benchmarks/tightness.py{flags} --readme")
+        replace_block("tightness", table, invoked())
     print(table)
     print(f"wrote {out} in {report['seconds']:.0f} s")
     return 0

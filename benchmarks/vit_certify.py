@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 sys.path.insert(0, str(ROOT / "tests"))  # the soundness tests' attacks
 
 from mnist_certify import PhaseClock, environment, fmt, quantiles  # noqa: E402  (next to this file)
-from readme_blocks import replace_block  # noqa: E402
+from readme_blocks import invoked, replace_block  # noqa: E402
 from test_radius_soundness import perturbed_classes, pgd_attack, random_ball  # noqa: E402
 
 from certify import backdoor, small_models  # noqa: E402
@@ -165,12 +165,8 @@ def main(argv=None) -> None:
     (out / "vit_certify.md").write_text(markdown(report))
     print(markdown(report))
     if args.readme:
-        flags = " --quick" if args.quick else ""
-        flags += f" --inputs {args.inputs}" if args.inputs else ""
-        flags += f" --epochs {args.epochs}" if args.epochs else ""
         # The README has the two tables; the first line (versions) is in the JSON.
-        replace_block("vit", markdown(report).split("\n", 2)[2],
-                      f"python benchmarks/vit_certify.py{flags} --readme")
+        replace_block("vit", markdown(report).split("\n", 2)[2], invoked())
     print(f"wrote {out} in {report['wall_seconds']:.0f} s")
 
 

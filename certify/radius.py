@@ -119,8 +119,6 @@ def global_lower(network: Graph, index: int, scale: torch.Tensor, constants: dic
     return bound.amin(dim=-1) / scale
 
 
-
-
 def global_exists(network: Graph, index: int, norm: str, constants: dict) -> bool:
     """Is the Lipschitz constant from the layer's output to the logits finite (section 5)?"""
     lip = lipschitz.downstream(network, index, norm, constants)[lipschitz.margin_node(network)]
@@ -165,9 +163,10 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     inside the bracket ``[lo, hi]`` of the largest certified and smallest failed radius,
     and geometric bisection where the secant cannot guide (no line positive, a certificate
     beyond the lines' root, two steps that did not halve the bracket); while nothing is
-    certified it falls by ``shrink``, or to the failure's root if that is higher. An input leaves the search once ``hi <= lo (1 + CONVERGED)``. Only radii
-    certified by their own evaluation are returned, so that ``certify check`` can confirm
-    each by one evaluation at the claimed radius.
+    certified it falls by ``shrink``, or to the failure's root if that is higher. An input
+    leaves the search once ``hi <= lo (1 + CONVERGED)``. Only radii certified by their own
+    evaluation are returned, so that ``certify check`` can confirm each by one evaluation at
+    the claimed radius.
     ``values``: every node's unperturbed value; ``P``: the layer input as columns ``P~``,
     ``scale`` its ``region_scale``; ``constants``: ``lipschitz.node_constants(network,
     index, "fro")`` for ``fro``. ``shrink``: per input (larger where no global bound

@@ -20,8 +20,9 @@ from certify import lipschitz
 from certify.capture import capture
 from certify.linear_bounds import margin_lines
 from certify.operators import Affine
-from certify.radius import (CONVERGED, _columns, global_lower, layer_radii, local_lower, region,
+from certify.radius import (CONVERGED, _columns, global_lower, local_lower, region,
                             region_scale)
+from certify.witness import witness
 from test_radius_soundness import cnns, mlps, residual_cnns
 
 MODELS = st.one_of(mlps(), cnns(), residual_cnns())
@@ -42,7 +43,8 @@ def _problems(model_and_shape, seed: int, norm: str):
         scale = region_scale(P, norm)
         constants = lipschitz.node_constants(net, index, norm)
         floor = global_lower(net, index, scale, constants, y, margins, norm)
-        cap = layer_radii(net, x, index, norm).upper
+        cap = witness(net, index, P, y, norm, False, values[index].shape[1:],
+                      values=values)[0]
         keep = torch.isfinite(cap)
         if keep.any():
             yield (net, index, [v[keep] for v in values], y[keep], P[keep], scale[keep],

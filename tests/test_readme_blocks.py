@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from readme_blocks import replace_block  # noqa: E402
+from readme_blocks import README, invoked, replace_block  # noqa: E402
 
 
 def test_a_block_is_replaced_and_the_rest_kept(tmp_path):
@@ -35,3 +35,9 @@ def test_the_readme_has_every_block_the_benchmarks_write():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in ("tightness", "mnist", "vit"):
         assert text.count(f"<!-- {name}:begin -->") == text.count(f"<!-- {name}:end -->") == 1
+
+
+def test_the_command_noted_is_the_one_that_ran(monkeypatch):
+    script = README.parent / "benchmarks" / "vit_certify.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--inputs", "8", "--readme"])
+    assert invoked() == "python benchmarks/vit_certify.py --inputs 8 --readme"
