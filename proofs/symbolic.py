@@ -104,10 +104,11 @@ class SignedVector:
             lambda e: isinstance(e, (sp.Abs, sp.sign)) and e.args[0].is_Mul,
             lambda e: sp.Mul(*[e.func(f) for f in e.args[0].args]),
         )
-        expr = expr.subs(rules)
-        for s in symbols:
-            expr = sp.expand(expr).subs(s**2, 1)
-        return expr
+        expr = sp.expand(expr.xreplace(rules))
+        # In expanded form every sign enters as a power: s^k = s^(k mod 2), one pass.
+        signs = set(symbols)
+        return expr.replace(lambda e: e.is_Pow and e.base in signs and e.exp.is_Integer,
+                            lambda e: e.base ** (int(e.exp) % 2))
 
 
 def resolve(expr: sp.Expr, *vectors: SignedVector) -> sp.Expr:

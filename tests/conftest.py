@@ -14,6 +14,9 @@ when the variable ``CI`` is set (``.ci/run`` sets both) and ``dev`` otherwise:
 
 hypothesis itself is pinned in ``pyproject.toml``: a new release draws other examples.
 
+Under pytest-xdist (``-n auto``, as ``.ci/run`` runs) each worker takes its share of torch's
+threads, so that the workers do not oversubscribe the cores.
+
 Shared strategies live in ``tests/strategies.py`` and the independent cvxpy programs in
 ``tests/cvx_oracles.py``; this file holds configuration only.
 """
@@ -30,6 +33,13 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=40, print_blob=True)
 settings.register_profile("thorough", deadline=None, max_examples=500, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    import torch
+
+    # pytest-xdist workers share the cores: each takes its share of torch's threads.
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 def pytest_report_header(config):
