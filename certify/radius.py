@@ -15,7 +15,9 @@ the spectral radius; ``"max"``: entrywise max), three numbers per input:
   secant search for the largest radius they certify (``local_lower``).
 * ``upper``: the norm of a verified witness (``certify.witness``): a weight-space DeepFool
   iteration (the first-order step of section 3, re-linearised) until a forward pass with the
-  perturbed weights really changes the class, then shrunk by bisection while it still does.
+  perturbed weights really changes the class, shrunk by bisection while it still does, then
+  made smaller by a fast-minimum-norm attack (not on the last dense layer, whose witness
+  is the exact minimiser).
 * ``estimate``: the first-order back-propagated-margin value ``min_j m_j / ||g_j P~^T||_dual``
   (section 3, ``certify.witness.first_order``); an estimate, not a bound.
 
@@ -274,7 +276,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                                    h, dim=-1).clamp(min=1e-300), min=1e-9, max=1.0)
             upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:],
                                start=Witness(full=pair.minimiser * (1 + past[:, None, None])),
-                               values=values)
+                               values=values, minimum_norm_steps=0)  # it is minimal
         lower = lower_global = lower_local = pair.value * (1 - SAFETY)
         method = "exact"
     else:

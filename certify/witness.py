@@ -161,16 +161,18 @@ def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) ->
 
 def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None = None,
             iterations: int = 50, overshoot: float = 1.02,
-            values=()) -> tuple[torch.Tensor, Witness]:
+            values=(), minimum_norm_steps: int = 30) -> tuple[torch.Tensor, Witness]:
     """A verified ``D`` that changes the class, per input; ``(upper, D)``.
 
     Weight-space DeepFool from ``start`` (zero by default): step to the minimal-norm ``D``
     that zeroes the linearised smallest margin (section 3), overshot by ``overshoot`` and
     by ``2 WITNESS_GAP max|o|`` (so that a step from a near-tie still passes it), re-linearise,
     repeat until a forward pass with ``W + D`` changes the class by more than rounding
-    (``_flips``); then shrink ``t D`` by bisection while it
-    still does. ``upper`` is ``inf`` where no witness was found. ``values``: every node's
-    unperturbed value (``network.values(x)``).
+    (``_flips``); shrink ``t D`` by bisection while it still does; then
+    ``minimum_norm_steps`` of a fast-minimum-norm attack from there (``_minimum_norm``), which
+    finds a smaller witness where DeepFool's is not locally minimal, or one where DeepFool
+    found none, shrunk again. ``upper`` is ``inf`` where no witness was found. ``values``:
+    every node's unperturbed value (``network.values(x)``).
     """
     layer = network.layer(index)
     W = augmented_weight(layer, bias)
@@ -199,12 +201,83 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
         if keep.all():
             break
     found = _flips(network, index, Z0, D, P, y, out_shape, values)
-    lo, hi = W.new_zeros(B), W.new_ones(B)
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, values)
-        hi = torch.where(flip & found, mid, hi)
-        lo = torch.where(flip & found, lo, mid)
-    D = D.scaled(hi)
-    upper = torch.where(found, D.norm(norm), torch.full_like(hi, math.inf))
+    D = _shrunk(network, index, Z0, D, P, y, out_shape, values, found)
+    if minimum_norm_steps:
+        D, found = _minimum_norm(network, index, Z0, D, P, y, norm, out_shape, values, found,
+                                 minimum_norm_steps)
+        found = found & _flips(network, index, Z0, D, P, y, out_shape, values)
+        D = _shrunk(network, index, Z0, D, P, y, out_shape, values, found, steps=20)
+    upper = torch.where(found, D.norm(norm), torch.full_like(push, math.inf))
     return upper, D
+
+
+def _shrunk(network, index, Z0, D: Witness, P, y, out_shape, values, found,
+            steps: int = 30) -> Witness:
+    """``t D`` with the smallest ``t`` in ``(0, 1]`` that still flips (bisection), where
+    ``found``; ``D`` itself elsewhere."""
+    lo, hi = P.new_zeros(len(P)), P.new_ones(len(P))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, values) & found
+        hi, lo = torch.where(flip, mid, hi), torch.where(flip, lo, mid)
+    return D.scaled(hi)
+
+
+def _margin_and_flip(network, index, Z0, D: Witness, P, y, out_shape, values):
+    """``o_y - max_{j != y} o_j`` with ``W + D`` (differentiable in ``D``) and ``_flips``."""
+    logits = network.run(index, _perturbed(network.layer(index), Z0, D, P, out_shape), values)
+    other = logits.scatter(-1, y[:, None], -math.inf).amax(-1)
+    margin = logits.gather(-1, y[:, None])[:, 0] - other
+    return margin, -margin.detach() > WITNESS_GAP * logits.detach().abs().amax(-1)
+
+
+def _fitted(X: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
+    """``X`` projected onto ``{||X|| <= radius}`` (l2 of the flattened entries, or max)."""
+    r = radius.reshape(-1, *[1] * (X.ndim - 1))
+    if norm == "fro":
+        size = torch.linalg.vector_norm(X.flatten(1), dim=-1).reshape(r.shape)
+        return X * torch.clamp(r / size.clamp(min=1e-300), max=1.0)
+    return torch.maximum(torch.minimum(X, r), -r)
+
+
+def _minimum_norm(network, index, Z0, D: Witness, P, y, norm, out_shape, values, found,
+                  steps: int) -> tuple[Witness, torch.Tensor]:
+    """A smaller witness by a fast-minimum-norm attack (Pintor et al., 2021) in weight space.
+
+    The free factor ``X`` of ``D`` (``full``; for a dense layer ``left``, whose norm is
+    ``||D||`` up to the fixed right factor's) descends the margin ``o_y - max_j o_j`` by
+    normalised steps (``g / ||g||_2`` for Frobenius, ``sign(g)`` for max) of ``alpha eps``
+    inside the ball ``||X|| <= eps``; ``eps`` shrinks by ``1 - gamma`` below the best witness
+    while ``X`` flips the class and grows by ``1 + gamma`` while it does not (``alpha``,
+    ``gamma`` annealed). It starts at ``D``, so where DeepFool found no witness it may still
+    find one. Returns the smallest ``X`` that flipped (``D`` where none did) and ``found``.
+    """
+    dense = D.full is None
+    X0 = D.left if dense else D.full
+    wrap = (lambda X: Witness(left=X, right=D.right)) if dense else (lambda X: Witness(full=X))
+    size = (lambda X: torch.linalg.vector_norm(X.flatten(1), dim=-1)) if norm == "fro" else \
+        (lambda X: X.flatten(1).abs().amax(-1))
+    best, best_size = X0.clone(), torch.where(found, size(X0), math.inf)
+    eps = size(X0).clamp(min=1e-300)
+    X = X0.clone()
+    for k in range(steps):
+        anneal = 0.5 * (1 + math.cos(math.pi * k / steps))
+        alpha, gamma = 0.02 + 0.28 * anneal, 0.01 + 0.04 * anneal
+        X = X.detach().requires_grad_(True)
+        margin, flip = _margin_and_flip(network, index, Z0, wrap(X), P, y, out_shape, values)
+        (g,) = torch.autograd.grad(margin.sum(), X)
+        with torch.no_grad():
+            smaller = flip & (size(X) < best_size)
+            best = torch.where(smaller.reshape(-1, *[1] * (X.ndim - 1)), X, best)
+            best_size = torch.where(smaller, size(X), best_size)
+            found = found | flip
+            eps = torch.where(flip, torch.minimum(eps, best_size) * (1 - gamma), eps * (1 + gamma))
+            if norm == "fro":
+                step = g / torch.linalg.vector_norm(g.flatten(1), dim=-1).clamp(
+                    min=1e-300).reshape(-1, *[1] * (g.ndim - 1))
+            else:
+                step = torch.sign(g)
+            X = _fitted(X - alpha * eps.reshape(-1, *[1] * (X.ndim - 1)) * step, eps, norm)
+    return wrap(best.detach()), found
+
+
