@@ -201,6 +201,8 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
         if keep.all():
             break
     found = _flips(network, index, Z0, D, P, y, out_shape, values)
+    if minimum_norm_steps and not found.all():
+        D, found = _restarted(network, index, Z0, D, P, y, norm, out_shape, values, found, W)
     D = _shrunk(network, index, Z0, D, P, y, out_shape, values, found)
     if minimum_norm_steps:
         D, found = _minimum_norm(network, index, Z0, D, P, y, norm, out_shape, values, found,
@@ -209,6 +211,42 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
         D = _shrunk(network, index, Z0, D, P, y, out_shape, values, found, steps=20)
     upper = torch.where(found, D.norm(norm), torch.full_like(push, math.inf))
     return upper, D
+
+
+RESTART_DIRECTIONS = 16
+RESTART_SCALES = tuple(2.0**k for k in range(-12, 9))  # times ||W||
+
+
+def _restarted(network, index, Z0, D: Witness, P, y, norm, out_shape, values, found,
+               W) -> tuple[Witness, torch.Tensor]:
+    """Witnesses by random search where DeepFool found none (its steps vanish where the
+    downstream ReLUs are dead): ``RESTART_DIRECTIONS`` random directions of the free factor
+    (Gaussian for Frobenius, random signs, vertices of the ball, for max) at the scales
+    ``RESTART_SCALES`` times ``||W||``, smallest first; the first that flips is kept."""
+    generator = torch.Generator(device=P.device).manual_seed(0)  # the same witness every run
+    dense = D.full is None
+    X = D.left if dense else D.full
+    scale = float(weight_norm(W[None], norm)[0])
+    shape = (RESTART_DIRECTIONS, *X.shape)
+    directions = torch.randn(shape, dtype=X.dtype, device=X.device, generator=generator)
+    if norm == "max":
+        directions = torch.sign(directions)
+    else:
+        directions = directions / torch.linalg.vector_norm(directions.flatten(2), dim=-1)[
+            ..., *[None] * (X.ndim - 1)]
+    for t in RESTART_SCALES:
+        for d in directions:
+            E = Witness(left=t * scale * d, right=D.right) if dense else \
+                Witness(full=t * scale * d)
+            flip = _flips(network, index, Z0, E, P, y, out_shape, values) & ~found
+            if flip.any():
+                keep = flip.reshape(-1, *[1] * (X.ndim - 1))
+                D = Witness(left=torch.where(keep, E.left, D.left), right=D.right) if dense \
+                    else Witness(full=torch.where(keep, E.full, D.full))
+                found = found | flip
+        if found.all():
+            break
+    return D, found
 
 
 def _shrunk(network, index, Z0, D: Witness, P, y, out_shape, values, found,
