@@ -4,8 +4,9 @@ nothing and a fast-minimum-norm attack from what it found.
 Oracles: a forward pass (every witness really changes the class), the MILP on tiny ReLU
 MLPs (``tests/milp_oracle.py``: a witness wherever it finds a class change; that none lies
 below its exact radius is ``tests/test_milp_exact.py``'s bracket), and DeepFool alone
-(``minimum_norm_steps=0``: the full search is never worse). The teeth: on a trained CNN the attack shrinks DeepFool's witnesses, and on
-tiny nets the restarts witness inputs that DeepFool cannot.
+(``minimum_norm_steps=0``: the full search is never worse). The teeth: on a trained CNN the
+attack shrinks DeepFool's witnesses, and on tiny nets the restarts witness inputs that
+DeepFool cannot.
 """
 
 from __future__ import annotations
