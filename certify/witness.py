@@ -99,6 +99,21 @@ class Witness:
         return torch.linalg.vector_norm(self.left, ord=ord, dim=-1) * \
             torch.linalg.vector_norm(self.right, ord=ord, dim=-1)
 
+    @property
+    def free(self) -> torch.Tensor:
+        """The factor a search moves: ``full``, or ``left`` (the right factor stays)."""
+        return self.full if self.full is not None else self.left
+
+    def with_free(self, X: torch.Tensor) -> "Witness":
+        """This witness with the free factor ``X``."""
+        return Witness(full=X) if self.full is not None else Witness(left=X, right=self.right)
+
+    def rows(self, index: torch.Tensor) -> "Witness":
+        """The witnesses of the inputs ``index``."""
+        if self.full is not None:
+            return Witness(full=self.full[index])
+        return Witness(left=self.left[index], right=self.right[index])
+
     def scaled(self, t: torch.Tensor) -> "Witness":
         if self.full is not None:
             return Witness(full=t[:, None, None] * self.full)
@@ -132,12 +147,17 @@ def _perturbed(layer: Affine, Z0: torch.Tensor, D: Witness, P, out_shape) -> tor
 
 def _flips(network, index, Z0, D: Witness, P, y, out_shape, values) -> torch.Tensor:
     """Forward pass with the perturbed weights ``W + D``: did the class change?"""
-    Z = _perturbed(network.layer(index), Z0, D, P, out_shape)
-    logits = network.run(index, Z, values)
-    # Another class must win by more than rounding: a tie decided by the last bit is no
-    # witness (certify check accepts it only beyond the same relative gap).
-    gap = logits.scatter(-1, y[:, None], -math.inf).amax(-1) - logits.gather(-1, y[:, None])[:, 0]
-    return gap > WITNESS_GAP * logits.abs().amax(-1)
+    return _margin_and_flip(network, index, Z0, D, P, y, out_shape, values)[1]
+
+
+def _margin_and_flip(network, index, Z0, D: Witness, P, y, out_shape, values):
+    """``o_y - max_{j != y} o_j`` with ``W + D`` (differentiable in ``D``), and whether the
+    class changed: another class must win by more than rounding, as a tie decided by the
+    last bit is no witness (certify check accepts it only beyond the same relative gap)."""
+    logits = network.run(index, _perturbed(network.layer(index), Z0, D, P, out_shape), values)
+    other = logits.scatter(-1, y[:, None], -math.inf).amax(-1)
+    margin = logits.gather(-1, y[:, None])[:, 0] - other
+    return margin, -margin.detach() > WITNESS_GAP * logits.detach().abs().amax(-1)
 
 
 def _start(W, P, norm, start) -> Witness:
@@ -222,31 +242,37 @@ def _restarted(network, index, Z0, D: Witness, P, y, norm, out_shape, values, fo
     """Witnesses by random search where DeepFool found none (its steps vanish where the
     downstream ReLUs are dead): ``RESTART_DIRECTIONS`` random directions of the free factor
     (Gaussian for Frobenius, random signs, vertices of the ball, for max) at the scales
-    ``RESTART_SCALES`` times ``||W||``, smallest first; the first that flips is kept."""
+    ``RESTART_SCALES`` times ``||W||``, smallest first; the first that flips is kept. Only
+    the inputs without a witness are run."""
     generator = torch.Generator(device=P.device).manual_seed(0)  # the same witness every run
-    dense = D.full is None
-    X = D.left if dense else D.full
-    scale = float(weight_norm(W[None], norm)[0])
-    shape = (RESTART_DIRECTIONS, *X.shape)
-    directions = torch.randn(shape, dtype=X.dtype, device=X.device, generator=generator)
+    X = D.free
+    directions = torch.randn((RESTART_DIRECTIONS, *X.shape), dtype=X.dtype, device=X.device,
+                             generator=generator)
     if norm == "max":
         directions = torch.sign(directions)
     else:
         directions = directions / torch.linalg.vector_norm(directions.flatten(2), dim=-1)[
             ..., *[None] * (X.ndim - 1)]
+    todo = torch.nonzero(~found)[:, 0]
+    part = D.rows(todo)
+    Z0, P, y, values = Z0[todo], P[todo], y[todo], [v[todo] for v in values]
+    chosen, hit = part.free.clone(), torch.zeros_like(todo, dtype=torch.bool)
+    scale = float(weight_norm(W[None], norm)[0])
     for t in RESTART_SCALES:
-        for d in directions:
-            E = Witness(left=t * scale * d, right=D.right) if dense else \
-                Witness(full=t * scale * d)
-            flip = _flips(network, index, Z0, E, P, y, out_shape, values) & ~found
-            if flip.any():
-                keep = flip.reshape(-1, *[1] * (X.ndim - 1))
-                D = Witness(left=torch.where(keep, E.left, D.left), right=D.right) if dense \
-                    else Witness(full=torch.where(keep, E.full, D.full))
-                found = found | flip
-        if found.all():
+        for d in directions[:, todo]:
+            E = part.with_free(t * scale * d)
+            flip = _flips(network, index, Z0, E, P, y, out_shape, values) & ~hit
+            chosen = torch.where(flip.reshape(-1, *[1] * (X.ndim - 1)), E.free, chosen)
+            hit = hit | flip
+            if hit.all():
+                break
+        if hit.all():
             break
-    return D, found
+    X = X.clone()
+    X[todo] = chosen
+    found = found.clone()
+    found[todo] = hit
+    return D.with_free(X), found
 
 
 def _shrunk(network, index, Z0, D: Witness, P, y, out_shape, values, found,
@@ -259,14 +285,6 @@ def _shrunk(network, index, Z0, D: Witness, P, y, out_shape, values, found,
         flip = _flips(network, index, Z0, D.scaled(mid), P, y, out_shape, values) & found
         hi, lo = torch.where(flip, mid, hi), torch.where(flip, lo, mid)
     return D.scaled(hi)
-
-
-def _margin_and_flip(network, index, Z0, D: Witness, P, y, out_shape, values):
-    """``o_y - max_{j != y} o_j`` with ``W + D`` (differentiable in ``D``) and ``_flips``."""
-    logits = network.run(index, _perturbed(network.layer(index), Z0, D, P, out_shape), values)
-    other = logits.scatter(-1, y[:, None], -math.inf).amax(-1)
-    margin = logits.gather(-1, y[:, None])[:, 0] - other
-    return margin, -margin.detach() > WITNESS_GAP * logits.detach().abs().amax(-1)
 
 
 def _fitted(X: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
@@ -290,9 +308,7 @@ def _minimum_norm(network, index, Z0, D: Witness, P, y, norm, out_shape, values,
     ``gamma`` annealed). It starts at ``D``, so where DeepFool found no witness it may still
     find one. Returns the smallest ``X`` that flipped (``D`` where none did) and ``found``.
     """
-    dense = D.full is None
-    X0 = D.left if dense else D.full
-    wrap = (lambda X: Witness(left=X, right=D.right)) if dense else (lambda X: Witness(full=X))
+    X0, wrap = D.free, D.with_free
     size = (lambda X: torch.linalg.vector_norm(X.flatten(1), dim=-1)) if norm == "fro" else \
         (lambda X: X.flatten(1).abs().amax(-1))
     best, best_size = X0.clone(), torch.where(found, size(X0), math.inf)
