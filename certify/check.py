@@ -222,13 +222,16 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
         else:
             confirmed = lower <= global_lower(graph, index, P, y, margins, norm) * (1 + 1e-12)
             # "(refined)": some inputs were certified with refined intermediate bounds, the
-            # others without; each claim is confirmed by either evaluation.
-            for refine in (False, True) if "refined" in claims["method"] else (False,):
+            # others without; each claim is confirmed by either evaluation. "forward": both
+            # with forward enclosures.
+            options = set(claims["method"].partition("(")[2].rstrip(")").split(","))
+            for refine in (False, True) if "refined" in options else (False,):
                 rest = ~confirmed & (lower > 0)
                 if not rest.any():
                     break
                 bounds = local_lower_bounds(graph, index, [v[rest] for v in values], P[rest],
-                                            lower[rest], y[rest], norm, refine=refine)
+                                            lower[rest], y[rest], norm, refine=refine,
+                                            enclose="forward" in options)
                 bounds[np.arange(len(bounds)), y[rest]] = np.inf
                 confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
             bad = np.nonzero(~confirmed & (lower > 0))[0]

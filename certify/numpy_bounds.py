@@ -22,6 +22,7 @@ import numpy as np
 
 from certify.numpy_forward import NumpyGraph
 from certify.numpy_operators import ROUND, AffineTwin
+from certify.numpy_operators.enclosure import Enclosure
 from certify.numpy_operators.base import row_sum, spectral_upper
 from certify.numpy_regions import Region, WeightRegion
 
@@ -192,13 +193,37 @@ def _refine(graph, start, i, wanted, boxes, values, region, rho):
     return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
 
 
+def _feeds_nonlinear(graph: NumpyGraph, i: int) -> bool:
+    return any(graph.nodes[c].twin.nonlinear for c in graph.consumers[i])
+
+
+def enclosed(graph: NumpyGraph, start: int) -> list[int]:
+    """The nodes that carry forward enclosures: up to the last one that feeds a nonlinear
+    operator and lies behind a nonlinear or affine node after ``start``."""
+    nodes = list(graph.downstream(start)[1:])
+    behind, last = set(), -1
+    for k, i in enumerate(nodes):
+        node = graph.nodes[i]
+        if node.twin.nonlinear or isinstance(node.twin, AffineTwin) or \
+                any(j in behind for j in node.inputs):
+            behind.add(i)
+        if i in behind and i != graph.output and _feeds_nonlinear(graph, i):
+            last = k
+    return nodes[:last + 1]
+
+
 def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, values,
-                        refine: bool) -> dict:
+                        refine: bool, enclose: bool = False) -> dict:
     """Boxes of every downstream node over ``z + rho U`` (and points for the constants
     they read): interval propagation, for the l2 ball intersected with the reach bounds of
     affine layers (``r_i >= ||x_i - nominal_i||_2``: the operators' l2 constants or the
-    box's farthest corner); for nodes feeding a nonlinear operator, refined by backward
-    passes (``refine``) on the entries their consumers mark unstable."""
+    box's farthest corner); with ``enclose``, intersected with the bounds of forward
+    enclosures (``certify.numpy_operators.enclosure``) on the nodes of ``enclosed``; for
+    nodes feeding a nonlinear operator, refined by backward passes (``refine``) on the
+    entries their consumers mark unstable."""
+    forward = set(enclosed(graph, start)) if enclose else set()
+    enclosures = {start: Enclosure(region.z, np.zeros_like(region.z), region.coefficients(),
+                                   None, np.abs(region.z))} if forward else {}
     box = region.box(rho)
     boxes = {start: (region.z - box, region.z + box)}
     ball = region.norm == "fro"
@@ -225,6 +250,14 @@ def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, valu
             if local is not None:
                 combined = np.minimum(combined, local)
             reach[i] = np.minimum(combined, np.linalg.norm(corner, axis=-1) * (1 + ROUND))
+        if i in forward:
+            enclosure = node.twin.enclose([enclosures[j] if j in moving else
+                                           Enclosure.point(values[j]) for j in node.inputs],
+                                          [boxes[j] for j in node.inputs])
+            if enclosure is not None:
+                e_lo, e_hi = enclosure.bounds(rho, region.norm)
+                lo, hi = np.maximum(lo, e_lo), np.minimum(hi, e_hi)
+            enclosures[i] = enclosure
         boxes[i] = (lo, hi)
         consumers = [graph.nodes[c].twin for c in graph.consumers[i]
                      if graph.nodes[c].twin.nonlinear] if refine and i != graph.output else []
@@ -233,6 +266,8 @@ def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, valu
             for twin in consumers:
                 wanted |= twin.unstable(lo, hi)
             boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho)
+        if i in forward and enclosures[i] is None:
+            enclosures[i] = Enclosure.box(*boxes[i])
     return boxes
 
 
@@ -289,14 +324,28 @@ def _interval_margins(graph: NumpyGraph, boxes, y) -> np.ndarray:
     return top - hi - ROUND * (np.abs(top) + np.abs(hi))
 
 
+# Coefficients of one enclosure held at once (256 MiB in float64).
+ENCLOSURE_ENTRIES = 2**25
+
+
 def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: str,
-                       refine: bool) -> np.ndarray:
+                       refine: bool, enclose: bool = False) -> np.ndarray:
     """Lower bounds ``(B, C)`` of every margin over the section-4 region of radius ``rho``
     around layer ``index``'s output: the best of the CROWN line, the interval-Jacobian line
-    and interval arithmetic (``certify.linear_bounds.margin_lines``, recomputed in numpy).
-    ``P``: the layer's ``P~`` (``columns``)."""
+    and interval arithmetic (``certify.linear_bounds.margin_lines``, recomputed in numpy);
+    ``enclose``: with forward enclosures, for at most ``ENCLOSURE_ENTRIES`` coefficients at
+    a time. ``P``: the layer's ``P~`` (``columns``)."""
     region = section4_region(graph.layer(index), values[index], P, norm)
-    boxes = intermediate_bounds(graph, index, region, rho, values, refine)
+    if enclose:
+        widest = max([int(np.prod(graph.nodes[i].shape)) for i in enclosed(graph, index)],
+                     default=1)
+        chunk = max(1, ENCLOSURE_ENTRIES // (region.dimension * widest))
+        if len(y) > chunk:
+            return np.concatenate([local_lower_bounds(
+                graph, index, [v[k:k + chunk] for v in values], P[k:k + chunk],
+                rho[k:k + chunk], y[k:k + chunk], norm, refine, True)
+                for k in range(0, len(y), chunk)])
+    boxes = intermediate_bounds(graph, index, region, rho, values, refine, enclose)
     C = class_vectors(graph, y)
     f = backward(graph, index, {graph.output: C}, np.zeros(C.shape[:2]), boxes, values, True)
     value, size = f.d - f.e, f.size + f.e

@@ -45,6 +45,17 @@ class Region:
         """``sup_{u in U} A |u|`` for rows ``A >= 0``: ``dual`` (symmetric in each entry)."""
         return self.dual(A)
 
+    @property
+    def dimension(self) -> int:
+        return self.z[0].size
+
+    def coefficients(self):
+        """``M`` ``(B, p, *z)`` with ``z + rho U = {z + <M, v> : ||v|| <= rho}``: the
+        identity times ``unit``."""
+        B, p = len(self.z), self.dimension
+        unit = self.unit.reshape(B, 1, -1) if self.norm == "max" else self.unit.reshape(B, 1, 1)
+        return (np.eye(p) * unit).reshape(B, p, *self.z.shape[1:])
+
     def value(self, A):
         """``A z`` and ``|A| |z|``."""
         flat, z = A.reshape(*A.shape[:2], -1), self.z.reshape(len(A), -1)
@@ -68,6 +79,18 @@ class WeightRegion(Region):
         B, R = A.shape[:2]
         rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
         return rows.reshape(B, R, *rows.shape[1:])
+
+    @property
+    def dimension(self) -> int:
+        return self.layer.weight.shape[0] * self.P.shape[1]
+
+    def coefficients(self):
+        """``D P~`` as ``<M, vec D>``: direction ``(c, k)`` moves row ``c`` of the columns
+        by ``P~_k:``, ``(B, m n, *z)``."""
+        B, n, L = self.P.shape
+        m = self.layer.weight.shape[0]
+        M = np.einsum("cd,bkl->bckdl", np.eye(m), self.P).reshape(B * m * n, m, L)
+        return self.layer.uncolumns(M).reshape(B, m * n, *self.z.shape[1:])
 
     def box(self, rho):
         if self.norm == "max":

@@ -44,8 +44,9 @@ from certify import lipschitz
 from certify.compression import singular_values_upper
 from certify.graph import Graph
 from certify.inputs import InputError, affine_index, inputs_for
-from certify.linear_bounds import (REFINE_BELOW, REFINE_GAIN, REFINE_LIMIT, REFINE_PROBE,
-                                   REFINE_WORK, margin_lines, refine_work)
+from certify.linear_bounds import (ENCLOSE_WORK, REFINE_BELOW, REFINE_GAIN, REFINE_LIMIT,
+                                   REFINE_PROBE, REFINE_WORK, enclosed, enclosure_work,
+                                   margin_lines, refine_work)
 from certify.operators import Affine
 from certify.perturbation import class_pair_radius
 from certify.regions import Region, WeightRegion
@@ -55,6 +56,7 @@ SAFETY = 1e-9
 CONVERGED = 1e-3  # the local search stops for an input once its bracket is this narrow
 NORMS = ("fro", "max")
 CONCRETISE = ("weight", "output")  # the local bound's region for layers with several columns
+ENCLOSURE_ENTRIES = 2**25  # coefficients of one enclosure held at once (256 MiB in float64)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,16 @@ class LayerRadii:
     estimate: torch.Tensor
     lower_global: torch.Tensor
     lower_local: torch.Tensor
-    method: str  # "exact" (last dense layer), "lipschitz+crown" or "lipschitz+crown(refined)"
+    method: str  # "exact" (last dense layer), else "lipschitz+crown" (or "crown") and
+    # method_options: "(forward)", "(refined)", "(forward,refined)"
     witness: "Witness"  # attains ``upper`` where it is finite
+
+
+def method_options(enclose: bool, refine: bool) -> str:
+    """The local bound's options as ``method`` names them: ``(forward)`` (enclosures),
+    ``(refined)`` (some inputs refined), ``(forward,refined)``, or nothing."""
+    options = [name for name, used in (("forward", enclose), ("refined", refine)) if used]
+    return f"({','.join(options)})" if options else ""
 
 
 def predictions(network: Graph, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +163,7 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
                 evaluations: int = 16, refine: bool = True,
                 shrink: torch.Tensor | float = 2.0,
                 floor: torch.Tensor | None = None,
-                concretise: str = "weight") -> torch.Tensor:
+                concretise: str = "weight", enclose: bool = False) -> torch.Tensor:
     """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
@@ -174,9 +184,18 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     index, "fro")`` for ``fro``. ``shrink``: per input (larger where no global bound
     brackets the radius from below). ``floor``: radii already certified otherwise (the global
     bound), where positive the bracket's lower end, and the search starts in the geometric
-    middle. ``concretise``: as in ``region``. ``evaluations``: at most this many per input.
+    middle. ``concretise``: as in ``region``. ``enclose``: forward enclosures tighten the
+    intermediate boxes (``linear_bounds.intermediate_bounds``), evaluated on at most
+    ``ENCLOSURE_ENTRIES`` coefficients at a time. ``evaluations``: at most this many per
+    input.
     """
     layer = network.layer(index)
+    chunk = len(cap)
+    if enclose:
+        widest = max(math.prod(network.nodes[i].shape) for i in enclosed(network, index))
+        dimension = region(layer, values[index][:1], P[:1], norm, scale[:1],
+                           concretise).dimension
+        chunk = max(1, int(ENCLOSURE_ENTRIES // (dimension * widest)))
     lo, hi = torch.zeros_like(cap), cap.clone()
     if floor is not None:
         lo = torch.where(floor > 0, torch.minimum(floor, cap), lo)
@@ -194,11 +213,15 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
         if not len(todo):
             break
         r, a, b = rho[todo], lo[todo], hi[todo]
-        part = [v[todo] for v in values]
-        where = region(layer, part[index], P[todo], norm, scale[todo], concretise)
-        lines = margin_lines(network, index, where, r, y[todo], part,
-                             constants if norm == "fro" else None, refine)
-        ok, g = lines.certified(r, y[todo]), lines.root(y[todo])
+        ok, g = [], []
+        for piece in todo.split(chunk):  # bounded memory for the enclosures
+            part = [v[piece] for v in values]
+            where = region(layer, part[index], P[piece], norm, scale[piece], concretise)
+            lines = margin_lines(network, index, where, rho[piece], y[piece], part,
+                                 constants if norm == "fro" else None, refine, enclose)
+            ok.append(lines.certified(rho[piece], y[piece]))
+            g.append(lines.root(y[piece]))
+        ok, g = torch.cat(ok), torch.cat(g)
         a, b = torch.where(ok, torch.maximum(a, r), a), torch.where(ok, b, torch.minimum(b, r))
         lo[todo], hi[todo] = a, b
         t0[todo], h0[todo] = t1[todo], h1[todo]
@@ -225,6 +248,7 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
 
 def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 bias: bool = False, refine: bool | str = "auto", concretise: str = "weight",
+                enclose: bool | str = "auto",
                 clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
@@ -240,7 +264,12 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     ``concretise``: ``"weight"`` concretises the local bound of a layer with several columns
     (a convolution, a dense layer over a sequence) over the reachable set ``{D P~}``
     (``certify.regions.WeightRegion``, tighter); ``"output"`` over the Z-space ball or box
-    containing it (earlier releases; for comparison). ``clock(phase)`` is entered around
+    containing it (earlier releases; for comparison). ``enclose``: forward enclosures in
+    weight space tighten the intermediate boxes (``certify.operators.enclosure``); ``"auto"``
+    uses them for layers with several columns concretised in weight space, where
+    ``linear_bounds.enclosure_work`` is positive (some box can tighten) and at most
+    ``ENCLOSE_WORK`` (``method`` then names ``forward``); on one column, the refinement's
+    backward passes are tighter. ``clock(phase)`` is entered around
     each phase (for timing breakdowns).
 
     Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats,
@@ -255,6 +284,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
         raise InputError(f"concretise must be one of {CONCRETISE}, got {concretise!r}")
     if refine not in (True, False, "auto"):
         raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
+    if enclose not in (True, False, "auto"):
+        raise InputError(f"enclose must be True, False or 'auto', got {enclose!r}")
     x = inputs_for(network, x)
     index = affine_index(network, index)
     layer = network.layer(index)
@@ -288,6 +319,11 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             lower_global = global_lower(network, index, scale, constants, y, margins, norm) * \
                 (1 - SAFETY)
         with clock("local"):
+            if enclose == "auto":  # where one D is shared by several columns
+                where = region(layer, Z[:1], P[:1], norm, scale[:1], concretise)
+                enclose = isinstance(where, WeightRegion) and \
+                    0 < enclosure_work(network, index, where.dimension) <= ENCLOSE_WORK
+            enclose = bool(enclose and enclosed(network, index))
             policy = refine == "auto"
             work = refine_work(network, index) if policy else None
             if policy:
@@ -312,7 +348,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 return local_lower(
                     network, index, [v[part] for v in values], y[part], norm, P[part],
                     scale[part], cap[part], constants, refine=refined, shrink=shrink[part],
-                    floor=floor, concretise=concretise,
+                    floor=floor, concretise=concretise, enclose=enclose,
                     evaluations=16 if exists else 24) * (1 - SAFETY)
 
             local = search(slice(None), refine, lower_global)
@@ -332,7 +368,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 refine = True
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
-        method = ("lipschitz+crown" if exists else "crown") + ("(refined)" if refine else "")
+        method = ("lipschitz+crown" if exists else "crown") + method_options(enclose, refine)
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")

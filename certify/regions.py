@@ -61,6 +61,21 @@ class Region:
         Jacobian): ``dual`` itself, as the ball and the box are symmetric in every entry."""
         return self.dual(A)
 
+    @property
+    def dimension(self) -> int:
+        """How many entries the variable ``v`` of ``coefficients`` has."""
+        return self.z[0].numel()
+
+    def coefficients(self) -> torch.Tensor:
+        """``M`` with ``z + rho U = {z + <M, v> : ||v|| <= rho}`` (l2 for ``fro``, l_inf for
+        ``max``), ``(B, p, *z)``: the enclosure of the layer's output
+        (``certify.operators.enclosure``). Here ``v = dz / unit``: ``unit`` times the
+        identity."""
+        B, p = len(self.z), self.dimension
+        eye = torch.eye(p, dtype=self.z.dtype, device=self.z.device)
+        unit = self.unit.reshape(B, 1, -1) if self.norm == "max" else self.unit.reshape(B, 1, 1)
+        return (eye * unit).reshape(B, p, *self.z.shape[1:])
+
     def value(self, A: torch.Tensor) -> torch.Tensor:
         """``A z`` and ``|A| |z|`` (the magnitude for rounding), ``(B, R)`` each."""
         flat, z = A.reshape(*A.shape[:2], -1), self.z.reshape(len(A), -1)
@@ -88,6 +103,19 @@ class WeightRegion(Region):
         B, R = A.shape[:2]
         rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
         return rows.reshape(B, R, *rows.shape[1:])
+
+    @property
+    def dimension(self) -> int:
+        return self.layer.weight.shape[0] * self.P.shape[1]
+
+    def coefficients(self) -> torch.Tensor:
+        """``dZ = D P~`` is ``<M, vec D>`` with ``M[(c, k), c', j] = [c = c'] P~_kj``,
+        ``(B, m n, *z)``; ``v = vec D`` and ``||v|| = ||D||`` in either norm."""
+        B, n, L = self.P.shape
+        m = self.layer.weight.shape[0]
+        eye = torch.eye(m, dtype=self.P.dtype, device=self.P.device)
+        M = (eye[None, :, None, :, None] * self.P[:, None, :, None, :]).reshape(B * m * n, m, L)
+        return self.layer.uncolumns(M, self.z.shape[1:]).reshape(B, m * n, *self.z.shape[1:])
 
     def box(self, rho: torch.Tensor) -> torch.Tensor:
         if self.norm == "max":

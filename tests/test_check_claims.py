@@ -345,7 +345,8 @@ def _set(document, path, value):
 
 
 _DELETE = object()
-OPTIONAL = {("labels",), ("compression_checks",)}  # sections a certificate may leave out
+# Sections a certificate may leave out; "device" is absent from certificates made before it.
+OPTIONAL = {("labels",), ("compression_checks",), ("device",)}
 OTHER_TYPES = ["a string", {"k": 1}, [1, "x"]]
 
 

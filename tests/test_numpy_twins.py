@@ -11,8 +11,8 @@ agree with the torch ones, and it accepts fresh certificates and refutes tampere
   transformer: LayerNorm, attention, MLP, F.normalize), built as ``nn.Module`` and
   captured: every node's numpy value and adjoint at that value equal torch's to 1e-12, the
   margin gradients through the whole graph equal autograd's, the numpy global, local
-  (CROWN, interval Jacobian, interval, refined or not) and multi-layer bounds equal the
-  torch ones, and ``certify.check`` confirms every claim of a certificate made by
+  (CROWN, interval Jacobian, interval, refined or not, with forward enclosures or not)
+  and multi-layer bounds equal the torch ones, and ``certify.check`` confirms every claim of a certificate made by
   ``certify.certificate.certify_network`` and refutes it once tampered with.
 """
 
@@ -414,8 +414,8 @@ def test_numpy_forward_and_gradients_equal_torch(problem):
 
 @PER_GRAPH
 @given(graphs(), st.sampled_from(["fro", "max"]), st.booleans(), st.booleans(),
-       st.floats(1e-3, 1.0))
-def test_numpy_bounds_equal_torch(problem, norm, refine, bias, fraction):
+       st.floats(1e-3, 1.0), st.booleans())
+def test_numpy_bounds_equal_torch(problem, norm, refine, bias, fraction, enclose):
     _, graph, x = problem
     ng = NumpyGraph.of(graph)
     values, nvalues = graph.values(x), ng.values(x.numpy())
@@ -437,9 +437,10 @@ def test_numpy_bounds_equal_torch(problem, norm, refine, bias, fraction):
         rho = fraction * torch.where(torch.isfinite(rho) & (rho > 0), rho, torch.full_like(rho, 0.1))
         where = region(layer, values[index], P, norm, scale)
         lines = margin_lines(graph, index, where, rho, y, values,
-                             constants if norm == "fro" else None, refine)
+                             constants if norm == "fro" else None, refine, enclose)
         want = lines.lower(rho).scatter(-1, y[:, None], 0.0)
-        got = local_lower_bounds(ng, index, nvalues, nP, rho.numpy(), y.numpy(), norm, refine)
+        got = local_lower_bounds(ng, index, nvalues, nP, rho.numpy(), y.numpy(), norm, refine,
+                                 enclose)
         got[np.arange(len(y)), y.numpy()] = 0.0
         close(got, want, 1e-7, f"local bound of {graph.nodes[index].name}")
     budgets = [0.01 * fraction] * len(graph.affine_indices)

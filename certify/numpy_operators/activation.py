@@ -23,6 +23,7 @@ import numpy as np
 from scipy.special import erf, expit
 
 from certify.numpy_operators.base import ROUND, Twin, row_sum
+from certify.numpy_operators.enclosure import Enclosure
 
 # GELU' = Phi(x) + x phi(x) has its extremes at x = -+sqrt(2) (GELU'' = phi(x) (2 - x^2)):
 # sup |GELU'| = Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = (1 + erf(1)) / 2 + exp(-1) / sqrt(pi),
@@ -192,6 +193,15 @@ class ActivationTwin(Twin):
                 row_sum(negative * b_upper[:, None]), None
         lam, mu, nu = self.symmetric(lo, hi)
         return (A * lam[:, None],), row_sum(A * mu[:, None]), row_sum(np.abs(A) * nu[:, None])
+
+    def enclose(self, inputs, boxes):
+        """CROWN's lines where both slopes are nonnegative, else the symmetric line."""
+        (enclosure,), (lo, hi) = inputs, boxes[0]
+        s = self.slope if self.kind == "leaky_relu" else 0.0
+        if self.piecewise_linear and 0 <= s <= 1:
+            s_lower, s_upper, b_upper = self.adaptive(lo, hi)
+            return enclosure.lines(s_lower, np.zeros_like(lo), s_upper, b_upper)
+        return enclosure.scaled(*self.symmetric(lo, hi))
 
     def jacobian(self, rows, boxes):
         if self.jump:  # no mean value theorem across the softplus jump

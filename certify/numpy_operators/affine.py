@@ -14,6 +14,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from certify.numpy_operators.enclosure import Enclosure
 from certify.numpy_operators.base import (
     EPS,
     ROUND,
@@ -154,6 +155,11 @@ class AffineTwin(Twin):
         radius = self.times_weight((hi - lo) / 2, np.abs(self.matrix))
         radius = radius * (1 + ROUND) + ROUND * np.abs(center)
         return ((center - radius, center + radius),)
+
+    def enclose(self, inputs, boxes):
+        shift = self.bias.reshape(-1, *[1] * (self.weight.ndim - 2))
+        return Enclosure.through(self.linear, lambda x: self.linear(x, np.abs(self.matrix)),
+                                 inputs, shift)
 
     def gradient(self, A, xs):
         return (self.times_weight(A, self.matrix),)

@@ -97,6 +97,10 @@ class Twin:
     def jacobian(self, rows, boxes):
         return None
 
+    def enclose(self, inputs, boxes):
+        """The forward rule (``certify.numpy_operators.enclosure``); ``None``: the box only."""
+        return None
+
     def gradient(self, A, xs):
         raise NotImplementedError
 
@@ -174,6 +178,11 @@ class LinearTwin(Twin):
 
     def backward(self, A, boxes, lower):
         return self.adjoint(A), None, None
+
+    def enclose(self, inputs, boxes):
+        # Imported here: the enclosure module reads ROUND from this one.
+        from certify.numpy_operators.enclosure import Enclosure
+        return Enclosure.through(self, self.absolute, inputs)
 
     def jacobian(self, rows, boxes):
         lo, hi = rows

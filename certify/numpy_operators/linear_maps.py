@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from certify.numpy_operators.enclosure import Enclosure
 from certify.numpy_operators.base import (
     ROUND,
     LinearTwin,
@@ -212,6 +213,10 @@ class ScaleShiftTwin(Twin):
         r = self._adjoint((hi - lo) / 2, np.abs(self.scale))
         r = r * (1 + ROUND) + ROUND * np.abs(c)
         return ((c - r, c + r),)
+
+    def enclose(self, inputs, boxes):
+        return Enclosure.through(lambda x: x * self.scale, lambda x: x * np.abs(self.scale),
+                                 inputs, self.shift)
 
     def gradient(self, A, xs):
         return (self._adjoint(A, self.scale),)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from certify.operators.base import ROUND, Operator, row_sum
+from certify.operators.enclosure import Enclosure
 
 GELU_LIPSCHITZ = (1 + math.erf(1)) / 2 + math.exp(-1) / math.sqrt(math.pi)
 # GELU decreases left of its minimiser and increases right of it; its minimum is -0.16997...,
@@ -201,6 +202,15 @@ class Activation(Operator):
                 row_sum(negative * b_upper[:, None]), None
         lam, mu, nu = self.symmetric(lo, hi)
         return (A * lam[:, None],), row_sum(A * mu[:, None]), row_sum(A.abs() * nu[:, None])
+
+    def enclose(self, inputs, boxes):
+        """CROWN's lines for ReLU and LeakyReLU with a slope in ``[0, 1]`` (both slopes
+        nonnegative), else the symmetric line, of either sign."""
+        (enclosure,), (lo, hi) = inputs, boxes[0]
+        if self.piecewise_linear and 0 <= self.slope <= 1:
+            s_lower, s_upper, b_upper = self.adaptive(lo, hi)
+            return enclosure.lines(s_lower, torch.zeros_like(lo), s_upper, b_upper)
+        return enclosure.scaled(*self.symmetric(lo, hi))
 
     def jacobian(self, rows, boxes):
         if self.jump:  # the mean value theorem does not hold across a jump

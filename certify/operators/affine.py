@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from certify.compression import singular_values_upper
 from certify.operators.base import EPS, ROUND, Operator, adjoints, row_sum
+from certify.operators.enclosure import Enclosure
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +116,11 @@ class Affine(Operator):
     def backward(self, A, boxes, lower):
         d = row_sum(A * self._bias_rows(A.shape[2:]))
         return (self.times_weight(A, self.weight, boxes[0][0].shape[1:]),), d, None
+
+    def enclose(self, inputs, boxes):
+        shift = self.bias.reshape(-1, *[1] * (self.weight.ndim - 2))
+        return Enclosure.through(self.linear, lambda x: self.linear(x, self.weight.abs()),
+                                 inputs, shift)
 
     def jacobian(self, rows, boxes):
         lo, hi = rows

@@ -10,6 +10,8 @@ operator holds, in one place, every rule the bounds need:
   become rows on every input plus constants: ``A . f(x) in sum_i A_i . x_i + d +- e`` for all
   ``x`` in the input boxes (``lower=True`` asks only for ``>= sum_i A_i . x_i + d``, so
   that ``e`` may be 0 and the lines adapt to the sign of ``A``);
+* ``enclose``: the forward rule, affine functions of the layer's weight change bracketing
+  the output from those bracketing the inputs (``certify.operators.enclosure``);
 * ``jacobian``: interval rows: every ``A J_i`` with ``A`` in the given interval rows and
   ``J_i`` a (generalised) Jacobian of ``f`` on the boxes; ``None`` where not implemented;
 * ``lipschitz``: per input, an upper bound of ``||f||_Lip`` in the l2 (``"fro"``) or l_inf
@@ -87,6 +89,11 @@ class Operator:
             row_sum(A.abs() * radius[:, None])
 
     def jacobian(self, rows, boxes):
+        return None
+
+    def enclose(self, inputs, boxes):
+        """The forward rule: the output's ``Enclosure`` (``certify.operators.enclosure``) from
+        the inputs' and the input boxes; ``None``: the output box is all there is."""
         return None
 
     def unstable(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from certify.operators.base import ROUND, Operator, adjoints, row_sum, schur_norms, times
+from certify.operators.enclosure import Enclosure
 
 
 class LinearMap(Operator):
@@ -38,6 +39,9 @@ class LinearMap(Operator):
 
     def backward(self, A, boxes, lower):
         return adjoints(self, A, [lo.shape[1:] for lo, _ in boxes]), None, None
+
+    def enclose(self, inputs, boxes):
+        return Enclosure.through(self, self.absolute, inputs)
 
     def jacobian(self, rows, boxes):
         shapes = [lo.shape[1:] for lo, _ in boxes]
@@ -240,6 +244,9 @@ class ScaleShift(Operator):
         (rows,) = adjoints(self._linear, A, [boxes[0][0].shape[1:]])
         shift = self.shift.expand(A.shape[2:])
         return (rows,), row_sum(A * shift), None
+
+    def enclose(self, inputs, boxes):
+        return Enclosure.through(self._linear, self._absolute, inputs, self.shift)
 
     def jacobian(self, rows, boxes):
         shapes = [boxes[0][0].shape[1:]]
