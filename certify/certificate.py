@@ -57,7 +57,7 @@ from certify.compression import thresholds
 from certify.inputs import InputError, inputs_for
 from certify.multilayer import uniform_budget
 from certify.graph import Graph
-from certify.radius import NORMS, LayerRadii, layer_radii
+from certify.radius import NORMS, LayerRadii, layer_radii, merged_method
 from certify.witness import Witness
 from certify.schema import FORMAT
 
@@ -150,7 +150,7 @@ def merge(network: Graph, x: torch.Tensor, chunks: list[ChunkRadii], *, model_sh
                 "lower": _floats(lower),
                 "upper": _floats(torch.cat([p.upper for p in parts])),
                 "estimate": _floats(torch.cat([p.estimate for p in parts])),
-                "method": parts[0].method,
+                "method": merged_method([p.method for p in parts]),
                 "threshold": {"rank": t.rank, "bits": t.bits,
                               "bits_per_channel": t.bits_per_channel,
                               "prune_ratio": t.prune_ratio},

@@ -22,7 +22,11 @@ Intermediate bounds. The box of every node that feeds a nonlinear operator is ti
 the entries its consumers mark ``unstable``, by a backward pass to ``z`` concretised over the
 region: ``A z + d +- (e + rho ||A||_U*)`` with ``||A||_U* = sup_{u in U} A u``
 (``Region.dual``: ``sigma ||A||_2`` on the ball, ``|A| . box`` on the box, ``||A P~^T||``
-in weight space). The two boxes are intersected.
+in weight space). The two boxes are intersected. With ``enclose`` (layers with several
+columns), every box is first intersected with the bounds of the node's forward enclosure,
+two affine functions of ``vec D`` carried forward from ``Z + D P~`` by the operators'
+``enclose`` rules (``certify.operators.enclosure``): one pass of ``p`` directions bounds every
+entry, where a backward pass bounds one.
 
 Margins. The final pass gives ``m_j >= A_j z + d_j - rho' ||A_j||_U*`` for every
 ``rho' <= rho`` (the relaxations, made on the larger region, stay valid on a smaller one):

@@ -83,6 +83,16 @@ def method_options(enclose: bool, refine: bool) -> str:
     return f"({','.join(options)})" if options else ""
 
 
+def merged_method(methods) -> str:
+    """One ``method`` for the chunks of a batch (each chunk's refinement policy decides on
+    its own inputs): every option any chunk used, which ``certify check`` tries in turn."""
+    base = {m.partition("(")[0] for m in methods}
+    if len(base) != 1:
+        raise ValueError(f"the chunks of one layer name different bounds: {sorted(base)}")
+    used = set().union(*(m.partition("(")[2].rstrip(")").split(",") for m in methods))
+    return base.pop() + method_options("forward" in used, "refined" in used)
+
+
 def predictions(network: Graph, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted classes and margins ``m_j = o_y - o_j`` (``+inf`` at ``j = y``)."""
     return class_margins(network(x))

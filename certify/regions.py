@@ -4,8 +4,10 @@ A weight change ``D`` of an affine layer ``Z = W P~`` moves its output by ``dZ =
 bounds of ``certify.linear_bounds`` need four things from the set of such ``dZ`` over
 ``||D|| <= rho``: a box around it (``box``), the support function of linear rows
 (``dual``: ``sup <A, dZ>``), that of magnitudes (``dual_of_magnitude``: ``sup <A, |dZ|>``
-for ``A >= 0``, the mean-value bound of an interval Jacobian) and, for the l2 ball, a bound
-on ``||dZ||_F`` (``unit``).
+for ``A >= 0``, the mean-value bound of an interval Jacobian), for the l2 ball a bound on
+``||dZ||_F`` (``unit``), and ``coefficients``: ``dZ`` as a linear map of a variable ``v`` with
+``||v|| <= rho`` (``vec D`` for ``WeightRegion``), where forward enclosures start
+(``certify.operators.enclosure``).
 
 * ``Region``: a set in ``Z``-space containing every reachable ``dZ``: the l2 ball of radius
   ``rho sigma_max(P~)`` (Frobenius) or the box ``|dZ_cj| <= rho ||P~_:j||_1`` (entrywise

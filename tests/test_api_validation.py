@@ -252,6 +252,14 @@ def test_layer_radii_index_must_be_an_affine_node(index, error, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("option, value", [("norm", "l2"), ("refine", "yes"),
+                                           ("concretise", "box"), ("enclose", 1.5)])
+def test_layer_radii_names_an_unknown_option_and_its_choices(option, value):
+    kwargs = {"norm": "fro", option: value}
+    with pytest.raises(InputError, match=f"{option} must be .*got {value!r}"):
+        layer_radii(NETWORKS["conv"], _inputs("conv"), 1, **kwargs)
+
+
 def test_layer_radii_accepts_integer_like_indices():
     x = _inputs("dense")
     assert _equal(layer_radii(NETWORKS["dense"], x, np.int64(3), "max"),

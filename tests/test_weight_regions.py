@@ -306,3 +306,38 @@ def test_the_refinement_policy_refines_weak_inputs_and_the_checker_confirms(monk
     result = certify_network(network, x, model_sha256="0" * 64, progress=False)
     report = check(result.document, result.witnesses, network, x.numpy())
     assert report.ok and report.confirmed > 0, report.refuted[:3]
+
+
+def test_chunks_refined_or_not_give_one_method_the_checker_confirms(monkeypatch):
+    """One input per chunk: the policy refines the weak inputs' chunks only, so the chunks'
+    methods differ; the certificate names every option any chunk used (``merged_method``)
+    and ``certify check`` confirms every claim."""
+    from certify import radius
+    from certify.certificate import certify_network
+    from certify.check import check
+
+    network, x = _refinable_cnn()
+    monkeypatch.setattr(radius, "REFINE_WORK", 0.0)
+    monkeypatch.setattr(radius, "REFINE_GAIN", 0.0)
+    index = network.affine_indices[0]
+    methods = {radius.layer_radii(network, x[k:k + 1], index, "fro").method
+               for k in range(len(x))}
+    assert len(methods) == 2  # some chunks refined, some not
+    result = certify_network(network, x, model_sha256="0" * 64, progress=False, chunk=1)
+    name = network.nodes[index].name
+    entry = next(e for e in result.document["layers"] if e["name"] == name)
+    assert entry["fro"]["method"] == radius.merged_method(sorted(methods))
+    assert "refined" in entry["fro"]["method"]
+    report = check(result.document, result.witnesses, network, x.numpy())
+    assert report.ok, report.refuted[:3]
+
+
+def test_merged_method_unions_the_options():
+    from certify.radius import merged_method
+
+    assert merged_method(["exact", "exact"]) == "exact"
+    assert merged_method(["crown", "crown(refined)"]) == "crown(refined)"
+    assert merged_method(["lipschitz+crown(forward)", "lipschitz+crown(forward,refined)"]) == \
+        "lipschitz+crown(forward,refined)"
+    with pytest.raises(ValueError, match="different bounds"):
+        merged_method(["crown", "lipschitz+crown"])
