@@ -10,12 +10,14 @@ the same held-out inputs twice in one process with ``certify.radius.layer_radii`
   or box (``concretise="output"``), refined on every input when ``refine_work`` is at most
   ``REFINE_WORK`` and never otherwise;
 * ``new``: the defaults: concretised over the reachable set ``{D P~}`` (``concretise=
-  "weight"``, THEORY.md section 4, ``certify.regions.WeightRegion``), and ``refine="auto"``,
-  which also refines the inputs below ``REFINE_BELOW`` times their witness when the work is
-  at most ``REFINE_LIMIT``.
+  "weight"``, THEORY.md section 4, ``certify.regions.WeightRegion``), forward enclosures in
+  weight space for the intermediate boxes of layers with several columns (``enclose=
+  "auto"``, ``certify.operators.enclosure``), and ``refine="auto"``, which also refines the
+  inputs below ``REFINE_BELOW`` times their witness when the work is at most
+  ``REFINE_LIMIT``.
 
 Both use the same radius search (``radius.local_lower``), so the columns differ by the
-region and the refinement rule alone.
+region, the enclosures and the refinement rule alone.
 
 Reported per layer and norm, over the inputs with a verified witness: the median of
 ``lower / upper`` for both (``upper`` the smaller witness norm of the two runs, so both are
@@ -82,9 +84,9 @@ def median_ratio(lower: torch.Tensor, upper: torch.Tensor) -> float:
 def compare_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -> dict:
     """Both methods on one layer and norm, in chunks; the comparison of their radii."""
     radii, seconds = {}, {}
-    methods = {"today": {"concretise": "output",
+    methods = {"today": {"concretise": "output", "enclose": False,
                          "refine": refine_work(network, index) <= REFINE_WORK},
-               "new": {"concretise": "weight", "refine": "auto"}}
+               "new": {"concretise": "weight", "refine": "auto", "enclose": "auto"}}
     for method, options in methods.items():
         parts, start = [], time.perf_counter()
         for batch in x.split(chunk):
@@ -143,10 +145,11 @@ def run(models: dict, n_inputs: int, chunk: int, seed: int) -> dict:
 def markdown(report: dict) -> str:
     out = [f"Median lower/upper over {report['inputs']} held-out MNIST inputs (1 is exact; upper "
            "is a verified witness), hidden layers; `today`: the Z-space region and the old "
-           "refinement rule, `new`: weight-space concretisation and `refine=\"auto\"`; "
+           "refinement rule, `new`: weight-space concretisation, forward enclosures "
+           "(`forward`) and `refine=\"auto\"`; "
            "inputs where new < today or new < global must be 0.",
            "", "| model | layer | norm | global | today | new | new < today (worst) | new < global "
-           "| new refined | s today / new |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+           "| new options | s today / new |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for m in report["models"]:
         for layer in m["layers"]:
             for norm, r in layer["norms"].items():
@@ -155,10 +158,15 @@ def markdown(report: dict) -> str:
                            + (f" ({r['worst_below_today']:.1%})" if r['below_today'] else "")
                            + " | "
                            f"{r['below_global']} | "
-                           f"{'yes' if 'refined' in r['method']['new'] else 'no'} | "
+                           f"{_options(r['method']['new'])} | "
                            f"{r['seconds']['today']:.0f} / "
                            f"{r['seconds']['new']:.0f} |")
     return "\n".join(out) + "\n"
+
+
+def _options(method: str) -> str:
+    """The options a method string names (``forward``, ``refined``), or ``-``."""
+    return method.partition("(")[2].rstrip(")").replace(",", ", ") or "-"
 
 
 def plot(report: dict, path: Path) -> None:
