@@ -224,6 +224,7 @@ def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, valu
     forward = set(enclosed(graph, start)) if enclose else set()
     enclosures = {start: Enclosure(region.z, np.zeros_like(region.z), region.coefficients(),
                                    None, np.abs(region.z))} if forward else {}
+    pending = {j: len(graph.consumers[j]) for j in forward | {start}} if forward else {}
     box = region.box(rho)
     boxes = {start: (region.z - box, region.z + box)}
     ball = region.norm == "fro"
@@ -258,6 +259,11 @@ def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, valu
                 e_lo, e_hi = enclosure.bounds(rho, region.norm)
                 lo, hi = np.maximum(lo, e_lo), np.minimum(hi, e_hi)
             enclosures[i] = enclosure
+            for j in node.inputs:  # free the coefficients no later node reads
+                if j in pending:
+                    pending[j] -= 1
+                    if not pending[j]:
+                        del enclosures[j]
         boxes[i] = (lo, hi)
         consumers = [graph.nodes[c].twin for c in graph.consumers[i]
                      if graph.nodes[c].twin.nonlinear] if refine and i != graph.output else []

@@ -202,7 +202,8 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     layer = network.layer(index)
     chunk = len(cap)
     if enclose:
-        widest = max(math.prod(network.nodes[i].shape) for i in enclosed(network, index))
+        widest = max((math.prod(network.nodes[i].shape) for i in enclosed(network, index)),
+                     default=1)
         dimension = region(layer, values[index][:1], P[:1], norm, scale[:1],
                            concretise).dimension
         chunk = max(1, int(ENCLOSURE_ENTRIES // (dimension * widest)))
