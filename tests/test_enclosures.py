@@ -23,17 +23,9 @@ from certify.linear_bounds import enclosed, intermediate_bounds
 from certify.operators import enclosure as enclosure_module
 from certify.operators.enclosure import Enclosure
 from certify.radius import _columns, layer_radii, region
+from test_radius_soundness import Residual
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1), nn.ELU]
-
-
-class Residual(nn.Module):
-    def __init__(self, main: nn.Module, shortcut: nn.Module):
-        super().__init__()
-        self.main, self.shortcut = main, shortcut
-
-    def forward(self, x):
-        return self.main(x) + self.shortcut(x)
 
 
 def stack(seed: int, act, c: int, pool: nn.Module, stride: int) -> nn.Module:
@@ -66,15 +58,21 @@ def problems(draw):
     return net, x, index, draw(st.sampled_from(["fro", "max"])), draw(st.floats(0.01, 1.0))
 
 
-def setting(net, x, index, norm, fraction):
-    """The layer's region, a radius ``fraction`` of its weight's norm, the boxes of
-    ``intermediate_bounds`` with enclosures, and every enclosed node's enclosure."""
+def region_and_radius(net, x, index, norm, fraction):
+    """Every node's value, the layer's columns ``P~`` and region, and a radius ``fraction``
+    of its weight's norm."""
     values = net.values(x)
     layer = net.layer(index)
     P = _columns(layer, values[net.input_of(index)], False)
     where = region(layer, values[index], P, norm)
     size = torch.linalg.matrix_norm(layer.matrix) if norm == "fro" else layer.matrix.abs().max()
-    rho = torch.full((len(x),), fraction * float(size), dtype=torch.float64)
+    return values, P, where, torch.full((len(x),), fraction * float(size), dtype=torch.float64)
+
+
+def setting(net, x, index, norm, fraction):
+    """``region_and_radius``, the boxes of ``intermediate_bounds`` with enclosures, and
+    every enclosed node's enclosure."""
+    values, P, where, rho = region_and_radius(net, x, index, norm, fraction)
     boxes = intermediate_bounds(net, index, where, rho, values, refine=False, enclose=True)
     enclosures = {index: Enclosure(where.z, torch.zeros_like(where.z), where.coefficients(), None,
                                    where.z.abs())}
@@ -194,12 +192,7 @@ def test_enclosures_only_tighten_the_boxes(problem):
     with the enclosures' bounds can only shrink every box. (Backward refinement is not monotone:
     CROWN's adaptive slopes change with the boxes, so this holds without it.)"""
     net, x, index, norm, fraction = problem
-    values = net.values(x)
-    layer = net.layer(index)
-    P = _columns(layer, values[net.input_of(index)], False)
-    where = region(layer, values[index], P, norm)
-    size = torch.linalg.matrix_norm(layer.matrix) if norm == "fro" else layer.matrix.abs().max()
-    rho = torch.full((len(x),), fraction * float(size), dtype=torch.float64)
+    values, _, where, rho = region_and_radius(net, x, index, norm, fraction)
     plain = intermediate_bounds(net, index, where, rho, values, refine=False)
     tight = intermediate_bounds(net, index, where, rho, values, refine=False, enclose=True)
     for i, (lo, hi) in tight.items():

@@ -80,9 +80,8 @@ class Enclosure:
         size = torch.maximum(s_lower, s_upper) * self.size + b_lower.abs() + b_upper.abs()
         if self.Ac is None:
             return Enclosure((high + low) / 2, (high - low) / 2, None, None, size)
-        Ar = self.Ar if self.Ar is not None else torch.zeros_like(self.Ac)
-        A_low = (self.Ac - Ar) * s_lower[:, None]
-        A_high = (self.Ac + Ar) * s_upper[:, None]
+        L, U = self._ends()
+        A_low, A_high = L * s_lower[:, None], U * s_upper[:, None]
         return Enclosure((high + low) / 2, (high - low) / 2, (A_high + A_low) / 2,
                          (A_high - A_low) / 2, size)
 
@@ -94,6 +93,12 @@ class Enclosure:
                          None if self.Ar is None else self.Ar * lam.abs()[:, None],
                          lam.abs() * self.size + mu.abs() + nu)
 
+    def _ends(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coefficients of ``L = C - R`` and ``U = C + R`` (``Ac`` is given)."""
+        if self.Ar is None:
+            return self.Ac, self.Ac
+        return self.Ac - self.Ar, self.Ac + self.Ar
+
     def bounds(self, rho: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A box containing the value over ``||v|| <= rho`` (per input): ``c - r - rho
         ||Ac - Ar||_*`` to ``c + r + rho ||Ac + Ar||_*``."""
@@ -102,9 +107,9 @@ class Enclosure:
             low = high = torch.zeros_like(self.c)
         else:
             order = 2 if norm == "fro" else 1
-            Ar = self.Ar if self.Ar is not None else torch.zeros_like(self.Ac)
-            low = rho * torch.linalg.vector_norm(self.Ac - Ar, ord=order, dim=1)
-            high = rho * torch.linalg.vector_norm(self.Ac + Ar, ord=order, dim=1)
+            L, U = self._ends()
+            low = rho * torch.linalg.vector_norm(L, ord=order, dim=1)
+            high = rho * torch.linalg.vector_norm(U, ord=order, dim=1)
         slack = ROUND * (self.size + self.r + low + high)
         return self.c - self.r - low - slack, self.c + self.r + high + slack
 
