@@ -24,7 +24,8 @@ the numpy twins ``numpy_forward``, ``numpy_bounds`` and ``numpy_compression``:
   the exact numpy gradient ``g_j``, to ``ESTIMATE_SLACK`` relative;
 * ``lower``, last dense layer: the exact class-pair formula (section 3); other layers:
   the numpy global Lipschitz bound (section 5) reaches it, or the numpy local bound
-  (interval propagation, backward refinement when ``method`` says ``refined``, CROWN and
+  (interval propagation, backward refinement when ``method`` says ``refined``, CROWN (with
+  SDP-CROWN's offsets when it says ``ball``) and
   the interval Jacobian; for a layer with several columns concretised over ``{D P~}``,
   ``certify.numpy_regions``) certifies the section-4 region of that radius;
   ``lower <= upper``;
@@ -223,7 +224,7 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
             confirmed = lower <= global_lower(graph, index, P, y, margins, norm) * (1 + 1e-12)
             # "(refined)": some inputs were certified with refined intermediate bounds, the
             # others without; each claim is confirmed by either evaluation. "forward": both
-            # with forward enclosures.
+            # with forward enclosures; "ball": with SDP-CROWN's offsets (Frobenius norm).
             options = set(claims["method"].partition("(")[2].rstrip(")").split(","))
             for refine in (False, True) if "refined" in options else (False,):
                 rest = ~confirmed & (lower > 0)
@@ -231,7 +232,8 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
                     break
                 bounds = local_lower_bounds(graph, index, [v[rest] for v in values], P[rest],
                                             lower[rest], y[rest], norm, refine=refine,
-                                            enclose="forward" in options)
+                                            enclose="forward" in options,
+                                            ball="ball" in options and norm == "fro")
                 bounds[np.arange(len(bounds)), y[rest]] = np.inf
                 confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
             bad = np.nonzero(~confirmed & (lower > 0))[0]

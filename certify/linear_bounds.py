@@ -65,12 +65,15 @@ class Linear:
 
 
 def backward(graph: Graph, start: int, seeds: dict, d: torch.Tensor, boxes: dict, values,
-             lower: bool) -> Linear:
+             lower: bool, balls: dict | None = None) -> Linear:
     """Walk the rows ``seeds`` (node -> ``(B, R, *shape)``) back to node ``start``.
 
     ``boxes[i]`` bounds node ``i`` (every downstream node the walk meets); ``values`` are the
     unperturbed values (constants off the downstream sub-graph). ``lower``: CROWN's adaptive
     lines (a lower bound of ``A x + d``); otherwise ``A x + d +- e`` bounds both ways.
+    ``balls[i]``: ``(center, radius)`` of an l2 ball containing node ``i``'s values as well;
+    with ``lower``, an activation reading node ``i`` takes the larger of its lines' offset
+    and the offset over box and ball together (``Activation.ball_offset``, SDP-CROWN's).
     """
     e = torch.zeros_like(d)
     size = d.abs()
@@ -88,6 +91,12 @@ def backward(graph: Graph, start: int, seeds: dict, d: torch.Tensor, boxes: dict
         node = graph.nodes[i]
         A = rows.pop(i)
         inputs, d_add, e_add = node.op.backward(A, [boxes[j] for j in node.inputs], lower)
+        j = node.inputs[0]
+        if lower and balls and j in balls and node.op.nonlinear and d_add is not None:
+            offset = node.op.ball_offset(A, inputs[0], boxes[j], *balls[j])
+            if offset is not None:
+                low = d_add if e_add is None else d_add - e_add
+                d_add, e_add = torch.maximum(low, offset), None
         if d_add is not None:
             d, size = d + d_add, size + d_add.abs()
         if e_add is not None:
@@ -182,7 +191,16 @@ def intermediate_bounds(graph: Graph, start: int, region: Region, rho: torch.Ten
                         constants: dict | None = None, refine: bool = True,
                         enclose: bool = False) -> dict:
     """Boxes containing every downstream node's value over ``z + rho U`` (node -> (lo, hi)),
-    and points for the constants they read.
+    and points for the constants they read (``boxes_and_reach``'s boxes)."""
+    return boxes_and_reach(graph, start, region, rho, values, constants, refine, enclose)[0]
+
+
+def boxes_and_reach(graph: Graph, start: int, region: Region, rho: torch.Tensor, values,
+                    constants: dict | None = None, refine: bool = True,
+                    enclose: bool = False) -> tuple[dict, dict]:
+    """Boxes containing every downstream node's value over ``z + rho U`` (node -> (lo, hi)),
+    and points for the constants they read; for the l2 ball also the reaches (node -> ``r``,
+    ``(B,)``, ``||x_i - values[i]||_2 <= r``; empty for the box).
 
     Interval propagation; for the l2 ball intersected with the reach bounds of affine layers
     (``constants``: ``lipschitz.node_constants(graph, start, "fro")``); with ``enclose``,
@@ -246,7 +264,7 @@ def intermediate_bounds(graph: Graph, start: int, region: Region, rho: torch.Ten
             boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho)
         if i in forward and enclosures[i] is None:  # no forward rule: its box
             enclosures[i] = Enclosure.box(*boxes[i])
-    return boxes
+    return boxes, reach
 
 
 # ``refine="auto"`` (``radius.layer_radii``): every input is refined when the work per input
@@ -368,13 +386,17 @@ def _interval_margins(graph: Graph, boxes: dict, y: torch.Tensor) -> torch.Tenso
 
 def margin_lines(graph: Graph, start: int, region: Region, rho: torch.Tensor, y: torch.Tensor,
                  values, constants: dict | None = None, refine: bool = True,
-                 enclose: bool = False) -> MarginLines:
+                 enclose: bool = False, ball: bool = False) -> MarginLines:
     """Lower bounds of every margin over ``z + rho' U``, ``rho' <= rho`` (section 4): the
-    CROWN line and the interval-Jacobian line (``jacobian_line``), and interval arithmetic."""
-    boxes = intermediate_bounds(graph, start, region, rho, values, constants, refine, enclose)
+    CROWN line and the interval-Jacobian line (``jacobian_line``), and interval arithmetic.
+    ``ball`` (the l2 ball): the CROWN line's activation offsets also use the ball of every
+    activation input's reach (``backward``'s ``balls``; offsets made on the larger region
+    stay valid on a smaller one, so the line does too)."""
+    boxes, reach = boxes_and_reach(graph, start, region, rho, values, constants, refine, enclose)
     C = _class_vectors(graph, y)
+    balls = {i: (values[i], r) for i, r in reach.items()} if ball else None
     f = backward(graph, start, {graph.output: C}, C.new_zeros(C.shape[:2]), boxes, values,
-                 lower=True)
+                 lower=True, balls=balls)
     value, size = f.d - f.e, f.size + f.e
     if f.A is None:
         slope = torch.zeros_like(value)

@@ -118,9 +118,12 @@ class Linear:
     size: np.ndarray
 
 
-def backward(graph: NumpyGraph, start: int, seeds: dict, d, boxes, values, lower) -> Linear:
+def backward(graph: NumpyGraph, start: int, seeds: dict, d, boxes, values, lower,
+             balls: dict | None = None) -> Linear:
     """Rows ``seeds`` (node -> ``(B, R, *shape)``) walked back to node ``start`` through
-    every operator's linear rule; rows on constants enter ``d``."""
+    every operator's linear rule; rows on constants enter ``d``. ``balls`` (node ->
+    ``(center, radius)``), with ``lower``: an activation's offset is the larger of its
+    lines' and SDP-CROWN's over box and ball (``ActivationTwin.ball_offset``)."""
     e, size = np.zeros_like(d), np.abs(d)
     rows = dict(seeds)
     moving = set(graph.downstream(start))
@@ -137,8 +140,13 @@ def backward(graph: NumpyGraph, start: int, seeds: dict, d, boxes, values, lower
         if i == start or i not in rows:
             continue
         node = graph.nodes[i]
-        inputs, d_add, e_add = node.twin.backward(rows.pop(i), [boxes[j] for j in node.inputs],
-                                                  lower)
+        A = rows.pop(i)
+        inputs, d_add, e_add = node.twin.backward(A, [boxes[j] for j in node.inputs], lower)
+        source = node.inputs[0]
+        if lower and balls and source in balls and getattr(node.twin, "piecewise_linear", False):
+            offset = node.twin.ball_offset(A, inputs[0], boxes[source], *balls[source])
+            d_add = np.maximum(d_add - (0 if e_add is None else e_add), offset)
+            e_add = None
         if d_add is not None:
             d, size = d + d_add, size + np.abs(d_add)
         if e_add is not None:
@@ -213,9 +221,10 @@ def enclosed(graph: NumpyGraph, start: int) -> list[int]:
 
 
 def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, values,
-                        refine: bool, enclose: bool = False) -> dict:
+                        refine: bool, enclose: bool = False) -> tuple[dict, dict]:
     """Boxes of every downstream node over ``z + rho U`` (and points for the constants
-    they read): interval propagation, for the l2 ball intersected with the reach bounds of
+    they read), and for the l2 ball the reaches (node -> ``r >= ||x_i - nominal_i||_2``):
+    interval propagation, for the l2 ball intersected with the reach bounds of
     affine layers (``r_i >= ||x_i - nominal_i||_2``: the operators' l2 constants or the
     box's farthest corner); with ``enclose``, intersected with the bounds of forward
     enclosures (``certify.numpy_operators.enclosure``) on the nodes of ``enclosed``; for
@@ -274,7 +283,7 @@ def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, valu
             boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho)
         if i in forward and enclosures[i] is None:
             enclosures[i] = Enclosure.box(*boxes[i])
-    return boxes
+    return boxes, reach
 
 
 def _interval_add(a, b):
@@ -335,12 +344,13 @@ ENCLOSURE_ENTRIES = 2**25
 
 
 def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: str,
-                       refine: bool, enclose: bool = False) -> np.ndarray:
+                       refine: bool, enclose: bool = False, ball: bool = False) -> np.ndarray:
     """Lower bounds ``(B, C)`` of every margin over the section-4 region of radius ``rho``
     around layer ``index``'s output: the best of the CROWN line, the interval-Jacobian line
     and interval arithmetic (``certify.linear_bounds.margin_lines``, recomputed in numpy);
     ``enclose``: with forward enclosures, for at most ``ENCLOSURE_ENTRIES`` coefficients at
-    a time. ``P``: the layer's ``P~`` (``columns``)."""
+    a time; ``ball`` (``fro``): the activations' offsets over the balls of their inputs'
+    reaches too. ``P``: the layer's ``P~`` (``columns``)."""
     region = section4_region(graph.layer(index), values[index], P, norm)
     if enclose:
         widest = max([int(np.prod(graph.nodes[i].shape)) for i in enclosed(graph, index)],
@@ -349,11 +359,13 @@ def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: s
         if len(y) > chunk:
             return np.concatenate([local_lower_bounds(
                 graph, index, [v[k:k + chunk] for v in values], P[k:k + chunk],
-                rho[k:k + chunk], y[k:k + chunk], norm, refine, True)
+                rho[k:k + chunk], y[k:k + chunk], norm, refine, True, ball)
                 for k in range(0, len(y), chunk)])
-    boxes = intermediate_bounds(graph, index, region, rho, values, refine, enclose)
+    boxes, reach = intermediate_bounds(graph, index, region, rho, values, refine, enclose)
     C = class_vectors(graph, y)
-    f = backward(graph, index, {graph.output: C}, np.zeros(C.shape[:2]), boxes, values, True)
+    balls = {i: (values[i], r) for i, r in reach.items()} if ball else None
+    f = backward(graph, index, {graph.output: C}, np.zeros(C.shape[:2]), boxes, values, True,
+                 balls)
     value, size = f.d - f.e, f.size + f.e
     if f.A is not None:
         at_z, magnitude = region.value(f.A)

@@ -72,14 +72,19 @@ class LayerRadii:
     lower_global: torch.Tensor
     lower_local: torch.Tensor
     method: str  # "exact" (last dense layer), else "lipschitz+crown" (or "crown") and
-    # method_options: "(forward)", "(refined)", "(forward,refined)"
+    # method_options: "(forward)", "(refined)", "(ball)", "(forward,refined,ball)", ...
     witness: "Witness"  # attains ``upper`` where it is finite
 
 
-def method_options(enclose: bool, refine: bool) -> str:
-    """The local bound's options as ``method`` names them: ``(forward)`` (enclosures),
-    ``(refined)`` (some inputs refined), ``(forward,refined)``, or nothing."""
-    options = [name for name, used in (("forward", enclose), ("refined", refine)) if used]
+OPTIONS = ("forward", "refined", "ball")  # the local bound's options, as ``method`` names them
+
+
+def method_options(enclose: bool, refine: bool, ball: bool = False) -> str:
+    """The local bound's options as ``method`` names them, in ``OPTIONS``' order:
+    ``forward`` (enclosures), ``refined`` (some inputs refined), ``ball`` (SDP-CROWN's
+    offsets), e.g. ``(forward,ball)``; nothing without any."""
+    used = (enclose, refine, ball)
+    options = [name for name, on in zip(OPTIONS, used) if on]
     return f"({','.join(options)})" if options else ""
 
 
@@ -90,7 +95,7 @@ def merged_method(methods) -> str:
     if len(base) != 1:
         raise ValueError(f"the chunks of one layer name different bounds: {sorted(base)}")
     used = set().union(*(m.partition("(")[2].rstrip(")").split(",") for m in methods))
-    return base.pop() + method_options("forward" in used, "refined" in used)
+    return base.pop() + method_options(*(name in used for name in OPTIONS))
 
 
 def predictions(network: Graph, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +178,8 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
                 evaluations: int = 16, refine: bool = True,
                 shrink: torch.Tensor | float = 2.0,
                 floor: torch.Tensor | None = None,
-                concretise: str = "weight", enclose: bool = False) -> torch.Tensor:
+                concretise: str = "weight", enclose: bool = False,
+                ball: bool = False) -> torch.Tensor:
     """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
@@ -196,8 +202,9 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     bound), where positive the bracket's lower end, and the search starts in the geometric
     middle. ``concretise``: as in ``region``. ``enclose``: forward enclosures tighten the
     intermediate boxes (``linear_bounds.intermediate_bounds``), evaluated on at most
-    ``ENCLOSURE_ENTRIES`` coefficients at a time. ``evaluations``: at most this many per
-    input.
+    ``ENCLOSURE_ENTRIES`` coefficients at a time. ``ball`` (``fro``): the margins' backward
+    pass takes SDP-CROWN's offsets over the l2 balls of the reaches (``linear_bounds.
+    margin_lines``). ``evaluations``: at most this many per input.
     """
     layer = network.layer(index)
     chunk = len(cap)
@@ -229,7 +236,8 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
             part = [v[piece] for v in values]
             where = region(layer, part[index], P[piece], norm, scale[piece], concretise)
             lines = margin_lines(network, index, where, rho[piece], y[piece], part,
-                                 constants if norm == "fro" else None, refine, enclose)
+                                 constants if norm == "fro" else None, refine, enclose,
+                                 ball)
             ok.append(lines.certified(rho[piece], y[piece]))
             g.append(lines.root(y[piece]))
         ok, g = torch.cat(ok), torch.cat(g)
@@ -259,7 +267,7 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
 
 def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 bias: bool = False, refine: bool | str = "auto", concretise: str = "weight",
-                enclose: bool | str = "auto",
+                enclose: bool | str = "auto", ball: bool | str = "auto",
                 clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
@@ -280,14 +288,19 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     uses them for layers with several columns concretised in weight space, where
     ``linear_bounds.enclosure_work`` is positive (some box can tighten) and at most
     ``ENCLOSE_WORK`` (``method`` then names ``forward``); on one column, the refinement's
-    backward passes are tighter. ``clock(phase)`` is entered around
+    backward passes are tighter. ``ball``: in the Frobenius norm, the margins' ReLU and
+    LeakyReLU offsets over the box and the l2 ball every activation input lies in (its
+    reach: the region's ball carried by the operators' l2 constants), SDP-CROWN's
+    (``certify.operators.activation.Activation.ball_offset``); never looser than the box's
+    offsets; ``"auto"`` is ``True`` (``method`` then names ``ball``); no effect in ``max``.
+    ``clock(phase)`` is entered around
     each phase (for timing breakdowns).
 
     Raises ``certify.inputs.InputTypeError`` (a ``TypeError``) for inputs that are not floats,
     a non-integer index or a non-``Graph``, and ``certify.inputs.InputError`` (a
     ``ValueError``) for NaN/Inf inputs or weights, an empty batch, a shape the network cannot
-    take, an index that is not an affine layer, or an unknown ``norm``, ``refine`` or
-    ``concretise``.
+    take, an index that is not an affine layer, or an unknown ``norm``, ``refine``,
+    ``concretise``, ``enclose`` or ``ball``.
     """
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -297,6 +310,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
         raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
     if enclose not in (True, False, "auto"):
         raise InputError(f"enclose must be True, False or 'auto', got {enclose!r}")
+    if ball not in (True, False, "auto"):
+        raise InputError(f"ball must be True, False or 'auto', got {ball!r}")
     x = inputs_for(network, x)
     index = affine_index(network, index)
     layer = network.layer(index)
@@ -335,6 +350,11 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 enclose = isinstance(where, WeightRegion) and \
                     0 < enclosure_work(network, index, where.dimension) <= ENCLOSE_WORK
             enclose = bool(enclose and enclosed(network, index))
+            # SDP-CROWN's offsets need an l2 ball (the Frobenius norm) and an activation
+            # with them downstream; "auto" is True: they cost a few evaluations of one
+            # elementwise pass per activation and never loosen a bound.
+            ball = bool(ball) and norm == "fro" and any(
+                network.nodes[i].op.ball_aware for i in network.downstream(index))
             policy = refine == "auto"
             work = refine_work(network, index) if policy else None
             if policy:
@@ -359,7 +379,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 return local_lower(
                     network, index, [v[part] for v in values], y[part], norm, P[part],
                     scale[part], cap[part], constants, refine=refined, shrink=shrink[part],
-                    floor=floor, concretise=concretise, enclose=enclose,
+                    floor=floor, concretise=concretise, enclose=enclose, ball=ball,
                     evaluations=16 if exists else 24) * (1 - SAFETY)
 
             local = search(slice(None), refine, lower_global)
@@ -379,7 +399,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 refine = True
             lower_local = torch.maximum(lower_global, local)
         lower = lower_local
-        method = ("lipschitz+crown" if exists else "crown") + method_options(enclose, refine)
+        method = ("lipschitz+crown" if exists else "crown") + method_options(enclose, refine,
+                                                                             ball)
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")

@@ -131,6 +131,14 @@ def test_every_rule_of_every_operator_has_an_equal_numpy_twin(family, data):
             close(g_hi, w_hi, loose, "jacobian")
     for norm in ("fro", "max"):
         close(t.lipschitz(norm), op.lipschitz(norm, shapes), what=f"lipschitz {norm}")
+    if op.ball_aware:  # SDP-CROWN's offset on a ball around a point of the box
+        (lo, hi), = boxes
+        center = lo + (hi - lo) * 0.37
+        radius = torch.linalg.vector_norm((hi - lo).flatten(1), dim=-1) * 0.3
+        A = rows_for(case, 3, "mixed")
+        G = op.backward(A, boxes, True)[0][0]
+        close(t.ball_offset(A.numpy(), G.numpy(), nboxes[0], center.numpy(), radius.numpy()),
+              op.ball_offset(A, G, boxes[0], center, radius), 1e-9, "ball offset")
     reach_boxes, reaches, nominals = reaches_for(case)
     want = op.local_reach(reach_boxes, reaches, nominals)
     got = t.local_reach([(lo.numpy(), hi.numpy()) for lo, hi in reach_boxes],
@@ -414,8 +422,8 @@ def test_numpy_forward_and_gradients_equal_torch(problem):
 
 @PER_GRAPH
 @given(graphs(), st.sampled_from(["fro", "max"]), st.booleans(), st.booleans(),
-       st.floats(1e-3, 1.0), st.booleans())
-def test_numpy_bounds_equal_torch(problem, norm, refine, bias, fraction, enclose):
+       st.floats(1e-3, 1.0), st.booleans(), st.booleans())
+def test_numpy_bounds_equal_torch(problem, norm, refine, bias, fraction, enclose, ball):
     _, graph, x = problem
     ng = NumpyGraph.of(graph)
     values, nvalues = graph.values(x), ng.values(x.numpy())
@@ -437,10 +445,10 @@ def test_numpy_bounds_equal_torch(problem, norm, refine, bias, fraction, enclose
         rho = fraction * torch.where(torch.isfinite(rho) & (rho > 0), rho, torch.full_like(rho, 0.1))
         where = region(layer, values[index], P, norm, scale)
         lines = margin_lines(graph, index, where, rho, y, values,
-                             constants if norm == "fro" else None, refine, enclose)
+                             constants if norm == "fro" else None, refine, enclose, ball)
         want = lines.lower(rho).scatter(-1, y[:, None], 0.0)
         got = local_lower_bounds(ng, index, nvalues, nP, rho.numpy(), y.numpy(), norm, refine,
-                                 enclose)
+                                 enclose, ball)
         got[np.arange(len(y)), y.numpy()] = 0.0
         close(got, want, 1e-7, f"local bound of {graph.nodes[index].name}")
     budgets = [0.01 * fraction] * len(graph.affine_indices)

@@ -46,6 +46,12 @@ GELUS = {"gelu": (GELU_ARGMIN, GELU_FLOOR, GELU_DERIVATIVE),
          "gelu_tanh": (GELU_TANH_ARGMIN, GELU_TANH_FLOOR, GELU_TANH_DERIVATIVE)}
 
 
+# ball_offset's bisection on log lam: steps, and the range below the largest useful lam
+# (as the torch operator's, so that the checker meets the same lam).
+BALL_STEPS = 10
+BALL_RANGE = 12.0
+
+
 class ActivationTwin(Twin):
     nonlinear = True
 
@@ -193,6 +199,70 @@ class ActivationTwin(Twin):
                 row_sum(negative * b_upper[:, None]), None
         lam, mu, nu = self.symmetric(lo, hi)
         return (A * lam[:, None],), row_sum(A * mu[:, None]), row_sum(np.abs(A) * nu[:, None])
+
+    def ball_offset(self, A, G, box, center, radius):
+        """SDP-CROWN's offset over the box and the ball ``||x - center|| <= radius``: a lower
+        bound of ``sum_i A_i phi(x_i) - G_i x_i`` (``(B, R)``; ``None`` unless piecewise
+        linear), as ``Activation.ball_offset`` computes it: the dual
+        ``-lam r^2 / 2 + sum_i min_{x_i in box} A_i phi(x_i) - G_i x_i + lam / 2 (x_i - c_i)^2``
+        on unstable entries (each side of the kink a clipped quadratic minimiser), the exact
+        box minimum of the linear part on stable ones, at the best ``lam`` of
+        ``BALL_STEPS`` bisection steps on ``log lam`` below ``||max_side |q|||_2 / r``."""
+        if not self.piecewise_linear:
+            return None
+        B, R = A.shape[:2]
+        lo, hi, c = (np.asarray(t).reshape(B, 1, -1) for t in (*box, center))
+        A, G = A.reshape(B, R, -1), G.reshape(B, R, -1)
+        s = self.slope if self.kind == "leaky_relu" else 0.0
+        unstable = (lo < 0) & (hi > 0)
+        q = A * np.where(lo >= 0, 1.0, s) - G
+        linear = np.minimum(q * lo, q * hi)
+        offset = np.where(unstable, 0.0, linear).sum(-1)
+        offset = offset - ROUND * np.where(unstable, 0.0, np.abs(linear)).sum(-1)
+        if not unstable.any():
+            return offset
+        k = int(unstable.sum(-1).max())
+        order = np.argsort(~unstable, axis=-1, kind="stable")[..., :k]
+        keep = np.take_along_axis(unstable, order, -1)
+
+        def pick(t):
+            index = np.broadcast_to(order, (*t.shape[:2], k))
+            return np.where(keep, np.take_along_axis(t, index, -1), 0.0)
+
+        lo, hi, c, A, G = pick(lo), pick(hi), pick(c), pick(A), pick(G)
+        zero = np.zeros_like(lo)
+        sides = [(s * A - G, lo, zero), (A - G, zero, hi)]
+        r2 = np.reshape(radius * radius, (B, 1))
+
+        def minima(lam):
+            lam = lam[..., None]
+            values, points = [], []
+            for coefficient, a, b in sides:
+                x = np.minimum(np.maximum(c - coefficient / lam, a), b)
+                values.append(coefficient * x + lam / 2 * (x - c) ** 2)
+                points.append(x)
+            right = values[1] < values[0]
+            return np.where(right, values[1], values[0]), np.where(right, points[1], points[0])
+
+        largest = np.maximum(np.abs(sides[0][0]), np.abs(sides[1][0]))
+        with np.errstate(divide="ignore"):
+            top = np.log(np.maximum(np.linalg.norm(largest, axis=-1) /
+                                    np.maximum(np.reshape(radius, (B, 1)), 1e-300), 1e-300))
+        low, high = top - BALL_RANGE, top
+        best, best_lam = np.full(top.shape, -np.inf), np.exp(top)
+        for _ in range(BALL_STEPS):
+            t = (low + high) / 2
+            lam = np.exp(t)
+            terms, x = minima(lam)
+            value = terms.sum(-1) - lam * r2 / 2
+            better = value > best
+            best, best_lam = np.where(better, value, best), np.where(better, lam, best_lam)
+            rising = ((x - c) ** 2).sum(-1) > r2
+            low, high = np.where(rising, t, low), np.where(rising, high, t)
+        terms, x = minima(best_lam)
+        size = (np.abs(terms) + largest * (np.abs(x) + np.abs(c)) + best_lam[..., None] *
+                ((x - c) ** 2 + x ** 2 + c ** 2)).sum(-1) + best_lam * r2
+        return offset + terms.sum(-1) - best_lam * r2 / 2 - ROUND * size
 
     def enclose(self, inputs, boxes):
         """CROWN's lines where both slopes are nonnegative, else the symmetric line."""

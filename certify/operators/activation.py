@@ -45,7 +45,35 @@ GELU_TANH_DERIVATIVE = (1 - GELU_TANH_LIPSCHITZ * (1 + 1e-12), GELU_TANH_LIPSCHI
 GELU_TANH_ARGMIN = -0.7524614220710
 GELU_TANH_FLOOR = -0.1700408
 
+# Activation.ball_offset: bisection steps on log lam, over a range of e^BALL_RANGE below the
+# largest useful lam.
+BALL_STEPS = 10
+BALL_RANGE = 12.0
+
 KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "softplus")
+
+
+def ball_minima(sides, c, lam):
+    """``min psi_i`` over each unstable entry's box, and the minimiser
+    (``Activation.ball_offset``): ``psi_i(x) = q_side x + lam / 2 (x - c_i)^2`` on each side
+    ``(q_side, a, b)`` of the kink, minimised at ``c_i - q_side / lam`` clipped to
+    ``[a, b]``; the smaller side wins. ``lam``: ``(B, R)``; the rest ``(B, R or 1, k)``."""
+    lam = lam[..., None]
+    best = point = None
+    for coefficient, a, b in sides:
+        x = (c - coefficient / lam).clamp(min=a).minimum(b)
+        value = coefficient * x + lam / 2 * (x - c) ** 2
+        if best is None:
+            best, point = value, x
+        else:
+            lower = value < best
+            best, point = torch.where(lower, value, best), torch.where(lower, x, point)
+    return best, point
+
+
+def ball_dual(minima, lam, r2):
+    """The dual ``q(lam) = sum_i min psi_i - lam r^2 / 2`` (``Activation.ball_offset``)."""
+    return minima.sum(-1) - lam * r2 / 2
 
 
 @dataclass(frozen=True)
@@ -60,6 +88,10 @@ class Activation(Operator):
     @property
     def piecewise_linear(self) -> bool:
         return self.kind in ("relu", "leaky_relu")
+
+    @property
+    def ball_aware(self) -> bool:
+        return self.piecewise_linear
 
     def __call__(self, x):
         kind = self.kind
@@ -202,6 +234,77 @@ class Activation(Operator):
                 row_sum(negative * b_upper[:, None]), None
         lam, mu, nu = self.symmetric(lo, hi)
         return (A * lam[:, None],), row_sum(A * mu[:, None]), row_sum(A.abs() * nu[:, None])
+
+    def ball_offset(self, A, G, box, center, radius, steps: int = BALL_STEPS):
+        """A lower bound of ``sum_i A_i phi(x_i) - G_i x_i`` over the box ``[lo, hi]``
+        intersected with the l2 ball ``||x - c||_2 <= r`` (rows ``A``, ``G``: ``(B, R, *x)``;
+        ``(B, R)``), for a piecewise-linear ``phi``; ``None`` for the smooth ones.
+
+        SDP-CROWN's offset (Chiu et al., ICML 2025, Theorem 4.1), here with the box: on the
+        ball ``lam / 2 (||x - c||^2 - r^2) <= 0`` for every ``lam >= 0``, so the sum is at
+        least the separable dual
+
+            q(lam) = -lam r^2 / 2 + sum_i min_{lo_i <= x_i <= hi_i} psi_i(x_i),
+            psi_i(x) = A_i phi(x) - G_i x + lam / 2 (x - c_i)^2,
+
+        each minimum that of a convex quadratic on each side of the kink: its minimiser
+        ``c_i - (A_i phi'_side - G_i) / lam`` clipped to the side's part of the box.
+        ``q(0)`` is the box bound that CROWN's lines leave. Only unstable entries carry the
+        quadratic: elsewhere it is nonnegative, and dropping it leaves a lower bound (the
+        exact box minimum of the linear part). ``q`` is concave with slope
+        ``(sum_i (x_i* - c_i)^2 - r^2) / 2``, negative for ``lam >= ||q_max|| / r``
+        (``|x_i* - c_i| <= |q_i| / lam``): a bisection on ``log lam`` over ``steps`` points
+        below that; any ``lam`` is sound, so the best one met is kept.
+
+        Rounding: ``psi`` at the computed minimiser exceeds the minimum by ``O(eps^2)``
+        times ``|q_i| (|x_i| + |c_i|) + lam (x_i^2 + c_i^2)`` (clipping is 1-Lipschitz); the
+        result is lowered by ``ROUND`` times every term's magnitude.
+        """
+        if not self.ball_aware:
+            return None
+        B, R = A.shape[:2]
+        lo, hi, c = (t.reshape(B, 1, -1) for t in (*box, center))
+        A, G = A.reshape(B, R, -1), G.reshape(B, R, -1)
+        unstable = (lo < 0) & (hi > 0)
+        # Stable entries: phi is linear, the minimum of (A phi' - G) x on [lo, hi] at an end.
+        left = self.slope if self.kind == "leaky_relu" else 0.0
+        # Tensors, not Python floats: torch.where would round the slope to float32.
+        q = A * torch.where(lo >= 0, torch.ones_like(lo), torch.full_like(lo, left)) - G
+        ends = torch.minimum(q * lo, q * hi)
+        fixed = torch.where(unstable, 0.0, ends).sum(-1)
+        fixed_size = torch.where(unstable, 0.0, ends.abs()).sum(-1)
+        if not unstable.any():
+            return fixed - ROUND * fixed_size
+        # The unstable entries of each input, padded with zeros (which add nothing).
+        k = int(unstable.sum(-1).max())
+        order = torch.argsort(unstable.to(torch.int8), dim=-1, descending=True,
+                              stable=True)[..., :k]
+        keep = unstable.gather(-1, order)
+        take = lambda t: torch.where(keep, t.gather(-1, order.expand(*t.shape[:2], k)), 0.0)  # noqa: E731
+        lo, hi, c, A, G = take(lo), take(hi), take(c), take(A), take(G)
+        zero = torch.zeros_like(lo)
+        sides = ((A * left - G, lo, zero), (A - G, zero, hi))  # psi's x-coefficient, part
+        r2 = (radius * radius).reshape(B, 1)
+        largest = torch.maximum(sides[0][0].abs(), sides[1][0].abs())
+        top = (torch.linalg.vector_norm(largest, dim=-1) /
+               radius.reshape(B, 1).clamp(min=1e-300)).clamp(min=1e-300).log()
+        a, b = top - BALL_RANGE, top
+        best = torch.full_like(top, -math.inf)
+        best_lam = top.exp()
+        for _ in range(steps):
+            t = (a + b) / 2
+            lam = t.exp()
+            terms, x = ball_minima(sides, c, lam)
+            value = ball_dual(terms, lam, r2)
+            better = value > best
+            best, best_lam = torch.where(better, value, best), torch.where(better, lam, best_lam)
+            grow = ((x - c) ** 2).sum(-1) > r2  # the slope is positive: the optimum lies right
+            a, b = torch.where(grow, t, a), torch.where(grow, b, t)
+        terms, x = ball_minima(sides, c, best_lam)
+        lam_ = best_lam[..., None]
+        size = (terms.abs() + largest * (x.abs() + c.abs()) +
+                lam_ * ((x - c) ** 2 + x ** 2 + c ** 2)).sum(-1) + best_lam * r2
+        return fixed - ROUND * fixed_size + ball_dual(terms, best_lam, r2) - ROUND * size
 
     def enclose(self, inputs, boxes):
         """CROWN's lines for ReLU and LeakyReLU with a slope in ``[0, 1]`` (both slopes

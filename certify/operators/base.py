@@ -10,6 +10,8 @@ operator holds, in one place, every rule the bounds need:
   become rows on every input plus constants: ``A . f(x) in sum_i A_i . x_i + d +- e`` for all
   ``x`` in the input boxes (``lower=True`` asks only for ``>= sum_i A_i . x_i + d``, so
   that ``e`` may be 0 and the lines adapt to the sign of ``A``);
+* ``ball_offset``: with ``ball_aware``, a tighter offset for the linear rule's lower bound
+  when the input also lies in an l2 ball (SDP-CROWN's, ``certify.linear_bounds.backward``);
 * ``enclose``: the forward rule, affine functions of the layer's weight change bracketing
   the output from those bracketing the inputs (``certify.operators.enclosure``);
 * ``jacobian``: interval rows: every ``A J_i`` with ``A`` in the given interval rows and
@@ -74,6 +76,7 @@ class Operator:
 
     arity = 1
     nonlinear = False  # its linear rule needs input boxes: refinement may tighten them
+    ball_aware = False  # ball_offset can tighten its linear rule's offset on an l2 ball
 
     def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -94,6 +97,12 @@ class Operator:
     def enclose(self, inputs, boxes):
         """The forward rule: the output's ``Enclosure`` (``certify.operators.enclosure``) from
         the inputs' and the input boxes; ``None``: the output box is all there is."""
+        return None
+
+    def ball_offset(self, A, G, box, center, radius):
+        """A lower bound of ``A . f(x) - G . x`` over the input box intersected with the l2
+        ball ``||x - center|| <= radius`` (``(B, R)``), for ``G`` the rows the linear rule gave
+        the input; ``None``: the rule's own offset is all there is."""
         return None
 
     def unstable(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
