@@ -12,12 +12,13 @@ the same held-out inputs twice in one process with ``certify.radius.layer_radii`
 * ``new``: the defaults: concretised over the reachable set ``{D P~}`` (``concretise=
   "weight"``, THEORY.md section 4, ``certify.regions.WeightRegion``), forward enclosures in
   weight space for the intermediate boxes of layers with several columns (``enclose=
-  "auto"``, ``certify.operators.enclosure``), and ``refine="auto"``, which also refines the
+  "auto"``, ``certify.operators.enclosure``), ``refine="auto"``, which also refines the
   inputs below ``REFINE_BELOW`` times their witness when the work is at most
-  ``REFINE_LIMIT``.
+  ``REFINE_LIMIT``, and in the Frobenius norm SDP-CROWN's offsets of the ReLUs over the l2
+  ball of their inputs' reach (``ball="auto"``, ``Activation.ball_offset``).
 
 Both use the same radius search (``radius.local_lower``), so the columns differ by the
-region, the enclosures and the refinement rule alone.
+region, the enclosures, the refinement rule and the ball offsets alone.
 
 Reported per layer and norm, over the inputs with a verified witness: the median of
 ``lower / upper`` for both (``upper`` the smaller witness norm of the two runs, so both are
@@ -84,9 +85,10 @@ def median_ratio(lower: torch.Tensor, upper: torch.Tensor) -> float:
 def compare_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -> dict:
     """Both methods on one layer and norm, in chunks; the comparison of their radii."""
     radii, seconds = {}, {}
-    methods = {"today": {"concretise": "output", "enclose": False,
+    methods = {"today": {"concretise": "output", "enclose": False, "ball": False,
                          "refine": refine_work(network, index) <= REFINE_WORK},
-               "new": {"concretise": "weight", "refine": "auto", "enclose": "auto"}}
+               "new": {"concretise": "weight", "refine": "auto", "enclose": "auto",
+                       "ball": "auto"}}
     for method, options in methods.items():
         parts, start = [], time.perf_counter()
         for batch in x.split(chunk):
@@ -146,7 +148,8 @@ def markdown(report: dict) -> str:
     out = [f"Median lower/upper over {report['inputs']} held-out MNIST inputs (1 is exact; upper "
            "is a verified witness), hidden layers; `today`: the Z-space region and the old "
            "refinement rule, `new`: weight-space concretisation, forward enclosures "
-           "(`forward`) and `refine=\"auto\"`; "
+           "(`forward`), `refine=\"auto\"` and SDP-CROWN's ball offsets (`ball`, Frobenius "
+           "norm); "
            "inputs where new < today or new < global must be 0.",
            "", "| model | layer | norm | global | today | new | new < today (worst) | new < global "
            "| new options | s today / new |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -165,7 +168,7 @@ def markdown(report: dict) -> str:
 
 
 def _options(method: str) -> str:
-    """The options a method string names (``forward``, ``refined``), or ``-``."""
+    """The options a method string names (``forward``, ``refined``, ``ball``), or ``-``."""
     return method.partition("(")[2].rstrip(")").replace(",", ", ") or "-"
 
 
@@ -179,7 +182,7 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(range(len(labels)), [layer["norms"][norm][key] for m in report["models"]
                                          for layer in m["layers"]], style, ms=4,
                     label={"global": "global Lipschitz bound", "today": "today (Z-space region)",
-                           "new": "new (weight-space concretisation)"}[key])
+                           "new": "new (weight space, enclosures, ball offsets)"}[key])
         ax.axhline(0.5, color="grey", lw=0.6, label="target 0.5")
         ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=7)
         ax.set_ylim(0, 1.05)

@@ -31,7 +31,10 @@ entry, where a backward pass bounds one.
 Margins. The final pass gives ``m_j >= A_j z + d_j - rho' ||A_j||_U*`` for every
 ``rho' <= rho`` (the relaxations, made on the larger region, stay valid on a smaller one):
 one pass yields the whole line, and the radius where it reaches zero. A second line comes
-from the interval Jacobian (``jacobian_line``), a third bound from interval arithmetic.
+from the interval Jacobian (``jacobian_line``), a third bound from interval arithmetic. In
+the l2 ball, the final pass may also bound each ReLU's offset over its box and the ball of
+its input's reach together (``ball``: SDP-CROWN's offsets, ``Activation.ball_offset``):
+the box alone lets every unstable neuron sit at its worst end at once, the ball does not.
 
 Floating point: every interval and bound is widened by ``ROUND`` times the magnitudes that
 entered it, far above float64 rounding of these sums (relative 1e-16 per operation).
