@@ -5,6 +5,7 @@ Importing this package registers each derivation (one per result and shape) in
 """
 
 from proofs import (  # noqa: F401  (importing registers the derivations)
+    ball_offset,
     batch,
     compression,
     cvxpy_check,

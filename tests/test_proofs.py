@@ -24,6 +24,7 @@ EXPECTED_RESULTS = {
     "low rank: Eckart-Young-Mirsky error norms", "quantisation: error <= s/2, threshold bits",
     "magnitude pruning: error norms", "Lipschitz chain inequality",
     "multi-layer recursion identity",
+    "ball offset (SDP-CROWN): weak duality, side minima, dual slope",
 }
 
 
