@@ -29,7 +29,7 @@ from certify.linear_bounds import margin_lines
 from certify.operators import activation as activation_module
 from certify.operators.activation import Activation
 from certify.radius import layer_radii
-from test_enclosures import problems, region_and_radius
+from test_enclosures import problems, region_and_radius, trained
 
 
 def instance(seed: int, kind: str, slope: float, n: int, share: float, rows: str,
@@ -192,12 +192,7 @@ def test_the_offsets_raise_the_radii_of_a_trained_mlp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64),
                           nn.ReLU(), nn.Linear(64, 10))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(digits.x_train), digits.y_train).backward()
-        optimiser.step()
-    model = model.double().eval()
+    model = trained(model, digits, 100)
     x = digits.x_test[:24].double()
     net = capture(model, x)
     index = net.affine_indices[0]

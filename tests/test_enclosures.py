@@ -58,6 +58,16 @@ def problems(draw):
     return net, x, index, draw(st.sampled_from(["fro", "max"])), draw(st.floats(0.01, 1.0))
 
 
+def trained(model: nn.Module, digits, steps: int) -> nn.Module:
+    """``model`` after ``steps`` full-batch Adam steps (lr 1e-2) on the digits, in float64."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(digits.x_train), digits.y_train).backward()
+        optimiser.step()
+    return model.double().eval()
+
+
 def region_and_radius(net, x, index, norm, fraction):
     """Every node's value, the layer's columns ``P~`` and region, and a radius ``fraction``
     of its weight's norm."""
@@ -213,12 +223,7 @@ def test_enclosures_raise_the_radii_of_a_trained_convolution_stack():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.ReLU(),
                           nn.Flatten(), nn.Linear(288, 10))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(digits.x_train), digits.y_train).backward()
-        optimiser.step()
-    model = model.double().eval()
+    model = trained(model, digits, 60)
     x = digits.x_test[:16].double()
     net = capture(model, x)
     index = net.affine_indices[0]
