@@ -50,6 +50,9 @@ GELUS = {"gelu": (GELU_ARGMIN, GELU_FLOOR, GELU_DERIVATIVE),
 # (as the torch operator's, so that the checker meets the same lam).
 BALL_STEPS = 10
 BALL_RANGE = 12.0
+# Narrower boxes (relative to 1 + |l| + |u|) take phi' at the middle for the chord slope,
+# whose quotient would keep only eps / width of its digits.
+CHORD_WIDTH = 1e-5
 
 
 class ActivationTwin(Twin):
@@ -166,8 +169,9 @@ class ActivationTwin(Twin):
             high = np.maximum(np.maximum(g_lo, g_hi), zero)
             slack = ROUND * (np.abs(lo) + np.abs(hi))
             return lam, (high + low) / 2, (high - low) / 2 + slack
-        wide = width > 0
-        lam = np.where(wide, (f_hi - f_lo) / np.where(wide, width, 1.0), self.derivative(lo))
+        wide = width > CHORD_WIDTH * (1 + np.abs(lo) + np.abs(hi))
+        lam = np.where(wide, (f_hi - f_lo) / np.where(wide, width, 1.0),
+                       self.derivative((lo + hi) / 2))
         d_lo, d_hi = self.derivative_range(lo, hi)
         g_lo = f_lo - lam * lo
         below = np.minimum(d_lo - lam, 0) * width

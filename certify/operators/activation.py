@@ -6,7 +6,8 @@ Linear rules (``backward``). ReLU and LeakyReLU: for bounds in both directions o
 ``phi(x) - lam x`` on ``[l, u]`` (its extremes lie at ``l``, ``0`` and ``u``); for a lower
 bound only (the margins), CROWN's adaptive lines: below ``s x`` (``s`` = 1 or the negative
 slope), above the chord, when the function is convex (negative slope in ``[0, 1]``). The
-smooth activations: the chord slope ``lam`` and, by the mean value theorem,
+smooth activations: the chord slope ``lam`` (``phi'`` at the middle on boxes narrower than
+``CHORD_WIDTH``, where the quotient loses its digits) and, by the mean value theorem,
 ``phi(x) - lam x - (phi(l) - lam l) = (phi'(xi) - lam)(x - l)`` with ``phi'(xi)`` in the
 derivative range on ``[l, u]`` (``derivative_range``), so ``nu <= (u - l) max(d_hi - lam,
 lam - d_lo) / 2`` around the middle of that range.
@@ -49,6 +50,11 @@ GELU_TANH_FLOOR = -0.1700408
 # largest useful lam.
 BALL_STEPS = 10
 BALL_RANGE = 12.0
+
+# Below this width (relative to 1 + |l| + |u|) the chord (phi(u) - phi(l)) / (u - l) of a smooth
+# activation keeps too few digits (eps / width); phi' at the middle is within O(width^2) of it,
+# and any slope is sound in the linear rule.
+CHORD_WIDTH = 1e-5
 
 KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "softplus")
 
@@ -200,8 +206,9 @@ class Activation(Operator):
             high = torch.maximum(torch.maximum(g_lo, g_hi), zero)
             slack = ROUND * (lo.abs() + hi.abs())
             return lam, (high + low) / 2, (high - low) / 2 + slack
-        wide = width > 0
-        lam = torch.where(wide, (f_hi - f_lo) / torch.where(wide, width, 1.0), self.derivative(lo))
+        wide = width > CHORD_WIDTH * (1 + lo.abs() + hi.abs())
+        lam = torch.where(wide, (f_hi - f_lo) / torch.where(wide, width, 1.0),
+                          self.derivative((lo + hi) / 2))
         d_lo, d_hi = self.derivative_range(lo, hi)
         g_lo = f_lo - lam * lo
         below, above = torch.clamp(d_lo - lam, max=0) * width, torch.clamp(d_hi - lam, min=0) * width
