@@ -19,22 +19,39 @@ For ``f(x) = sum_i A_i phi(x_i) - G_i x_i`` on ``{lo <= x <= hi, ||x - c||_2 <= 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sympy as sp
 
 from proofs.derivation import DerivationError, register, require_equal
 
+x, q, c, a, star = sp.symbols("x q c a x_star", real=True)
+lam, r = sp.symbols("lam r", positive=True)
 
-def check_weak_duality(n: int) -> None:
-    x = sp.symbols(f"x0:{n}", real=True)
-    c = sp.symbols(f"c0:{n}", real=True)
+
+@dataclass(frozen=True)
+class BallForms:
+    """The closed forms ``Activation.ball_offset`` computes (``ball_minima``, ``ball_dual``)."""
+    dual_term: sp.Expr  # the multiplier's constant in q(lam)
+    minimiser: sp.Expr  # x* of psi = q x + lam / 2 (x - c)^2 on one side
+    minimum: sp.Expr  # psi(x*)
+    slope: sp.Expr  # d/dlam of a side's minimum, at the minimiser x_star
+
+
+FORMS = BallForms(dual_term=-lam * r**2 / 2, minimiser=c - q / lam,
+                  minimum=q * c - q**2 / (2 * lam), slope=(star - c) ** 2 / 2)
+
+
+def check_weak_duality(forms: BallForms, n: int) -> None:
+    xs = sp.symbols(f"x0:{n}", real=True)
+    cs = sp.symbols(f"c0:{n}", real=True)
     A = sp.symbols(f"A0:{n}", real=True)
     G = sp.symbols(f"G0:{n}", real=True)
     p = sp.symbols(f"p0:{n}", real=True)  # phi(x_i), any values
-    lam, r = sp.symbols("lam r", positive=True)
-    f = sum(A[i] * p[i] - G[i] * x[i] for i in range(n))
-    ball = sum((x[i] - c[i]) ** 2 for i in range(n)) - r**2
-    separable = sum(A[i] * p[i] - G[i] * x[i] + lam / 2 * (x[i] - c[i]) ** 2
-                    for i in range(n)) - lam * r**2 / 2
+    f = sum(A[i] * p[i] - G[i] * xs[i] for i in range(n))
+    ball = sum((xs[i] - cs[i]) ** 2 for i in range(n)) - r**2
+    separable = sum(A[i] * p[i] - G[i] * xs[i] + lam / 2 * (xs[i] - cs[i]) ** 2
+                    for i in range(n)) + forms.dual_term
     require_equal(f + lam / 2 * ball, separable, "f + lam/2 (||x - c||^2 - r^2) separates")
     # On the ball the added term is lam/2 (||x - c||^2 - r^2) = -lam/2 t, t >= 0.
     t = sp.Symbol("t", nonnegative=True)
@@ -42,22 +59,18 @@ def check_weak_duality(n: int) -> None:
         raise DerivationError("lam/2 (||x - c||^2 - r^2) <= 0 on the ball for lam >= 0")
 
 
-def check_side_minimum() -> None:
-    x, q, c = sp.symbols("x q c", real=True)
-    lam = sp.Symbol("lam", positive=True)
+def check_side_minimum(forms: BallForms) -> None:
     psi = q * x + lam / 2 * (x - c) ** 2
-    star = c - q / lam
-    require_equal(sp.diff(psi, x), lam * (x - star), "psi'(x) = lam (x - x*)")
+    require_equal(sp.diff(psi, x), lam * (x - forms.minimiser), "psi'(x) = lam (x - x*)")
     if not sp.diff(psi, x, 2).is_positive:
         raise DerivationError("psi'' = lam > 0: psi is convex on each side")
-    require_equal(psi.subs(x, star), q * c - q**2 / (2 * lam), "psi(x*) = q c - q^2 / (2 lam)")
+    require_equal(psi.subs(x, forms.minimiser), forms.minimum, "psi(x*) = q c - q^2 / (2 lam)")
     # The envelope: interior and clipped minimisers.
-    require_equal(sp.diff(psi.subs(x, star), lam), (star - c) ** 2 / 2,
-                  "d/dlam psi(x*(lam)) = (x* - c)^2 / 2")
-    a = sp.Symbol("a", real=True)
-    require_equal(sp.diff(psi.subs(x, a), lam), (a - c) ** 2 / 2,
+    require_equal(sp.diff(psi.subs(x, forms.minimiser), lam),
+                  forms.slope.subs(star, forms.minimiser), "d/dlam psi(x*(lam)) = (x* - c)^2 / 2")
+    require_equal(sp.diff(psi.subs(x, a), lam), forms.slope.subs(star, a),
                   "d/dlam psi(a) = (a - c)^2 / 2 at a clipped end")
 
 
 register("ball offset (SDP-CROWN): weak duality, side minima, dual slope", "5",
-         {"3 entries": lambda: (check_weak_duality(3), check_side_minimum())})
+         {"3 entries": lambda: (check_weak_duality(FORMS, 3), check_side_minimum(FORMS))})

@@ -9,6 +9,7 @@ intersected with an l2 ball, and the margin bounds that use them.
   its multiplier term, that term dropped, the sides of the kink swapped).
 * Oracle: where the objective is convex (ReLU, ``A >= 0``, every entry unstable) the dual is
   exact (strong duality), and the offset matches cvxpy's minimum over box and ball.
+* Derivation: ``ball_minima`` computes proofs/ball_offset.py's minimiser and minimum.
 * Bounds: margin lines with the offsets are never below those without on random networks;
   on a trained digits MLP they raise the first layer's Frobenius radii, and ``certify
   check`` confirms the certificate that names ``ball``.
@@ -29,6 +30,7 @@ from certify.linear_bounds import margin_lines
 from certify.operators import activation as activation_module
 from certify.operators.activation import Activation
 from certify.radius import layer_radii
+from proofs import ball_offset as derivation
 from test_enclosures import problems, region_and_radius, trained
 
 
@@ -163,6 +165,30 @@ def test_the_offset_is_the_exact_minimum_where_the_objective_is_convex(seed, n, 
         scale = float(r[0]) * (np.linalg.norm(a) + np.linalg.norm(g)) + abs(exact)
         assert float(offset[0, row]) <= exact + 1e-7 * scale
         assert float(offset[0, row]) >= exact - 1e-3 * scale
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(-5, 5), st.floats(-3, 3), st.floats(1e-3, 1e3), st.floats(0.0, 1.0))
+def test_ball_minima_computes_the_derived_forms(q, c, lam, where):
+    """``ball_minima`` on one side ``[a, b]`` of the kink against proofs/ball_offset.py's
+    ``FORMS``: where the derived minimiser lies inside, it and the derived minimum; where it
+    is clipped, ``psi`` at the nearer end."""
+    forms = derivation.FORMS
+    at = dict(zip((derivation.q, derivation.c, derivation.lam), (q, c, lam)))
+    star, minimum = float(forms.minimiser.subs(at)), float(forms.minimum.subs(at))
+    # One side around (``where`` in [0, 1] places it) or beside the derived minimiser.
+    a = star - 2 * where - 1e-3 if where < 0.5 else star + where
+    b = a + 2.0
+    t = lambda v: torch.tensor([[[v]]], dtype=torch.float64)  # noqa: E731
+    value, point = activation_module.ball_minima([(t(q), t(a), t(b))], t(c),
+                                                 torch.tensor([[lam]], dtype=torch.float64))
+    if a <= star <= b:
+        assert float(point) == pytest.approx(star, rel=1e-12, abs=1e-12)
+        assert float(value) == pytest.approx(minimum, rel=1e-9, abs=1e-9 * (1 + abs(q * c)))
+    else:
+        end = a if star < a else b
+        assert float(point) == end
+        assert float(value) == pytest.approx(q * end + lam / 2 * (end - c) ** 2, rel=1e-12)
 
 
 @settings(max_examples=20, deadline=None)

@@ -8,6 +8,7 @@ import pytest
 import sympy as sp
 
 import proofs
+from proofs import ball_offset as ball
 from proofs import closed_forms as cf
 from proofs import margin, target_change
 from proofs.derivation import DerivationError
@@ -82,3 +83,17 @@ def test_wrong_class_pair_factor_fails(monkeypatch):
     monkeypatch.setitem(cf.CLASS_PAIR, "fro", cf.m / (2 * cf.v_l2))  # 2 where sqrt(2) belongs
     with pytest.raises(DerivationError):
         margin.check_class_pair("fro", 3)
+
+
+@pytest.mark.parametrize("field,wrong", [
+    ("dual_term", ball.lam * ball.r**2 / 2),  # the multiplier's sign flipped
+    ("dual_term", sp.Integer(0)),  # the ball's term dropped
+    ("minimiser", ball.c + ball.q / ball.lam),
+    ("minimum", ball.q * ball.c + ball.q**2 / (2 * ball.lam)),
+    ("slope", (ball.star - ball.c) ** 2),
+])
+def test_wrong_ball_offset_form_fails(field, wrong):
+    forms = mutate(ball.FORMS, **{field: wrong})
+    with pytest.raises(DerivationError):
+        ball.check_weak_duality(forms, 2)
+        ball.check_side_minimum(forms)
