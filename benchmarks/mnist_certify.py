@@ -10,6 +10,8 @@ and both norms (``"fro"``, ``"max"``), it certifies the held-out inputs with
   model over the same inputs (float64, as certify computes, and float32), and where the time
   goes: ``layer_radii``'s clock hook times its phases (prepare, first-order estimate,
   witness, global Lipschitz bound, local linear bound, exact last-layer formula);
+* what each option buys (``OPTION_STUDY``, on the MLP): the same certification with SDP-CROWN's
+  ball offsets off, then with refinement off too: seconds, ratio and medians side by side;
 * tightness: per layer, medians of ``lower / upper``, ``lower_global / upper`` and
   ``lower_local / upper`` over the inputs that have a witness (finite ``upper``), and how
   often the local bound falls below the global one;
@@ -68,6 +70,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 NORMS = ("fro", "max")
 PHASES = ("prepare", "estimate", "witness", "global", "local", "exact")
+# The local bound's options switched off in turn on the MLP, side by side in one process:
+# what each costs against what it buys (``layer_radii``'s keywords; the defaults first).
+OPTION_STUDY = (("defaults", {}), ("no ball offsets", {"ball": False}),
+                ("no ball offsets, no refinement", {"ball": False, "refine": False}))
 
 
 @dataclass(frozen=True)
@@ -152,13 +158,14 @@ def layer_label(network: Graph, index: int) -> str:
 
 
 def certify_layer(network: Graph, x: torch.Tensor, index: int, norm: str, chunk: int,
-                  desc: str) -> LayerResult:
-    """``layer_radii`` over ``x`` in chunks, timed in total and per phase (its clock hook)."""
+                  desc: str, **options) -> LayerResult:
+    """``layer_radii`` over ``x`` in chunks (with ``options``), timed in total and per phase
+    (its clock hook)."""
     parts, seconds = defaultdict(list), 0.0
     clock = PhaseClock()
     for batch in tqdm(x.split(chunk), desc=desc, leave=False, unit="chunk"):
         start = time.perf_counter()
-        radii = R.layer_radii(network, batch, index, norm, clock=clock)
+        radii = R.layer_radii(network, batch, index, norm, clock=clock, **options)
         seconds += time.perf_counter() - start
         for field in ("lower", "upper", "estimate", "lower_global", "lower_local"):
             parts[field].append(getattr(radii, field))
@@ -252,27 +259,61 @@ def compression_summary(network: Graph, fro: LayerResult, mx: LayerResult) -> di
 # --------------------------------------------------------------------------- one model
 
 
-def benchmark_model(name: str, model: nn.Module, training: mnist_models.Training,
-                    x: torch.Tensor, chunk: int) -> dict:
-    """Certify every affine layer of ``model`` on ``x`` for both norms and summarise."""
-    x64 = x.double()
-    network = capture(model, x64)
-    predicted = network(x64).argmax(-1)
+def certify_model(name: str, network: Graph, x64: torch.Tensor, chunk: int,
+                  **options) -> dict[tuple[int, str], LayerResult]:
+    """Every affine layer of ``network``, both norms, on ``x64`` (``layer_radii`` options)."""
     results: dict[tuple[int, str], LayerResult] = {}
     for index in network.affine_indices:
         for norm in NORMS:
             r = certify_layer(network, x64, index, norm, chunk,
-                              f"{name} {layer_label(network, index)} {norm}")
+                              f"{name} {layer_label(network, index)} {norm}", **options)
             results[index, norm] = r
             t = tightness(r)
             tqdm.write(f"{name:3s} {r.label:22s} {norm:3s} {r.seconds:7.1f} s  median "
                        f"lower {t['lower']['median']:.3g} upper {t['upper']['median']:.3g} "
                        f"lower/upper {t['median_lower_over_upper']:.3f}")
+    return results
+
+
+def option_study(name: str, network: Graph, x64: torch.Tensor, chunk: int,
+                 defaults: dict[tuple[int, str], LayerResult], f64: float) -> list[dict]:
+    """``OPTION_STUDY``: seconds, the ratio to one float64 forward+backward pass and the
+    median ``lower / upper`` per hidden layer and norm, each against the defaults' witness
+    (the smaller of the two, so that every row is measured against the same upper bound)."""
+    rows = []
+    for label, options in OPTION_STUDY:
+        results = defaults if not options else certify_model(f"{name} ({label})", network,
+                                                             x64, chunk, **options)
+        seconds = sum(r.seconds for r in results.values())
+        medians = {}
+        for (index, norm), r in results.items():
+            if index == network.affine_indices[-1]:
+                continue
+            upper = torch.minimum(r.upper, defaults[index, norm].upper)
+            medians.setdefault(r.label, {})[norm] = tightness(replace(r, upper=upper))[
+                "median_lower_over_upper"]
+        rows.append({"name": label, "options": options, "seconds": seconds,
+                     "ratio_float64": seconds / f64,
+                     "witness_seconds": sum(r.phases.get("witness", 0.0)
+                                            for r in results.values()),
+                     "median_lower_over_upper": medians})
+    return rows
+
+
+def benchmark_model(name: str, model: nn.Module, training: mnist_models.Training,
+                    x: torch.Tensor, chunk: int, study: bool = False) -> dict:
+    """Certify every affine layer of ``model`` on ``x`` for both norms and summarise;
+    ``study``: also ``OPTION_STUDY``."""
+    x64 = x.double()
+    network = capture(model, x64)
+    predicted = network(x64).argmax(-1)
+    results = certify_model(name, network, x64, chunk)
     certify_seconds = sum(r.seconds for r in results.values())
     phases = {p: sum(r.phases.get(p, 0.0) for r in results.values()) for p in PHASES}
     f64 = forward_backward_seconds(model, x, predicted, torch.float64)
     f32 = forward_backward_seconds(model, x, predicted, torch.float32)
     return {
+        "options": option_study(name, network, x64, chunk, results, f64) if study else [],
         "model": name,
         "training": asdict(training),
         "inputs": len(x),
@@ -404,6 +445,20 @@ def readme_tables(report: dict) -> str:
         out.append(f"| {m['model']} | {m['training']['test_accuracy']:.3f} | "
                    f"{t['certify_seconds']:.0f} | {t['ratio_float64']:,.0f} | "
                    f"{t['ratio_float32']:,.0f} | {where} |")
+    for m in report["models"]:
+        if not m.get("options"):
+            continue
+        layers = list(m["options"][0]["median_lower_over_upper"])
+        out += ["", f"What the local bound's options cost and buy on the {m['model']}, run "
+                "side by side (median `lower / upper` per hidden layer, fro / max):", "",
+                "| options | certify s | ratio to fwd+bwd (f64) | witnesses s | " +
+                " | ".join(layers) + " |", "|---|---:|---:|---:|" + "---:|" * len(layers)]
+        for row in m["options"]:
+            medians = row["median_lower_over_upper"]
+            cells = [f"{fmt(medians[lab]['fro'], 2)} / {fmt(medians[lab]['max'], 2)}"
+                     for lab in layers]
+            out.append(f"| {row['name']} | {row['seconds']:.0f} | {row['ratio_float64']:,.0f} "
+                       f"| {row['witness_seconds']:.0f} | " + " | ".join(cells) + " |")
     out += ["", f"Median `lower / upper` per layer, over those of the {report['inputs']:,} "
             "inputs that have a witness (`upper` is verified, so the true radius lies "
             "between):", "",
@@ -517,7 +572,8 @@ def main(argv=None) -> None:
         training = mnist_models.train(model, split, epochs, config.seed, lr, config.batch_size)
         tqdm.write(f"{name}: trained in {training.seconds:.1f} s, test accuracy "
                    f"{training.test_accuracy:.3f}; certifying {inputs} inputs")
-        models.append(benchmark_model(name, model, training, x, config.chunk))
+        models.append(benchmark_model(name, model, training, x, config.chunk,
+                                      study=name == "MLP"))
     env["load_average_end"] = os.getloadavg()
     report = {"config": asdict(config), "inputs": inputs, "environment": env,
               "wall_seconds": time.perf_counter() - start, "models": models}
