@@ -27,14 +27,21 @@ number of inputs where the new lower bound falls below today's or below the glob
 (both must be 0); the seconds of each. The issue-12 target is a median ``lower/upper >=
 0.5`` on every hidden layer.
 
+``--gap`` asks where the gap lies on the layers short of the target: for every hidden layer
+and norm whose median (defaults, ``--inputs`` inputs, 10 by default) stays below 0.5, it runs
+``GAP_STEPS`` more fast-minimum-norm steps from the witness (does ``upper`` fall, or is it
+locally minimal?) and the local bound with full refinement (``refine=True``: how much of the
+gap the backward passes close, at what cost).
+
 Usage::
 
     python benchmarks/tightness.py                 # 200 inputs per model
     python benchmarks/tightness.py --quick         # smoke run: small models, 10 inputs
     python benchmarks/tightness.py --readme        # also rewrite the README's table
+    python benchmarks/tightness.py --gap --readme  # the gap study, and its README table
 
-Writes ``tightness.json``, ``tightness.md`` and ``tightness.png`` to ``--out`` (default
-``results/tightness``, or ``results/tightness/quick``).
+Writes ``tightness.json``, ``tightness.md`` and ``tightness.png`` (``gap.json``, ``gap.md``
+with ``--gap``) to ``--out`` (default ``results/tightness``, or ``results/tightness/quick``).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from readme_blocks import invoked, replace_block  # noqa: E402
 from certify.capture import capture  # noqa: E402
 from certify.linear_bounds import REFINE_WORK, refine_work  # noqa: E402
 from certify.radius import layer_radii  # noqa: E402
+from certify.witness import witness  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -118,16 +126,20 @@ def layer_label(network, index: int) -> str:
     return f"{network.nodes[index].name} ({'x'.join(map(str, layer.weight.shape))})"
 
 
-def run(models: dict, n_inputs: int, chunk: int, seed: int) -> dict:
+def trained(models: dict, n_inputs: int, seed: int):
+    """``(name, graph, held-out inputs, test accuracy)`` for every model, trained here."""
     split = mnist_models.mnist_split(4000, 1000, seed)
     x = split.x_test[:n_inputs].double()
-    report = {"inputs": n_inputs, "seed": seed, "models": []}
     for name, (build, argument, epochs, lr) in models.items():
         model = build(argument, seed)
         training = mnist_models.train(model, split, epochs, seed, lr=lr)
-        model = model.double().eval()
-        network = capture(model, x)
         tqdm.write(f"{name}: test accuracy {training.test_accuracy:.3f}")
+        yield name, capture(model.double().eval(), x), x, training.test_accuracy
+
+
+def run(models: dict, n_inputs: int, chunk: int, seed: int) -> dict:
+    report = {"inputs": n_inputs, "seed": seed, "models": []}
+    for name, network, x, accuracy in trained(models, n_inputs, seed):
         layers = []
         for index in network.affine_indices[:-1]:
             row = {"layer": layer_label(network, index), "norms": {}}
@@ -139,9 +151,64 @@ def run(models: dict, n_inputs: int, chunk: int, seed: int) -> dict:
                            f"{r['below_today']}, below global {r['below_global']} "
                            f"({r['seconds']['today']:.0f} s / {r['seconds']['new']:.0f} s)")
             layers.append(row)
-        report["models"].append({"model": name, "test_accuracy": training.test_accuracy,
-                                 "layers": layers})
+        report["models"].append({"model": name, "test_accuracy": accuracy, "layers": layers})
     return report
+
+
+# The gap study: this many more fast-minimum-norm steps from each default witness.
+GAP_STEPS = 400
+TARGET = 0.5
+
+
+def gap_layer(network, x: torch.Tensor, index: int, norm: str) -> dict | None:
+    """Where one layer's gap lies, or ``None`` when its median reaches ``TARGET``: the
+    defaults' lower/upper, the witness after ``GAP_STEPS`` more steps over the default one,
+    and the lower bound with full refinement, each over the smaller upper bound."""
+    start = time.perf_counter()
+    default = layer_radii(network, x, index, norm)
+    seconds = time.perf_counter() - start
+    if median_ratio(default.lower, default.upper) >= TARGET:
+        return None
+    values = network.values(x)
+    P = network.layer(index).patches(values[network.input_of(index)])
+    y = values[-1].argmax(-1)
+    further, _ = witness(network, index, P, y, norm, False, values[index].shape[1:],
+                         start=default.witness, values=values, minimum_norm_steps=GAP_STEPS)
+    upper = torch.minimum(default.upper, further)
+    start = time.perf_counter()
+    refined = layer_radii(network, x, index, norm, refine=True)
+    return {"default": median_ratio(default.lower, upper),
+            "witness_shrink": median_ratio(upper, default.upper),
+            "refined": median_ratio(torch.maximum(refined.lower, default.lower), upper),
+            "seconds": {"default": seconds, "refined": time.perf_counter() - start}}
+
+
+def gap_study(models: dict, n_inputs: int, seed: int) -> dict:
+    report = {"inputs": n_inputs, "seed": seed, "steps": GAP_STEPS, "rows": []}
+    for name, network, x, _ in trained(models, n_inputs, seed):
+        for index in network.affine_indices[:-1]:
+            for norm in NORMS:
+                r = gap_layer(network, x, index, norm)
+                if r is not None:
+                    report["rows"].append({"model": name, "layer": layer_label(network, index),
+                                           "norm": norm, **r})
+                    tqdm.write(f"  {name} {report['rows'][-1]['layer']} {norm}: {r}")
+    return report
+
+
+def gap_markdown(report: dict) -> str:
+    out = [f"The hidden layers whose median lower/upper stays below {TARGET} ({report['inputs']} "
+           f"held-out inputs, defaults): `witness after {report['steps']} more steps` is the "
+           "median of the upper bound after that many more fast-minimum-norm steps over the "
+           "default witness (1: locally minimal); `refine=True` is the lower bound with full "
+           "backward refinement, both over the smaller upper bound.", "",
+           "| model | layer | norm | defaults | witness after more steps | refine=True "
+           "| s defaults / refine=True |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        out.append(f"| {r['model']} | {r['layer']} | {r['norm']} | {r['default']:.3f} | "
+                   f"{r['witness_shrink']:.4f} | {r['refined']:.3f} | "
+                   f"{r['seconds']['default']:.0f} / {r['seconds']['refined']:.0f} |")
+    return "\n".join(out) + "\n"
 
 
 def markdown(report: dict) -> str:
@@ -202,13 +269,28 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--readme", action="store_true", help="rewrite the README's table")
+    parser.add_argument("--gap", action="store_true",
+                        help="where the gap lies on the layers below the target (10 inputs)")
     args = parser.parse_args()
     out = args.out or ROOT / "results" / "tightness" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
+    models = QUICK_MODELS if args.quick else MODELS
+    if args.gap:
+        start = time.perf_counter()
+        report = gap_study(models, args.inputs or 10, seed=0)
+        report["seconds"] = time.perf_counter() - start
+        (out / "gap.json").write_text(json.dumps(report, indent=1))
+        table = gap_markdown(report)
+        (out / "gap.md").write_text(table)
+        if args.readme:
+            replace_block("tightness-gap", table, invoked())
+        print(table)
+        print(f"wrote {out} in {report['seconds']:.0f} s")
+        return 0
     inputs = args.inputs or (10 if args.quick else 200)
     start = time.perf_counter()
-    report = run(QUICK_MODELS if args.quick else MODELS, inputs, args.chunk, seed=0)
+    report = run(models, inputs, args.chunk, seed=0)
     report["seconds"] = time.perf_counter() - start
     (out / "tightness.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
