@@ -57,7 +57,7 @@ from certify.compression import thresholds
 from certify.inputs import InputError, inputs_for
 from certify.multilayer import uniform_budget
 from certify.graph import Graph
-from certify.radius import NORMS, LayerRadii, layer_radii, merged_method
+from certify.radius import NORMS, LayerRadii, check_refine, layer_radii, merged_method
 from certify.witness import Witness
 from certify.schema import FORMAT
 
@@ -111,15 +111,16 @@ def _on_cpu(r: LayerRadii) -> LayerRadii:
 
 
 def certify_chunk(network: Graph, x: torch.Tensor, start: int = 0, bias: bool = False,
-                  done=lambda index, norm: None) -> ChunkRadii:
+                  done=lambda index, norm: None, refine: bool | str = "auto") -> ChunkRadii:
     """Radii of every affine layer for both norms, and the uniform budget, for one batch
     ``x`` on the device of the graph and ``x``; ``done(index, norm)`` after each layer and
-    norm (progress). Every number depends on this batch only (section 2: radii are per
-    input), so chunks can be certified anywhere and merged."""
+    norm (progress); ``refine`` as in ``layer_radii``. Every number depends on this batch
+    only (section 2: radii are per input), so chunks can be certified anywhere and merged."""
     radii = {}
     for index in network.affine_indices:
         for norm in NORMS:
-            radii[index, norm] = _on_cpu(layer_radii(network, x, index, norm, bias))
+            radii[index, norm] = _on_cpu(layer_radii(network, x, index, norm, bias,
+                                                     refine=refine))
             done(index, norm)
     return ChunkRadii(start, network(x).argmax(-1).cpu(), radii,
                       {norm: uniform_budget(network, x, norm, bias).cpu() for norm in NORMS})
@@ -185,13 +186,18 @@ def chunk_starts(n: int, chunk: int) -> range:
 
 def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
                     bias: bool = False, chunk: int = 64, progress: bool = True,
-                    device: torch.device | str | None = None) -> Result:
+                    device: torch.device | str | None = None,
+                    refine: bool | str = "auto") -> Result:
     """Radii of every affine layer of the graph for both norms, in chunks of inputs, with
-    thresholds; computed on ``device`` (default the CPU), always in float64.
+    thresholds; computed on ``device`` (default the CPU), always in float64. ``refine``: the
+    local bound's backward refinement, as in ``radius.layer_radii`` (``True``: every input
+    of every layer, tighter where the default skips it as too costly, and slower).
 
     Raises ``certify.inputs.InputTypeError`` / ``InputError`` for inputs that are not floats,
     are not finite or do not fit the network, as ``layer_radii`` does, ``InputError`` for a
-    ``chunk`` below 1, and ``certify.devices.DeviceError`` for a device this machine lacks."""
+    ``chunk`` below 1 or an unknown ``refine``, and ``certify.devices.DeviceError`` for a
+    device this machine lacks."""
+    check_refine(refine)
     x = inputs_for(network, x)
     starts = chunk_starts(len(x), chunk)
     device = devices.resolve(device)
@@ -204,7 +210,7 @@ def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
         bar.update()
         bar.set_postfix(layer=network.nodes[index].name, norm=norm)
 
-    chunks = [certify_chunk(on_device, x[i:i + chunk].to(device), i, bias, done)
+    chunks = [certify_chunk(on_device, x[i:i + chunk].to(device), i, bias, done, refine)
               for i in starts]
     bar.close()
     return merge(network, x, chunks, model_sha256=model_sha256, bias=bias, device=device)

@@ -21,6 +21,7 @@ EXIT_STATUS = ("exit status: 0 confirmed or done, 1 refuted, 2 usage or input er
                "3 internal error (--debug shows the traceback)")
 REPORT = ("this is a bug in certify: please report it to the certify issue tracker with the "
           "command and the output of the same command with --debug")
+REFINE = {"auto": "auto", "always": True, "never": False}  # --refine: layer_radii's refine
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -95,7 +96,7 @@ def model(args: argparse.Namespace) -> int:
     budgets = _budgets_certified(args, network, torch.from_numpy(x))
     compressions = _compressions(network, args.compress or [])
     result = run(network, torch.from_numpy(x), model_sha256=digest, bias=args.bias,
-                 chunk=args.chunk, device=args.device)
+                 chunk=args.chunk, device=args.device, refine=REFINE[args.refine])
     if compressions:
         result.document["compression_checks"] = compression_checks(
             network, torch.from_numpy(x), compressions, result.document, args.chunk)
@@ -293,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
                    "unless the name asks for another format)")
     p.add_argument("--chunk", type=positive("--chunk"), default=64, metavar="N",
                    help="inputs per batch (memory; default 64)")
+    p.add_argument("--refine", choices=tuple(REFINE), default="auto",
+                   help="backward refinement of the local bound: auto (default: where it "
+                   "pays at a bounded cost), always (every input of every layer: tighter on "
+                   "wide and deep layers, and several times slower there) or never (fastest)")
     p.add_argument("--compress", action="append", type=_compression_option,
                    metavar="KIND=LEVEL[@LAYER,...]",
                    help="also apply a compression (rank=8, bits=4, bits_per_channel=4, "

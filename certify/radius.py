@@ -79,6 +79,12 @@ class LayerRadii:
 OPTIONS = ("forward", "refined", "ball")  # the local bound's options, as ``method`` names them
 
 
+def check_refine(refine) -> None:
+    """``InputError`` unless ``refine`` is ``True``, ``False`` or ``"auto"``."""
+    if not (refine is True or refine is False or refine == "auto"):
+        raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
+
+
 def method_options(enclose: bool, refine: bool, ball: bool = False) -> str:
     """The local bound's options as ``method`` names them, in ``OPTIONS``' order:
     ``forward`` (enclosures), ``refined`` (some inputs refined), ``ball`` (SDP-CROWN's
@@ -306,8 +312,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     if concretise not in CONCRETISE:
         raise InputError(f"concretise must be one of {CONCRETISE}, got {concretise!r}")
-    if refine not in (True, False, "auto"):
-        raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
+    check_refine(refine)
     if enclose not in (True, False, "auto"):
         raise InputError(f"enclose must be True, False or 'auto', got {enclose!r}")
     if ball not in (True, False, "auto"):

@@ -24,6 +24,7 @@ from certify import devices
 from certify.certificate import ChunkRadii, Result, certify_chunk, chunk_starts, merge
 from certify.graph import Graph
 from certify.inputs import InputError, inputs_for
+from certify.radius import check_refine
 
 RETRIES = 3  # reruns of a chunk whose worker died (worker crashes, not Python errors)
 INSTALL = "pip install 'certify[ray]'"
@@ -45,25 +46,27 @@ def ray_module():
 
 
 def _chunk_task(network: Graph, x: torch.Tensor, start: int, bias: bool,
-                device: str) -> ChunkRadii:
+                device: str, refine: bool | str) -> ChunkRadii:
     """One chunk on a worker (the Ray task's body)."""
     device = devices.resolve(device)
-    return certify_chunk(network.to(device), x.to(device), start, bias)
+    return certify_chunk(network.to(device), x.to(device), start, bias, refine=refine)
 
 
 def certify_on_ray(network: Graph, x: torch.Tensor, *, model_sha256: str, bias: bool = False,
                    chunk: int = 64, workers: int = 2, address: str | None = None,
                    device: torch.device | str | None = None,
-                   progress: bool = True) -> Result:
+                   progress: bool = True, refine: bool | str = "auto") -> Result:
     """``certificate.certify_network`` with each chunk certified by a Ray task, at most
     ``workers`` at a time, on the cluster at ``address`` (a local one of ``workers`` CPUs
     when ``None``; a Ray session already running in this process is used as it is).
 
     On CUDA each task asks for ``1 / workers`` of a GPU, so ``workers`` chunks share one.
-    Raises ``RayMissingError`` without Ray, ``InputError`` for bad inputs, ``chunk`` or
-    ``workers`` (before any work starts), and the first chunk's error if one fails."""
+    Raises ``RayMissingError`` without Ray, ``InputError`` for bad inputs, ``chunk``,
+    ``workers`` or ``refine`` (before any work starts), and the first chunk's error if one
+    fails."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive number of Ray workers, got {workers!r}")
+    check_refine(refine)
     ray = ray_module()
     x = inputs_for(network, x)
     starts = chunk_starts(len(x), chunk)
@@ -82,7 +85,8 @@ def certify_on_ray(network: Graph, x: torch.Tensor, *, model_sha256: str, bias: 
         while waiting or running:
             while waiting and len(running) < workers:
                 i = waiting.pop(0)
-                running.append(task.remote(graph, x[i:i + chunk], i, bias, str(device)))
+                running.append(task.remote(graph, x[i:i + chunk], i, bias, str(device),
+                                               refine))
             ready, running = ray.wait(running, num_returns=1)
             chunks.append(_result(ray, ready[0]))
             bar.update()

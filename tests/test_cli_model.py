@@ -14,10 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 from test_radius_soundness import Residual
 from torch import nn
 
-from certify.certificate import FORMAT
+from certify import radius
+from certify.certificate import FORMAT, certify_network
 from certify.cli import main
 from certify.loading import load_model
 from certify.capture import capture
+from certify.inputs import InputError
 from certify.operators import Affine
 
 
@@ -208,3 +210,41 @@ def test_state_dicts_are_not_cross_checked(tmp_path, capsys):
     assert main(["model", str(tmp_path / "m.pt"), "--factory", "model_factories:build_mlp",
                  "--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "c.json")]) == 0
     assert "cross-check" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("choice,no_thresholds,refined", [
+    ("always", True, True), ("auto", True, False), ("auto", False, True), ("never", False, False)])
+def test_refine_chooses_the_refinement_and_check_confirms_it(tmp_path, monkeypatch, choice,
+                                                             no_thresholds, refined):
+    """``--refine``: ``always`` refines every hidden layer even where ``auto`` would not
+    (work thresholds below 0, as on a layer too costly to refine), ``never`` not even where
+    ``auto`` does (this small net's work is below ``REFINE_WORK``); ``certify check``
+    confirms each certificate with the refinement its methods name."""
+    if no_thresholds:
+        monkeypatch.setattr(radius, "REFINE_WORK", -1.0)
+        monkeypatch.setattr(radius, "REFINE_LIMIT", -1.0)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12),
+                          nn.ReLU(), nn.Linear(12, 4))
+    x = torch.randn(8, 4, 4)
+    export(model, x, tmp_path / "model.onnx")
+    np.savez(tmp_path / "data.npz", x=x.numpy())
+    args = [str(tmp_path / "model.onnx"), "--data", str(tmp_path / "data.npz")]
+    out = tmp_path / "cert.json"
+    assert main(["model", *args, "--out", str(out), "--refine", choice]) == 0
+    methods = [layer[norm]["method"] for layer in json.loads(out.read_text())["layers"]
+               for norm in ("fro", "max")]
+    hidden = [m for m in methods if m != "exact"]
+    assert len(hidden) == 4 and all(("refined" in m) == refined for m in hidden), methods
+    assert main(["check", str(out), *args]) == 0
+
+
+def test_an_unknown_refine_is_refused_before_any_work(certified, capsys):
+    tmp, args = certified
+    assert main(["model", *args, "--out", str(tmp / "r.json"), "--refine", "sometimes"]) == 2
+    assert not (tmp / "r.json").exists()
+    assert "invalid choice: 'sometimes' (choose from 'auto', 'always', 'never')" in \
+        capsys.readouterr().err
+    with pytest.raises(InputError, match="refine must be True, False or 'auto', got 'sometimes'"):
+        certify_network(load_model(tmp / "model.onnx"), torch.zeros(1, 4, 4), model_sha256="",
+                        refine="sometimes")
