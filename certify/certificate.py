@@ -191,7 +191,8 @@ def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
     """Radii of every affine layer of the graph for both norms, in chunks of inputs, with
     thresholds; computed on ``device`` (default the CPU), always in float64. ``refine``: the
     local bound's backward refinement, as in ``radius.layer_radii`` (``True``: every input
-    of every layer, tighter where the default skips it as too costly, and slower).
+    of every layer, usually tighter where the default skips it as too costly, and
+    slower).
 
     Raises ``certify.inputs.InputTypeError`` / ``InputError`` for inputs that are not floats,
     are not finite or do not fit the network, as ``layer_radii`` does, ``InputError`` for a

@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="inputs per batch (memory; default 64)")
     p.add_argument("--refine", choices=tuple(REFINE), default="auto",
                    help="backward refinement of the local bound: auto (default: where it "
-                   "pays at a bounded cost), always (every input of every layer: tighter on "
-                   "wide and deep layers, and several times slower there) or never (fastest)")
+                   "pays at a bounded cost), always (every input of every layer: usually "
+                   "tighter on wide and deep layers, and several times slower there) or never "
+                   "(fastest)")
     p.add_argument("--compress", action="append", type=_compression_option,
                    metavar="KIND=LEVEL[@LAYER,...]",
                    help="also apply a compression (rank=8, bits=4, bits_per_channel=4, "
