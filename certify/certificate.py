@@ -57,7 +57,7 @@ from certify.compression import thresholds
 from certify.inputs import InputError, inputs_for
 from certify.multilayer import uniform_budget
 from certify.graph import Graph
-from certify.radius import NORMS, LayerRadii, check_refine, layer_radii, merged_method
+from certify.radius import NORMS, LayerRadii, check_switch, layer_radii, merged_method
 from certify.witness import Witness
 from certify.schema import FORMAT
 
@@ -198,7 +198,7 @@ def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
     are not finite or do not fit the network, as ``layer_radii`` does, ``InputError`` for a
     ``chunk`` below 1 or an unknown ``refine``, and ``certify.devices.DeviceError`` for a
     device this machine lacks."""
-    check_refine(refine)
+    check_switch("refine", refine)
     x = inputs_for(network, x)
     starts = chunk_starts(len(x), chunk)
     device = devices.resolve(device)

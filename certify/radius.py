@@ -79,10 +79,11 @@ class LayerRadii:
 OPTIONS = ("forward", "refined", "ball")  # the local bound's options, as ``method`` names them
 
 
-def check_refine(refine) -> None:
-    """``InputError`` unless ``refine`` is ``True``, ``False`` or ``"auto"``."""
-    if not (refine is True or refine is False or refine == "auto"):
-        raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
+def check_switch(name: str, value) -> None:
+    """``InputError`` unless the option ``name`` (``refine``, ``enclose``, ``ball``) is
+    ``True``, ``False`` or ``"auto"``."""
+    if value not in (True, False, "auto"):
+        raise InputError(f"{name} must be True, False or 'auto', got {value!r}")
 
 
 def method_options(enclose: bool, refine: bool, ball: bool = False) -> str:
@@ -312,11 +313,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     if concretise not in CONCRETISE:
         raise InputError(f"concretise must be one of {CONCRETISE}, got {concretise!r}")
-    check_refine(refine)
-    if enclose not in (True, False, "auto"):
-        raise InputError(f"enclose must be True, False or 'auto', got {enclose!r}")
-    if ball not in (True, False, "auto"):
-        raise InputError(f"ball must be True, False or 'auto', got {ball!r}")
+    for name, value in (("refine", refine), ("enclose", enclose), ("ball", ball)):
+        check_switch(name, value)
     x = inputs_for(network, x)
     index = affine_index(network, index)
     layer = network.layer(index)

@@ -24,7 +24,7 @@ from certify import devices
 from certify.certificate import ChunkRadii, Result, certify_chunk, chunk_starts, merge
 from certify.graph import Graph
 from certify.inputs import InputError, inputs_for
-from certify.radius import check_refine
+from certify.radius import check_switch
 
 RETRIES = 3  # reruns of a chunk whose worker died (worker crashes, not Python errors)
 INSTALL = "pip install 'certify[ray]'"
@@ -66,7 +66,7 @@ def certify_on_ray(network: Graph, x: torch.Tensor, *, model_sha256: str, bias: 
     fails."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive number of Ray workers, got {workers!r}")
-    check_refine(refine)
+    check_switch("refine", refine)
     ray = ray_module()
     x = inputs_for(network, x)
     starts = chunk_starts(len(x), chunk)
