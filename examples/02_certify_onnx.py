@@ -6,22 +6,27 @@
    of smaller norm alters the prediction), a verified witness and the safe compression levels.
 4. ``certify check``: recompute every claim of the JSON certificate with numpy.
 
-    python examples/02_certify_onnx.py [--quick]    # writes into ./certify_example_02/
+    python examples/02_certify_onnx.py [--quick] [--out DIR]
+
+It writes the model, the calibration inputs and the certificate into ``DIR`` (created if
+needed), by default a new temporary folder; the last line says where.
 """
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from certify import small_models
 from certify.cli import main
+from certify.models import small as small_models
 
 quick = "--quick" in sys.argv or os.environ.get("CERTIFY_QUICK") == "1"
-out = Path("certify_example_02")
-out.mkdir(exist_ok=True)
+out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else \
+    Path(tempfile.mkdtemp(prefix="certify_example_02_"))
+out.mkdir(parents=True, exist_ok=True)
 
 # 1. A 64-64-64-10 ReLU MLP on digits, a few epochs of Adam.
 data = small_models.load("digits", seed=0)
@@ -46,4 +51,5 @@ np.savez(out / "calibration.npz", x=data.x_test[: 16 if quick else 200].numpy())
 model_args = [str(out / "digits.onnx"), "--data", str(out / "calibration.npz")]
 main(["model", *model_args, "--out", str(out / "certificate.json")])
 status = main(["check", str(out / "certificate.json"), *model_args])
+print(f"the model, the inputs and the certificate are in {out}")
 sys.exit(status)  # 0: every claim of the certificate confirmed

@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-from certify import small_models
-from certify.certificate import certify_network, parameters_sha256
-from certify.compressed import Compression, compression_check
+from certify import Compression, certify_network, compression_check
 from certify.capture import capture
+from certify.certificate import parameters_sha256
+from certify.models import small as small_models
 from certify.testing import assert_compression_safe, assert_robust
 
 quick = "--quick" in sys.argv or os.environ.get("CERTIFY_QUICK") == "1"

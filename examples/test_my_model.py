@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certify import small_models
+from certify.models import small as small_models
 from certify.testing import assert_compression_safe, assert_robust, perturbations
 
 

@@ -1,5 +1,5 @@
 """THEORY.md section 5: SDP-CROWN's offset of a piecewise-linear activation over a box and an
-l2 ball (Chiu et al., ICML 2025, Theorem 4.1; ``certify.operators.activation.ball_offset``).
+l2 ball (Chiu et al., ICML 2025, Theorem 4.1; ``certify.graph.operators.activation.ball_offset``).
 
 For ``f(x) = sum_i A_i phi(x_i) - G_i x_i`` on ``{lo <= x <= hi, ||x - c||_2 <= r}``:
 

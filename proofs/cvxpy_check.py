@@ -1,6 +1,6 @@
 """Numeric cross-check of the generated kernels against cvxpy, for ``certify prove``.
 
-The derivations prove the closed forms; this checks that what runs (``certify.kernels``
+The derivations prove the closed forms; this checks that what runs (``certify.closed_forms.kernels``
 through the public API) agrees with an independent convex solver on random instances.
 Agreement is required to relative ``1e-6``: Clarabel's default interior-point tolerances
 are ``1e-8``, and a wrong constant or norm is off by far more.

@@ -98,7 +98,7 @@ def check_gelu_tanh(x: sp.Symbol) -> None:
     """GELU's tanh approximation: ``phi(x) - phi(-x) = x``, so ``phi'(-x) = 1 - phi'(x)`` and
     the derivative's range is ``[1 - L, L]`` with ``L`` its peak, at the positive root of
     ``phi''`` (located to 30 digits; a grid over [-50, 50] finds no larger value)."""
-    from certify.operators.activation import GELU_TANH_LIPSCHITZ
+    from certify.graph.operators.activation import GELU_TANH_LIPSCHITZ
 
     u = sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6) * x**3)
     phi = x * (1 + sp.tanh(u)) / 2

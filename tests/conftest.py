@@ -17,8 +17,10 @@ hypothesis itself is pinned in ``pyproject.toml``: a new release draws other exa
 Under pytest-xdist (``-n auto``, as ``.ci/run`` runs) each worker takes its share of torch's
 threads, so that the workers do not oversubscribe the cores.
 
-Shared strategies live in ``tests/strategies.py`` and the independent cvxpy programs in
-``tests/cvx_oracles.py``; this file holds configuration only.
+The tests mirror the package (``tests/<stage>/``); everything they share (strategies,
+models, attacks, the independent cvxpy and MILP oracles) lives in ``tests/support/``, on
+the import path through ``pythonpath`` in ``pyproject.toml``. This file holds configuration
+only.
 """
 
 from __future__ import annotations

@@ -1,0 +1,367 @@
+"""ATen operators, as ``torch.export`` writes them, read as ``certify.graph.operators``.
+
+``BUILDERS`` maps an ATen operator (its overload packet) to a rule that adds the matching
+node to a ``Build``; ``IDENTITIES`` are dropped (copies, dropout in eval mode, float casts),
+and softmax and log-softmax may end the graph (``Tail``: the argmax is kept, and log-softmax
+keeps the margins ``o_y - o_j`` exactly); a softmax used inside the network (attention) is a
+``Softmax`` node. Products of two computed tensors (``Q K^T``, attention times values) are
+``Product`` nodes, and ``x / max(||x||, eps)`` (``F.normalize``) is one ``Normalize`` node.
+Arguments are per-batch in the export; every rule converts them to per-input shapes and axes
+(``Build.shape``, ``Build.dim``) and refuses operations along the batch axis.
+
+The rules of the layers here; those of transformer blocks (layer norm, scaled dot-product
+attention decomposed into products and a softmax, the vector norm of ``F.normalize``) are in
+:mod:`certify.capture.transformers`, and both read constant operands (weights, biases, the
+constants of arithmetic) with :mod:`certify.capture.operands`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from certify.capture.build import Build, Norm, Ref, UnsupportedModelError
+from certify.capture.operands import _const, _per_input, _zeros
+from certify.capture.transformers import (_attention, _clamp_min, _expand_norm, _layer_norm,
+                                          _native_layer_norm, _vector_norm)
+from certify.graph.operators import (Activation, Add, Affine, AvgPool, Cat, MaxPool, Normalize,
+                                     Permute, Product, Reduce, Reshape, ScaleShift, Slice, ZeroPad)
+
+aten = torch.ops.aten
+
+
+# -------------------------------------------------------------------- rules
+
+
+def _linear(b: Build, fx, where, x, weight, bias=None):
+    W = _const(weight, fx, "the weight")
+    bias = _zeros(W.value.shape[0]) if bias is None else _const(bias, fx, "the bias").value
+    return b.affine(Affine(W.value, bias.reshape(-1)), x, fx, W)
+
+
+def _addmm(b: Build, fx, where, bias, x, weight_t, beta=1, alpha=1):
+    if beta != 1 or alpha != 1 or not isinstance(x, Ref):
+        raise UnsupportedModelError(f"addmm with beta={beta}, alpha={alpha} ({where})")
+    Wt = _const(weight_t, fx, "the weight")
+    bias = _const(bias, fx, "the bias").value
+    m = Wt.value.shape[1]
+    return b.affine(Affine(Wt.value.T.contiguous(), bias.expand(1, m).reshape(m).clone()),
+                    x, fx, Wt)
+
+
+def _mm(b: Build, fx, where, x, weight_t):
+    if isinstance(x, Ref) and isinstance(weight_t, Ref):
+        if b.ndim(x) < 3 or b.ndim(weight_t) < 3:
+            raise UnsupportedModelError(f"{fx.name}: a product of computed vectors ({where}); "
+                                        "supported: matrices per input (attention)")
+        return b.node(Product(matmul=True), [x, weight_t], fx)
+    if not isinstance(x, Ref):
+        raise UnsupportedModelError(f"{fx.name}: a constant times a computed tensor "
+                                    f"({where}); certify reads x @ W with W a weight")
+    Wt = _const(weight_t, fx, "the right factor")
+    if Wt.value.ndim != 2:
+        raise UnsupportedModelError(f"{fx.name}: matmul by a {Wt.value.ndim}-d constant ({where})")
+    return b.affine(Affine(Wt.value.T.contiguous(), _zeros(Wt.value.shape[1])), x, fx, Wt)
+
+
+def _tuple(v, n):
+    return tuple(v) * (n // len(v)) if isinstance(v, (list, tuple)) else (v,) * n
+
+
+def _conv(b: Build, fx, where, x, weight, bias=None, stride=1, padding=0, dilation=1,
+          groups=1, transposed=False, output_padding=None):
+    W = _const(weight, fx, "the kernel")
+    n = W.value.ndim - 2
+    if transposed or groups != 1 or n not in (1, 2):
+        raise UnsupportedModelError(
+            f"{_kind(fx)} with transposed={transposed}, groups={groups}, {n}-d kernel "
+            f"({where}); supported: conv1d and conv2d with groups=1")
+    dilation = _tuple(dilation, n)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        elif all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, W.value.shape[2:])):
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, W.value.shape[2:]))
+        else:
+            raise UnsupportedModelError(f"padding='same' with an even kernel ({where})")
+    bias = _zeros(W.value.shape[0]) if bias is None else _const(bias, fx, "the bias").value
+    op = Affine(W.value, bias, _tuple(stride, n), _tuple(padding, n), dilation)
+    return b.affine(op, x, fx, W)
+
+
+def _convolution(b: Build, fx, where, x, weight, bias, stride, padding, dilation, transposed,
+                 output_padding, groups):
+    return _conv(b, fx, where, x, weight, bias, stride, padding, dilation, groups, transposed)
+
+
+def _kind(fx) -> str:
+    return str(getattr(fx.target, "__name__", fx.target)).split(".")[0]
+
+
+def _batch_norm(b: Build, fx, where, x, weight, bias, mean, var, training, momentum, eps,
+                cudnn=None):
+    if training or mean is None:
+        raise UnsupportedModelError(f"batch norm in training mode or without running statistics "
+                                    f"({where})")
+    return b.batch_norm(x, fx, weight, bias, mean, var, eps)
+
+
+def _batch_norm_no_training(b: Build, fx, where, x, weight, bias, mean, var, momentum, eps):
+    return (b.batch_norm(x, fx, weight, bias, mean, var, eps), None, None)
+
+
+def _activation(kind, **defaults):
+    def rule(b: Build, fx, where, x, *args, **kwargs):
+        if kind == "gelu":
+            approximate = (args or (kwargs.get("approximate", "none"),))[0]
+            return b.node(Activation("gelu" if approximate == "none" else "gelu_tanh"), [x], fx)
+        names = list(defaults)
+        values = dict(defaults)
+        values.update(zip(names, args))
+        values.update(kwargs)
+        if kind == "leaky_relu":
+            if values["negative_slope"] < 0:
+                raise UnsupportedModelError(f"LeakyReLU with negative_slope="
+                                            f"{values['negative_slope']}: not monotone ({where})")
+            op = Activation(kind, float(values["negative_slope"]))
+        elif kind == "elu":
+            if not (values["alpha"] >= 0 and values["scale"] > 0 and values["input_scale"] > 0):
+                raise UnsupportedModelError(f"ELU with alpha={values['alpha']}, scale="
+                                            f"{values['scale']}: not monotone ({where})")
+            op = Activation(kind, float(values["alpha"]), float(values["scale"]),
+                            float(values["input_scale"]))
+        elif kind == "softplus":
+            if not values["beta"] > 0:
+                raise UnsupportedModelError(f"Softplus with beta={values['beta']} ({where})")
+            op = Activation(kind, float(values["beta"]), float(values["threshold"]))
+        else:
+            op = Activation(kind)
+        return b.node(op, [x], fx)
+    return rule
+
+
+def _reshape(b: Build, fx, where, x, *args, **kwargs):
+    return b.node(Reshape(b.shape(fx)), [x], fx)
+
+
+def _permute(b: Build, fx, where, x, dims):
+    n = b.ndim(x)
+    dims = [d + n if d < 0 else d for d in dims]
+    if dims[0] != 0:
+        raise UnsupportedModelError(f"{fx.name}: permute moves the batch axis ({where})")
+    return b.node(Permute(tuple(d - 1 for d in dims[1:])), [x], fx)
+
+
+def _transpose(b: Build, fx, where, x, d0, d1):
+    n = b.ndim(x)
+    dims = list(range(n))
+    i, j = b.dim(d0, n, fx, "transpose") + 1, b.dim(d1, n, fx, "transpose") + 1
+    dims[i], dims[j] = dims[j], dims[i]
+    return b.node(Permute(tuple(d - 1 for d in dims[1:])), [x], fx)
+
+
+def _slice(b: Build, fx, where, x, dim=0, start=None, end=None, step=1):
+    n = b.ndim(x)
+    d = dim + n if dim < 0 else dim
+    if d == 0:
+        if (start in (None, 0)) and (end is None or end >= b.batch) and step == 1:
+            return x
+        b.dim(0, n, fx, "slice")
+    return b.node(Slice(d - 1, start or 0, end, step), [x], fx)
+
+
+def _select(b: Build, fx, where, x, dim, index):
+    return b.node(Slice(b.dim(dim, b.ndim(x), fx, "select"), index=index), [x], fx)
+
+
+def _cat(stack):
+    def rule(b: Build, fx, where, tensors, dim=0):
+        if not all(isinstance(t, Ref) for t in tensors):
+            raise UnsupportedModelError(f"{fx.name}: {'stack' if stack else 'cat'} of computed "
+                                        f"tensors with constants ({where}) is not supported")
+        n = b.ndim(tensors[0]) + stack
+        return b.node(Cat(b.dim(dim, n, fx, "cat"), len(tensors), stack), list(tensors), fx)
+    return rule
+
+
+def _arith(kind):
+    def rule(b: Build, fx, where, a, c, alpha=1, **kwargs):
+        if kwargs.get("rounding_mode") is not None:
+            raise UnsupportedModelError(f"division with rounding_mode ({where})")
+        if kind in ("add", "sub") and isinstance(a, Ref) and isinstance(c, Ref):
+            return b.node(Add(alpha if kind == "add" else -alpha), [a, c], fx)
+        if kind == "mul" and isinstance(a, Ref) and isinstance(c, Ref):
+            return b.node(Product(), [a, c], fx)
+        if kind == "div" and isinstance(c, Norm):
+            if c.ref != a:
+                raise UnsupportedModelError(
+                    f"{fx.name}: division by the norm of another tensor ({where}); supported: "
+                    "x / max(||x||, eps) over the last axis (F.normalize)")
+            return b.node(Normalize(c.eps), [a], fx)
+        if isinstance(c, Ref) and kind in ("add", "mul"):
+            a, c = c, a
+        if isinstance(c, Ref):
+            if kind == "sub":  # constant - x
+                x = c
+                shift = _per_input(a, fx, kind, b.ndim(x))
+                return b.node(ScaleShift(torch.tensor(-float(alpha), dtype=torch.float64),
+                                         shift), [x], fx)
+            raise UnsupportedModelError(
+                f"{fx.name}: division by a computed tensor ({where}); supported: division by "
+                "a constant, and x / max(||x||, eps) over the last axis (F.normalize)")
+        t = _per_input(c, fx, kind, b.ndim(a))
+        one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        op = {"add": lambda: ScaleShift(one, alpha * t), "sub": lambda: ScaleShift(one, -alpha * t),
+              "mul": lambda: ScaleShift(t, zero), "div": lambda: ScaleShift(1 / t, zero)}[kind]()
+        return b.node(op, [a], fx)
+    return rule
+
+
+def _rsub(b: Build, fx, where, x, c, alpha=1):
+    shift = _per_input(c, fx, "rsub", b.ndim(x))
+    return b.node(ScaleShift(torch.tensor(-float(alpha), dtype=torch.float64), shift), [x], fx)
+
+
+def _neg(b: Build, fx, where, x):
+    return b.node(ScaleShift(-torch.ones((), dtype=torch.float64),
+                             torch.zeros((), dtype=torch.float64)), [x], fx)
+
+
+def _reduce(mean):
+    def rule(b: Build, fx, where, x, dim=None, keepdim=False, dtype=None):
+        n = b.ndim(x)
+        dims = range(n) if dim is None or dim == [] else (dim if isinstance(dim, (list, tuple))
+                                                          else [dim])
+        return b.node(Reduce(tuple(b.dim(d, n, fx, "mean" if mean else "sum") for d in dims),
+                             keepdim, mean), [x], fx)
+    return rule
+
+
+def _avg_pool(two):
+    def rule(b: Build, fx, where, x, kernel, stride=None, padding=0, ceil_mode=False,
+             count_include_pad=True, divisor_override=None):
+        n = 2 if two else 1
+        k = _tuple(kernel, n)
+        if divisor_override is not None and divisor_override <= 0:
+            raise UnsupportedModelError(f"average pooling with divisor_override="
+                                        f"{divisor_override} ({where}); it must be positive")
+        return b.node(AvgPool(k, _tuple(stride, n) if stride else k, _tuple(padding, n),
+                              ceil_mode, count_include_pad, divisor_override), [x], fx)
+    return rule
+
+
+def _adaptive(two):
+    def rule(b: Build, fx, where, x, output_size):
+        return b.node(AvgPool(_tuple(output_size, 2 if two else 1), adaptive=True), [x], fx)
+    return rule
+
+
+def _max_pool(two, indices):
+    def rule(b: Build, fx, where, x, kernel, stride=None, padding=0, dilation=1,
+             ceil_mode=False):
+        n = 2 if two else 1
+        k = _tuple(kernel, n)
+        ref = b.node(MaxPool(k, _tuple(stride, n) if stride else k, _tuple(padding, n),
+                             _tuple(dilation, n), ceil_mode), [x], fx)
+        return (ref, None) if indices else ref
+    return rule
+
+
+def _pad(b: Build, fx, where, x, pad, value=0.0, mode="constant"):
+    if mode != "constant" or (value or 0.0) != 0.0:
+        raise UnsupportedModelError(f"padding with mode={mode!r}, value={value} ({where}); "
+                                    "supported: zero padding")
+    return b.node(ZeroPad(tuple(pad)), [x], fx)
+
+
+def _pad_nd(b: Build, fx, where, x, pad, value=0.0):
+    return _pad(b, fx, where, x, pad, value)
+
+
+def _getitem(b: Build, fx, where, values, index):
+    item = values[index]
+    if item is None:
+        raise UnsupportedModelError(f"{fx.name}: uses the indices or statistics output of "
+                                    f"an operator ({where})")
+    return item
+
+
+def _dropout(b: Build, fx, where, x, p=0.5, train=False):
+    if train:
+        raise UnsupportedModelError(f"dropout in training mode ({where})")
+    return x
+
+
+def _to_copy(b: Build, fx, where, x, *args, dtype=None, **kwargs):
+    if dtype is not None and not dtype.is_floating_point:
+        raise UnsupportedModelError(f"a cast to {dtype} ({where}); certify works in float64")
+    return x
+
+
+def _sym_size(b: Build, fx, where, x, dim):
+    return int(fx.meta["val"])
+
+
+def _tail(log):
+    def rule(b: Build, fx, where, x, dim, *args, **kwargs):
+        n = b.ndim(x)
+        if (dim + n if dim < 0 else dim) != n - 1:
+            raise UnsupportedModelError(f"{'log-' if log else ''}softmax over an axis other "
+                                        f"than the last ({where})")
+        return b.tail(x, fx, log)
+    return rule
+
+
+BUILDERS = {
+    aten.linear: _linear, aten.addmm: _addmm, aten.mm: _mm, aten.matmul: _mm,
+    aten.conv1d: _conv, aten.conv2d: _conv, aten.convolution: _convolution,
+    aten.batch_norm: _batch_norm,
+    aten._native_batch_norm_legit_no_training: _batch_norm_no_training,
+    aten.relu: _activation("relu"), aten.relu_: _activation("relu"),
+    aten.leaky_relu: _activation("leaky_relu", negative_slope=0.01),
+    aten.leaky_relu_: _activation("leaky_relu", negative_slope=0.01),
+    aten.elu: _activation("elu", alpha=1.0, scale=1.0, input_scale=1.0),
+    aten.elu_: _activation("elu", alpha=1.0, scale=1.0, input_scale=1.0),
+    aten.tanh: _activation("tanh"), aten.sigmoid: _activation("sigmoid"),
+    aten.gelu: _activation("gelu"), aten.softplus: _activation("softplus", beta=1.0,
+                                                               threshold=20.0),
+    aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape,
+    aten.flatten: _reshape, aten.unflatten: _reshape, aten.squeeze: _reshape,
+    aten.unsqueeze: _reshape, aten.permute: _permute, aten.transpose: _transpose,
+    aten.expand: _expand_norm, aten.slice: _slice, aten.select: _select,
+    aten.cat: _cat(False), aten.stack: _cat(True),
+    aten.add: _arith("add"), aten.add_: _arith("add"), aten.sub: _arith("sub"),
+    aten.sub_: _arith("sub"), aten.mul: _arith("mul"), aten.mul_: _arith("mul"),
+    aten.div: _arith("div"), aten.div_: _arith("div"), aten.rsub: _rsub, aten.neg: _neg,
+    aten.mean: _reduce(True), aten.sum: _reduce(False),
+    aten.avg_pool2d: _avg_pool(True), aten.avg_pool1d: _avg_pool(False),
+    aten.adaptive_avg_pool2d: _adaptive(True), aten._adaptive_avg_pool2d: _adaptive(True),
+    aten.adaptive_avg_pool1d: _adaptive(False),
+    aten.max_pool2d: _max_pool(True, False), aten.max_pool1d: _max_pool(False, False),
+    aten.max_pool2d_with_indices: _max_pool(True, True),
+    aten.max_pool1d_with_indices: _max_pool(False, True),
+    aten.constant_pad_nd: _pad_nd, aten.pad: _pad,
+    aten.dropout: _dropout, aten.feature_dropout: _dropout, aten.alpha_dropout: _dropout,
+    aten.softmax: _tail(False), aten._softmax: _tail(False), aten.log_softmax: _tail(True),
+    aten._log_softmax: _tail(True),
+    aten.layer_norm: _layer_norm, aten.native_layer_norm: _native_layer_norm,
+    aten.scaled_dot_product_attention: _attention, aten.bmm: _mm,
+    aten.linalg_vector_norm: _vector_norm, aten.clamp_min: _clamp_min,
+    aten.expand_as: _expand_norm,
+    aten._to_copy: _to_copy, aten.to: _to_copy, aten.sym_size: _sym_size,
+    operator.getitem: _getitem,
+}
+
+IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fresh_copy}
+
+SUPPORTED = (
+    "linear, addmm/mm/matmul by a weight, conv1d/conv2d (groups=1), batch norm in eval mode, "
+    "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact and tanh), softplus, max and average "
+    "pooling (1-d, 2-d, adaptive average), layer norm (last axis), "
+    "view/reshape/flatten/squeeze/unsqueeze, permute/transpose, expand, slice/select, "
+    "cat/stack, addition, subtraction and products (mul, matmul/bmm) of computed tensors, "
+    "scaled_dot_product_attention (no mask), softmax over the last axis, "
+    "F.normalize (l2, last axis), arithmetic with constants, mean/sum, zero padding, "
+    "dropout and copies (dropped), log-softmax at the output"
+)

@@ -1,0 +1,236 @@
+"""A graph under construction from an exported program (``certify.capture.export``).
+
+``Build`` holds the nodes read so far; the values of the exported program's nodes are
+``Ref`` (a node of the graph), ``Const`` (a tensor computed from parameters and constants
+alone, evaluated at once: constant folding) or ``Tail`` (softmax or log-softmax, allowed
+only as the output). Shapes and axes are converted from the export's per-batch ones to
+per-input ones (``shape``, ``dim``), refusing operations along the batch axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from certify.graph.graph import Graph, Node
+from certify.graph.operators import Affine, ScaleShift, Softmax, fold_batchnorm
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains an operation that certify cannot reason about."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A node of the graph being built."""
+
+    index: int
+
+
+@dataclass(frozen=True, eq=False)
+class Const:
+    """A tensor computed from parameters and constants alone; ``source``: the parameter or
+    buffer it comes from (for the layer's name)."""
+
+    value: torch.Tensor
+    source: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Tail:
+    """Softmax or log-softmax over the last axis: dropped at the output (it keeps the
+    argmax, and log-softmax the margins); a softmax that feeds other operations (attention)
+    becomes a ``Softmax`` node when it is first used."""
+
+    ref: Ref
+    fx: object
+    log: bool
+
+
+@dataclass(frozen=True)
+class Norm:
+    """``max(||x||_2, eps)`` over the last axis of node ``ref`` (keepdim): allowed only as the
+    divisor of ``x`` itself (``F.normalize``), which becomes one ``Normalize`` node."""
+
+    ref: Ref
+    eps: float = 0.0
+
+
+def _walk(value, found):
+    if isinstance(value, (list, tuple)):
+        return any(_walk(v, found) for v in value)
+    return found(value)
+
+
+class Build:
+    """A graph under construction from an exported program."""
+
+    def __init__(self, batch: int):
+        self.batch, self.nodes, self.names = batch, [], set()
+        self.weights = set()  # the parameters of the layers so far
+        self.tails = []  # operations dropped at the output, to check the capture against
+        self.softmax = {}  # Tail -> its Softmax node, once used inside the network
+
+    # ---------------------------------------------------------------- nodes and constants
+    def add(self, node: Node) -> Ref:
+        self.nodes.append(node)
+        return Ref(len(self.nodes) - 1)
+
+    def constant(self, value: torch.Tensor, source: str | None = None) -> Const:
+        return Const(value, source)
+
+    @staticmethod
+    def is_output(value) -> bool:
+        return isinstance(value, (Ref, Tail))
+
+    def depends(self, args, kwargs) -> bool:
+        return _walk(list(args) + list(kwargs.values()),
+                     lambda v: isinstance(v, (Ref, Tail, Norm)))
+
+    def fold(self, target, args, kwargs, fx):
+        """Evaluate an operation on constants (constant folding)."""
+        sources = []
+
+        def unwrap(v):
+            if isinstance(v, Const):
+                sources.append(v.source)
+                return v.value
+            if isinstance(v, (list, tuple)):
+                return type(v)(unwrap(u) for u in v)
+            return v
+
+        result = target(*unwrap(list(args)), **{k: unwrap(v) for k, v in kwargs.items()})
+        source = next((s for s in sources if s), None)
+        return self._wrap(result, source)
+
+    def _wrap(self, result, source):
+        if isinstance(result, torch.Tensor):
+            return Const(result.to(torch.float64) if result.is_floating_point() else result,
+                         source)
+        if isinstance(result, (list, tuple)):
+            return type(result)(self._wrap(r, source) for r in result)
+        return result
+
+    def node(self, op, inputs, fx, name: str | None = None, shape=None) -> Ref:
+        """A node applying ``op`` to ``inputs``; ``shape`` (per input) defaults to that of
+        ``fx``'s result (given when one ATen operator becomes several nodes)."""
+        inputs = [self.inside(v) for v in inputs]
+        return self.add(Node(self._unique(name or fx.name), op, tuple(v.index for v in inputs),
+                             self.shape(fx) if shape is None else tuple(shape)))
+
+    def inside(self, value):
+        """A value used by an operation: a softmax becomes a node; a bare vector norm is
+        refused."""
+        if isinstance(value, Norm):
+            raise UnsupportedModelError(
+                "a vector norm of a computed tensor is supported only as the divisor of that "
+                "tensor (F.normalize(x, dim=-1), x / x.norm(dim=-1, keepdim=True))")
+        if not isinstance(value, Tail):
+            return value
+        if value.log:
+            raise UnsupportedModelError("log-softmax is only supported at the output of the "
+                                        "model; inside it, use softmax")
+        if value not in self.softmax:
+            fx = value.fx
+            self.softmax[value] = self.add(Node(self._unique(fx.name), Softmax(),
+                                                (value.ref.index,), self.shape(fx)))
+        return self.softmax[value]
+
+    def _unique(self, name: str) -> str:
+        base, n = name, 1
+        while name in self.names:
+            n += 1
+            name = f"{base}@{n}"
+        self.names.add(name)
+        return name
+
+    def shape(self, fx) -> tuple[int, ...]:
+        """The output shape of ``fx`` for one input; the batch axis must be kept."""
+        val = fx.meta["val"]
+        val = val[0] if isinstance(val, (list, tuple)) else val
+        if val.ndim == 0 or val.shape[0] != self.batch:
+            raise UnsupportedModelError(
+                f"{fx.name}: its result (shape {tuple(val.shape)} for a batch of {self.batch}) "
+                "does not keep the batch axis first; certify needs every operation to act on "
+                "each input separately")
+        return tuple(val.shape[1:])
+
+    def dim(self, d: int, ndim: int, fx, what: str = "dim") -> int:
+        """Axis ``d`` of a tensor with ``ndim`` axes (batch included) as a per-input axis."""
+        d = d + ndim if d < 0 else d
+        if d == 0:
+            raise UnsupportedModelError(f"{fx.name}: {what} acts along the batch axis; certify "
+                                        "needs every operation to act on each input separately")
+        return d - 1
+
+    def ndim(self, ref: Ref) -> int:
+        return len(self.nodes[ref.index].shape) + 1
+
+    # ---------------------------------------------------------------- special nodes
+    def affine(self, op: Affine, x: Ref, fx, weight: Const) -> Ref:
+        """A certified layer, named after its weight parameter (``features.3.weight`` gives
+        ``features.3``), else after its module or node. A weight used by two layers is
+        refused: perturbing it moves both, and certificates speak of one layer at a time."""
+        if weight.source is not None:
+            if weight.source in self.weights:
+                raise UnsupportedModelError(
+                    f"the weight {weight.source!r} is used by two layers (a module called twice "
+                    "or tied weights); certify perturbs one layer at a time: give each use its "
+                    "own module")
+            self.weights.add(weight.source)
+        name = weight.source[:-len(".weight")] if weight.source and \
+            weight.source.endswith(".weight") else weight.source
+        if not name:
+            stack = fx.meta.get("nn_module_stack")
+            name = (list(stack.values())[-1][0] if stack else "") or fx.name
+        return self.node(op, [x], fx, name)
+
+    def batch_norm(self, x: Ref, fx, weight, bias, mean, var, eps: float) -> Ref:
+        """Folded into the affine layer before it when that layer feeds nothing else;
+        otherwise a per-channel ``ScaleShift``."""
+        w, b = (None if v is None else v.value for v in (weight, bias))
+        source = (weight.source if weight is not None else None) or \
+            (mean.source if mean is not None else None) or fx.name
+        bn_name = source.rsplit(".", 1)[0] if "." in source else source
+        previous = self.nodes[x.index]
+        feeds_only_this = len(fx.args[0].users) == 1
+        if isinstance(previous.op, Affine) and feeds_only_this and x.index == len(self.nodes) - 1:
+            folded = fold_batchnorm(previous.op, w, b, mean.value, var.value, eps)
+            self.names.discard(previous.name)
+            self.nodes[x.index] = Node(self._unique(f"{previous.name}+{bn_name}"), folded,
+                                       previous.inputs, previous.shape)
+            return x
+        channels = self.nodes[x.index].shape[0]
+        scale = (w if w is not None else 1.0) / torch.sqrt(var.value + eps)
+        shift = (b if b is not None else 0.0) - mean.value * scale
+        shape = (channels,) + (1,) * (self.ndim(x) - 2)
+        return self.node(ScaleShift(scale.reshape(shape), shift.reshape(shape)), [x], fx)
+
+    def tail(self, x, fx, log: bool) -> Tail:
+        return Tail(self.inside(x), fx, log)
+
+    # ---------------------------------------------------------------- the result
+    def finish(self, out) -> Graph:
+        if isinstance(out, Tail):
+            fx = out.fx
+            self.tails.append(lambda o: fx.target(o, *fx.args[1:], **fx.kwargs))
+            out = out.ref
+        keep = {out.index}
+        for i in range(out.index, -1, -1):
+            if i in keep:
+                keep.update(self.nodes[i].inputs)
+        keep.add(0)
+        order = sorted(keep)
+        new = {old: k for k, old in enumerate(order)}
+        nodes = tuple(Node(n.name, n.op, tuple(new[j] for j in n.inputs), n.shape)
+                      for n in (self.nodes[i] for i in order))
+        graph = Graph(nodes)
+        if not graph.affine_indices:
+            raise UnsupportedModelError("the model has no layer with a weight parameter "
+                                        "(Linear, Conv1d/Conv2d, matmul by a weight) to certify")
+        if len(nodes[-1].shape) != 1:
+            raise UnsupportedModelError(
+                f"the model returns a tensor of shape {nodes[-1].shape} per input; certify "
+                "needs logits, one vector (classes,) per input")
+        return graph

@@ -1,0 +1,207 @@
+"""onnx2torch, and fixes to the torch module it converts an ONNX graph into.
+
+* Importing onnx2torch (:func:`_import_onnx2torch`) without torchvision, which it imports only
+  for two operators certify does not certify, and teaching it certify's private domain
+  (``Gelu`` as ``nn.GELU``, ``LayerNormalization`` as LayerNormalization-17: what
+  :mod:`certify.formats.onnx.rewrites` puts there).
+* After conversion (:func:`_converted`): onnx2torch's ``OnnxReshape`` reads its target shape
+  from a tensor and branches on its values (``torch.any(shape == 0)``), which ``torch.export``
+  cannot capture. Where the shape is a constant, the module is replaced by
+  :class:`ConstantReshape`, the same reshape with the shape as Python integers, so the loaded
+  module can be exported again. ``MatMul`` by a constant matrix and the ``Add`` of a constant
+  bias after it (what both exporters write for ``nn.Linear`` on tokens) become one
+  ``nn.Linear`` named after the MatMul node: certificates name the layer after its node, and
+  its bias is the layer's.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+import torch
+
+from certify.formats.errors import ModelLoadError
+from certify.formats.onnx.rewrites import _CERTIFY_DOMAIN
+
+
+_onnx2torch_module: Any = None
+
+
+def _import_onnx2torch():
+    """Import onnx2torch without importing torchvision.
+
+    onnx2torch imports torchvision at import time, only for its NonMaxSuppression and RoiAlign
+    converters. The PyPI torchvision wheel that matches torch 2.13.0 is linked against CUDA
+    torch and fails to import next to the CPU build (``operator torchvision::nms does not
+    exist``). certify certifies neither op, so unless torchvision is already imported the
+    import sees a stand-in whose functions raise.
+    """
+    global _onnx2torch_module
+    if _onnx2torch_module is not None:
+        return _onnx2torch_module
+    if "onnx2torch" in sys.modules or "torchvision" in sys.modules:
+        import onnx2torch
+    else:
+        def unavailable(*args, **kwargs):
+            raise ModelLoadError(
+                "this ONNX model uses NonMaxSuppression or RoiAlign, which need torchvision; "
+                "certify does not support them"
+            )
+
+        stand_in = types.ModuleType("torchvision")
+        ops = types.ModuleType("torchvision.ops")
+        ops.nms = ops.roi_align = ops.box_convert = unavailable
+        stand_in.ops = ops
+        saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.ops")}
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stand_in, ops
+        try:
+            import onnx2torch
+        finally:
+            for name, previous in saved.items():
+                if previous is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = previous
+    _register_certify_domain()
+    _onnx2torch_module = onnx2torch
+    return onnx2torch
+
+
+def _register_certify_domain() -> None:
+    """Teach onnx2torch certify's domain: ``Gelu`` as ``nn.GELU`` with the node's
+    ``approximate``, ``LayerNormalization`` as onnx2torch's LayerNormalization-17."""
+    from onnx2torch.node_converters.registry import add_converter, get_converter
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    def convert(node, graph):  # the converter signature of onnx2torch
+        approximate = node.attributes.get("approximate", "none")
+        if approximate not in ("none", "tanh"):
+            raise NotImplementedError(f"Gelu(approximate={approximate!r})")
+        return OperationConverterResult(
+            torch_module=torch.nn.GELU(approximate=approximate),
+            onnx_mapping=onnx_mapping_from_node(node=node),
+        )
+
+    for op_type, converter in (("Gelu", convert),
+                               ("LayerNormalization", get_converter("LayerNormalization", 17))):
+        try:
+            add_converter(operation_type=op_type, version=1, domain=_CERTIFY_DOMAIN)(converter)
+        except ValueError:  # registered before (onnx2torch was imported again)
+            pass
+
+
+class ConstantReshape(torch.nn.Module):
+    """ONNX ``Reshape`` (``allowzero=0``) to a constant shape: ``0`` copies that axis of the
+    input, ``-1`` is inferred. Replaces onnx2torch's ``OnnxReshape``, which reads the shape
+    from a tensor and so cannot be captured by ``torch.export``."""
+
+    def __init__(self, shape: list[int]) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.reshape(x, [x.shape[i] if s == 0 else s for i, s in enumerate(self.shape)])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+def _converted(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """onnx2torch's module, made capturable (:func:`_constant_reshapes`) and with its layers
+    as certify names them (:func:`_linear_matmuls`)."""
+    graph = module.graph
+    attributes = {node.target for node in graph.nodes if node.op == "get_attr"}
+    _constant_reshapes(module)
+    _linear_matmuls(module)
+    graph.eliminate_dead_code()
+    for target in attributes - {node.target for node in graph.nodes if node.op == "get_attr"}:
+        owner, _, attr = target.rpartition(".")
+        delattr(module.get_submodule(owner) if owner else module, attr)
+    module.delete_all_unused_submodules()
+    module.recompile()
+    return module
+
+
+def _held(module: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor that graph node ``node`` holds (a ``get_attr``, or an ``OnnxConstant``
+    without inputs); ``None`` for a value computed in the graph."""
+    from onnx2torch.node_converters.constant import OnnxConstant
+
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        owner, _, attr = node.target.rpartition(".")
+        value = getattr(module.get_submodule(owner) if owner else module, attr, None)
+    elif node.op == "call_module" and not node.args and isinstance(
+            module.get_submodule(node.target), OnnxConstant):
+        value = module.get_submodule(node.target).value
+    else:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _calls(module: torch.fx.GraphModule, node, kind) -> bool:
+    return node.op == "call_module" and type(module.get_submodule(node.target)) is kind
+
+
+def _replace(module: torch.fx.GraphModule, node, replacement: torch.nn.Module) -> None:
+    owner, _, name = node.target.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, name, replacement)
+
+
+def _constant_reshapes(module: torch.fx.GraphModule) -> None:
+    """Replace every ``OnnxReshape`` whose shape is a constant by :class:`ConstantReshape`."""
+    from onnx2torch.node_converters.reshape import OnnxReshape
+
+    for node in list(module.graph.nodes):
+        if not _calls(module, node, OnnxReshape) or len(node.args) != 2 or node.kwargs:
+            continue
+        shape = _held(module, node.args[1])
+        if shape is None or shape.dim() != 1 or shape.is_floating_point():
+            continue  # a shape computed in the graph: left to onnx2torch
+        _replace(module, node, ConstantReshape(shape.tolist()))
+        node.args = (node.args[0],)
+
+
+def _linear_matmuls(module: torch.fx.GraphModule) -> None:
+    """``MatMul(x, W)`` by a constant matrix, and the ``Add`` of a constant bias vector that
+    follows it, become one ``nn.Linear`` in the MatMul's place: what both exporters write for
+    ``nn.Linear`` on tokens (``Gemm`` is only for 2-d inputs). The layer's weight is then a
+    parameter named after the MatMul node, as certificates name layers, and its bias is the
+    layer's (``--bias``). A matrix used more than once (tied weights) is left as it is."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+    from onnx2torch.node_converters.matmul import OnnxMatMul
+
+    graph = module.graph
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            uses[node.target] = uses.get(node.target, 0) + len(node.users)
+
+    def sole(node) -> bool:
+        """Whether nothing else uses the tensor that ``node`` holds."""
+        return (uses[node.target] if node.op == "get_attr" else len(node.users)) == 1
+
+    for node in list(graph.nodes):
+        if not _calls(module, node, OnnxMatMul) or len(node.args) != 2 or node.kwargs:
+            continue
+        x, w = node.args
+        weight = _held(module, w)
+        if weight is None or weight.dim() != 2 or not weight.is_floating_point() or not sole(w):
+            continue
+        linear = torch.nn.utils.skip_init(torch.nn.Linear, *weight.shape, bias=False)
+        linear.weight = torch.nn.Parameter(weight.T.clone())
+        add = next(iter(node.users)) if len(node.users) == 1 else None
+        if add is not None and _calls(module, add, OnnxBinaryMathOperation) and \
+                module.get_submodule(add.target).math_op_function is torch.add and \
+                module.get_submodule(add.target).broadcast is None and len(add.args) == 2:
+            b = add.args[1] if add.args[0] is node else add.args[0]
+            bias = _held(module, b)
+            if bias is not None and bias.shape == (weight.shape[1],) and sole(b):
+                linear.bias = torch.nn.Parameter(bias.clone())
+                add.replace_all_uses_with(node)
+                graph.erase_node(add)
+        _replace(module, node, linear)
+        node.args = (x,)

@@ -1,0 +1,135 @@
+"""Attacks in weight space, the oracles of the soundness tests: a weight change ``D`` inside a
+certified ball must never change a class, so these search for one that does.
+
+* One layer (THEORY.md section 4): ``perturbed_classes`` (the classes with layer ``index``'s
+  weight ``W + D``), ``pgd_attack`` (projected gradient descent on the smallest margin) and
+  ``random_ball`` (random points of the Frobenius sphere, vertices of the max ball).
+* Every layer at once (section 5): ``perturbed_logits`` (the logits with every affine weight
+  ``W_k + D_k``), ``attacks`` (random points, then joint projected gradient descent) and
+  ``project`` (onto a ball).
+* ``layer_weight`` and ``layer_columns``: a layer's weight and input columns, with the bias as
+  a last column (and a row of ones) when the bias moves too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from certify.graph.graph import Graph
+from certify.graph.operators import Affine
+from certify.radii.radius import predictions
+
+
+def layer_weight(layer: Affine, bias: bool) -> torch.Tensor:
+    """The weight matrix, with the bias as its last column when the bias moves too."""
+    return torch.cat([layer.matrix, layer.bias[:, None]], dim=1) if bias else layer.matrix
+
+
+def layer_columns(layer: Affine, h: torch.Tensor, bias: bool) -> torch.Tensor:
+    """The layer input as columns ``(B, n, L)``, with a row of ones when the bias moves."""
+    P = layer.patches(h)
+    return torch.cat([P, torch.ones_like(P[:, :1])], dim=1) if bias else P
+
+
+def _apply(layer: Affine, weight, P, bias: bool, out_shape) -> torch.Tensor:
+    """The layer's output with a per-input weight ``(B, m, n)`` (the fixed bias added)."""
+    Z = torch.matmul(weight, P)
+    if not bias:
+        Z = Z + layer.bias[:, None]
+    return layer.uncolumns(Z, out_shape)
+
+
+def perturbed_classes(net: Graph, x, index, D, bias) -> torch.Tensor:
+    """Forward pass with layer ``index``'s weight replaced by ``W + D`` (per input)."""
+    layer = net.layer(index)
+    values = net.values(x)
+    P = layer_columns(layer, values[net.input_of(index)], bias)
+    Z = _apply(layer, layer_weight(layer, bias) + D, P, bias, values[index].shape[1:])
+    return net.run(index, Z, values).argmax(-1)
+
+
+def pgd_attack(net, x, index, radius, norm, bias, steps=40) -> torch.Tensor:
+    """Projected gradient descent on the smallest margin over ``||D|| <= radius``."""
+    layer = net.layer(index)
+    W = layer_weight(layer, bias)
+    y, _ = predictions(net, x)
+    values = net.values(x)
+    P = layer_columns(layer, values[net.input_of(index)], bias)
+    out_shape = values[index].shape[1:]
+    D = (torch.rand(len(x), *W.shape, dtype=W.dtype) - 0.5) * 1e-3
+    for _ in range(steps):
+        D.requires_grad_(True)
+        logits = net.run(index, _apply(layer, W + D, P, bias, out_shape), values)
+        other = logits.scatter(-1, y[:, None], -torch.inf).amax(-1)
+        margin = logits.gather(-1, y[:, None])[:, 0] - other
+        (grad,) = torch.autograd.grad(margin.sum(), D)
+        with torch.no_grad():
+            if norm == "fro":
+                step = grad / torch.linalg.matrix_norm(grad).clamp_min(1e-300)[:, None, None]
+                D = D - 0.25 * radius[:, None, None] * step
+                scale = (radius / torch.linalg.matrix_norm(D).clamp_min(1e-300)).clamp(max=1.0)
+                D = D * scale[:, None, None]
+            else:
+                D = D - 0.25 * radius[:, None, None] * torch.sign(grad)
+                D = torch.maximum(torch.minimum(D, radius[:, None, None]), -radius[:, None, None])
+    return D.detach()
+
+
+def random_ball(shape, radius, norm) -> torch.Tensor:
+    D = torch.randn(*shape, dtype=torch.float64)
+    if norm == "fro":
+        return D * (radius / torch.linalg.matrix_norm(D))[:, None, None]
+    return torch.sign(D) * radius[:, None, None]  # a vertex of the max-norm ball
+
+
+def perturbed_logits(net: Graph, x, Ds: list[torch.Tensor], bias: bool) -> torch.Tensor:
+    """Forward pass with every affine weight ``W~_k + D_k`` (``D_k`` is ``(B, m, n)``)."""
+    D = dict(zip(net.affine_indices, Ds))
+    values = [x]
+    for i, node in enumerate(net.nodes[1:], start=1):
+        inputs = [values[j] for j in node.inputs]
+        if i in D:
+            layer = node.op
+            Z = torch.matmul(layer_weight(layer, bias) + D[i],
+                             layer_columns(layer, inputs[0], bias))
+            if not bias:
+                Z = Z + layer.bias[:, None]
+            values.append(layer.uncolumns(Z, node.shape))
+        else:
+            values.append(node.op(*inputs))
+    return values[-1]
+
+
+def project(D: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "fro":
+        shrink = (radius / torch.linalg.matrix_norm(D).clamp_min(1e-300)).clamp(max=1.0)
+        return D * shrink[:, None, None]
+    return torch.maximum(torch.minimum(D, radius[:, None, None]), -radius[:, None, None])
+
+
+def attacks(net, x, y, radii: list[torch.Tensor], norm: str, bias: bool, steps: int = 30):
+    """Random perturbations on the sphere (vertices of the box) of every layer's ball, then
+    projected gradient descent on the smallest margin over all layers jointly."""
+    shapes = [layer_weight(net.layer(i), bias).shape for i in net.affine_indices]
+    Ds = []
+    for shape, r in zip(shapes, radii):
+        D = torch.randn(len(x), *shape, dtype=torch.float64)
+        Ds.append(D * (r / torch.linalg.matrix_norm(D))[:, None, None] if norm == "fro"
+                  else torch.sign(D) * r[:, None, None])
+    yield Ds
+    for _ in range(steps):
+        Ds = [D.detach().requires_grad_(True) for D in Ds]
+        logits = perturbed_logits(net, x, Ds, bias)
+        other = logits.scatter(-1, y[:, None], -torch.inf).amax(-1)
+        margin = logits.gather(-1, y[:, None])[:, 0] - other
+        grads = torch.autograd.grad(margin.sum(), Ds)
+        with torch.no_grad():
+            moved = []
+            for D, g, r in zip(Ds, grads, radii):
+                if norm == "fro":
+                    step = g / torch.linalg.matrix_norm(g).clamp_min(1e-300)[:, None, None]
+                else:
+                    step = torch.sign(g)
+                moved.append(project(D - 0.25 * r[:, None, None] * step, r, norm))
+            Ds = moved
+    yield Ds
