@@ -11,8 +11,8 @@ Arguments are per-batch in the export; every rule converts them to per-input sha
 
 The rules of the layers here; those of transformer blocks (layer norm, scaled dot-product
 attention decomposed into products and a softmax, the vector norm of ``F.normalize``) are in
-:mod:`certify.capture.transformers`, and both read constant operands (weights, biases, the
-constants of arithmetic) with :mod:`certify.capture.operands`.
+``certify.capture.transformers``, and both read constant operands (weights, biases, the
+constants of arithmetic) with ``certify.capture.operands``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Constant operands of ATen calls, as the rules of :mod:`certify.capture.aten` and
-:mod:`certify.capture.transformers` read them: a layer's weight and bias must be constants (one
+"""Constant operands of ATen calls, as the rules of ``certify.capture.aten`` and
+``certify.capture.transformers`` read them: a layer's weight and bias must be constants (one
 computed from the input is refused), an absent bias is zeros, and the constant of an
 arithmetic operation broadcasts per input (it may not vary along the batch axis).
 """

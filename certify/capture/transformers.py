@@ -1,11 +1,11 @@
-"""The rules of :mod:`certify.capture.aten`'s ``BUILDERS`` for transformer blocks.
+"""The rules of ``certify.capture.aten``'s ``BUILDERS`` for transformer blocks.
 
 Layer norm over the last axis is one ``LayerNorm`` node; scaled dot-product attention
 (``softmax(q k^T scale) v``, no mask) is decomposed into the nodes it is made of (a
 ``Permute`` of the keys, ``Product`` nodes, a ``ScaleShift`` and a ``Softmax``); and
 ``x / max(||x||, eps)`` (``F.normalize``) is read as a ``Norm`` value, the l2 norm over the
 last axis, that ``clamp_min`` floors and ``expand`` passes through (``NORM_USERS``) until
-:mod:`certify.capture.aten`'s division turns it into one ``Normalize`` node.
+``certify.capture.aten``'s division turns it into one ``Normalize`` node.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The compressions certify knows (THEORY.md section 6): what a user writes,
-``KIND=LEVEL[@LAYER,LAYER...]`` (:class:`Compression`, :func:`parse_compression`), and what
+``KIND=LEVEL[@LAYER,LAYER...]`` (``Compression``, ``parse_compression``), and what
 each does to a weight matrix, ``g(W)``:
 
 ======================  =================================================================

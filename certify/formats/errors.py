@@ -1,4 +1,4 @@
-"""The one exception of model loading, :class:`ModelLoadError`, and how its messages quote
+"""The one exception of model loading, ``ModelLoadError``, and how its messages quote
 the error that caused it."""
 
 from __future__ import annotations

@@ -1,23 +1,23 @@
 """Turn a model file into a float64 ``torch.nn.Module``, never executing code from the file.
 
-Supported sources (see :func:`load_model`), each read by its own module, whose docstring says
+Supported sources (see ``load_model``), each read by its own module, whose docstring says
 what "never executing code from the file" takes for that format:
 
 * a ``torch.nn.Module`` instance (Python API; a copy is converted, the caller's is unchanged);
-* ``.onnx`` (:mod:`certify.formats.onnx.files`): checked with ``onnx.checker``, converted with
+* ``.onnx`` (``certify.formats.onnx.files``): checked with ``onnx.checker``, converted with
   onnx2torch (a ``torch.fx.GraphModule``; crafted node names are replaced before conversion);
-  :func:`onnx_crosscheck` (:mod:`certify.formats.onnx.crosscheck`) compares the conversion with
+  ``onnx_crosscheck`` (``certify.formats.onnx.crosscheck``) compares the conversion with
   onnxruntime on given inputs;
-* ``.pt2`` (:mod:`certify.formats.pt2`): a ``torch.export.save`` archive, vetted before
+* ``.pt2`` (``certify.formats.pt2``): a ``torch.export.save`` archive, vetted before
   ``torch.export`` deserialises it (no pickles, no compiled code, no guard code run);
-* a state dict (:mod:`certify.formats.state_dicts`: ``.safetensors``, or ``.pt`` / ``.pth`` read with
+* a state dict (``certify.formats.state_dicts``: ``.safetensors``, or ``.pt`` / ``.pth`` read with
   ``torch.load(weights_only=True)``) together with ``factory="package.module:callable"``, the
   user's own code that builds the model.
 
 Every loaded module can be captured again with ``torch.export.export`` (after
 ``.to(torch.float64)``), ONNX models included where their reshapes have constant shapes.
-:func:`file_sha256` hashes a model file (and an ONNX model's external data files) for the
-certificate. Every failure raises :class:`ModelLoadError` (a ``ValueError``) saying what went
+``file_sha256`` hashes a model file (and an ONNX model's external data files) for the
+certificate. Every failure raises ``ModelLoadError`` (a ``ValueError``) saying what went
 wrong and how to fix it.
 """
 
@@ -59,7 +59,7 @@ def load_model(source: Any, *, factory: str | None = None) -> torch.nn.Module:
     and must return the ``nn.Module`` the weights belong to; they are loaded with
     ``load_state_dict(strict=True)``.
 
-    Raises :class:`ModelLoadError` for anything that cannot be loaded, including parameters or
+    Raises ``ModelLoadError`` for anything that cannot be loaded, including parameters or
     buffers that are NaN or infinite.
     """
     if isinstance(source, torch.nn.Module):

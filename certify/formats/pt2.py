@@ -87,7 +87,7 @@ class _Pt2Refused(Exception):
 
 def load_pt2_file(path: Path) -> torch.fx.GraphModule:
     """The program named ``model`` in the archive at ``path``, vetted first, as a module built
-    with ``check_guards=False``; :class:`ModelLoadError` if it is refused or unreadable."""
+    with ``check_guards=False``; ``ModelLoadError`` if it is refused or unreadable."""
     data = path.read_bytes()
     try:
         from torch.export.pt2_archive._package import PT2ArchiveReader, load_pt2

@@ -6,11 +6,11 @@ Two exceptions, raised by ``certify.radii.radius.layer_radii``,
 ``uniform_budget``, ``certify.radii.compressed.compression_check`` and
 ``certify.capture.export.capture``; messages say what is wrong and how to fix it:
 
-* :class:`InputError` (a ``ValueError``): a value certify cannot use: NaN or Inf in the
+* ``InputError`` (a ``ValueError``): a value certify cannot use: NaN or Inf in the
   inputs or in the network's weights, an empty batch, a shape the network cannot take,
   inputs on another device than the network, an index that is not an affine layer, an
   unknown option;
-* :class:`InputTypeError` (a ``TypeError``): an argument of the wrong kind: inputs that are
+* ``InputTypeError`` (a ``TypeError``): an argument of the wrong kind: inputs that are
   not a tensor or numpy array of floats (integers, booleans, complex numbers), a network that
   is not a ``certify.graph.graph.Graph``, a hand-built graph whose weights are not float64.
 
@@ -145,9 +145,9 @@ def inputs_for(network: Graph, x, name: str = "x") -> torch.Tensor:
     to float64 without loss) with at least one input, of the shape the graph was captured
     for (``(B, *network.input_shape)``) and finite; a tensor on the network's device
     (``Graph.device``; a numpy array is put there). The network is checked too
-    (:func:`check_network`).
+    (``check_network``).
 
-    Raises :class:`InputTypeError` for a wrong type or dtype and :class:`InputError` for an
+    Raises ``InputTypeError`` for a wrong type or dtype and ``InputError`` for an
     empty batch, a wrong shape, a tensor on another device or NaN/Inf entries (naming the
     first offending inputs).
     """

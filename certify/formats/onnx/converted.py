@@ -1,13 +1,13 @@
 """onnx2torch, and fixes to the torch module it converts an ONNX graph into.
 
-* Importing onnx2torch (:func:`_import_onnx2torch`) without torchvision, which it imports only
+* Importing onnx2torch (``_import_onnx2torch``) without torchvision, which it imports only
   for two operators certify does not certify, and teaching it certify's private domain
   (``Gelu`` as ``nn.GELU``, ``LayerNormalization`` as LayerNormalization-17: what
-  :mod:`certify.formats.onnx.rewrites` puts there).
-* After conversion (:func:`_converted`): onnx2torch's ``OnnxReshape`` reads its target shape
+  ``certify.formats.onnx.rewrites`` puts there).
+* After conversion (``_converted``): onnx2torch's ``OnnxReshape`` reads its target shape
   from a tensor and branches on its values (``torch.any(shape == 0)``), which ``torch.export``
   cannot capture. Where the shape is a constant, the module is replaced by
-  :class:`ConstantReshape`, the same reshape with the shape as Python integers, so the loaded
+  ``ConstantReshape``, the same reshape with the shape as Python integers, so the loaded
   module can be exported again. ``MatMul`` by a constant matrix and the ``Add`` of a constant
   bias after it (what both exporters write for ``nn.Linear`` on tokens) become one
   ``nn.Linear`` named after the MatMul node: certificates name the layer after its node, and
@@ -109,8 +109,8 @@ class ConstantReshape(torch.nn.Module):
 
 
 def _converted(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """onnx2torch's module, made capturable (:func:`_constant_reshapes`) and with its layers
-    as certify names them (:func:`_linear_matmuls`)."""
+    """onnx2torch's module, made capturable (``_constant_reshapes``) and with its layers
+    as certify names them (``_linear_matmuls``)."""
     graph = module.graph
     attributes = {node.target for node in graph.nodes if node.op == "get_attr"}
     _constant_reshapes(module)
@@ -152,7 +152,7 @@ def _replace(module: torch.fx.GraphModule, node, replacement: torch.nn.Module) -
 
 
 def _constant_reshapes(module: torch.fx.GraphModule) -> None:
-    """Replace every ``OnnxReshape`` whose shape is a constant by :class:`ConstantReshape`."""
+    """Replace every ``OnnxReshape`` whose shape is a constant by ``ConstantReshape``."""
     from onnx2torch.node_converters.reshape import OnnxReshape
 
     for node in list(module.graph.nodes):

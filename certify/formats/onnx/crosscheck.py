@@ -1,8 +1,8 @@
 """Compare a converted ONNX model with onnxruntime on given inputs.
 
 certify certifies the torch module that onnx2torch makes of an ONNX file, in float64; the file
-itself is run by onnxruntime. :func:`onnx_crosscheck` runs both on the same inputs and raises
-:class:`~certify.formats.errors.ModelLoadError` where they disagree, so a conversion that does not
+itself is run by onnxruntime. ``onnx_crosscheck`` runs both on the same inputs and raises
+``certify.formats.errors.ModelLoadError`` where they disagree, so a conversion that does not
 compute what the file does is never certified in its place. ``certify model`` and ``certify
 check`` run it on the first inputs of every ONNX model they load.
 """
@@ -45,7 +45,7 @@ def onnx_crosscheck(
     values are fed to ``module`` as float64. A graph with a fixed batch size (the default
     exporter writes one) is run on batches of that size, the last one filled up with the
     first inputs again. Returns the largest absolute difference over all outputs; raises
-    :class:`ModelLoadError` where ``|torch - ort| > atol + rtol * |ort|``, or where the inputs
+    ``ModelLoadError`` where ``|torch - ort| > atol + rtol * |ort|``, or where the inputs
     do not fit the graph.
     """
     import onnxruntime as ort

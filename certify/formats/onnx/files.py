@@ -4,9 +4,9 @@ An ONNX file is protobuf data; what it computes is converted by onnx2torch, in t
 
 * ``onnx.checker`` (full check, with shape inference) validates the file first.
 * The graph is rewritten at the ONNX level, without changing what it computes, into what
-  onnx2torch converts and certify reads (:mod:`certify.formats.onnx.rewrites`): safe node names,
+  onnx2torch converts and certify reads (``certify.formats.onnx.rewrites``): safe node names,
   shapes computed in the graph folded into constants and the batch size copied where a
-  Reshape repeats it (:mod:`certify.formats.onnx.shapes`), decomposed GELU and layer norms put back
+  Reshape repeats it (``certify.formats.onnx.shapes``), decomposed GELU and layer norms put back
   into one operator.
 * Opsets: onnx2torch 1.5.15 converts the versions of its operators up to opset 17
   (GreaterOrEqual and LessOrEqual-16 aside) and misses newer ones (AveragePool-19,
@@ -14,14 +14,14 @@ An ONNX file is protobuf data; what it computes is converted by onnx2torch, in t
   17 with ``onnx.version_converter`` and tried again. ``Gelu`` (opset 20, what both exporters
   write for ``nn.GELU`` at their default opset) has no older version and no onnx2torch
   converter: it lives in a private domain that the down-conversion leaves alone
-  (:mod:`certify.formats.onnx.rewrites`) and is converted to ``nn.GELU``.
+  (``certify.formats.onnx.rewrites``) and is converted to ``nn.GELU``.
 * onnx2torch (imported without torchvision) converts the graph, and its module is made
   capturable by ``torch.export`` and given the layers certify names
-  (:mod:`certify.formats.onnx.converted`).
+  (``certify.formats.onnx.converted``).
 
-:func:`onnx_external_files` lists the external data files a model refers to (the certificate's
+``onnx_external_files`` lists the external data files a model refers to (the certificate's
 hash covers them). The converted module is compared with onnxruntime by
-:func:`certify.formats.onnx.crosscheck.onnx_crosscheck`.
+``certify.formats.onnx.crosscheck.onnx_crosscheck``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 certify cannot read, put back into the operators it decomposes, without changing what the
 graph computes.
 
-:func:`_sanitise_onnx` runs them all on the loaded ``ModelProto`` (:mod:`certify.formats.onnx.files`
+``_sanitise_onnx`` runs them all on the loaded ``ModelProto`` (``certify.formats.onnx.files``
 converts the result):
 
 * Node names: onnx2torch names the torch submodules after the ONNX node names and ``torch.fx``
@@ -10,7 +10,7 @@ converts the result):
   node name is code. Node names that are not plain ``[A-Za-z0-9_./-]`` are replaced before
   conversion.
 * Shapes computed in the graph, and Reshapes that repeat the exported batch size
-  (:mod:`certify.formats.onnx.shapes`).
+  (``certify.formats.onnx.shapes``).
 * ``Reshape`` with ``allowzero=1``, what the default (``torch.export``-based, "dynamo")
   exporter writes: onnx2torch refuses it; it computes the same as ``allowzero=0`` when the
   shape is a constant without zeros, so the attribute is dropped there.
@@ -19,11 +19,11 @@ converts the result):
   ``Gelu``, and ``nn.LayerNorm`` before opset 17 (``ReduceMean``, ``Sub``, ``Pow``,
   ``ReduceMean``, ``Add``, ``Sqrt``, ``Div``, ``Mul``, ``Add``: the legacy exporter)
   becomes ``LayerNormalization``, so that certify reads one GELU or layer norm
-  (:class:`_Patterns` finds them).
+  (``_Patterns`` finds them).
 * ``Gelu`` (opset 20) has no older version and no onnx2torch converter: it is moved to
   certify's private domain, which ``onnx.version_converter`` leaves alone when
-  :mod:`certify.formats.onnx.files` down-converts a newer file to opset 17; a ``LayerNormalization``
-  recovered in a file older than opset 17 lives there too. :mod:`certify.formats.onnx.converted`
+  ``certify.formats.onnx.files`` down-converts a newer file to opset 17; a ``LayerNormalization``
+  recovered in a file older than opset 17 lives there too. ``certify.formats.onnx.converted``
   teaches onnx2torch that domain (``nn.GELU``, LayerNormalization-17).
 """
 

@@ -1,5 +1,5 @@
 """Shapes an ONNX graph computes, made constants, and the batch size the exporters fix:
-rewrites before conversion (:func:`certify.formats.onnx.rewrites._sanitise_onnx` runs them).
+rewrites before conversion (``certify.formats.onnx.rewrites._sanitise_onnx`` runs them).
 
 * Shapes computed in the graph: the legacy exporter writes ``x.flatten(2)`` as
   ``Reshape(x, Concat(Slice(Shape(x)), [-1]))``, which onnx2torch computes from tensors and
@@ -14,8 +14,8 @@ rewrites before conversion (:func:`certify.formats.onnx.rewrites._sanitise_onnx`
   (copy the input's axis): the same at the exported batch size, and the converted module
   then takes any number of inputs.
 
-Also here: how the rewrites read a graph's constants (:func:`_constant_tensors`) and its
-input (:func:`_graph_input`).
+Also here: how the rewrites read a graph's constants (``_constant_tensors``) and its
+input (``_graph_input``).
 """
 
 from __future__ import annotations
