@@ -268,15 +268,20 @@ def _max_pool(two, indices):
     return rule
 
 
-def _pad(b: Build, fx, where, x, pad, value=0.0, mode="constant"):
-    if mode != "constant" or (value or 0.0) != 0.0:
-        raise UnsupportedModelError(f"padding with mode={mode!r}, value={value} ({where}); "
-                                    "supported: zero padding")
+def _pad(b: Build, fx, where, x, pad, mode="constant", value=None):
+    # aten::pad(Tensor self, SymInt[] pad, str mode="constant", float? value=None)
+    if mode != "constant":
+        raise UnsupportedModelError(f"padding with mode={mode!r} ({where}); supported: zero "
+                                    "padding (mode='constant', value 0)")
+    if (value or 0.0) != 0.0:
+        raise UnsupportedModelError(f"padding with the constant {value} ({where}); supported: "
+                                    "zero padding (mode='constant', value 0)")
     return b.node(ZeroPad(tuple(pad)), [x], fx)
 
 
 def _pad_nd(b: Build, fx, where, x, pad, value=0.0):
-    return _pad(b, fx, where, x, pad, value)
+    # aten::constant_pad_nd(Tensor self, SymInt[] pad, Scalar value=0)
+    return _pad(b, fx, where, x, pad, "constant", value)
 
 
 def _getitem(b: Build, fx, where, values, index):
