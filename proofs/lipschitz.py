@@ -9,7 +9,8 @@ margin ``m_j = c^T (W_L a_{L-1} + b_L)``, ``c = e_y - e_j``. Three facts compose
 2. A layer, ``||W x||_2 <= ||W||_2 ||x||_2``, the definition of the spectral norm.
 3. An activation with ``|phi'| <= L`` is ``L``-Lipschitz entrywise, hence in l2. The
    maxima of ``|phi'|`` are derived: ReLU, tanh 1; sigmoid 1/4; LeakyReLU(alpha)
-   ``max(1, |alpha|)``; GELU about 1.1290 (NOT 1-Lipschitz: a certificate must use it).
+   ``max(1, |alpha|)``; GELU about 1.1290 (NOT 1-Lipschitz: a certificate must use it);
+   hard-sigmoid 1/6, ReLU6 1, hard-swish 3/2; SiLU and Mish about 1.0998 and 1.0885.
 
 So ``|Delta m_j| <= ||W_L^T c||_2 prod_{l<k<L} (L_phi ||W_k||_2) L_phi ||Delta z||_2``.
 
@@ -76,6 +77,9 @@ def check_activations() -> None:
         "sigmoid": (1 / (1 + sp.exp(-x)), sp.Rational(1, 4)),
         "relu": (sp.Piecewise((0, x < 0), (x, True)), 1),
         "leaky relu 0.01": (sp.Piecewise((alpha * x, x < 0), (x, True)), 1),
+        "hard-sigmoid": (sp.Piecewise((0, x < -3), ((x + 3) / 6, x < 3), (1, True)),
+                         sp.Rational(1, 6)),
+        "ReLU6": (sp.Piecewise((0, x < 0), (x, x < 6), (6, True)), 1),
     }
     for name, (phi, expected) in cases.items():
         got = derivative_bound(phi, x)
@@ -92,13 +96,61 @@ def check_activations() -> None:
         raise DerivationError("GELU: x = sqrt(2) is not where |GELU'| is largest")
     require_equal(peak, GELU_LIPSCHITZ, "GELU: sup |phi'| = (1 + erf(1))/2 + exp(-1)/sqrt(pi)")
     check_gelu_tanh(x)
+    check_hardswish(x)
+    s = 1 / (1 + sp.exp(-x))
+    check_dip("silu", x * s, x, (-2.4, 2.4))
+    check_dip("mish", x * sp.tanh(sp.log(1 + sp.exp(x))), x, (-2.26, 1.49))
+
+
+def check_hardswish(x: sp.Symbol) -> None:
+    """Hard-swish ``x relu6(x + 3) / 6``: ``x (x + 3) / 6`` on ``[-3, 3]`` (0 left, ``x``
+    right), so ``phi'`` ranges over ``[-1/2, 3/2]`` (its ends) and the minimum ``-3/8`` lies
+    at ``-3/2``: the constants of ``DIPS["hardswish"]``."""
+    from certify.graph.operators.activation_shapes import DIPS
+
+    argmin, floor, (low, high) = DIPS["hardswish"]
+    middle = x * (x + 3) / 6
+    d1 = sp.diff(middle, x)
+    require_equal(sp.solve(d1, x)[0], sp.Rational(-3, 2), "hard-swish: its minimiser")
+    require_equal(middle.subs(x, sp.Rational(-3, 2)), sp.Rational(-3, 8), "hard-swish: minimum")
+    if not (argmin == -1.5 and floor <= -3 / 8 and (low, high) == (-0.5, 1.5)
+            and (d1.subs(x, -3), d1.subs(x, 3)) == (sp.Rational(-1, 2), sp.Rational(3, 2))):
+        raise DerivationError(f"hard-swish: DIPS holds {DIPS['hardswish']}")
+
+
+def check_dip(name: str, phi: sp.Expr, x: sp.Symbol, guesses) -> None:
+    """An activation that falls to one minimum and then rises (``DIPS[name]``): the root of
+    ``phi'`` is the minimiser (located to 30 digits; the floor lies below the minimum, by at
+    most 1e-4), ``phi' < 0`` left of it and ``> 0`` right of it on a grid over [-50, 50],
+    and ``phi'`` lies in the stated range there, whose ends are the values at the roots of
+    ``phi''`` near ``guesses`` (up to the range's relative widening of 1e-12)."""
+    from certify.graph.operators.activation_shapes import DIPS
+
+    argmin, floor, (low, high) = DIPS[name]
+    d1 = sp.diff(phi, x)
+    root = sp.nsolve(d1, x, argmin, prec=30)
+    minimum = float(phi.subs(x, root).evalf(30))
+    if not (abs(float(root) - argmin) < 1e-12 and floor <= minimum < floor + 1e-4):
+        raise DerivationError(f"{name}: minimum {minimum} at {root}, DIPS says {argmin}, {floor}")
+    extremes = [float(d1.subs(x, sp.nsolve(sp.diff(d1, x), x, g, prec=30)).evalf(30))
+                for g in guesses]
+    if not (low <= min(extremes) <= low * (1 - 1e-11) and
+            high * (1 - 1e-11) <= max(extremes) <= high):
+        raise DerivationError(f"{name}: phi' ranges over {extremes}, DIPS says {(low, high)}")
+    slope = sp.lambdify(x, d1, "mpmath")
+    for k in range(-1000, 1001):
+        point = sp.Rational(k, 20)
+        value = float(slope(point))
+        if not (low <= value <= high and (value < 0) == (point < root) or value == 0):
+            raise DerivationError(f"{name}: phi'({point}) = {value} breaks the dip's shape or "
+                                  f"range {(low, high)}")
 
 
 def check_gelu_tanh(x: sp.Symbol) -> None:
     """GELU's tanh approximation: ``phi(x) - phi(-x) = x``, so ``phi'(-x) = 1 - phi'(x)`` and
     the derivative's range is ``[1 - L, L]`` with ``L`` its peak, at the positive root of
     ``phi''`` (located to 30 digits; a grid over [-50, 50] finds no larger value)."""
-    from certify.graph.operators.activation import GELU_TANH_LIPSCHITZ
+    from certify.graph.operators.activation_shapes import GELU_TANH_LIPSCHITZ
 
     u = sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 10**6) * x**3)
     phi = x * (1 + sp.tanh(u)) / 2

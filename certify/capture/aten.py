@@ -17,6 +17,7 @@ constants of arithmetic) with ``certify.capture.operands``.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -120,6 +121,8 @@ def _activation(kind, **defaults):
         values = dict(defaults)
         values.update(zip(names, args))
         values.update(kwargs)
+        if kind == "hardtanh":  # aten.clamp names its bounds min and max
+            values.update({f"{k}_val": values.pop(k) for k in ("min", "max") if k in values})
         if kind == "leaky_relu":
             if values["negative_slope"] < 0:
                 raise UnsupportedModelError(f"LeakyReLU with negative_slope="
@@ -135,6 +138,16 @@ def _activation(kind, **defaults):
             if not values["beta"] > 0:
                 raise UnsupportedModelError(f"Softplus with beta={values['beta']} ({where})")
             op = Activation(kind, float(values["beta"]), float(values["threshold"]))
+        elif kind == "hardtanh":  # also ReLU6, and clamp(min, max) with constant bounds
+            low, high = values["min_val"], values["max_val"]
+            low, high = -math.inf if low is None else low, math.inf if high is None else high
+            if not all(isinstance(v, (int, float)) for v in (low, high)):
+                raise UnsupportedModelError(f"{fx.name}: a clamp between computed tensors "
+                                            f"({where}); supported: constant bounds")
+            if not low <= high:
+                raise UnsupportedModelError(f"{fx.name}: a clamp with min {low} above max "
+                                            f"{high} ({where})")
+            op = Activation(kind, float(low), float(high))
         else:
             op = Activation(kind)
         return b.node(op, [x], fx)
@@ -331,6 +344,12 @@ BUILDERS = {
     aten.tanh: _activation("tanh"), aten.sigmoid: _activation("sigmoid"),
     aten.gelu: _activation("gelu"), aten.softplus: _activation("softplus", beta=1.0,
                                                                threshold=20.0),
+    **{op: _activation(kind) for kind in ("silu", "mish", "hardswish", "hardsigmoid")
+       for op in (getattr(aten, kind), getattr(aten, kind + "_"))},
+    **{op: _activation("hardtanh", min_val=-1.0, max_val=1.0)
+       for op in (aten.hardtanh, aten.hardtanh_)},
+    **{op: _activation("hardtanh", min_val=None, max_val=None)
+       for op in (aten.clamp, aten.clamp_)},
     aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape,
     aten.flatten: _reshape, aten.unflatten: _reshape, aten.squeeze: _reshape,
     aten.unsqueeze: _reshape, aten.permute: _permute, aten.transpose: _transpose,
@@ -362,7 +381,8 @@ IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fr
 
 SUPPORTED = (
     "linear, addmm/mm/matmul by a weight, conv1d/conv2d (groups=1), batch norm in eval mode, "
-    "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact and tanh), softplus, max and average "
+    "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact and tanh), softplus, silu, mish, "
+    "hardswish, hardsigmoid, hardtanh/relu6/clamp (constant bounds), max and average "
     "pooling (1-d, 2-d, adaptive average), layer norm (last axis), "
     "view/reshape/flatten/squeeze/unsqueeze, permute/transpose, expand, slice/select, "
     "cat/stack, addition, subtraction and products (mul, matmul/bmm) of computed tensors, "

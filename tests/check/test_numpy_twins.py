@@ -48,7 +48,7 @@ from certify.check.forward import NumpyGraph, margin_gradients
 from certify.check.operators import activation as numpy_activation
 from certify.check.operators import twin
 from certify.graph.operators import Activation, AvgPool
-from certify.graph.operators import activation as torch_activation
+from certify.graph.operators import activation_shapes as torch_activation
 from certify.radii.radius import _columns, predictions, region, region_scale
 from certify.radii.radius import global_lower as torch_global_lower
 
@@ -212,11 +212,53 @@ def test_gelu_tanh_constants_are_derived_independently():
                                                                 rel=1e-15)
 
 
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+DIP_SLOPES = {  # phi and phi', written out by hand (not by the twin), and the roots of phi''
+    "silu": (lambda x: x * _sigmoid(x),
+             lambda x: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))), [(-3, -1), (1, 3)]),
+    "mish": (lambda x: x * math.tanh(math.log1p(math.exp(x))),
+             lambda x: math.tanh(math.log1p(math.exp(x))) +
+             x * _sigmoid(x) * (1 - math.tanh(math.log1p(math.exp(x))) ** 2),
+             [(-3, -1.5), (1, 2)]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DIP_SLOPES))
+def test_dip_constants_are_derived_independently(kind):
+    """SiLU and Mish fall to one minimum, then rise: the minimiser is the root of ``phi'``
+    (bisection), the floor lies below the minimum by at most 1e-4, and the derivative range
+    is spanned by ``phi'`` at the roots of ``phi''`` (bisection on a central difference of
+    the hand-written ``phi'``); the twin's constants equal the torch operator's."""
+    phi, slope, brackets = DIP_SLOPES[kind]
+    argmin, floor, (low, high) = numpy_activation.DIPS[kind]
+    root = brentq(slope, -2.0, -0.5, xtol=1e-15)
+    assert abs(root - argmin) < 1e-12
+    assert floor <= phi(root) < floor + 1e-4
+    bend = lambda x: (slope(x + 1e-6) - slope(x - 1e-6)) / 2e-6  # noqa: E731
+    extremes = [slope(brentq(bend, a, b, xtol=1e-13)) for a, b in brackets]
+    assert low <= min(extremes) <= low * (1 - 1e-10)
+    assert high * (1 - 1e-10) <= max(extremes) <= high
+    assert numpy_activation.DIPS[kind] == torch_activation.DIPS[kind]
+
+
+def test_hardswish_constants():
+    """``x (x + 3) / 6`` between the kinks at -+3: minimum -3/8 at -3/2, ``phi'`` in
+    ``[-1/2, 3/2]``; the twin's constants equal the torch operator's."""
+    argmin, floor, (low, high) = numpy_activation.DIPS["hardswish"]
+    assert argmin == -1.5 and floor <= argmin * (argmin + 3) / 6 < floor + 1e-4
+    assert (low, high) == ((2 * -3 + 3) / 6, (2 * 3 + 3) / 6)
+    assert numpy_activation.DIPS["hardswish"] == torch_activation.DIPS["hardswish"]
+
+
 # -- random small graphs with every operator -------------------------------------------------
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.GELU(approximate="tanh"),
                lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.7), lambda: nn.Softplus(2.0),
-               lambda: nn.Softplus(1.0, 1.5)]
+               lambda: nn.Softplus(1.0, 1.5), nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
+               nn.ReLU6, lambda: nn.Hardtanh(-0.5, 0.5)]
 
 
 def _activation(draw, choices):

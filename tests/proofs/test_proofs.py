@@ -10,7 +10,7 @@ import sympy as sp
 import proofs
 from proofs import ball_offset as ball
 from proofs import closed_forms as cf
-from proofs import margin, target_change
+from proofs import lipschitz, margin, target_change
 from proofs.derivation import DerivationError
 
 EXPECTED_RESULTS = {
@@ -97,3 +97,20 @@ def test_wrong_ball_offset_form_fails(field, wrong):
     with pytest.raises(DerivationError):
         ball.check_weak_duality(forms, 2)
         ball.check_side_minimum(forms)
+
+
+@pytest.mark.parametrize("kind,wrong", [
+    ("silu", (-1.27846454276107, -0.2784, None)),  # a floor above the minimum
+    ("silu", (-1.27846454276107, -0.27847, (-0.0998, 1.0998393201288670))),  # phi' below it
+    ("mish", (-1.19243121451550, -0.30885, (-0.112526122389463, 1.0884))),  # and above it
+    ("mish", (-1.1924, -0.30885, None)),  # the minimiser off by 3e-5
+    ("hardswish", (-1.5, -0.37501, (-0.5, 1.4))),
+])
+def test_wrong_activation_constants_fail(monkeypatch, kind, wrong):
+    from certify.graph.operators import activation_shapes
+
+    argmin, floor, derivative = wrong
+    monkeypatch.setitem(activation_shapes.DIPS, kind,
+                        (argmin, floor, derivative or activation_shapes.DIPS[kind][2]))
+    with pytest.raises(DerivationError):
+        lipschitz.check_activations()

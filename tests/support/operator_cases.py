@@ -51,6 +51,7 @@ class Case:
     # Rules whose stated bound is attained on this case (teeth cases only).
     attained: frozenset = field(default_factory=frozenset)
     boxes: list | None = None  # fixed input boxes instead of drawn ones
+    box_scale: float = 1.0  # drawn boxes scaled, to reach the kinks of the operator
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 7919 + salt)
@@ -60,8 +61,9 @@ class Case:
         return tuple(self.op(*xs).shape[1:])
 
     def __repr__(self):  # what hypothesis prints for a failing example
+        scale = f", box_scale={self.box_scale}" if self.box_scale != 1 else ""
         return (f"Case({self.op!r}, in_shapes={self.in_shapes}, seed={self.seed}, B={self.B}, "
-                f"box_style={self.box_style!r})")
+                f"box_style={self.box_style!r}{scale})")
 
 
 def randn(gen, *shape, scale=1.0):
@@ -100,7 +102,8 @@ def boxes_for(case: Case, salt: int = 1):
     if case.boxes is not None:
         return case.boxes
     gen = case.generator(salt)
-    return [make_box(gen, case.B, s, case.box_style) for s in case.in_shapes]
+    return [tuple(end * case.box_scale for end in make_box(gen, case.B, s, case.box_style))
+            for s in case.in_shapes]
 
 
 ROW_STYLES = ("mixed", "positive", "negative", "sparse")
@@ -202,6 +205,10 @@ def activations(draw, kind):
     elif kind == "softplus":  # beta, threshold (a low one: a large jump at threshold / beta)
         op = Activation(kind, draw(st.sampled_from([1.0, 0.5, 2.0])),
                         draw(st.sampled_from([20.0, 1.0, 2.0, 30.0])))
+    elif kind == "hardtanh":  # min, max: hardtanh, ReLU6, one-sided and degenerate clamps
+        op = Activation(kind, *draw(st.sampled_from([(-1.0, 1.0), (0.0, 6.0), (-0.5, 0.25),
+                                                     (0.0, math.inf), (-math.inf, 0.5),
+                                                     (0.3, 0.3)])))
     else:
         op = Activation(kind)
     shape = draw(st.sampled_from([(3,), (5,), (2, 3)]))
@@ -406,6 +413,11 @@ FAMILIES = {
     "gelu": activations("gelu"),
     "gelu_tanh": activations("gelu_tanh"),
     "softplus": activations("softplus"),
+    "silu": activations("silu"),
+    "mish": activations("mish"),
+    "hardswish": activations("hardswish"),
+    "hardsigmoid": activations("hardsigmoid"),
+    "hardtanh": activations("hardtanh"),
     "reshape": reshapes(),
     "permute": permutes(),
     "expand": expands(),
@@ -430,7 +442,13 @@ FAMILIES = {
 @st.composite
 def cases(draw, family: str):
     op, shapes = draw(FAMILIES[family])
-    return Case(op, shapes, draw(seeds), draw(st.integers(1, 2)), draw(st.sampled_from(BOX_STYLES)))
+    return Case(op, shapes, draw(seeds), draw(st.integers(1, 2)),
+                draw(st.sampled_from(BOX_STYLES)), box_scale=BOX_SCALES.get(family, 1.0))
+
+
+# Families whose kinks or extremes lie beyond the drawn boxes' reach (about -+3: hard-swish
+# and hard-sigmoid bend at -+3, SiLU's and Mish's derivatives peak near -+2.4, -2.3 and 1.5).
+BOX_SCALES = {"hardswish": 3.0, "hardsigmoid": 3.0, "silu": 2.0, "mish": 2.0}
 
 
 # ------------------------------------------------------------------------------ teeth cases
@@ -471,6 +489,18 @@ def _teeth_cases() -> list[tuple[str, Case]]:
     box = (torch.tensor([[-2.0, -1.0]], dtype=DT), torch.tensor([[2.0, 0.5]], dtype=DT))
     for kind in ("gelu", "gelu_tanh"):
         add(kind, Activation(kind), [(2,)], smooth, B=1, boxes=[box])
+    # SiLU, Mish, hard-swish: the same, with boxes across the extremes of phi' (-+2.3994;
+    # -2.2564 and 1.4906; -+3) and, in the second entry, the minimiser only.
+    box = (torch.tensor([[-3.5, -2.0]], dtype=DT), torch.tensor([[3.5, 0.5]], dtype=DT))
+    for kind in ("silu", "mish", "hardswish"):
+        add(kind, Activation(kind), [(2,)], smooth, B=1, boxes=[box])
+    # Clipped lines: boxes across either kink, inside both, and outside.
+    add("hardtanh", Activation("hardtanh", -0.5, 0.5), [(6,)], smooth, style="straddle")
+    kinks = lambda lo, hi: [(torch.tensor([lo], dtype=DT), torch.tensor([hi], dtype=DT))]  # noqa: E731
+    add("relu6", Activation("hardtanh", 0.0, 6.0), [(3,)], smooth, B=1,
+        boxes=kinks([-1.0, 5.0, -2.0], [7.0, 8.0, 4.0]))
+    add("hardsigmoid", Activation("hardsigmoid"), [(3,)], smooth, B=1,
+        boxes=kinks([-4.0, -1.0, 2.0], [4.0, 1.0, 5.0]))
     add("reshape", Reshape((6,)), [(2, 3)])
     add("permute", Permute((1, 0)), [(2, 3)])
     add("expand", Expand((2, 3)), [(1, 3)])

@@ -48,15 +48,16 @@ def perturbed_classes(net: Graph, x, index, D, bias) -> torch.Tensor:
     return net.run(index, Z, values).argmax(-1)
 
 
-def pgd_attack(net, x, index, radius, norm, bias, steps=40) -> torch.Tensor:
-    """Projected gradient descent on the smallest margin over ``||D|| <= radius``."""
+def pgd_attack(net, x, index, radius, norm, bias, steps=40, start=None) -> torch.Tensor:
+    """Projected gradient descent on the smallest margin over ``||D|| <= radius``, from
+    ``start`` (default a tiny random change)."""
     layer = net.layer(index)
     W = layer_weight(layer, bias)
     y, _ = predictions(net, x)
     values = net.values(x)
     P = layer_columns(layer, values[net.input_of(index)], bias)
     out_shape = values[index].shape[1:]
-    D = (torch.rand(len(x), *W.shape, dtype=W.dtype) - 0.5) * 1e-3
+    D = (torch.rand(len(x), *W.shape, dtype=W.dtype) - 0.5) * 1e-3 if start is None else start
     for _ in range(steps):
         D.requires_grad_(True)
         logits = net.run(index, _apply(layer, W + D, P, bias, out_shape), values)

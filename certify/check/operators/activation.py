@@ -1,7 +1,8 @@
 """Numpy twin of ``certify.graph.operators.Activation``: ReLU, LeakyReLU, ELU, Tanh, Sigmoid,
 GELU (exact erf form and tanh approximation), Softplus (linear above ``threshold / beta``,
 as torch computes it, where it jumps down by ``log1p(exp(-threshold)) / beta``: it has no
-Lipschitz constant, and the jump widens its intervals and linear rule).
+Lipschitz constant, and the jump widens its intervals and linear rule), SiLU, Mish,
+hard-swish, hard-sigmoid and hardtanh (also ReLU6 and a clamp between constants).
 
 Linear rules, as the torch operator makes them (so that the bounds confirm its radii):
 piecewise-linear kinds, for a lower bound only and a convex function (negative slope in
@@ -11,8 +12,10 @@ piecewise-linear kinds, for a lower bound only and a convex function (negative s
 the mean value theorem with the derivative range for the smooth ones (plus the softplus
 jump). Intervals: the ends' values for the monotone kinds (and the jump); for both GELUs,
 which fall and then rise, the ends' values widened by ``ROUND``, or the floor when the box
-contains the minimiser; a LeakyReLU with a negative slope is not monotone, its interval
-includes ``phi(0) = 0``.
+contains the minimiser, and so for SiLU, Mish and hard-swish (``DIPS``); a LeakyReLU with
+a negative slope is not monotone, its interval includes ``phi(0) = 0``. The mean value rule
+needs only ``phi'`` almost everywhere: hardtanh and hard-sigmoid are the clipped lines
+``clamp(a x + b, low, high)``, with ``phi' = a`` between their kinks and 0 outside.
 """
 
 from __future__ import annotations
@@ -41,9 +44,20 @@ GELU_TANH_DERIVATIVE = (1 - GELU_TANH_LIPSCHITZ * (1 + 1e-12), GELU_TANH_LIPSCHI
 GELU_TANH_ARGMIN = -0.7524614220710
 GELU_TANH_FLOOR = -0.1700408
 GELU_TANH_SCALE = math.sqrt(2 / math.pi)
-# (argmin, floor, derivative range) of each GELU
-GELUS = {"gelu": (GELU_ARGMIN, GELU_FLOOR, GELU_DERIVATIVE),
-         "gelu_tanh": (GELU_TANH_ARGMIN, GELU_TANH_FLOOR, GELU_TANH_DERIVATIVE)}
+# SiLU x expit(x): phi' = s (1 + x (1 - s)), s = expit(x), is 0 at the minimiser
+# -1.27846454276107 (minimum -0.27846454276107); phi' peaks at 2.39935728051547 (1.09983932...)
+# and bottoms at its mirror image (-0.09983932..., as phi'(-x) = 1 - phi'(x)).
+SILU_DERIVATIVE = (-0.0998393201288670 * (1 + 1e-12), 1.0998393201288670 * (1 + 1e-12))
+# Mish x tanh(log(1 + e^x)): minimiser -1.19243121451550 (minimum -0.30884341301725); the
+# roots of phi'' at -2.25637639636079 and 1.49057117948543 give phi' its range.
+MISH_DERIVATIVE = (-0.112526122389463 * (1 + 1e-12), 1.08849816125173 * (1 + 1e-12))
+# (argmin, floor, derivative range) of the activations that fall, then rise; hard-swish
+# x clip(x + 3, 0, 6) / 6 is x (x + 3) / 6 on [-3, 3]: minimum -3/8 at -3/2, phi' (2x + 3) / 6.
+DIPS = {"gelu": (GELU_ARGMIN, GELU_FLOOR, GELU_DERIVATIVE),
+        "gelu_tanh": (GELU_TANH_ARGMIN, GELU_TANH_FLOOR, GELU_TANH_DERIVATIVE),
+        "silu": (-1.27846454276107, -0.27847, SILU_DERIVATIVE),
+        "mish": (-1.19243121451550, -0.30885, MISH_DERIVATIVE),
+        "hardswish": (-1.5, -0.37501, (-0.5, 1.5))}
 
 
 # ball_offset's bisection on log lam: steps, and the range below the largest useful lam
@@ -64,6 +78,9 @@ class ActivationTwin(Twin):
         self.slope, self.scale, self.input_scale = float(op.slope), float(op.scale), \
             float(op.input_scale)
         self.piecewise_linear = self.kind in ("relu", "leaky_relu")
+        # (k1, k2, a) of the clipped lines: phi' = a between the kinks, 0 outside
+        self.clip = {"hardsigmoid": (-3.0, 3.0, 1 / 6),
+                     "hardtanh": (self.slope, self.scale, 1.0)}.get(self.kind)
         self.jump = math.log1p(math.exp(-self.scale)) / self.slope \
             if self.kind == "softplus" else 0.0
 
@@ -84,6 +101,16 @@ class ActivationTwin(Twin):
             return x * 0.5 * (1 + erf(x / math.sqrt(2)))
         if kind == "gelu_tanh":
             return x * 0.5 * (1 + np.tanh(GELU_TANH_SCALE * (x + 0.044715 * x ** 3)))
+        if kind == "silu":
+            return x * expit(x)
+        if kind == "mish":
+            return x * np.tanh(np.logaddexp(0.0, x))
+        if kind == "hardswish":
+            return x * np.clip(x + 3, 0.0, 6.0) / 6
+        if kind == "hardsigmoid":
+            return np.clip(x + 3, 0.0, 6.0) / 6
+        if kind == "hardtanh":
+            return np.clip(x, self.slope, self.scale)
         beta, threshold = self.slope, self.scale  # softplus
         with np.errstate(over="ignore"):
             return np.where(x * beta > threshold, x, np.logaddexp(0.0, x * beta) / beta)
@@ -107,13 +134,24 @@ class ActivationTwin(Twin):
             t = np.tanh(GELU_TANH_SCALE * (x + 0.044715 * x ** 3))
             du = GELU_TANH_SCALE * (1 + 3 * 0.044715 * x * x)
             return (1 + t) / 2 + x * (1 - t * t) * du / 2
+        if kind == "silu":
+            s = expit(x)
+            return s + x * s * (1 - s)
+        if kind == "mish":  # tanh(sp) + x sp' (1 - tanh(sp)^2), sp' = expit
+            t = np.tanh(np.logaddexp(0.0, x))
+            return t + x * expit(x) * (1 - t * t)
+        if kind == "hardswish":
+            return np.where(x <= -3, 0.0, np.where(x < 3, x / 3 + 0.5, 1.0))  # torch's at -+3
+        if self.clip is not None:
+            k1, k2, a = self.clip
+            return np.where((x > k1) & (x < k2), a, 0.0)
         return np.where(x * self.slope > self.scale, 1.0, expit(x * self.slope))
 
     def interval(self, box):
         lo, hi = box
         f_lo, f_hi = self(lo), self(hi)
-        if self.kind in GELUS:
-            argmin, floor, _ = GELUS[self.kind]
+        if self.kind in DIPS:
+            argmin, floor, _ = DIPS[self.kind]
             high = np.maximum(f_lo, f_hi)
             slack = ROUND * (np.abs(high) + np.abs(lo) + np.abs(hi))  # erf cancels at x << 0
             return np.where((lo <= argmin) & (hi >= argmin), floor,
@@ -133,9 +171,13 @@ class ActivationTwin(Twin):
             low = np.where(hi < 0, s, np.where(lo > 0, 1.0, a))
             high = np.where(hi < 0, s, np.where(lo > 0, 1.0, b))
             return low, high
-        if kind in GELUS:
-            low, high = GELUS[kind][2]
+        if kind in DIPS:
+            low, high = DIPS[kind][2]
             return np.full_like(lo, low), np.full_like(lo, high)
+        if self.clip is not None:  # a between the kinks, 0 outside, [0, a] at a kink
+            k1, k2, a = self.clip
+            return np.where((lo > k1) & (hi < k2), a, 0.0), \
+                np.where((hi >= k1) & (lo <= k2), a, 0.0)
         d_lo, d_hi = self.derivative(lo), self.derivative(hi)
         if kind in ("tanh", "sigmoid"):  # even about 0, falling with |x|
             top = np.where((lo <= 0) & (hi >= 0), self.derivative(np.zeros_like(lo)),
@@ -296,6 +338,11 @@ class ActivationTwin(Twin):
             return (math.inf,)
         if kind == "elu":
             return (self.scale * max(1.0, self.slope * self.input_scale),)
+        if kind in ("silu", "mish", "hardswish"):
+            low, high = DIPS[kind][2]
+            return (max(-low, high),)
+        if self.clip is not None:
+            return (self.clip[2],)
         return ({"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": GELU_LIPSCHITZ,
                  "gelu_tanh": GELU_TANH_LIPSCHITZ,
                  "leaky_relu": max(1.0, abs(self.slope))}[kind],)

@@ -1,5 +1,6 @@
 """Elementwise activations: ReLU, LeakyReLU (piecewise linear), ELU, Tanh, Sigmoid, GELU
-(exact erf form and tanh approximation) and Softplus.
+(exact erf form and tanh approximation), Softplus, SiLU, Mish, hard-swish, hard-sigmoid and
+hardtanh (which is also ReLU6 and a clamp between constants).
 
 Linear rules (``backward``). ReLU and LeakyReLU: for bounds in both directions one line
 ``phi(x) = lam x + mu +- nu`` with ``lam`` the chord slope and ``mu +- nu`` the range of
@@ -10,10 +11,17 @@ smooth activations: the chord slope ``lam`` (``phi'`` at the middle on boxes nar
 ``CHORD_WIDTH``, where the quotient loses its digits) and, by the mean value theorem,
 ``phi(x) - lam x - (phi(l) - lam l) = (phi'(xi) - lam)(x - l)`` with ``phi'(xi)`` in the
 derivative range on ``[l, u]`` (``derivative_range``), so ``nu <= (u - l) max(d_hi - lam,
-lam - d_lo) / 2`` around the middle of that range.
+lam - d_lo) / 2`` around the middle of that range. The rule holds for any absolutely
+continuous ``phi`` with ``phi'`` in that range almost everywhere, so it serves the
+piecewise-linear hardtanh and hard-sigmoid, and the piecewise-quadratic hard-swish, too.
+
+Intervals: the ends' values for the monotone kinds; the "dips" (both GELUs, SiLU, Mish,
+hard-swish fall to one minimum, then rise) take the ends' values, or a floor below the
+minimum when the box contains the minimiser (``DIPS``).
 
 Constants (``lipschitz``): ``sup |phi'|``, derived in proofs/lipschitz.py (GELU at
-``x = sqrt(2)``; its tanh approximation at the root of ``phi''`` near 1.4185, located there). Softplus follows torch: linear above ``threshold / beta``, where it jumps
+``x = sqrt(2)``; its tanh approximation, SiLU and Mish at the roots of ``phi''``, located
+there; hard-swish ``3/2``, hard-sigmoid ``1/6``, hardtanh 1). Softplus follows torch: linear above ``threshold / beta``, where it jumps
 down by at most ``log1p(exp(-threshold)) / beta``; that jump widens every bound, and leaves
 softplus without a Lipschitz constant (``inf``: the global bound through it is 0).
 """
@@ -26,25 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from certify.graph.operators.activation_shapes import (DIPS, GELU_LIPSCHITZ,
+                                                      GELU_TANH_LIPSCHITZ, HARDSIGMOID)
 from certify.graph.operators.base import ROUND, Operator, row_sum
 from certify.graph.operators.enclosure import Enclosure
-
-GELU_LIPSCHITZ = (1 + math.erf(1)) / 2 + math.exp(-1) / math.sqrt(math.pi)
-# GELU decreases left of its minimiser and increases right of it; its minimum is -0.16997...,
-# so GELU_FLOOR is a lower bound of it.
-GELU_ARGMIN = -0.7517916
-GELU_FLOOR = -0.17
-# GELU' = Phi(x) + x phi(x) ranges over [1 - GELU_LIPSCHITZ, GELU_LIPSCHITZ] (extremes at
-# -+sqrt(2), by the symmetry Phi(-x) = 1 - Phi(x)); widened for rounding.
-GELU_DERIVATIVE = (-(GELU_LIPSCHITZ - 1) * (1 + 1e-12), GELU_LIPSCHITZ * (1 + 1e-12))
-
-# GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): its derivative
-# peaks at x = 1.41850400879 (checked in proofs/lipschitz.py), and phi'(-x) = 1 - phi'(x) because
-# phi(x) - phi(-x) = x; its minimum -0.170040750571 lies at x = -0.7524614220710.
-GELU_TANH_LIPSCHITZ = 1.1289930686587718 * (1 + 1e-12)
-GELU_TANH_DERIVATIVE = (1 - GELU_TANH_LIPSCHITZ * (1 + 1e-12), GELU_TANH_LIPSCHITZ * (1 + 1e-12))
-GELU_TANH_ARGMIN = -0.7524614220710
-GELU_TANH_FLOOR = -0.1700408
 
 # Activation.ball_offset: bisection steps on log lam, over a range of e^BALL_RANGE below the
 # largest useful lam.
@@ -56,7 +49,8 @@ BALL_RANGE = 12.0
 # and any slope is sound in the linear rule.
 CHORD_WIDTH = 1e-5
 
-KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "softplus")
+KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "softplus",
+         "silu", "mish", "hardswish", "hardsigmoid", "hardtanh")
 
 
 def ball_minima(sides, c, lam):
@@ -85,8 +79,8 @@ def ball_dual(minima, lam, r2):
 @dataclass(frozen=True)
 class Activation(Operator):
     kind: str
-    slope: float = 0.0  # leaky_relu: negative slope; elu: alpha; softplus: beta
-    scale: float = 1.0  # elu: output scale (SELU); softplus: threshold
+    slope: float = 0.0  # leaky_relu: negative slope; elu: alpha; softplus: beta; hardtanh: min
+    scale: float = 1.0  # elu: output scale (SELU); softplus: threshold; hardtanh: max
     input_scale: float = 1.0  # elu
 
     nonlinear = True
@@ -98,6 +92,14 @@ class Activation(Operator):
     @property
     def ball_aware(self) -> bool:
         return self.piecewise_linear
+
+    @property
+    def clip(self) -> tuple[float, float, float] | None:
+        """``(k1, k2, a)`` of a clipped line (``phi' = a`` between the kinks ``k1 < k2``, 0
+        outside), else ``None``."""
+        if self.kind == "hardsigmoid":
+            return HARDSIGMOID
+        return (self.slope, self.scale, 1.0) if self.kind == "hardtanh" else None
 
     def __call__(self, x):
         kind = self.kind
@@ -113,6 +115,12 @@ class Activation(Operator):
             return F.gelu(x, approximate="tanh")
         if kind == "softplus":
             return F.softplus(x, self.slope, self.scale)
+        if kind in ("silu", "mish", "hardswish"):
+            return getattr(F, kind)(x)
+        if kind == "hardsigmoid":  # F.hardsigmoid's arithmetic, with a second derivative
+            return F.hardtanh(x + 3, 0.0, 6.0) / 6
+        if kind == "hardtanh":
+            return F.hardtanh(x, self.slope, self.scale)
         return torch.tanh(x) if kind == "tanh" else torch.sigmoid(x)
 
     @property
@@ -123,14 +131,13 @@ class Activation(Operator):
     def interval(self, box):
         lo, hi = box
         f_lo, f_hi = self(lo), self(hi)
-        if self.kind in ("gelu", "gelu_tanh"):  # decreasing, then increasing
-            argmin, floor = (GELU_ARGMIN, GELU_FLOOR) if self.kind == "gelu" else \
-                (GELU_TANH_ARGMIN, GELU_TANH_FLOOR)
+        if self.kind in DIPS:  # decreasing, then increasing
+            argmin, floor, _ = DIPS[self.kind]
             low = torch.minimum(f_lo, f_hi)
             inside = (lo <= argmin) & (hi >= argmin)
             high = torch.maximum(f_lo, f_hi)
-            # Phi(x) = (1 + erf(x / sqrt 2)) / 2 cancels for x << 0: an absolute error of
-            # about eps |x|, covered by ROUND times the inputs' magnitudes.
+            # Phi(x) = (1 + erf(x / sqrt 2)) / 2 cancels for x << 0 (as 1 + tanh does): an
+            # absolute error of about eps |x|, covered by ROUND times the inputs' magnitudes.
             slack = ROUND * (high.abs() + lo.abs() + hi.abs())
             return torch.where(inside, torch.full_like(low, floor), low - slack), high + slack
         return f_lo - self.jump, f_hi + self.jump
@@ -156,6 +163,18 @@ class Activation(Operator):
             c = math.sqrt(2 / math.pi)
             t = torch.tanh(c * (x + 0.044715 * x**3))
             return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+        if kind == "silu":
+            s = torch.sigmoid(x)
+            return s * (1 + x * (1 - s))
+        if kind == "mish":
+            t = torch.tanh(F.softplus(x))
+            return t + x * torch.sigmoid(x) * (1 - t * t)
+        if kind == "hardswish":  # torch's gradient: 0 at -3, 1 at 3
+            return torch.where(x <= -3, torch.zeros_like(x),
+                               torch.where(x < 3, x / 3 + 0.5, torch.ones_like(x)))
+        if self.clip is not None:
+            k1, k2, a = self.clip
+            return torch.where((x > k1) & (x < k2), torch.full_like(x, a), torch.zeros_like(x))
         # Tensors, not Python floats: torch.where would round a scalar slope to float32.
         return torch.where(x > 0, torch.ones_like(x), torch.full_like(
             x, self.slope if self.kind == "leaky_relu" else 0.0))
@@ -169,9 +188,14 @@ class Activation(Operator):
             low = torch.where(hi < 0, slope, torch.where(lo > 0, one, torch.full_like(lo, a)))
             high = torch.where(hi < 0, slope, torch.where(lo > 0, one, torch.full_like(lo, b)))
             return low, high
-        if kind in ("gelu", "gelu_tanh"):
-            low, high = GELU_DERIVATIVE if kind == "gelu" else GELU_TANH_DERIVATIVE
+        if kind in DIPS:
+            low, high = DIPS[kind][2]
             return torch.full_like(lo, low), torch.full_like(lo, high)
+        if self.clip is not None:  # a between the kinks, 0 outside, [0, a] at a kink
+            k1, k2, a = self.clip
+            a, zero = torch.full_like(lo, a), torch.zeros_like(lo)
+            return torch.where((lo > k1) & (hi < k2), a, zero), \
+                torch.where((hi >= k1) & (lo <= k2), a, zero)
         d_lo, d_hi = self.derivative(lo), self.derivative(hi)
         if kind in ("tanh", "sigmoid"):  # phi' is even about 0 and falls with |x|
             inside = (lo <= 0) & (hi >= 0)
@@ -346,6 +370,10 @@ class Activation(Operator):
             return math.inf
         if kind == "elu":
             return self.scale * max(1.0, self.slope * self.input_scale)
+        if kind in ("silu", "mish", "hardswish"):
+            return max(-DIPS[kind][2][0], DIPS[kind][2][1])
+        if self.clip is not None:
+            return self.clip[2]
         return {"relu": 1.0, "tanh": 1.0, "sigmoid": 0.25, "gelu": GELU_LIPSCHITZ,
                 "gelu_tanh": GELU_TANH_LIPSCHITZ,
                 "leaky_relu": max(1.0, abs(self.slope))}[kind]
