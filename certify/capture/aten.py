@@ -27,7 +27,8 @@ from certify.capture.operands import _const, _per_input, _zeros
 from certify.capture.transformers import (_attention, _clamp_min, _expand_norm, _layer_norm,
                                           _native_layer_norm, _vector_norm)
 from certify.graph.operators import (Activation, Add, Affine, AvgPool, Cat, MaxPool, Normalize,
-                                     Permute, Product, Reduce, Reshape, ScaleShift, Slice, ZeroPad)
+                                     Permute, PReLU, Product, Reduce, Reshape, ScaleShift, Slice,
+                                     ZeroPad)
 
 aten = torch.ops.aten
 
@@ -152,6 +153,16 @@ def _activation(kind, **defaults):
             op = Activation(kind)
         return b.node(op, [x], fx)
     return rule
+
+
+def _prelu(b: Build, fx, where, x, weight):
+    """``nn.PReLU``: one slope, or one per channel (the input's first axis after the batch)."""
+    slopes = _const(weight, fx, "the PReLU slopes").value.detach().to(torch.float64).flatten()
+    shape = b.shape(fx)
+    if slopes.numel() != 1 and (len(shape) < 1 or slopes.numel() != shape[0]):
+        raise UnsupportedModelError(f"{fx.name}: {slopes.numel()} PReLU slopes for an input of "
+                                    f"shape {tuple(shape)} per example ({where})")
+    return b.node(PReLU(slopes.reshape(-1, *[1] * (len(shape) - 1))), [x], fx)
 
 
 def _reshape(b: Build, fx, where, x, *args, **kwargs):
@@ -350,6 +361,7 @@ BUILDERS = {
        for op in (aten.hardtanh, aten.hardtanh_)},
     **{op: _activation("hardtanh", min_val=None, max_val=None)
        for op in (aten.clamp, aten.clamp_)},
+    aten.prelu: _prelu, aten._prelu_kernel: _prelu,
     aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape,
     aten.flatten: _reshape, aten.unflatten: _reshape, aten.squeeze: _reshape,
     aten.unsqueeze: _reshape, aten.permute: _permute, aten.transpose: _transpose,
@@ -382,7 +394,7 @@ IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fr
 SUPPORTED = (
     "linear, addmm/mm/matmul by a weight, conv1d/conv2d (groups=1), batch norm in eval mode, "
     "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact and tanh), softplus, silu, mish, "
-    "hardswish, hardsigmoid, hardtanh/relu6/clamp (constant bounds), max and average "
+    "hardswish, hardsigmoid, hardtanh/relu6/clamp (constant bounds), prelu, max and average "
     "pooling (1-d, 2-d, adaptive average), layer norm (last axis), "
     "view/reshape/flatten/squeeze/unsqueeze, permute/transpose, expand, slice/select, "
     "cat/stack, addition, subtraction and products (mul, matmul/bmm) of computed tensors, "

@@ -115,7 +115,7 @@ def maximise(violation, boxes, gen, *, targets=12, steps=30, samples=16):
         v = violation(xs)
         # A NaN bound is no bound: it counts as an infinite violation.
         best = max(best, float(torch.nan_to_num(v.detach(), nan=math.inf).max()))
-        if t == steps:
+        if t == steps or not v.requires_grad:  # a piecewise-constant violation: samples decide
             break
         objective = (v * weights[:, None, :]).sum()
         grads = torch.autograd.grad(objective, xs, allow_unused=True)

@@ -1,5 +1,5 @@
-"""The activations of mobile models (SiLU, Mish, hard-swish, hard-sigmoid, ReLU6, hardtanh
-and a clamp between constants) end to end: captured from ``nn`` modules, certified layer by
+"""The activations of mobile models (SiLU, Mish, hard-swish, hard-sigmoid, ReLU6, hardtanh,
+a clamp between constants and PReLU with slopes of either sign) end to end: captured from ``nn`` modules, certified layer by
 layer, attacked in weight space, and checked by ``certify check``'s numpy twins.
 
 Soundness: projected gradient descent (from a tiny change, and from the witness scaled
@@ -29,9 +29,17 @@ class Clamp(nn.Module):
         return torch.clamp(x, -1.0, 2.0)
 
 
+def prelu() -> nn.PReLU:
+    """Eight learned slopes from -1.3 to 1.3, as trained face-recognition models hold."""
+    module = nn.PReLU(8)
+    with torch.no_grad():
+        module.weight.uniform_(-1.3, 1.3)
+    return module
+
+
 ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish, "hardswish": nn.Hardswish,
                "hardsigmoid": nn.Hardsigmoid, "relu6": nn.ReLU6,
-               "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5), "clamp": Clamp}
+               "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5), "clamp": Clamp, "prelu": prelu}
 KIND = {"relu6": "hardtanh", "clamp": "hardtanh"}  # the operator that each becomes
 GAIN = {"hardsigmoid": 4.0, "hardtanh": 2.0}
 
@@ -48,7 +56,8 @@ def problem(name: str, seed: int):
             layer.weight *= GAIN.get(name, 1.0)
     x = 2 * torch.randn(6, 6, dtype=torch.float64)
     network = capture(model, x)
-    kinds = {getattr(n.op, "kind", None) for n in network.nodes[1:]} - {None}
+    kinds = {getattr(n.op, "kind", type(n.op).__name__.lower()) for n in network.nodes[1:]}
+    kinds.discard("affine")
     assert kinds == {KIND.get(name, name)}
     torch.testing.assert_close(network(x), model(x), rtol=1e-12, atol=1e-12)
     return network, x, predictions(network, x)[0]

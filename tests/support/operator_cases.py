@@ -27,6 +27,7 @@ from certify.graph.operators import (
     MaxPool,
     Normalize,
     Permute,
+    PReLU,
     Product,
     Reduce,
     Reshape,
@@ -213,6 +214,17 @@ def activations(draw, kind):
         op = Activation(kind)
     shape = draw(st.sampled_from([(3,), (5,), (2, 3)]))
     return op, [shape]
+
+
+@st.composite
+def prelus(draw):
+    """One slope, or one per channel (the first axis), of any sign (trained PReLUs hold
+    slopes from about -1.3 to 1.3)."""
+    shape = draw(st.sampled_from([(3,), (5,), (2, 3), (3, 2, 2)]))
+    count = draw(st.sampled_from([1, shape[0]]))
+    values = st.sampled_from([-1.28, -0.3, 0.0, 0.1, 0.25, 1.0, 1.3, 2.0])
+    slopes = torch.tensor(draw(st.lists(values, min_size=count, max_size=count)), dtype=DT)
+    return PReLU(slopes.reshape(-1, *[1] * (len(shape) - 1))), [shape]
 
 
 @st.composite
@@ -418,6 +430,7 @@ FAMILIES = {
     "hardswish": activations("hardswish"),
     "hardsigmoid": activations("hardsigmoid"),
     "hardtanh": activations("hardtanh"),
+    "prelu": prelus(),
     "reshape": reshapes(),
     "permute": permutes(),
     "expand": expands(),
@@ -501,6 +514,9 @@ def _teeth_cases() -> list[tuple[str, Case]]:
         boxes=kinks([-1.0, 5.0, -2.0], [7.0, 8.0, 4.0]))
     add("hardsigmoid", Activation("hardsigmoid"), [(3,)], smooth, B=1,
         boxes=kinks([-4.0, -1.0, 2.0], [4.0, 1.0, 5.0]))
+    # PReLU: a convex, a falling and a steep channel; attained as LeakyReLU's rules are.
+    add("prelu", PReLU(torch.tensor([[0.25], [-0.5], [1.5]], dtype=DT)), [(3, 2)],
+        style="straddle")
     add("reshape", Reshape((6,)), [(2, 3)])
     add("permute", Permute((1, 0)), [(2, 3)])
     add("expand", Expand((2, 3)), [(1, 3)])

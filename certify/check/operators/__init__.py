@@ -15,6 +15,7 @@ from certify.check.operators.linear_maps import (AddTwin, CatTwin, ExpandTwin, P
                                                  ReduceTwin, ReshapeTwin, ScaleShiftTwin,
                                                  SliceTwin, ZeroPadTwin)
 from certify.check.operators.pooling import AvgPoolTwin, MaxPoolTwin
+from certify.check.operators.prelu import PReLUTwin
 from certify.check.operators.transformer import (LayerNormTwin, NormalizeTwin, ProductTwin,
                                                  SoftmaxTwin)
 from certify.graph import operators as torch_ops
@@ -27,7 +28,7 @@ TWINS = {
     torch_ops.Add: AddTwin, torch_ops.Reduce: ReduceTwin, torch_ops.ZeroPad: ZeroPadTwin,
     torch_ops.ScaleShift: ScaleShiftTwin, torch_ops.Product: ProductTwin,
     torch_ops.Softmax: SoftmaxTwin, torch_ops.LayerNorm: LayerNormTwin,
-    torch_ops.Normalize: NormalizeTwin,
+    torch_ops.Normalize: NormalizeTwin, torch_ops.PReLU: PReLUTwin,
 }
 
 

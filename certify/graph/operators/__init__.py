@@ -9,9 +9,10 @@ from certify.graph.operators.linear_maps import (Add, AvgPool, Cat, Expand, Line
                                                  Reduce, Reshape, ScaleShift, Slice, ZeroPad)
 from certify.graph.operators.max_pool import MaxPool
 from certify.graph.operators.normalisation import LayerNorm, Normalize
+from certify.graph.operators.prelu import PReLU
 from certify.graph.operators.product import Product
 from certify.graph.operators.softmax import Softmax
 
 __all__ = ["Activation", "Add", "Affine", "AvgPool", "Cat", "Expand", "LayerNorm", "LinearMap",
-           "MaxPool", "Normalize", "Operator", "Permute", "Product", "Reduce", "Reshape",
+           "MaxPool", "Normalize", "Operator", "Permute", "PReLU", "Product", "Reduce", "Reshape",
            "ScaleShift", "Slice", "Softmax", "ZeroPad", "fold_batchnorm"]
