@@ -199,6 +199,55 @@ def _select(b: Build, fx, where, x, dim, index):
     return b.node(Slice(b.dim(dim, b.ndim(x), fx, "select"), index=index), [x], fx)
 
 
+def _pieces(b: Build, fx, x, dim, bounds):
+    """``x`` cut along ``dim`` into the pieces ``[start, end)`` of ``bounds``: one ``Slice``
+    node each, named ``<node>/<i>`` (``split``, ``chunk``, ``tensor_split``)."""
+    axis = b.dim(dim, b.ndim(x), fx, fx.target.__name__)
+    shape = b.nodes[x.index].shape
+    return tuple(b.node(Slice(axis, start, end), [x], fx, f"{fx.name}/{i}",
+                        shape[:axis] + (end - start,) + shape[axis + 1:])
+                 for i, (start, end) in enumerate(bounds))
+
+
+def _length(b: Build, x, dim, fx) -> int:
+    return b.nodes[x.index].shape[b.dim(dim, b.ndim(x), fx, fx.target.__name__)]
+
+
+def _split(b: Build, fx, where, x, size, dim=0):
+    """``split(x, size)``, or ``split_with_sizes`` when ``size`` is a list of sizes."""
+    n = _length(b, x, dim, fx)
+    sizes = list(size) if isinstance(size, (list, tuple)) else \
+        [min(size, n - start) for start in range(0, n, size)]
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return _pieces(b, fx, x, dim, list(zip([0, *ends[:-1]], ends)))
+
+
+def _chunk(b: Build, fx, where, x, chunks, dim=0):
+    n = _length(b, x, dim, fx)
+    return _split(b, fx, where, x, -(-n // chunks), dim)
+
+
+def _tensor_split(b: Build, fx, where, x, sections, dim=0):
+    """``tensor_split`` into ``sections`` pieces (the first ``n % sections`` one longer), or
+    at the given indices."""
+    n = _length(b, x, dim, fx)
+    if isinstance(sections, (list, tuple)):
+        cuts = [min(max(i + n if i < 0 else i, 0), n) for i in sections]
+    else:
+        size, extra = divmod(n, sections)
+        cuts = [sum(size + (i < extra) for i in range(k)) for k in range(1, sections)]
+    ends = [*cuts, n]
+    starts = [0, *cuts]
+    return _pieces(b, fx, x, dim, [(s, max(s, e)) for s, e in zip(starts, ends)])
+
+
+def _unbind(b: Build, fx, where, x, dim=0):
+    axis = b.dim(dim, b.ndim(x), fx, "unbind")
+    shape = b.nodes[x.index].shape
+    return tuple(b.node(Slice(axis, index=i), [x], fx, f"{fx.name}/{i}",
+                        shape[:axis] + shape[axis + 1:]) for i in range(shape[axis]))
+
+
 def _cat(stack):
     def rule(b: Build, fx, where, tensors, dim=0):
         if not all(isinstance(t, Ref) for t in tensors):
@@ -367,6 +416,8 @@ BUILDERS = {
     aten.unsqueeze: _reshape, aten.permute: _permute, aten.transpose: _transpose,
     aten.expand: _expand_norm, aten.slice: _slice, aten.select: _select,
     aten.cat: _cat(False), aten.stack: _cat(True),
+    aten.split: _split, aten.split_with_sizes: _split, aten.chunk: _chunk,
+    aten.tensor_split: _tensor_split, aten.unbind: _unbind,
     aten.add: _arith("add"), aten.add_: _arith("add"), aten.sub: _arith("sub"),
     aten.sub_: _arith("sub"), aten.mul: _arith("mul"), aten.mul_: _arith("mul"),
     aten.div: _arith("div"), aten.div_: _arith("div"), aten.rsub: _rsub, aten.neg: _neg,
@@ -397,6 +448,7 @@ SUPPORTED = (
     "hardswish, hardsigmoid, hardtanh/relu6/clamp (constant bounds), prelu, max and average "
     "pooling (1-d, 2-d, adaptive average), layer norm (last axis), "
     "view/reshape/flatten/squeeze/unsqueeze, permute/transpose, expand, slice/select, "
+    "split/chunk/tensor_split/unbind, "
     "cat/stack, addition, subtraction and products (mul, matmul/bmm) of computed tensors, "
     "scaled_dot_product_attention (no mask), softmax over the last axis, "
     "F.normalize (l2, last axis), arithmetic with constants, mean/sum, zero padding, "

@@ -23,11 +23,14 @@ aten = torch.ops.aten
 
 def _layer_norm(b: Build, fx, where, x, shape, weight=None, bias=None, eps=1e-5, cudnn=True):
     n = b.nodes[x.index].shape[-1]
-    if len(shape) != 1:
-        raise UnsupportedModelError(f"layer norm over {len(shape)} axes ({where}); supported: "
-                                    "over the last axis")
-    g = torch.ones(n, dtype=torch.float64) if weight is None else _const(weight, fx, "the weight").value
-    beta = _zeros(n) if bias is None else _const(bias, fx, "the bias").value
+    # Over (1, ..., 1, n): the mean and variance of each last-axis vector, as over (n,).
+    if any(size != 1 for size in shape[:-1]):
+        raise UnsupportedModelError(f"layer norm over the axes of sizes {tuple(shape)} "
+                                    f"({where}); supported: over the last axis (any others "
+                                    "normalised over of size 1)")
+    g = torch.ones(n, dtype=torch.float64) if weight is None else \
+        _const(weight, fx, "the weight").value.reshape(n)
+    beta = _zeros(n) if bias is None else _const(bias, fx, "the bias").value.reshape(n)
     return b.node(LayerNorm(g, beta, float(eps)), [x], fx)
 
 
