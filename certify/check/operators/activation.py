@@ -69,6 +69,41 @@ BALL_RANGE = 12.0
 CHORD_WIDTH = 1e-5
 
 
+def kink_chord(f_lo, f_hi, lo, hi, left):
+    """``phi(x) in lam x + mu +- nu`` on ``[lo, hi]`` for ``phi`` of slope ``left`` below 0
+    (a number, or an array like ``lo``) and 1 above: the chord slope across the kink, and
+    ``mu +- nu`` the range of ``phi(x) - lam x`` at ``lo``, 0 and ``hi``."""
+    unstable = (lo < 0) & (hi > 0)
+    lam = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0),
+                   np.where(lo >= 0, 1.0, left))
+    g_lo, g_hi = f_lo - lam * lo, f_hi - lam * hi
+    zero = np.where(unstable, 0.0, g_lo)  # phi(0) - lam 0, where 0 is inside
+    low = np.minimum(np.minimum(g_lo, g_hi), zero)
+    high = np.maximum(np.maximum(g_lo, g_hi), zero)
+    return lam, (high + low) / 2, (high - low) / 2 + ROUND * (np.abs(lo) + np.abs(hi))
+
+
+def kink_lines(f_lo, f_hi, lo, hi, left):
+    """CROWN's lines for the same ``phi`` where convex: ``phi(x) >= s_l x`` and
+    ``phi(x) <= s_u x + b_u`` on ``[lo, hi]``."""
+    unstable = (lo < 0) & (hi > 0)
+    stable = np.where(lo >= 0, 1.0, left)
+    s_upper = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0), stable)
+    b_upper = f_lo - s_upper * lo  # lifted by its miss at hi, so that it is above phi
+    miss = np.maximum(f_hi - (s_upper * hi + b_upper), 0)
+    b_upper = np.where(unstable, b_upper + miss + ROUND * (np.abs(f_lo) + np.abs(f_hi)), 0.0)
+    s_lower = np.where(unstable, np.where(hi >= -lo, 1.0, left), stable)
+    return s_lower, s_upper, b_upper
+
+
+def derivative_rows(rows, d_lo, d_hi):
+    """Interval rows times a derivative in ``[d_lo, d_hi]``: the extremes of the four
+    products."""
+    lo, hi = rows
+    products = np.stack([lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi])
+    return products.min(0), products.max(0)
+
+
 class ActivationTwin(Twin):
     nonlinear = True
 
@@ -201,16 +236,7 @@ class ActivationTwin(Twin):
         f_lo, f_hi = self(lo), self(hi)
         width = hi - lo
         if self.piecewise_linear:
-            s = self.slope if self.kind == "leaky_relu" else 0.0
-            unstable = (lo < 0) & (hi > 0)
-            lam = np.where(unstable, (f_hi - f_lo) / np.where(unstable, width, 1.0),
-                           np.where(lo >= 0, 1.0, s))
-            g_lo, g_hi = f_lo - lam * lo, f_hi - lam * hi
-            zero = np.where(unstable, 0.0, g_lo)  # phi(0) - lam 0, where 0 is inside
-            low = np.minimum(np.minimum(g_lo, g_hi), zero)
-            high = np.maximum(np.maximum(g_lo, g_hi), zero)
-            slack = ROUND * (np.abs(lo) + np.abs(hi))
-            return lam, (high + low) / 2, (high - low) / 2 + slack
+            return kink_chord(f_lo, f_hi, lo, hi, self.slope if self.kind == "leaky_relu" else 0.0)
         wide = width > CHORD_WIDTH * (1 + np.abs(lo) + np.abs(hi))
         lam = np.where(wide, (f_hi - f_lo) / np.where(wide, width, 1.0),
                        self.derivative((lo + hi) / 2))
@@ -224,16 +250,8 @@ class ActivationTwin(Twin):
     def adaptive(self, lo, hi):
         """CROWN's lines for a convex piecewise-linear ``phi`` on ``[lo, hi]``:
         ``phi(x) >= s_l x`` and ``phi(x) <= s_u x + b_u``."""
-        s = self.slope if self.kind == "leaky_relu" else 0.0
-        unstable = (lo < 0) & (hi > 0)
-        f_lo, f_hi = self(lo), self(hi)
-        stable = np.where(lo >= 0, 1.0, s)
-        s_upper = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0), stable)
-        b_upper = f_lo - s_upper * lo  # lifted by its miss at hi, so that it is above phi
-        miss = np.maximum(f_hi - (s_upper * hi + b_upper), 0)
-        b_upper = np.where(unstable, b_upper + miss + ROUND * (np.abs(f_lo) + np.abs(f_hi)), 0.0)
-        s_lower = np.where(unstable, np.where(hi >= -lo, 1.0, s), stable)
-        return s_lower, s_upper, b_upper
+        return kink_lines(self(lo), self(hi), lo, hi,
+                          self.slope if self.kind == "leaky_relu" else 0.0)
 
     def backward(self, A, boxes, lower):
         lo, hi = boxes[0]
@@ -322,10 +340,8 @@ class ActivationTwin(Twin):
     def jacobian(self, rows, boxes):
         if self.jump:  # no mean value theorem across the softplus jump
             return None
-        lo, hi = rows
         d_lo, d_hi = (t[:, None] for t in self.derivative_range(*boxes[0]))
-        products = np.stack([lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi])
-        return ((products.min(0), products.max(0)),)
+        return (derivative_rows(rows, d_lo, d_hi),)
 
     def gradient(self, A, xs):
         return (A * self.derivative(xs[0])[:, None],)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from certify.check.operators.activation import derivative_rows, kink_chord, kink_lines
 from certify.check.operators.base import Twin, row_sum
-from certify.check.operators.rounding import ROUND
 
 
 class PReLUTwin(Twin):
@@ -37,26 +37,10 @@ class PReLUTwin(Twin):
         return (lo < 0) & (hi > 0)
 
     def symmetric(self, lo, hi):
-        f_lo, f_hi = self(lo), self(hi)
-        unstable = (lo < 0) & (hi > 0)
-        lam = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0),
-                       np.where(lo >= 0, 1.0, self.slopes))
-        g_lo, g_hi = f_lo - lam * lo, f_hi - lam * hi
-        zero = np.where(unstable, 0.0, g_lo)
-        low = np.minimum(np.minimum(g_lo, g_hi), zero)
-        high = np.maximum(np.maximum(g_lo, g_hi), zero)
-        return lam, (high + low) / 2, (high - low) / 2 + ROUND * (np.abs(lo) + np.abs(hi))
+        return kink_chord(self(lo), self(hi), lo, hi, self.slopes)
 
     def adaptive(self, lo, hi):
-        unstable = (lo < 0) & (hi > 0)
-        f_lo, f_hi = self(lo), self(hi)
-        stable = np.where(lo >= 0, 1.0, self.slopes)
-        s_upper = np.where(unstable, (f_hi - f_lo) / np.where(unstable, hi - lo, 1.0), stable)
-        b_upper = f_lo - s_upper * lo
-        miss = np.maximum(f_hi - (s_upper * hi + b_upper), 0)
-        b_upper = np.where(unstable, b_upper + miss + ROUND * (np.abs(f_lo) + np.abs(f_hi)), 0.0)
-        s_lower = np.where(unstable, np.where(hi >= -lo, 1.0, self.slopes), stable)
-        return s_lower, s_upper, b_upper
+        return kink_lines(self(lo), self(hi), lo, hi, self.slopes)
 
     def backward(self, A, boxes, lower):
         lo, hi = boxes[0]
@@ -75,13 +59,11 @@ class PReLUTwin(Twin):
         return enclosure.scaled(*self.symmetric(lo, hi))
 
     def jacobian(self, rows, boxes):
-        lo, hi = rows
         b_lo, b_hi = boxes[0]
         a = self.slopes
         d_lo = np.where(b_hi < 0, a, np.where(b_lo > 0, 1.0, np.minimum(a, 1.0)))[:, None]
         d_hi = np.where(b_hi < 0, a, np.where(b_lo > 0, 1.0, np.maximum(a, 1.0)))[:, None]
-        products = np.stack([lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi])
-        return ((products.min(0), products.max(0)),)
+        return (derivative_rows(rows, d_lo, d_hi),)
 
     def gradient(self, A, xs):
         return (A * np.where(xs[0] > 0, 1.0, self.slopes)[:, None],)

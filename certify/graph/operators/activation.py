@@ -53,6 +53,49 @@ KINDS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "s
          "silu", "mish", "hardswish", "hardsigmoid", "hardtanh")
 
 
+def kink_chord(f_lo, f_hi, lo, hi, left):
+    """``phi(x) in lam x + mu +- nu`` on ``[lo, hi]`` for ``phi`` linear with slope ``left``
+    below 0 and 1 above it (``phi(0) = 0``), at the ends' values ``f_lo``, ``f_hi``: the chord
+    slope across the kink, and ``mu +- nu`` the range of ``phi(x) - lam x`` (at ``lo``, 0 and
+    ``hi``). ``left``: a tensor like ``lo`` (LeakyReLU's one slope, PReLU's per channel)."""
+    unstable = (lo < 0) & (hi > 0)
+    stable = torch.where(lo >= 0, torch.ones_like(lo), left)
+    lam = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, hi - lo, 1.0), stable)
+    g_lo, g_hi = f_lo - lam * lo, f_hi - lam * hi
+    zero = torch.where(unstable, 0.0, g_lo)
+    low = torch.minimum(torch.minimum(g_lo, g_hi), zero)
+    high = torch.maximum(torch.maximum(g_lo, g_hi), zero)
+    return lam, (high + low) / 2, (high - low) / 2 + ROUND * (lo.abs() + hi.abs())
+
+
+def kink_lines(f_lo, f_hi, lo, hi, left):
+    """CROWN's lines for the same ``phi`` where it is convex (``0 <= left <= 1``):
+    ``phi(x) >= s_l x`` and ``phi(x) <= s_u x + b_u`` on ``[lo, hi]``."""
+    unstable = (lo < 0) & (hi > 0)
+    chord = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, hi - lo, 1.0), 0.0)
+    stable = torch.where(lo >= 0, torch.ones_like(lo), left)
+    s_upper = torch.where(unstable, chord, stable)
+    # The chord through (lo, f_lo) with the rounded slope: check both ends and lift by
+    # the larger miss, so that the line is above phi on the whole interval.
+    b_upper = f_lo - s_upper * lo
+    miss = torch.clamp(f_hi - (s_upper * hi + b_upper), min=0)
+    b_upper = torch.where(unstable, b_upper + miss + ROUND * (f_lo.abs() + f_hi.abs()), 0.0)
+    s_lower = torch.where(unstable, torch.where(hi >= -lo, torch.ones_like(lo), left), stable)
+    return s_lower, s_upper, b_upper
+
+
+def derivative_rows(rows, d_lo, d_hi):
+    """Interval rows times a derivative in ``[d_lo, d_hi]`` (``(B, R, *x)`` and
+    ``(B, 1, *x)``): the extremes of the four products."""
+    lo, hi = rows
+    products = (lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi)
+    low = torch.minimum(torch.minimum(products[0], products[1]),
+                        torch.minimum(products[2], products[3]))
+    high = torch.maximum(torch.maximum(products[0], products[1]),
+                         torch.maximum(products[2], products[3]))
+    return low, high
+
+
 def ball_minima(sides, c, lam):
     """``min psi_i`` over each unstable entry's box, and the minimiser
     (``Activation.ball_offset``): ``psi_i(x) = q_side x + lam / 2 (x - c_i)^2`` on each side
@@ -221,15 +264,7 @@ class Activation(Operator):
         f_lo, f_hi = self(lo), self(hi)
         width = hi - lo
         if self.piecewise_linear:
-            unstable = (lo < 0) & (hi > 0)
-            stable = torch.where(lo >= 0, torch.ones_like(lo), torch.full_like(lo, self.slope))
-            lam = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, width, 1.0), stable)
-            g_lo, g_hi = f_lo - lam * lo, f_hi - lam * hi
-            zero = torch.where(unstable, 0.0, g_lo)
-            low = torch.minimum(torch.minimum(g_lo, g_hi), zero)
-            high = torch.maximum(torch.maximum(g_lo, g_hi), zero)
-            slack = ROUND * (lo.abs() + hi.abs())
-            return lam, (high + low) / 2, (high - low) / 2 + slack
+            return kink_chord(f_lo, f_hi, lo, hi, torch.full_like(lo, self.slope))
         wide = width > CHORD_WIDTH * (1 + lo.abs() + hi.abs())
         lam = torch.where(wide, (f_hi - f_lo) / torch.where(wide, width, 1.0),
                           self.derivative((lo + hi) / 2))
@@ -242,19 +277,7 @@ class Activation(Operator):
     def adaptive(self, lo, hi):
         """CROWN's lines for a convex piecewise-linear ``phi``: ``phi(x) >= s_l x`` and
         ``phi(x) <= s_u x + b_u`` on ``[lo, hi]``."""
-        unstable = (lo < 0) & (hi > 0)
-        f_lo, f_hi = self(lo), self(hi)
-        chord = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, hi - lo, 1.0), 0.0)
-        stable = torch.where(lo >= 0, torch.ones_like(lo), torch.full_like(lo, self.slope))
-        s_upper = torch.where(unstable, chord, stable)
-        # The chord through (lo, f_lo) with the rounded slope: check both ends and lift by
-        # the larger miss, so that the line is above phi on the whole interval.
-        b_upper = f_lo - s_upper * lo
-        miss = torch.clamp(f_hi - (s_upper * hi + b_upper), min=0)
-        b_upper = torch.where(unstable, b_upper + miss + ROUND * (f_lo.abs() + f_hi.abs()), 0.0)
-        s_lower = torch.where(unstable, torch.where(hi >= -lo, torch.ones_like(lo),
-                                                    torch.full_like(lo, self.slope)), stable)
-        return s_lower, s_upper, b_upper
+        return kink_lines(self(lo), self(hi), lo, hi, torch.full_like(lo, self.slope))
 
     def backward(self, A, boxes, lower):
         lo, hi = boxes[0]
@@ -349,14 +372,8 @@ class Activation(Operator):
     def jacobian(self, rows, boxes):
         if self.jump:  # the mean value theorem does not hold across a jump
             return None
-        lo, hi = rows
         d_lo, d_hi = (t[:, None] for t in self.derivative_range(*boxes[0]))
-        products = (lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi)
-        low = torch.minimum(torch.minimum(products[0], products[1]),
-                            torch.minimum(products[2], products[3]))
-        high = torch.maximum(torch.maximum(products[0], products[1]),
-                             torch.maximum(products[2], products[3]))
-        return ((low, high),)
+        return (derivative_rows(rows, d_lo, d_hi),)
 
     def lipschitz(self, norm, in_shapes):
         return (self.constant,)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from certify.graph.operators.base import ROUND, Operator, row_sum
+from certify.graph.operators.activation import derivative_rows, kink_chord, kink_lines
+from certify.graph.operators.base import Operator, row_sum
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,33 +47,12 @@ class PReLU(Operator):
 
     def symmetric(self, lo, hi):
         """``phi(x) in lam x + mu +- nu`` on ``[lo, hi]``."""
-        a = self._slopes(lo)
-        f_lo, f_hi = self(lo), self(hi)
-        unstable = (lo < 0) & (hi > 0)
-        stable = torch.where(lo >= 0, torch.ones_like(lo), a)
-        lam = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, hi - lo, 1.0), stable)
-        g_lo, g_hi = f_lo - lam * lo, f_hi - lam * hi
-        zero = torch.where(unstable, 0.0, g_lo)
-        low = torch.minimum(torch.minimum(g_lo, g_hi), zero)
-        high = torch.maximum(torch.maximum(g_lo, g_hi), zero)
-        return lam, (high + low) / 2, (high - low) / 2 + ROUND * (lo.abs() + hi.abs())
+        return kink_chord(self(lo), self(hi), lo, hi, self._slopes(lo))
 
     def adaptive(self, lo, hi):
         """CROWN's lines where ``phi`` is convex: ``phi(x) >= s_l x`` and ``phi(x) <= s_u x +
         b_u`` on ``[lo, hi]``."""
-        a = self._slopes(lo)
-        unstable = (lo < 0) & (hi > 0)
-        f_lo, f_hi = self(lo), self(hi)
-        stable = torch.where(lo >= 0, torch.ones_like(lo), a)
-        chord = torch.where(unstable, (f_hi - f_lo) / torch.where(unstable, hi - lo, 1.0), 0.0)
-        s_upper = torch.where(unstable, chord, stable)
-        # The chord through (lo, f_lo) with the rounded slope, lifted by its larger miss at
-        # either end (as Activation.adaptive).
-        b_upper = f_lo - s_upper * lo
-        miss = torch.clamp(f_hi - (s_upper * hi + b_upper), min=0)
-        b_upper = torch.where(unstable, b_upper + miss + ROUND * (f_lo.abs() + f_hi.abs()), 0.0)
-        s_lower = torch.where(unstable, torch.where(hi >= -lo, torch.ones_like(lo), a), stable)
-        return s_lower, s_upper, b_upper
+        return kink_lines(self(lo), self(hi), lo, hi, self._slopes(lo))
 
     def backward(self, A, boxes, lower):
         lo, hi = boxes[0]
@@ -99,14 +79,8 @@ class PReLU(Operator):
         return low, high
 
     def jacobian(self, rows, boxes):
-        lo, hi = rows
         d_lo, d_hi = (t[:, None] for t in self.derivative_range(*boxes[0]))
-        products = (lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi)
-        low = torch.minimum(torch.minimum(products[0], products[1]),
-                            torch.minimum(products[2], products[3]))
-        high = torch.maximum(torch.maximum(products[0], products[1]),
-                             torch.maximum(products[2], products[3]))
-        return ((low, high),)
+        return (derivative_rows(rows, d_lo, d_hi),)
 
     def lipschitz(self, norm, in_shapes):
         return (max(1.0, float(self.slopes.abs().max())),)
