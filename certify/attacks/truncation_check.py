@@ -85,7 +85,8 @@ def truncation_check(model: nn.Module, layer: str, x: torch.Tensor, ranks: Seque
     for r in ranks:
         LowRank(r).check(W, layer)
         tail = (U[:, r:] * S[r:]) @ Vh[r:]  # W - W_r
-        changes.append(torch.linalg.matrix_norm(tail @ P))
+        change = op.uncolumns(tail @ P, values[index].shape[1:])  # (W - W_r) P~, real blocks
+        changes.append(torch.linalg.vector_norm(change.flatten(1), dim=-1))
         truncated = op.with_weight(W - tail)
         with torch.no_grad():
             flips.append(network.run(index, truncated(h), values).argmax(-1) != predicted)

@@ -29,6 +29,7 @@ from certify.capture.transformers import (_attention, _clamp_min, _expand_norm, 
 from certify.graph.operators import (Activation, Add, Affine, AvgPool, Cat, MaxPool, Normalize,
                                      Permute, PReLU, Product, Reduce, Reshape, ScaleShift, Slice,
                                      ZeroPad)
+from certify.graph.operators.affine import swap_kernel
 
 aten = torch.ops.aten
 
@@ -72,14 +73,24 @@ def _tuple(v, n):
 
 
 def _conv(b: Build, fx, where, x, weight, bias=None, stride=1, padding=0, dilation=1,
-          groups=1, transposed=False, output_padding=None):
+          groups=1, transposed=False, output_padding=0):
+    """A convolution (grouped, depthwise or transposed; 1-d or 2-d) as a certified layer; a
+    transposed one holds the kernel of the convolution it equals (``swap_kernel``)."""
     W = _const(weight, fx, "the kernel")
     n = W.value.ndim - 2
-    if transposed or groups != 1 or n not in (1, 2):
-        raise UnsupportedModelError(
-            f"{_kind(fx)} with transposed={transposed}, groups={groups}, {n}-d kernel "
-            f"({where}); supported: conv1d and conv2d with groups=1")
+    if n not in (1, 2):
+        raise UnsupportedModelError(f"{_kind(fx)} with a {n}-d kernel ({where}); supported: "
+                                    "1-d and 2-d convolutions (grouped, depthwise, transposed)")
     dilation = _tuple(dilation, n)
+    if transposed:
+        if isinstance(padding, str):
+            raise UnsupportedModelError(f"a transposed convolution with padding={padding!r} "
+                                        f"({where}); supported: padding given as numbers")
+        bias = _zeros(W.value.shape[1] * groups) if bias is None else \
+            _const(bias, fx, "the bias").value
+        op = Affine(swap_kernel(W.value, groups), bias, _tuple(stride, n), _tuple(padding, n),
+                    dilation, groups, True, _tuple(output_padding, n))
+        return b.affine(op, x, fx, W)
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
@@ -88,13 +99,20 @@ def _conv(b: Build, fx, where, x, weight, bias=None, stride=1, padding=0, dilati
         else:
             raise UnsupportedModelError(f"padding='same' with an even kernel ({where})")
     bias = _zeros(W.value.shape[0]) if bias is None else _const(bias, fx, "the bias").value
-    op = Affine(W.value, bias, _tuple(stride, n), _tuple(padding, n), dilation)
+    op = Affine(W.value, bias, _tuple(stride, n), _tuple(padding, n), dilation, groups)
     return b.affine(op, x, fx, W)
 
 
 def _convolution(b: Build, fx, where, x, weight, bias, stride, padding, dilation, transposed,
                  output_padding, groups):
-    return _conv(b, fx, where, x, weight, bias, stride, padding, dilation, groups, transposed)
+    return _conv(b, fx, where, x, weight, bias, stride, padding, dilation, groups, transposed,
+                 output_padding)
+
+
+def _conv_transpose(b: Build, fx, where, x, weight, bias=None, stride=1, padding=0,
+                    output_padding=0, groups=1, dilation=1):
+    return _conv(b, fx, where, x, weight, bias, stride, padding, dilation, groups, True,
+                 output_padding)
 
 
 def _kind(fx) -> str:
@@ -394,6 +412,7 @@ def _tail(log):
 BUILDERS = {
     aten.linear: _linear, aten.addmm: _addmm, aten.mm: _mm, aten.matmul: _mm,
     aten.conv1d: _conv, aten.conv2d: _conv, aten.convolution: _convolution,
+    aten.conv_transpose1d: _conv_transpose, aten.conv_transpose2d: _conv_transpose,
     aten.batch_norm: _batch_norm,
     aten._native_batch_norm_legit_no_training: _batch_norm_no_training,
     aten.relu: _activation("relu"), aten.relu_: _activation("relu"),
@@ -443,7 +462,8 @@ BUILDERS = {
 IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 
 SUPPORTED = (
-    "linear, addmm/mm/matmul by a weight, conv1d/conv2d (groups=1), batch norm in eval mode, "
+    "linear, addmm/mm/matmul by a weight, conv1d/conv2d (grouped, depthwise, transposed), "
+    "batch norm in eval mode, "
     "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact and tanh), softplus, silu, mish, "
     "hardswish, hardsigmoid, hardtanh/relu6/clamp (constant bounds), prelu, max and average "
     "pooling (1-d, 2-d, adaptive average), layer norm (last axis), "

@@ -103,11 +103,11 @@ def check_thresholds(report, where: str, W: np.ndarray, t: dict, radius: float, 
 
 # -- compression checks -------------------------------------------------------------------
 
-def _reach(E: np.ndarray, P: np.ndarray) -> dict[str, np.ndarray]:
+def _reach(E: np.ndarray, layer, P: np.ndarray) -> dict[str, np.ndarray]:
     """The output change ``E P`` as a weight radius per input: the smallest radius whose
     section-4 region (``||dZ||_F <= rho sigma_max(P)``, ``|dZ_ij| <= rho ||P_:j||_1``)
-    contains it."""
-    delta = E @ P
+    contains it (a grouped layer's rows keep their own group's blocks)."""
+    delta = layer.columns(layer.uncolumns(E @ P))
     return {"fro": np.linalg.norm(delta, axis=(-2, -1)) / region_scale(P, "fro"),
             "max": (np.abs(delta).max(axis=1) / region_scale(P, "max")).max(axis=-1)}
 
@@ -136,7 +136,7 @@ def check_compression(report, entry: dict, graph, values, predicted, lower: dict
     for i, G in zip(indices, compressed):
         W = graph.layer(i).matrix
         errors[graph.nodes[i].name] = (error_norms(W - G), graph.is_dense(i))
-        reach[graph.nodes[i].name] = _reach(W - G, graph.layer(i).patches(
+        reach[graph.nodes[i].name] = _reach(W - G, graph.layer(i), graph.layer(i).patches(
             values[graph.input_of(i)]))
         small = small.with_weight(i, G)
     n = len(predicted)

@@ -207,7 +207,8 @@ def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
         for i in indices:  # E P: the change of the layer's output, bias untouched
             layer, E = network.layer(i), network.layer(i).matrix - small.layer(i).matrix
             P = layer.patches(values[network.input_of(i)])
-            delta = torch.matmul(E, P)
+            # (columns of uncolumns: a grouped layer's rows keep their own group's blocks)
+            delta = layer.columns(layer.uncolumns(torch.matmul(E, P), values[i].shape[1:]))
             parts.append((torch.linalg.matrix_norm(delta), delta.abs().amax(dim=(-2, -1)),
                           *_reach(delta, P)))
         changes.append(parts)

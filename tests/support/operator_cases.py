@@ -179,17 +179,25 @@ def affine_dense(draw):
 
 
 @st.composite
-def affine_conv(draw, two: bool):
-    c_in, c_out = draw(small), draw(small)
+def affine_conv(draw, two: bool, grouped: bool = False, transposed: bool = False):
+    """Convolutions; ``grouped``: 2 or 3 groups, or depthwise (one input channel per group);
+    ``transposed``: the kernel drawn in the equivalent convolution's layout."""
+    groups = draw(st.integers(2, 3)) if grouped else 1
+    c_in, c_out = groups * draw(small), groups * draw(small)
+    if grouped and draw(st.booleans()):  # depthwise, with a channel multiplier
+        c_in = groups
     axes = 2 if two else 1
     k = tuple(draw(st.integers(1, 3)) for _ in range(axes))
     stride = tuple(draw(st.integers(1, 3)) for _ in range(axes))
     padding = tuple(draw(st.integers(0, 2)) for _ in range(axes))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(axes))
+    extra = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)) \
+        if transposed else ()
     spatial = tuple(draw(st.integers(1, 5 if two else 8)) for _ in range(axes))
     gen = torch.Generator().manual_seed(draw(seeds))
-    weight = randn(gen, c_out, c_in, *k, scale=1 / math.sqrt(c_in * math.prod(k)))
-    op = Affine(weight, randn(gen, c_out), stride, padding, dilation)
+    fan_in = c_in // groups * math.prod(k)
+    weight = randn(gen, c_out, c_in // groups, *k, scale=1 / math.sqrt(fan_in))
+    op = Affine(weight, randn(gen, c_out), stride, padding, dilation, groups, transposed, extra)
     shapes = [(c_in, *spatial)]
     assume(valid(op, shapes))
     return op, shapes
@@ -417,6 +425,10 @@ FAMILIES = {
     "affine_dense": affine_dense(),
     "affine_conv1d": affine_conv(False),
     "affine_conv2d": affine_conv(True),
+    "affine_conv1d_grouped": affine_conv(False, grouped=True),
+    "affine_conv2d_grouped": affine_conv(True, grouped=True),
+    "affine_conv1d_transposed": affine_conv(False, transposed=True),
+    "affine_conv2d_transposed": affine_conv(True, grouped=True, transposed=True),
     "relu": activations("relu"),
     "leaky_relu": activations("leaky_relu"),
     "elu": activations("elu"),
@@ -484,6 +496,12 @@ def _teeth_cases() -> list[tuple[str, Case]]:
         ALL - {"fro"})
     add("affine_conv2d", Affine(randn(g, 2, 1, 2, 2), randn(g, 2), (1, 2), (1, 0), (2, 1)),
         [(1, 4, 5)], ALL - {"fro"})
+    add("affine_depthwise", Affine(randn(g, 4, 1, 3, 3), randn(g, 4), (1, 1), (1, 1), (1, 1), 2),
+        [(2, 4, 4)], ALL - {"fro"})
+    # A transposed convolution's output sees every other kernel row (stride 2): the largest
+    # row sum of the whole kernel, its l_inf constant, is not attained either.
+    add("affine_transposed", Affine(randn(g, 3, 2, 2, 3), randn(g, 3), (2, 1), (1, 0), (1, 2),
+                                    1, True, (1, 0)), [(2, 3, 3)], ALL - {"fro", "max"})
     # Piecewise linear activations: the chord rule and CROWN's lines are attained at the
     # ends of boxes straddling the kink; smooth ones: interval, jacobian, constant only (the
     # mean value bound of the linear rule is not attained).

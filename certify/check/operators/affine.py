@@ -5,6 +5,12 @@ THEORY.md section 2: the positions are the columns ``P``); convolutions (1-D as 
 height-one map) on their im2col patches, taken with ``sliding_window_view`` in torch's
 ``unfold`` order (channel, kernel row, kernel column; positions row-major), and the
 adjoint of im2col (``fold``) scatters the columns back, summing overlaps.
+
+Grouped convolutions: the patches of group ``i`` are the rows of its channels, laid side by
+side as columns ``(n / g, g L)``; an output row keeps the block of its own group. A
+transposed convolution runs as a convolution on its input with ``stride - 1`` zeros
+inserted, padded by ``d (k - 1) - p`` (cropped where negative) and ``output_padding`` at the
+end; the operator already holds the flipped, channel-swapped kernel of that convolution.
 """
 
 from __future__ import annotations
@@ -59,8 +65,13 @@ class AffineTwin(Twin):
                                dtype=np.float64).reshape(tuple(op.weight.shape))
         self.bias = np.array(op.bias.detach().numpy(), dtype=np.float64)
         self.is_conv = self.weight.ndim > 2
+        self.groups = op.groups
+        self.transposed = op.transposed
         if self.is_conv:
-            self.geometry = _geometry(self.weight.shape[2:], op.stride, op.padding, op.dilation)
+            stride, padding = op.stride, op.padding
+            if self.transposed:  # a plain convolution on the stuffed input
+                stride, padding = (1,) * len(stride), (0,) * len(padding)
+            self.geometry = _geometry(self.weight.shape[2:], stride, padding, op.dilation)
 
     def with_weight(self, weight: np.ndarray) -> AffineTwin:
         """The same layer with the weight (matrix or kernel) ``weight``."""
@@ -74,34 +85,74 @@ class AffineTwin(Twin):
     def overlap(self) -> int:
         if not self.is_conv:
             return 1
-        kernel, stride, _, dilation = self.geometry
+        kernel, stride, _, dilation = self.geometry  # transposed: stride 1 on the stuffing
         return overlap(kernel, stride, dilation)
 
     def _maps(self, x: np.ndarray) -> np.ndarray:
-        """``x`` ``(B, C, *spatial)`` as ``(B, C, H, W)``."""
+        """``x`` ``(B, C, *spatial)`` as ``(B, C, H, W)``, stuffed for a transposed layer."""
         shape = self.in_shapes[0]
-        if self.weight.ndim == 3:
-            return x.reshape(-1, shape[0], 1, shape[1])
-        return x.reshape(-1, *shape)
+        x = x.reshape(-1, *shape)
+        if self.transposed:
+            x = self._stuff(x)
+        return x[:, :, None] if self.weight.ndim == 3 else x
+
+    def _stuff_geometry(self):
+        """Per spatial axis: (stride, zeros before, zeros after) of the stuffed input."""
+        op = self.op
+        return [(s, d * (k - 1) - p, d * (k - 1) - p + e) for k, s, p, d, e in zip(
+            self.weight.shape[2:], op.stride, op.padding, op.dilation, op.output_padding)]
+
+    def _stuff(self, x: np.ndarray) -> np.ndarray:
+        for axis, (s, before, after) in enumerate(self._stuff_geometry(), start=2):
+            n = x.shape[axis]
+            out = np.zeros(x.shape[:axis] + ((n - 1) * s + 1,) + x.shape[axis + 1:])
+            out[(slice(None),) * axis + (slice(None, None, s),)] = x
+            x = np.pad(out, [(0, 0)] * axis + [(max(before, 0), max(after, 0))] +
+                       [(0, 0)] * (x.ndim - axis - 1))
+            x = x[(slice(None),) * axis + (slice(max(-before, 0), x.shape[axis] -
+                                                 max(-after, 0)),)]
+        return x
+
+    def _unstuff(self, y: np.ndarray) -> np.ndarray:
+        """Adjoint of ``_stuff``: crop the padding (zero-fill the cropped), take every
+        ``stride``-th entry."""
+        for axis, (s, before, after) in enumerate(self._stuff_geometry(), start=2):
+            y = np.pad(y, [(0, 0)] * axis + [(max(-before, 0), max(-after, 0))] +
+                       [(0, 0)] * (y.ndim - axis - 1))
+            end = y.shape[axis] - max(after, 0)
+            y = y[(slice(None),) * axis + (slice(max(before, 0), end, s),)]
+        return y
 
     def patches(self, x: np.ndarray) -> np.ndarray:
-        """The input ``(B, *in)`` as columns ``(B, n, L)`` (dense: the positions)."""
+        """The input ``(B, *in)`` as columns ``(B, n, L)`` (dense: the positions; ``g``
+        groups: ``(B, n / g, g L)``)."""
         B = len(x)
         if not self.is_conv:
             return x.reshape(B, -1, x.shape[-1]).transpose(0, 2, 1)
-        return unfold(self._maps(x), *self.geometry)
+        P = unfold(self._maps(x), *self.geometry)
+        _, n, L = P.shape
+        g = self.groups
+        return P.reshape(B, g, n // g, L).transpose(0, 2, 1, 3).reshape(B, n // g, g * L)
 
     def columns(self, Z: np.ndarray) -> np.ndarray:
-        """The output ``(B, *out)`` as columns ``(B, m, L)``, matching ``patches``."""
+        """The output ``(B, *out)`` as columns ``(B, m, L)``, matching ``patches`` (``g``
+        groups: ``(B, m, g L)``, zero off each row's own group)."""
         if not self.is_conv:
             return Z.reshape(len(Z), -1, Z.shape[-1]).transpose(0, 2, 1)
-        return Z.reshape(*Z.shape[:2], -1)
+        B, m, g = len(Z), Z.shape[1], self.groups
+        Z = Z.reshape(B, g, m // g, -1)
+        out = np.zeros((B, g, m // g, g, Z.shape[-1]))
+        for i in range(g):
+            out[:, i, :, i] = Z[:, i]
+        return out.reshape(B, m, -1)
 
     def uncolumns(self, Z: np.ndarray) -> np.ndarray:
         """Inverse of ``columns``: ``(B, m, L)`` back to ``(B, *out)``."""
         if not self.is_conv:
             return Z.transpose(0, 2, 1).reshape(len(Z), *self.out_shape)
-        return Z.reshape(len(Z), *self.out_shape)
+        B, m, g = len(Z), Z.shape[1], self.groups
+        Z = Z.reshape(B, g, m // g, g, -1)
+        return np.stack([Z[:, i, :, i] for i in range(g)], axis=1).reshape(B, *self.out_shape)
 
     def linear(self, x: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
         """``W x`` without the bias (``weight``: another matrix for ``W``), ``(B, *out)``."""
@@ -125,11 +176,18 @@ class AffineTwin(Twin):
         if not self.is_conv:
             return A @ W
         B, R = A.shape[:2]
-        m = self.weight.shape[0]
-        cols = np.einsum("mn,bml->bnl", W, A.reshape(B * R, m, -1))
+        m, g = self.weight.shape[0], self.groups
+        rows = A.reshape(B * R, g, m // g, -1)
+        cols = np.einsum("gmn,bgml->bgnl", W.reshape(g, m // g, -1), rows)
+        cols = cols.reshape(B * R, -1, rows.shape[-1])  # group-major, as unfold's rows
         in_shape = self.in_shapes[0]
-        maps = (in_shape[0], 1, in_shape[1]) if self.weight.ndim == 3 else in_shape
-        return fold(cols, maps, *self.geometry).reshape(B, R, *in_shape)
+        maps = self._maps(np.zeros((1, *in_shape))).shape[1:]
+        x = fold(cols, maps, *self.geometry)
+        if self.weight.ndim == 3:
+            x = x[:, :, 0]
+        if self.transposed:
+            x = self._unstuff(x)
+        return x.reshape(B, R, *in_shape)
 
     def interval(self, box):
         lo, hi = box
@@ -159,11 +217,13 @@ class AffineTwin(Twin):
 
     def operator_norm(self, norm: str) -> float:
         """Upper bound of the operator norm of ``h -> W h``: l2 ``sqrt(overlap)
-        sigma_max(W)`` (an entry lies in at most ``overlap`` patches); l_inf the largest
-        row l1 norm, inflated by ``n eps`` for its sum (padding only removes terms)."""
+        sigma_max(W)`` (an entry lies in at most ``overlap`` patches; grouped: the largest
+        of the groups' blocks); l_inf the largest row l1 norm, inflated by ``n eps`` for its
+        sum (padding only removes terms)."""
         W = self.matrix
         if norm == "fro":
-            return math.sqrt(self.overlap) * spectral_upper(W)
+            blocks = W.reshape(self.groups, -1, W.shape[1])
+            return math.sqrt(self.overlap) * max(spectral_upper(w) for w in blocks)
         return float(np.abs(W).sum(axis=1).max()) * (1 + W.shape[1] * EPS)
 
     def lipschitz(self, norm):
