@@ -449,6 +449,8 @@ BUILDERS = {
     aten.max_pool1d_with_indices: _max_pool(False, True),
     aten.constant_pad_nd: _pad_nd, aten.pad: _pad,
     aten.dropout: _dropout, aten.feature_dropout: _dropout, aten.alpha_dropout: _dropout,
+    aten.dropout_: _dropout, aten.feature_dropout_: _dropout, aten.alpha_dropout_: _dropout,
+    aten.feature_alpha_dropout: _dropout, aten.feature_alpha_dropout_: _dropout,
     aten.softmax: _tail(False), aten._softmax: _tail(False), aten.log_softmax: _tail(True),
     aten._log_softmax: _tail(True),
     aten.layer_norm: _layer_norm, aten.native_layer_norm: _native_layer_norm,
