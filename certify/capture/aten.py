@@ -11,8 +11,9 @@ Arguments are per-batch in the export; every rule converts them to per-input sha
 
 The rules of the layers here; those of transformer blocks (layer norm, scaled dot-product
 attention decomposed into products and a softmax, the vector norm of ``F.normalize``) are in
-``certify.capture.transformers``, and both read constant operands (weights, biases, the
-constants of arithmetic) with ``certify.capture.operands``.
+``certify.capture.transformers``, those of padding by the input's own entries and of
+interpolation in ``certify.capture.resampling``, and all read constant operands (weights,
+biases, the constants of arithmetic) with ``certify.capture.operands``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 
 from certify.capture.build import Build, Norm, Ref, UnsupportedModelError
 from certify.capture.operands import _const, _per_input, _zeros
+from certify.capture.resampling import BUILDERS as RESAMPLING
+from certify.capture.resampling import _edge_pad
 from certify.capture.transformers import (_attention, _clamp_min, _expand_norm, _layer_norm,
                                           _native_layer_norm, _vector_norm)
 from certify.graph.operators import (Activation, Add, Affine, AvgPool, Cat, MaxPool, Normalize,
@@ -362,11 +365,11 @@ def _max_pool(two, indices):
 def _pad(b: Build, fx, where, x, pad, mode="constant", value=None):
     # aten::pad(Tensor self, SymInt[] pad, str mode="constant", float? value=None)
     if mode != "constant":
-        raise UnsupportedModelError(f"padding with mode={mode!r} ({where}); supported: zero "
-                                    "padding (mode='constant', value 0)")
+        return _edge_pad(b, fx, where, x, pad, mode)
     if (value or 0.0) != 0.0:
         raise UnsupportedModelError(f"padding with the constant {value} ({where}); supported: "
-                                    "zero padding (mode='constant', value 0)")
+                                    "zero padding (mode='constant', value 0) and modes "
+                                    "'reflect', 'replicate', 'circular'")
     return b.node(ZeroPad(tuple(pad)), [x], fx)
 
 
@@ -459,6 +462,7 @@ BUILDERS = {
     aten.expand_as: _expand_norm,
     aten._to_copy: _to_copy, aten.to: _to_copy, aten.sym_size: _sym_size,
     operator.getitem: _getitem,
+    **RESAMPLING,
 }
 
 IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fresh_copy}
@@ -474,5 +478,7 @@ SUPPORTED = (
     "cat/stack, addition, subtraction and products (mul, matmul/bmm) of computed tensors, "
     "scaled_dot_product_attention (no mask), softmax over the last axis, "
     "F.normalize (l2, last axis), arithmetic with constants, mean/sum, zero padding, "
+    "reflect/replicate/circular padding (1-d to 3-d), nearest, nearest-exact, linear and "
+    "bilinear interpolation (nn.Upsample, F.interpolate; 1-d and 2-d), "
     "dropout and copies (dropped), log-softmax at the output"
 )

@@ -1,6 +1,7 @@
 """Padding as ``torch.export`` writes it (``aten.pad``, ``aten.constant_pad_nd``): zero
-padding is captured exactly, however the model spells it, and any other padding is refused
-with a message that names what the model asked for.
+padding is captured exactly, however the model spells it, and padding by a nonzero constant
+is refused with a message that names what the model asked for (reflect, replicate and
+circular padding: ``tests/capture/test_resampling.py``).
 
 Regression: ``aten.pad(self, pad, mode, value)`` was read as ``(self, pad, value, mode)``, so
 ``F.pad(x, p, value=0.0)`` and ``nn.ZeroPad2d`` were refused as "mode=0.0, value=constant"
@@ -59,13 +60,10 @@ def test_zero_padding_is_captured_exactly(spelling, amounts, seed):
 
 
 @pytest.mark.parametrize("pad, message", [
-    (nn.ReflectionPad2d(1), r"mode='reflect'"),
-    (nn.ReplicationPad2d(1), r"mode='replicate'"),
-    (lambda x: F.pad(x, (1, 1, 1, 1), mode="circular"), r"mode='circular'"),
     (nn.ConstantPad2d(1, 0.5), r"the constant 0\.5"),
     (lambda x: F.pad(x, (1, 1, 1, 1), value=-1.0), r"the constant -1\.0"),
 ])
-def test_other_padding_is_refused_by_name(pad, message):
+def test_constant_padding_is_refused_by_name(pad, message):
     model, x = padded(pad)
     with pytest.raises(UnsupportedModelError, match=message) as refused:
         capture(model, x)

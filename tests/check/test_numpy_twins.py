@@ -18,6 +18,7 @@ agree with the torch ones, and it accepts fresh certificates and refutes tampere
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -47,7 +48,7 @@ from certify.check.bounds import (
 from certify.check.forward import NumpyGraph, margin_gradients
 from certify.check.operators import activation as numpy_activation
 from certify.check.operators import twin
-from certify.graph.operators import Activation, AvgPool
+from certify.graph.operators import Activation, AvgPool, Interpolate, Pad
 from certify.graph.operators import activation_shapes as torch_activation
 from certify.radii.radius import _columns, predictions, region, region_scale
 from certify.radii.radius import global_lower as torch_global_lower
@@ -253,6 +254,65 @@ def test_hardswish_constants():
     assert numpy_activation.DIPS["hardswish"] == torch_activation.DIPS["hardswish"]
 
 
+KERNELS = {  # torch's own kernels, (entries along one axis, size, align_corners, scale)
+    ("nearest", 1): lambda x, m, a, s: torch.ops.aten.upsample_nearest1d(x, [m], s),
+    ("nearest", 2): lambda x, m, a, s: torch.ops.aten.upsample_nearest2d(x, [1, m], None, s),
+    ("nearest-exact", 1): lambda x, m, a, s: torch.ops.aten._upsample_nearest_exact1d(x, [m], s),
+    ("nearest-exact", 2):
+        lambda x, m, a, s: torch.ops.aten._upsample_nearest_exact2d(x, [1, m], None, s),
+    ("linear", 1): lambda x, m, a, s: torch.ops.aten.upsample_linear1d(x, [m], a, s),
+    ("bilinear", 2): lambda x, m, a, s: torch.ops.aten.upsample_bilinear2d(x, [1, m], a, None, s),
+}
+
+
+# Sizes and factors where a scale rounded to float32 (as torch's two-axis nearest kernels
+# round it) and one kept in float64 (its one-axis kernels) pick different entries.
+ROUNDING = [(26, 3.96), (27, 3.88), (16, 3.7), (17, 2.3), (18, 2.7)]
+
+
+@pytest.mark.parametrize("mode, axes", sorted(KERNELS))
+def test_interpolation_twin_reads_what_torch_kernels_read(mode, axes):
+    """Every size up to 13 in and 30 out, by a size or by scale factors whose output sizes
+    hit torch's special cases (the size kept or doubled with a factor of 1.1 or 2.1, factors
+    with no exact binary form, ``ROUNDING``): the twin picks the entries torch's kernels
+    pick (nearest modes) and weighs them as they do (to 1e-14: the kernels round
+    differently)."""
+    factors = (None, 0.3, 0.6, 1 / 3, 0.7, 1.0, 1.1, 1.3, 1.5, 1.7, 2.0, 2.1, 2.3, 2.5)
+    sizes = [(n, int(n * f), f) for n in range(1, 14) for f in factors if f] + \
+        [(n, m, None) for n in range(1, 14) for m in range(1, 31)] + \
+        [(n, int(n * f), f) for n, f in ROUNDING]
+    aligns = (False, True) if "linear" in mode else (False,)
+    for (n, m, factor), align in itertools.product(sizes, aligns):
+        if m < 1:
+            continue
+        shape, size = ((n,), (m,)) if axes == 1 else ((1, n), (1, m))
+        op = Interpolate(size, mode, align, (factor,) if axes == 1 else (None, factor))
+        x = np.random.default_rng(n).standard_normal((2, 1, *shape))
+        got = twin(op, [(1, *shape)], (1, *size))(x)
+        want = KERNELS[mode, axes](torch.from_numpy(x), m, align, factor).numpy()
+        if "nearest" in mode:
+            assert np.array_equal(got, want), (n, m, factor)
+        else:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
+
+
+def test_padding_twin_reads_what_torch_reads():
+    """Every amount from -3 (a crop) to 7 on either side of 1 to 6 entries that torch pads
+    (circular: amounts >= 0, the only ones capture reads): the entries of the twin are
+    torch's."""
+    for n in range(1, 7):
+        for mode in ("reflect", "replicate", "circular"):
+            for pad in itertools.product(range(-3 if mode != "circular" else 0, 8), repeat=2):
+                x = torch.randn(2, 3, n, dtype=torch.float64)
+                try:
+                    want = F.pad(x, pad, mode=mode)
+                except RuntimeError:  # reflect beyond the edge, circular wrapping twice
+                    continue
+                if want.numel():
+                    got = twin(Pad(pad, mode), [(3, n)], tuple(want.shape[1:]))(x.numpy())
+                    assert np.array_equal(got, want.numpy()), (n, mode, pad)
+
+
 # -- random small graphs with every operator -------------------------------------------------
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.GELU(approximate="tanh"),
@@ -269,9 +329,10 @@ SHAPES = {"_Image": (2, 6, 6), "_Sequence": (3, 8), "_Vector": (6,), "_Transform
 
 
 class _Image(nn.Module):
-    """conv2d, activation, pooling (max, average, adaptive), zero padding (or cropping),
-    per-channel scale and shift, a residual 1x1 convolution ``h + alpha act(proj h)``,
-    flatten, two dense layers."""
+    """conv2d, activation, pooling (max, average, adaptive) or upsampling (nearest,
+    nearest-exact, bilinear), zero padding (or cropping) or padding by the map's own entries
+    (reflect, replicate, circular), per-channel scale and shift, a residual 1x1 convolution
+    ``h + alpha act(proj h)``, flatten, two dense layers."""
 
     def __init__(self, draw, acts):
         super().__init__()
@@ -280,10 +341,14 @@ class _Image(nn.Module):
                               padding=draw(st.integers(0, 1)), dilation=draw(st.integers(1, 2)))
         self.act1, self.act2, self.act3 = (_activation(draw, acts) for _ in range(3))
         k = draw(st.integers(1, 3))
-        pool = draw(st.sampled_from(["max", "avg", "adaptive", "none"]))
+        pool = draw(st.sampled_from(["max", "avg", "adaptive", "upsample", "none"]))
         if pool == "max":
             self.pool = nn.MaxPool2d(k, draw(st.integers(1, 2)), draw(st.integers(0, k // 2)),
                                      draw(st.integers(1, 2)), ceil_mode=draw(st.booleans()))
+        elif pool == "upsample":
+            self.pool = nn.Upsample(scale_factor=draw(st.sampled_from([1.5, 2.0])),
+                                    mode=draw(st.sampled_from(["nearest", "nearest-exact",
+                                                               "bilinear"])))
         elif pool == "avg":
             self.pool = nn.AvgPool2d(k, draw(st.integers(1, 2)), draw(st.integers(0, k // 2)),
                                      draw(st.booleans()), draw(st.booleans()),
@@ -292,7 +357,10 @@ class _Image(nn.Module):
             self.pool = nn.AdaptiveAvgPool2d((draw(st.integers(1, 3)), draw(st.integers(1, 3))))
         else:
             self.pool = nn.Identity()
-        self.pad = tuple(draw(st.integers(-1, 1)) for _ in range(4))
+        # A map too small to reflect refuses to build (the strategy skips it).
+        self.mode = draw(st.sampled_from(["constant", "reflect", "replicate", "circular"]))
+        low = 0 if self.mode == "circular" else -1  # circular crops are refused
+        self.pad = tuple(draw(st.integers(low, 1)) for _ in range(4))
         self.register_buffer("scale", torch.rand(c, 1, 1) + 0.5)
         self.register_buffer("shift", torch.randn(c, 1, 1) * 0.1)
         self.proj = nn.Conv2d(c, c, 1)
@@ -303,7 +371,7 @@ class _Image(nn.Module):
 
     def features(self, x):
         h = self.pool(self.act1(self.conv(x)))
-        h = F.pad(h, self.pad) * self.scale + self.shift
+        h = F.pad(h, self.pad, mode=self.mode) * self.scale + self.shift
         return torch.add(h, self.act3(self.proj(h)), alpha=self.alpha).flatten(1)
 
     def forward(self, x):

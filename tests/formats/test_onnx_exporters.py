@@ -28,8 +28,8 @@ from certify.models import small as small_models
 from certify.capture.export import UnsupportedModelError, capture
 from certify.cli.inputs import crosscheck_onnx
 from certify.formats.loading import ModelLoadError, load_model, onnx_crosscheck
-from certify.formats.onnx.converted import ConstantReshape
-from certify.graph.operators import Activation, LayerNorm
+from certify.formats.onnx.converted import ConstantReshape, ConstantResize
+from certify.graph.operators import Activation, Interpolate, LayerNorm
 
 BATCH = 4  # the batch size of every export
 
@@ -380,3 +380,43 @@ def test_an_operator_certify_does_not_read_is_named(tmp_path, kind):
     with pytest.raises(UnsupportedModelError, match=r"erf\.default is not supported \(module "
                                                     r"'[^']+' \(OnnxErf\)"):
         capture(module, inputs(2).double())
+
+
+UPSAMPLES = {
+    "nearest": lambda: nn.Upsample(scale_factor=2),
+    "nearest_size": lambda: nn.Upsample(size=(11, 13)),
+    "bilinear": lambda: nn.Upsample(scale_factor=1.7, mode="bilinear"),
+    "bilinear_corners": lambda: nn.Upsample(size=(9, 9), mode="bilinear", align_corners=True),
+}
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "legacy"])
+@pytest.mark.parametrize("name", sorted(UPSAMPLES))
+def test_upsampling_is_read_as_one_interpolation(tmp_path, kind, name):
+    # Both exporters write nn.Upsample as Resize with constant scales or sizes (the sizes
+    # with the batch size of the export, which shape inference cannot follow through a
+    # Resize); onnx2torch reads them from tensors, which torch.export cannot capture.
+    # certify's ConstantResize holds them as numbers, the Reshape after the Resize copies the
+    # batch size, and capture reads one Interpolate node.
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), UPSAMPLES[name](),
+                          nn.Conv2d(3, 2, 3), nn.Flatten()).eval()
+    x = torch.randn(BATCH, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    model.append(nn.Linear(model(x).shape[1], 3).eval())
+    path = tmp_path / "upsample.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), **({} if kind == "dynamo" else
+                                                      {"dynamo": False, "opset_version": 17}))
+    assert "Resize" in _op_types(path)
+    module = load_model(path)
+    assert [type(m) for m in module.modules()].count(ConstantResize) == 1
+    assert onnx_crosscheck(path, module, x) < 1e-5
+    network = capture(module, x.double())
+    assert sum(isinstance(node.op, Interpolate) for node in network.nodes) == 1
+    reference = copy.deepcopy(model).double()
+    for batch in (1, 7):  # the file's batch size is 4
+        y = torch.randn(batch, 1, 8, 8, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(network(y), module(y), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(module(y), reference(y), rtol=1e-5, atol=1e-5)

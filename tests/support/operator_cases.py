@@ -23,9 +23,11 @@ from certify.graph.operators import (
     AvgPool,
     Cat,
     Expand,
+    Interpolate,
     LayerNorm,
     MaxPool,
     Normalize,
+    Pad,
     Permute,
     PReLU,
     Product,
@@ -390,6 +392,43 @@ def zero_pads(draw):
 
 
 @st.composite
+def edge_pads(draw):
+    """Reflect, replicate or circular padding of the last one to three axes; negative
+    amounts crop (torch's circular padding refuses them or reads memory it never wrote)."""
+    mode = draw(st.sampled_from(["reflect", "replicate", "circular"]))
+    shape = draw(in_shape(max_size=4))
+    axes = draw(st.integers(1, len(shape)))
+    pad = tuple(draw(st.integers(0 if mode == "circular" else -1, 3)) for _ in range(2 * axes))
+    op = Pad(pad, mode)
+    assume(valid(op, [shape]))
+    return op, [shape]
+
+
+# Scale factors: fractions and their inverses, and those whose output size hits torch's CPU
+# copies (m = n: 1.1 on up to 9 entries; m = 2 n: 2.1) with the factor still given.
+SCALES = [0.5, 0.7, 1.0, 1.1, 1.5, 1.7, 2.0, 2.1, 3.0]
+
+
+@st.composite
+def interpolates(draw):
+    """``F.interpolate`` of the last one or two axes (after none, one or two others) to a
+    drawn size or by drawn scale factors, any mode; ``align_corners`` for (bi)linear."""
+    axes = draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["nearest", "nearest-exact", "linear" if axes == 1 else
+                                 "bilinear"]))
+    spatial = tuple(draw(st.integers(1, 5)) for _ in range(axes))
+    shape = (*draw(st.sampled_from([(), (1,), (2,), (2, 1)])), *spatial)
+    if draw(st.booleans()):
+        scales = tuple(draw(st.sampled_from(SCALES)) for _ in range(axes))
+        size = tuple(math.floor(n * s) for n, s in zip(spatial, scales))
+        assume(min(size) >= 1)
+    else:
+        size, scales = tuple(draw(st.integers(1, 7)) for _ in range(axes)), ()
+    align = draw(st.booleans()) and "linear" in mode
+    return Interpolate(size, mode, align, scales), [shape]
+
+
+@st.composite
 def scale_shifts(draw):
     shape = draw(in_shape())
     gen = torch.Generator().manual_seed(draw(seeds))
@@ -453,6 +492,8 @@ FAMILIES = {
     "avg_pool1d": avg_pools(False),
     "avg_pool2d": avg_pools(True),
     "zero_pad": zero_pads(),
+    "edge_pad": edge_pads(),
+    "interpolate": interpolates(),
     "scale_shift": scale_shifts(),
     "max_pool1d": max_pools(False),
     "max_pool2d": max_pools(True),
@@ -551,6 +592,16 @@ def _teeth_cases() -> list[tuple[str, Case]]:
         ALL - {"fro"})
     add("adaptive_avg_pool2d", AvgPool((2, 2), adaptive=True), [(1, 4, 4)])
     add("zero_pad", ZeroPad((1, 2, 0, 1)), [(2, 3)])
+    # Gathers: the l2 constant sqrt(most reads of one entry) is attained at that entry
+    # (here 9 = 3 x 3 reads of one reflected entry, 4 of the replicated first entry, 4 of
+    # a circular corner); (bi)linear interpolation attains only its l_inf constant 1.
+    add("reflect_pad", Pad((2, 1, 1, 2), "reflect"), [(2, 3, 4)])
+    add("replicate_pad", Pad((3, -1), "replicate"), [(2, 5)])
+    add("circular_pad", Pad((1, 2, 3, 0), "circular"), [(1, 3, 3)])
+    add("nearest", Interpolate((5, 7), "nearest", scales=(1.7, 2.5)), [(2, 3, 3)])
+    add("nearest_exact", Interpolate((2,), "nearest-exact"), [(2, 5)])
+    add("bilinear", Interpolate((5, 7), "bilinear"), [(1, 3, 4)], ALL - {"fro"})
+    add("linear_align_corners", Interpolate((7,), "linear", True), [(2, 4)], ALL - {"fro"})
     add("scale_shift", ScaleShift(randn(g, 2, 1), randn(g, 3)), [(2, 3)])
     # Max pooling: disjoint windows, so the gap of the linear rule is attained in every
     # window at once.

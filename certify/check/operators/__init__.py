@@ -16,6 +16,7 @@ from certify.check.operators.linear_maps import (AddTwin, CatTwin, ExpandTwin, P
                                                  SliceTwin, ZeroPadTwin)
 from certify.check.operators.pooling import AvgPoolTwin, MaxPoolTwin
 from certify.check.operators.prelu import PReLUTwin
+from certify.check.operators.resampling import InterpolateTwin, PadTwin
 from certify.check.operators.transformer import (LayerNormTwin, NormalizeTwin, ProductTwin,
                                                  SoftmaxTwin)
 from certify.graph import operators as torch_ops
@@ -29,6 +30,7 @@ TWINS = {
     torch_ops.ScaleShift: ScaleShiftTwin, torch_ops.Product: ProductTwin,
     torch_ops.Softmax: SoftmaxTwin, torch_ops.LayerNorm: LayerNormTwin,
     torch_ops.Normalize: NormalizeTwin, torch_ops.PReLU: PReLUTwin,
+    torch_ops.Pad: PadTwin, torch_ops.Interpolate: InterpolateTwin,
 }
 
 

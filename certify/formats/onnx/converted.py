@@ -8,10 +8,12 @@
   from a tensor and branches on its values (``torch.any(shape == 0)``), which ``torch.export``
   cannot capture. Where the shape is a constant, the module is replaced by
   ``ConstantReshape``, the same reshape with the shape as Python integers, so the loaded
-  module can be exported again. ``MatMul`` by a constant matrix and the ``Add`` of a constant
-  bias after it (what both exporters write for ``nn.Linear`` on tokens) become one
-  ``nn.Linear`` named after the MatMul node: certificates name the layer after its node, and
-  its bias is the layer's.
+  module can be exported again. Likewise ``OnnxResize`` reads its scales or sizes from a
+  tensor (``scales.tolist()``): where they are constants it becomes ``ConstantResize``, the
+  same ``F.interpolate`` with Python numbers. ``MatMul`` by a constant matrix and the
+  ``Add`` of a constant bias after it (what both exporters write for ``nn.Linear`` on tokens)
+  become one ``nn.Linear`` named after the MatMul node: certificates name the layer after
+  its node, and its bias is the layer's.
 """
 
 from __future__ import annotations
@@ -108,12 +110,38 @@ class ConstantReshape(torch.nn.Module):
         return f"shape={self.shape}"
 
 
+class ConstantResize(torch.nn.Module):
+    """ONNX ``Resize`` (opsets 11 to 17) with constant ``scales`` or ``sizes`` (``(batch,
+    channels, *spatial)``, as ONNX writes them): ``F.interpolate`` of the spatial axes in
+    torch's ``mode``, as onnx2torch's ``OnnxResize`` computes it. The batch size of
+    ``sizes`` is the export's; the module takes any."""
+
+    def __init__(self, mode: str, align_corners: bool | None, scales: list[float] | None,
+                 sizes: list[int] | None) -> None:
+        super().__init__()
+        self.mode, self.align_corners = mode, align_corners
+        self.scales = None if scales is None else [float(s) for s in scales[2:]]
+        self.sizes = None if sizes is None else [int(s) for s in sizes[2:]]
+        self.channels = None if sizes is None else int(sizes[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels is not None and x.shape[1] != self.channels:
+            raise NotImplementedError("Resize of the channel axis: F.interpolate resizes the "
+                                      "axes after the batch and channel axes only")
+        return torch.nn.functional.interpolate(x, size=self.sizes, scale_factor=self.scales,
+                                               mode=self.mode, align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, scales={self.scales}, sizes={self.sizes}"
+
+
 def _converted(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """onnx2torch's module, made capturable (``_constant_reshapes``) and with its layers
-    as certify names them (``_linear_matmuls``)."""
+    """onnx2torch's module, made capturable (``_constant_reshapes``, ``_constant_resizes``)
+    and with its layers as certify names them (``_linear_matmuls``)."""
     graph = module.graph
     attributes = {node.target for node in graph.nodes if node.op == "get_attr"}
     _constant_reshapes(module)
+    _constant_resizes(module)
     _linear_matmuls(module)
     graph.eliminate_dead_code()
     for target in attributes - {node.target for node in graph.nodes if node.op == "get_attr"}:
@@ -163,6 +191,36 @@ def _constant_reshapes(module: torch.fx.GraphModule) -> None:
             continue  # a shape computed in the graph: left to onnx2torch
         _replace(module, node, ConstantReshape(shape.tolist()))
         node.args = (node.args[0],)
+
+
+def _constant_resizes(module: torch.fx.GraphModule) -> None:
+    """Replace every ``OnnxResize`` without a region of interest whose scales (batch and
+    channel factors 1) or sizes are constants by ``ConstantResize``; any other is left to
+    onnx2torch (and its errors)."""
+    from onnx2torch.node_converters.resize import OnnxResize, _onnx_mode_to_torch_mode
+
+    for node in list(module.graph.nodes):
+        if not _calls(module, node, OnnxResize):
+            continue
+        resize = module.get_submodule(node.target)
+        given = {**dict(zip(("input_tensor", "roi", "scales", "sizes"), node.args)),
+                 **node.kwargs}
+        held = {name: _held(module, given.get(name)) for name in ("roi", "scales", "sizes")}
+        if any(given.get(name) is not None and (value is None or value.dim() != 1)
+               for name, value in held.items()):
+            continue  # computed in the graph: left to onnx2torch
+        roi, scales, sizes = (None if v is None or v.numel() == 0 else v.tolist()
+                              for v in held.values())
+        if (roi is not None and not resize.ignore_roi) or (scales is None) == (sizes is None) \
+                or (scales is not None and scales[:2] != [1, 1]):
+            continue
+        spatial = len(scales if scales is not None else sizes) - 2
+        try:
+            mode = _onnx_mode_to_torch_mode(resize.onnx_mode, spatial)
+        except NotImplementedError:
+            continue
+        _replace(module, node, ConstantResize(mode, resize.align_corners, scales, sizes))
+        node.args, node.kwargs = (given["input_tensor"],), {}
 
 
 def _linear_matmuls(module: torch.fx.GraphModule) -> None:

@@ -12,7 +12,8 @@ rewrites before conversion (``certify.formats.onnx.rewrites._sanitise_onnx`` run
   [4, 784])`` for an export with 4 inputs). Where ONNX shape inference shows that the first
   axis of such a Reshape's input is the graph input's batch axis, that entry becomes ``0``
   (copy the input's axis): the same at the exported batch size, and the converted module
-  then takes any number of inputs.
+  then takes any number of inputs. Inference is told that a ``Resize`` (``nn.Upsample``)
+  keeps the batch axis, which it cannot find itself.
 
 Also here: how the rewrites read a graph's constants (``_constant_tensors``) and its
 input (``_graph_input``).
@@ -141,13 +142,54 @@ def _reshapes(model) -> list:
     return [node for node in model.graph.node if _is_reshape(node)]
 
 
+def _resizes_keeping(model, constants, batch: int, on_batch: set) -> dict[int, list]:
+    """The Resize nodes (by index) whose input has the batch axis first and that keep it,
+    with their sizes after the batch axis (``None`` where not constant): constant scales with
+    a batch factor of 1, or constant sizes that start with the batch size. Shape inference
+    cannot tell: it multiplies the symbolic batch size by the factor (an unknown size) or
+    reads the constant size."""
+    from onnx import numpy_helper
+
+    found = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx") or \
+                node.input[0] not in on_batch:
+            continue
+        scales, sizes = (numpy_helper.to_array(constants[name]).tolist()
+                         if name in constants else []
+                         for name in (list(node.input[2:4]) + ["", ""])[:2])
+        if sizes and sizes[0] == batch:
+            found[index] = sizes[1:]
+        elif not sizes and scales and scales[0] == 1:
+            found[index] = [None] * (len(scales) - 1)
+    return found
+
+
+def _keep_batch(probe, keeping: dict[int, list]) -> None:
+    """Declare the outputs of the ``keeping`` Resize nodes of ``probe`` (a copy for shape
+    inference) with the symbolic batch size first, which inference then keeps, and their
+    constant sizes (which inference must then not read: a fresh input stands in for them)."""
+    from onnx import TensorProto, helper
+
+    for index, after in keeping.items():
+        node = probe.graph.node[index]
+        if len(node.input) > 3 and node.input[3]:
+            stand_in = f"{node.input[3]}_certify_unknown_{index}"
+            probe.graph.input.append(helper.make_tensor_value_info(
+                stand_in, TensorProto.INT64, [len(after) + 1]))
+            node.input[3] = stand_in
+        probe.graph.value_info.append(helper.make_tensor_value_info(
+            node.output[0], TensorProto.FLOAT, [_BATCH, *after]))
+
+
 def _copy_batch_in_reshapes(model) -> None:
     """Where a Reshape's constant shape starts with the graph's static batch size and its
     input's first axis is the batch axis, make that entry 0 (copy the input's axis).
 
     The batch axis is found by shape inference on a copy whose input has a symbolic batch
     size: an axis whose inferred size is that symbol. Each rewritten Reshape passes the symbol
-    on, so inference is repeated until nothing changes.
+    on, and so does each Resize of the batch axis by 1 (or to the batch size) that has it
+    (``_resizes_keeping``), so inference is repeated until nothing changes.
     """
     import onnx
     from onnx import numpy_helper
@@ -158,7 +200,8 @@ def _copy_batch_in_reshapes(model) -> None:
         return
     batch = dims[0].dim_value
     done: set[int] = set()
-    for _ in range(len(_reshapes(model))):
+    keeping: dict[int, list] = {}  # Resize nodes that keep the batch axis: their sizes
+    for _ in range(len(model.graph.node)):
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         for item in [*probe.graph.input, *probe.graph.output]:
@@ -167,6 +210,7 @@ def _copy_batch_in_reshapes(model) -> None:
             elif item.type.HasField("tensor_type"):
                 item.type.tensor_type.ClearField("shape")
         del probe.graph.value_info[:]
+        _keep_batch(probe, keeping)
         try:
             inferred = onnx.shape_inference.infer_shapes(probe)
         except Exception:
@@ -177,7 +221,9 @@ def _copy_batch_in_reshapes(model) -> None:
             and info.type.tensor_type.shape.dim[0].dim_param == _BATCH
         }
         constants = _constant_tensors(model)
-        changed = False
+        kept = _resizes_keeping(model, constants, batch, on_batch)
+        changed = kept.keys() != keeping.keys()
+        keeping = kept
         for index, node in enumerate(model.graph.node):
             if index in done or not _is_reshape(node) or node.input[0] not in on_batch \
                     or node.input[1] not in constants:

@@ -11,8 +11,9 @@ from certify.graph.operators.max_pool import MaxPool
 from certify.graph.operators.normalisation import LayerNorm, Normalize
 from certify.graph.operators.prelu import PReLU
 from certify.graph.operators.product import Product
+from certify.graph.operators.resampling import Interpolate, Pad
 from certify.graph.operators.softmax import Softmax
 
-__all__ = ["Activation", "Add", "Affine", "AvgPool", "Cat", "Expand", "LayerNorm", "LinearMap",
-           "MaxPool", "Normalize", "Operator", "Permute", "PReLU", "Product", "Reduce", "Reshape",
-           "ScaleShift", "Slice", "Softmax", "ZeroPad", "fold_batchnorm"]
+__all__ = ["Activation", "Add", "Affine", "AvgPool", "Cat", "Expand", "Interpolate", "LayerNorm",
+           "LinearMap", "MaxPool", "Normalize", "Operator", "Pad", "Permute", "PReLU", "Product",
+           "Reduce", "Reshape", "ScaleShift", "Slice", "Softmax", "ZeroPad", "fold_batchnorm"]
