@@ -20,8 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = ["index", "concepts", "models", "certificate", "cli", "testing", "ray-gpu", "examples",
-         "benchmarks", "layout", "development", "changelog", "api"]
+PAGES = ["index", "concepts", "models", "operators", "certificate", "cli", "testing", "ray-gpu",
+         "examples", "benchmarks", "layout", "development", "changelog", "api"]
 SUBPACKAGES = ["closed_forms", "graph", "formats", "capture", "bounds", "radii", "certificate",
                "check", "attacks", "models", "testing", "cli"]
 # The changelog quotes the old module paths on purpose.
@@ -86,9 +86,8 @@ def test_a_broken_link_or_anchor_fails_the_build(tmp_path):
     for name in ("mkdocs.yml", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(DOCS, tmp_path / "docs")
-    schema = "certify/certificate/certificate.schema.json"  # included by a snippet
-    (tmp_path / schema).parent.mkdir(parents=True)
-    shutil.copy(ROOT / schema, tmp_path / schema)
+    # The package beside it: a snippet includes its schema, the hook imports it.
+    (tmp_path / "certify").symlink_to(ROOT / "certify", target_is_directory=True)
     with (tmp_path / "docs" / "index.md").open("a") as page:
         page.write("\n[gone](no-such-page.md) and [nowhere](concepts.md#no-such-section)\n")
     done = build(tmp_path / "mkdocs.yml", tmp_path / "site")
@@ -163,3 +162,31 @@ def test_the_cli_page_names_every_command_and_option(capsys, monkeypatch):
         options = set(re.findall(r"--[a-z][a-z-]*[a-z]", usage)) - {"--help"}
         assert options
         assert [o for o in sorted(options) if f"`{o}" not in page] == [], command
+
+
+def test_the_operators_page_is_generated_from_the_registries(site, capsys):
+    """Every operator class a graph holds has a numpy twin and a row; every ATen operator
+    capture reads has a row; the built page and ``certify operators`` show the same table."""
+    from certify.capture.aten import BUILDERS
+    from certify.check.operators import TWINS
+    from certify.cli import main
+    from certify.cli.operators import operator_rows, table
+    from certify.graph import operators
+    from certify.graph.operators.base import Operator
+
+    classes = {name for name in operators.__all__
+               if isinstance(getattr(operators, name), type)
+               and issubclass(getattr(operators, name), Operator)}
+    bases = {"Operator", "LinearMap"}
+    assert {name for name, *_ in operator_rows()} == classes - bases
+    assert all(getattr(operators, name) in TWINS for name in classes - bases)
+    text = table()
+    for target in BUILDERS:
+        if hasattr(target, "overloads"):
+            assert f"`aten.{target.__name__}`" in text
+    assert main(["operators"]) == 0
+    assert capsys.readouterr().out == text
+    html = page_html(site, "operators.md").read_text()
+    assert "certify operators --&gt;" not in html and "<!-- certify operators" not in html
+    for name, *_ in operator_rows():
+        assert f"<code>{name}</code>" in html

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``certify`` command line on ``argv`` (default ``sys.argv[1:]``) and return
     its exit status (module docstring); ``certify --help`` lists the commands."""
     from certify.cli import attacks as cli_attacks
+    from certify.cli import operators as cli_operators
     from certify.version import __version__
 
     parser = argparse.ArgumentParser(
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=check)
 
     cli_attacks.add_commands(command, device_argument)
+    cli_operators.add_command(command)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # --help and --version: 0; a usage error: 2

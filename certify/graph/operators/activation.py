@@ -121,6 +121,10 @@ def ball_dual(minima, lam, r2):
 
 @dataclass(frozen=True)
 class Activation(Operator):
+    """An elementwise activation ``phi(x)`` of one ``kind`` (ReLU, LeakyReLU, ELU, tanh,
+    sigmoid, GELU, softplus, SiLU, Mish, hard-swish, hard-sigmoid, hardtanh) with its
+    parameters."""
+
     kind: str
     slope: float = 0.0  # leaky_relu: negative slope; elu: alpha; softplus: beta; hardtanh: min
     scale: float = 1.0  # elu: output scale (SELU); softplus: threshold; hardtanh: max

@@ -40,6 +40,9 @@ from certify.graph.operators.enclosure import Enclosure
 
 @dataclass(frozen=True, eq=False)
 class Affine(Operator):
+    """``W h + b``: a dense layer, or a convolution (grouped, depthwise or transposed) on its
+    patches; the certified layers."""
+
     weight: torch.Tensor  # (m, n) dense; (c_out, c_in, k) or (c_out, c_in, k_h, k_w) conv
     bias: torch.Tensor  # (m,)
     stride: tuple[int, ...] = ()

@@ -23,6 +23,9 @@ from certify.graph.operators.base import ROUND, Operator, row_sum
 
 @dataclass(frozen=True)
 class MaxPool(Operator):
+    """``max_pool1d/2d``: the largest entry of each window (any stride, padding, dilation,
+    ``ceil_mode``)."""
+
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
     padding: tuple[int, ...]

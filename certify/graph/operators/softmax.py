@@ -26,6 +26,8 @@ from certify.graph.operators.base import ROUND, Operator, interval_product, mean
 
 @dataclass(frozen=True)
 class Softmax(Operator):
+    """``softmax`` over the last axis (attention weights inside the network)."""
+
     nonlinear = True
 
     def __call__(self, x):
