@@ -18,6 +18,10 @@ for ``A >= 0``, the mean-value bound of an interval Jacobian), for the l2 ball a
   ``sup_{||D||_max <= rho} <A, D P~> = rho ||A P~^T||_1`` (entrywise l1), both exact, and
   ``|dZ_cj| = |D_c: P~_:j| <= rho ||P~_:j||_2`` (Frobenius, exact per entry).
 
+A grouped convolution's ``P~ = [P_1 ... P_g]`` (``certify.graph.operators.affine``) is read
+per group here: row ``c`` of group ``i`` meets ``P_i`` only, so ``A P~^T`` is computed as
+``g`` blocks ``A_i P_i^T`` (the same numbers as through ``columns``, at ``1 / g`` the work).
+
 Floating point: ``A P~^T`` is computed with rounding; ``dual`` adds a rigorous bound of that
 rounding (``gamma ||A||_F ||P~||_F``, ``gamma = (L + 2) eps``; for the max norm
 ``gamma sum_cj |A_cj| ||P~_:j||_1``), and the column norms are inflated like
@@ -96,15 +100,28 @@ class WeightRegion(Region):
     P: torch.Tensor = None
     layer: object = None
 
+    @property
+    def _groups(self) -> int:
+        return getattr(self.layer, "groups", 1)
+
+    def _blocks(self) -> torch.Tensor:
+        """``P~`` per group, ``(B, g, n / g, L)`` (``(B, 1, n, L)`` for one group)."""
+        B, n, gL = self.P.shape
+        g = self._groups
+        return self.P.reshape(B, n, g, gL // g).transpose(1, 2)
+
     def _column_norms(self) -> torch.Tensor:
-        """``||P~_:j||_2`` ``(B, L)``, inflated like ``radius.region_scale``."""
-        return torch.linalg.vector_norm(self.P, dim=1) * (1 + self.P.shape[1] * 1e-15)
+        """``||P~_:j||_2`` ``(B, g, L)`` per group, inflated like ``radius.region_scale``."""
+        return torch.linalg.vector_norm(self._blocks(), dim=2) * (1 + self.P.shape[1] * 1e-15)
 
     def _rows(self, A: torch.Tensor) -> torch.Tensor:
-        """Rows ``A`` ``(B, R, *z)`` laid out as the layer's columns, ``(B, R, m, L)``."""
+        """Rows ``A`` ``(B, R, *z)`` as each group's output columns, ``(B, R, g, m / g, L)``."""
         B, R = A.shape[:2]
-        rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
-        return rows.reshape(B, R, *rows.shape[1:])
+        if self._groups == 1:
+            rows = self.layer.columns(A.reshape(B * R, *self.z.shape[1:]))
+            return rows.reshape(B, R, 1, *rows.shape[1:])
+        m = self.layer.weight.shape[0]  # a convolution: channels first
+        return A.reshape(B, R, self._groups, m // self._groups, -1)
 
     @property
     def dimension(self) -> int:
@@ -122,24 +139,29 @@ class WeightRegion(Region):
     def box(self, rho: torch.Tensor) -> torch.Tensor:
         if self.norm == "max":
             return super().box(rho)
-        per_column = self._column_norms()
-        B, L = per_column.shape
-        unit = per_column[:, None, :].expand(B, self.layer.weight.shape[0], L)
-        return rho.reshape(-1, *[1] * (self.z.ndim - 1)) * self.layer.uncolumns(
-            unit, self.z.shape[1:])
+        per_column = self._column_norms()  # (B, g, L)
+        B, g, L = per_column.shape
+        m = self.layer.weight.shape[0]
+        unit = per_column[:, :, None, :].expand(B, g, m // g, L).reshape(B, m, L)
+        # One group: the layer's own layout (a sequence's tokens); groups: channels first.
+        unit = self.layer.uncolumns(unit, self.z.shape[1:]) if g == 1 else \
+            unit.reshape(self.z.shape)
+        return rho.reshape(-1, *[1] * (self.z.ndim - 1)) * unit
 
     def dual(self, A: torch.Tensor) -> torch.Tensor:
         B, R = A.shape[:2]
-        rows = self._rows(A)
-        M = torch.matmul(rows, self.P.transpose(1, 2)[:, None])  # A P~^T: (B, R, m, n)
-        gamma = (self.P.shape[-1] + 2) * EPS
+        rows, blocks = self._rows(A), self._blocks()
+        # A P~^T per group: (B, R, g, m / g, n / g)
+        M = torch.matmul(rows, blocks.transpose(-2, -1)[:, None])
+        gamma = (blocks.shape[-1] + 2) * EPS
         if self.norm == "fro":
             rounding = gamma * torch.linalg.vector_norm(A.reshape(B, R, -1), dim=-1) * \
                 torch.linalg.vector_norm(self.P.reshape(B, -1), dim=-1)[:, None]
-            return torch.linalg.matrix_norm(M) * (1 + 2 * gamma) + rounding
-        column_l1 = self.P.abs().sum(dim=1)  # (B, L)
-        rounding = gamma * torch.einsum("brml,bl->br", rows.abs(), column_l1)
-        return M.abs().sum(dim=(-2, -1)) * (1 + 2 * gamma) + rounding
+            return torch.linalg.vector_norm(M.reshape(B, R, -1), dim=-1) * (1 + 2 * gamma) + \
+                rounding
+        column_l1 = blocks.abs().sum(dim=2)  # (B, g, L)
+        rounding = gamma * torch.einsum("brgml,bgl->br", rows.abs(), column_l1)
+        return M.abs().sum(dim=(-3, -2, -1)) * (1 + 2 * gamma) + rounding
 
     def dual_of_magnitude(self, A: torch.Tensor) -> torch.Tensor:
         """``sup A |D P~|`` over the weight ball, rows ``A >= 0``: ``{D P~}`` is not symmetric
@@ -150,7 +172,7 @@ class WeightRegion(Region):
         if self.norm == "max":
             return super().dual(A)
         rows = self._rows(A)
-        per_row = torch.einsum("brml,bl->brm", rows, self._column_norms())
-        rounding = 1 + (self.P.shape[-1] + rows.shape[2] + 2) * EPS
-        return torch.minimum(torch.linalg.vector_norm(per_row, dim=-1) * rounding,
+        per_row = torch.einsum("brgml,bgl->brgm", rows, self._column_norms())
+        rounding = 1 + (rows.shape[-1] + rows.shape[-2] * rows.shape[-3] + 2) * EPS
+        return torch.minimum(torch.linalg.vector_norm(per_row.flatten(2), dim=-1) * rounding,
                              super().dual(A))

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from networks import ACTIVATIONS, cnns, deep_cnns, residual_cnns
+from networks import ACTIVATIONS, cnns, deep_cnns, grouped_cnns, residual_cnns
 from sampled_bounds import copies, margins, tolerance, upto
 from torch import nn
 
@@ -43,7 +43,7 @@ def sequence_mlps(draw):
     return model.double().eval(), (T, d)
 
 
-MODELS = st.one_of(cnns(), deep_cnns(), residual_cnns(), sequence_mlps())
+MODELS = st.one_of(cnns(), deep_cnns(), residual_cnns(), sequence_mlps(), grouped_cnns())
 
 
 def weight_regions(model_and_shape, norm: str, seed: int, count: int = 3):
@@ -135,10 +135,10 @@ def test_dual_and_box_are_attained_by_their_maximisers(model_and_shape, norm, se
         assert torch.all(attained <= dual) and torch.all(dual <= attained * (1 + 1e-9) + 1e-300)
         # Box: entry (c, j) of dZ is maximal for D_c: along P~_:j (fro) or sign(P~_:j) (max).
         rho = torch.full((B,), 0.5, dtype=torch.float64)
-        box = where.layer.columns(where.box(rho))  # (B, m, L)
         column = where.P.norm(dim=1) if norm == "fro" else where.P.abs().sum(dim=1)
-        torch.testing.assert_close(box, 0.5 * column[:, None, :].expand(B, m, -1),
-                                   rtol=1e-12, atol=0)
+        expected = where.layer.uncolumns(0.5 * column[:, None, :].expand(B, m, -1),
+                                         where.z.shape[1:])  # a row's own group's columns
+        torch.testing.assert_close(where.box(rho), expected, rtol=1e-12, atol=0)
 
 
 @settings(max_examples=30, deadline=None)

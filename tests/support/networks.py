@@ -51,6 +51,25 @@ def cnns(draw):
     return model.double().eval(), (1, 6, 6)
 
 
+@st.composite
+def grouped_cnns(draw):
+    """A stem, then a depthwise or grouped convolution and a transposed one (stride 2), as in
+    MobileNets and decoders, before a dense head."""
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+    groups = draw(st.integers(2, 3))
+    c = groups * draw(st.integers(1, 2))
+    act = draw(st.sampled_from(ACTIVATIONS))
+    model = nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1), act(),
+        nn.Conv2d(c, c * draw(st.integers(1, 2)), 3, padding=1, stride=2, groups=groups), act(),
+    )
+    width = model(torch.zeros(1, 1, 6, 6)).shape[1]
+    model.append(nn.ConvTranspose2d(width, 2, 2, stride=2, groups=draw(st.sampled_from([1, 2]))
+                                    if width % 2 == 0 else 1))
+    model.extend([act(), nn.Flatten(), nn.Linear(72, draw(st.integers(2, 4)))])
+    return model.double().eval(), (1, 6, 6)
+
+
 class Residual(nn.Module):
     """``main(x) + shortcut(x)``: a residual block (``nn.Identity()`` as the skip)."""
 
