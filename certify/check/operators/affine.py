@@ -5,6 +5,9 @@ THEORY.md section 2: the positions are the columns ``P``); convolutions (1-D as 
 height-one map) on their im2col patches, taken with ``sliding_window_view`` in torch's
 ``unfold`` order (channel, kernel row, kernel column; positions row-major), and the
 adjoint of im2col (``fold``) scatters the columns back, summing overlaps.
+
+``FixedAffineTwin``, the twin of ``certify.graph.operators.FixedAffine`` (a dense map whose
+weight is not certified: a recurrent weight), has the same rules but is not a layer.
 """
 
 from __future__ import annotations
@@ -177,3 +180,33 @@ class AffineTwin(Twin):
         center = self(nominal)
         spread = rows * per_input(reach, center.ndim) * (1 + ROUND)
         return center - spread, center + spread
+
+
+class FixedAffineTwin(Twin):
+    """The dense map ``z = W h + b`` of a weight that is not certified: ``AffineTwin``'s
+    rules, but not an ``AffineTwin`` (the checker's layers are those)."""
+
+    def __init__(self, op, in_shapes, out_shape):
+        super().__init__(op, in_shapes, out_shape)
+        self.map = AffineTwin(op, in_shapes, out_shape)
+
+    def __call__(self, x):
+        return self.map(x)
+
+    def interval(self, box):
+        return self.map.interval(box)
+
+    def backward(self, A, boxes, lower):
+        return self.map.backward(A, boxes, lower)
+
+    def jacobian(self, rows, boxes):
+        return self.map.jacobian(rows, boxes)
+
+    def enclose(self, inputs, boxes):
+        return self.map.enclose(inputs, boxes)
+
+    def gradient(self, A, xs):
+        return self.map.gradient(A, xs)
+
+    def lipschitz(self, norm):
+        return self.map.lipschitz(norm)
