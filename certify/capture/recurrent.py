@@ -32,7 +32,7 @@ certified layer.
 Initial states: zeros (the default), a constant that is the same for every input of the
 batch (a learned state expanded over it), or the final states of another recurrent layer
 (``Leading`` values, ``certify.capture.time_major``). Refused by name: packed sequences,
-dropout between layers in training mode, ``proj_size``, unbatched inputs.
+dropout between layers in training mode, ``proj_size``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ _ONE = torch.ones((), dtype=torch.float64)
 
 
 def _add(b: Build, fx, name, u, v, shape, alpha: float = 1.0):
-    """``u + alpha v``, a node unless both are constants; a zero constant adds nothing."""
+    """``u + alpha v`` where one of them is a node: a new node, or the node itself where the
+    other operand is a zero constant (``0 + alpha v`` only when ``alpha`` is 1)."""
     if isinstance(u, Ref) and isinstance(v, Ref):
         return b.node(Add(alpha), [u, v], fx, name, shape)
     if isinstance(u, Ref):
@@ -143,22 +144,24 @@ def _prefix(fx, params) -> str:
     return source.rsplit(".", 1)[0] if "." in source else fx.name
 
 
-def _states(b: Build, fx, where, value, count: int, H: int, what: str) -> list:
-    """An initial state ``(count, B, H)`` as ``count`` values: constant vectors (the same
-    for every input of the batch) or nodes (another layer's final states)."""
-    if isinstance(value, Leading) and len(value.parts) == count:
+def _states(b: Build, fx, where, value, what: str) -> list:
+    """An initial state ``(layers x directions, B, H)`` as one value per layer and
+    direction: constant vectors (the same for every input of the batch) or nodes (another
+    recurrent layer's final states)."""
+    if isinstance(value, Leading):
         return list(value.parts)
-    if isinstance(value, Const) and tuple(value.value.shape) == (count, b.batch, H):
-        state = value.value.to(torch.float64)
-        if torch.equal(state, state[:, :1].expand_as(state)):
-            return list(state[:, 0])
+    if isinstance(value, Ref):
+        raise UnsupportedModelError(
+            f"{fx.name}: the initial {what} has the batch as its first axis, which the layer "
+            f"reads as layers x directions ({where}); it must be (layers x directions, batch, "
+            "hidden): transpose(0, 1) it")
+    state = value.value.to(torch.float64)
+    if not torch.equal(state, state[:, :1].expand_as(state)):
         raise UnsupportedModelError(
             f"{fx.name}: the initial {what} is a constant that differs between the inputs of "
             f"the batch ({where}); supported: zeros, a constant the same for every input, "
             "or another recurrent layer's final states")
-    raise UnsupportedModelError(
-        f"{fx.name}: an initial {what} computed from the input ({where}); supported: zeros, "
-        "a constant the same for every input, or another recurrent layer's final states")
+    return list(state[:, 0])
 
 
 def _sequence(kind: str):
@@ -176,10 +179,6 @@ def _sequence(kind: str):
         if len(params) != layers * D * per:  # an LSTM's projection weights come fifth
             raise UnsupportedModelError(
                 f"{fx.name}: an LSTM with proj_size ({where}); supported: {SUPPORTED}")
-        if fx.args[0].meta["val"].ndim != 3:
-            raise UnsupportedModelError(
-                f"{fx.name}: an unbatched sequence ({where}); certify needs (batch, time, "
-                "features) with batch_first=True, or (time, batch, features)")
         if batch_first != isinstance(x, Ref):
             raise UnsupportedModelError(
                 f"{fx.name}: batch_first={batch_first} reads axis {1 - batch_first} as the "
@@ -189,9 +188,8 @@ def _sequence(kind: str):
         params = [None if p is None else _const(p, fx, "a recurrent weight") for p in params]
         H = params[1].value.shape[1]
         lstm = kind == "lstm"
-        hs = _states(b, fx, where, hx[0] if lstm else hx, layers * D, H, "hidden state")
-        cs = _states(b, fx, where, hx[1], layers * D, H, "cell state") if lstm else \
-            [None] * (layers * D)
+        hs = _states(b, fx, where, hx[0] if lstm else hx, "hidden state")
+        cs = _states(b, fx, where, hx[1], "cell state") if lstm else [None] * (layers * D)
         prefix = _prefix(fx, params)
         seq = x if batch_first else whole(b, x, fx, f"{prefix}/input")
         T = b.nodes[seq.index].shape[0]
@@ -226,25 +224,24 @@ def _sequence(kind: str):
     return rule
 
 
-def _cell_state(b: Build, fx, where, value, H: int, what: str):
+def _cell_state(fx, where, value, what: str):
     """A cell's state ``(B, H)``: a node, or a constant the same for every input."""
     if isinstance(value, Ref):
         return value
-    if isinstance(value, Const) and tuple(value.value.shape) == (b.batch, H):
-        state = value.value.to(torch.float64)
-        if torch.equal(state, state[:1].expand_as(state)):
-            return state[0]
-    raise UnsupportedModelError(
-        f"{fx.name}: the cell's {what} is neither computed per input nor a constant the same "
-        f"for every input ({where})")
+    state = value.value.to(torch.float64) if isinstance(value, Const) else None
+    if state is None or not torch.equal(state, state[:1].expand_as(state)):
+        raise UnsupportedModelError(
+            f"{fx.name}: the cell's {what} is neither a batch-first tensor computed from the "
+            f"input nor a constant the same for every input ({where})")
+    return state[0]
 
 
 def _cell(kind: str):
     def rule(b: Build, fx, where, x, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-        if not isinstance(x, Ref) or fx.args[0].meta["val"].ndim != 2:
-            raise UnsupportedModelError(f"{fx.name}: a recurrent cell on an unbatched or "
-                                        f"constant input ({where}); supported: (batch, "
-                                        "features) computed from the input")
+        if not isinstance(x, Ref):
+            raise UnsupportedModelError(f"{fx.name}: a recurrent cell on a constant input "
+                                        f"({where}); supported: (batch, features) computed "
+                                        "from the input")
         W_ih, W_hh = _const(w_ih, fx, "the weight_ih"), _const(w_hh, fx, "the weight_hh")
         G, H = W_ih.value.shape[0], W_hh.value.shape[1]
         biased = b_ih is not None or b_hh is not None
@@ -252,8 +249,8 @@ def _cell(kind: str):
                       for v in (b_ih, b_hh))
         prefix = _prefix(fx, [W_ih])
         lstm = kind == "lstm"
-        h = _cell_state(b, fx, where, hx[0] if lstm else hx, H, "hidden state")
-        c = _cell_state(b, fx, where, hx[1], H, "cell state") if lstm else None
+        h = _cell_state(fx, where, hx[0] if lstm else hx, "hidden state")
+        c = _cell_state(fx, where, hx[1], "cell state") if lstm else None
         gx = b.recurrent(Affine(W_ih.value, b_ih), x, fx, W_ih, W_ih.source or fx.name, (G,))
         h, c = _step(b, fx, prefix, kind, gx, h, c, W_hh, b_hh, biased)
         return (h, c) if lstm else h

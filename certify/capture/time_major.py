@@ -162,8 +162,6 @@ def _cat(batch):
             raise refuse(fx, where, "cat with batch-first tensors or along the batch axis")
         if d == 0:
             return Leading(sum((t.parts for t in tensors), ()))
-        if len({len(t.parts) for t in tensors}) != 1:
-            raise refuse(fx, where, "cat of tensors with different first axes")
         shape = tuple(fx.meta["val"].shape[2:])
         return Leading(tuple(
             b.node(Cat(d - 2, len(tensors)), list(parts), fx, f"{fx.name}/{k}", shape)

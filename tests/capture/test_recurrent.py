@@ -169,7 +169,7 @@ def gru_classifier(seed: int):
     return network, x, predictions(network, x)[0]
 
 
-@settings(max_examples=max(3, settings().max_examples // 10), deadline=None)
+@settings(max_examples=max(3, settings().max_examples // 13), deadline=None)
 @given(st.sampled_from(["fro", "max"]), st.booleans(), st.integers(0, 2**31 - 1))
 def test_attacks_inside_lower_never_change_the_class(norm, bias, seed):
     net, x, y = gru_classifier(seed)
@@ -201,6 +201,85 @@ def test_certify_check_confirms_the_certificate(bias, seed):
     assert report.ok, report
 
 
+# Operations on time-major tensors (a GRU's output with batch_first=False, (T, B, 4), and
+# its final states), each ending in (B, width) for the head.
+TIME_MAJOR = {
+    "cat_time": (lambda out, h: torch.cat([out[:1], out[-1:]], 0).sum(0), 4),
+    "cat_features": (lambda out, h: torch.cat([out, out[:, :, :1]], 2)[-1], 5),
+    "sum_features": (lambda out, h: out.sum(2, keepdim=True)[1], 1),
+    "slice_features": (lambda out, h: out[:, :, 1:3].mean(0), 2),
+    "select_feature": (lambda out, h: out[:, :, 0].transpose(0, 1), 3),
+    "unbind": (lambda out, h: out.unbind(0)[-1] + h.view(-1, 4), 4),
+    "every_other_step": (lambda out, h: out[::2].permute(1, 0, 2).flatten(1), 8),
+    "state_as_matrix": (lambda out, h: h.reshape(out.shape[1], 2, 2).sum(2), 2),
+    "whole_batch": (lambda out, h: torch.ops.aten.slice(out, 1)[-1], 4),
+}
+
+
+class TimeMajor(nn.Module):
+    def __init__(self, use):
+        super().__init__()
+        self.use, self.rnn = use, nn.GRU(2, 4)
+        self.head = nn.Linear(TIME_MAJOR[use][1], 3)
+
+    def forward(self, x):
+        out, h = self.rnn(x.transpose(0, 1))
+        return self.head(TIME_MAJOR[self.use][0](out, h))
+
+
+class Inputs(nn.Module):
+    """(B, T, a, b) inputs made time-major with their last two axes swapped: one step read,
+    and the whole permuted back."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        steps = x.permute(1, 0, 3, 2)
+        return self.head(torch.cat([steps[-1].flatten(1),
+                                    steps.permute(1, 0, 3, 2).flatten(1)], 1))
+
+
+@pytest.mark.parametrize("use", sorted(TIME_MAJOR))
+def test_operations_on_time_major_tensors_are_captured_exactly(use):
+    torch.manual_seed(0)
+    model = TimeMajor(use).double().eval()
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    network = capture(model, x[:2])
+    torch.testing.assert_close(network(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class EncoderDecoder(nn.Module):
+    """A decoder started from the encoder's final states (hidden and, for the LSTM, cell)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.encoder = getattr(nn, kind)(2, 3, num_layers=2, batch_first=True)
+        self.decoder = getattr(nn, kind)(2, 3, num_layers=2, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        _, states = self.encoder(x)
+        return self.head(self.decoder(x, states)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_an_encoders_final_states_start_a_decoder(kind):
+    torch.manual_seed(0)
+    model = EncoderDecoder(kind).double().eval()
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    network = capture(model, x[:2])
+    torch.testing.assert_close(network(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_time_major_input_with_other_axes_permuted_is_captured_exactly():
+    model = Inputs().double().eval()
+    x = torch.randn(4, 3, 2, 3, dtype=torch.float64)
+    network = capture(model, x[:2])
+    torch.testing.assert_close(network(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------- refused
 
 
@@ -213,52 +292,124 @@ class Projected(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-class TimeAsBatch(nn.Module):
-    """A batch-first input given to a time-major layer: torch reads the batch as time."""
+class Misread(nn.Module):
+    """A recurrent layer that reads the batch as time: batch-first inputs given to a
+    time-major layer, or time-major ones to a batch-first layer."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(2, 3, batch_first=batch_first), nn.Linear(3, 3)
+
+    def forward(self, x):
+        out = self.rnn(x.transpose(0, 1) if self.rnn.batch_first else x)[0]
+        return self.head(out.sum((0, 1)))
+
+
+class Readout(nn.Module):
+    """A GRU and a head on ``read(x, out, h)``: what it does with its input and outputs."""
+
+    def __init__(self, read, batch_first=False, width=3):
+        super().__init__()
+        self.read = read
+        self.rnn, self.head = nn.GRU(2, 3, batch_first=batch_first), nn.Linear(width, 3)
+
+    def forward(self, x):
+        out, h = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))
+        return self.head(self.read(x, out, h))
+
+
+class StateFromInput(nn.Module):
+    """A two-layer GRU's initial state computed per input as (B, layers, H), not transposed."""
 
     def __init__(self):
         super().__init__()
-        self.rnn, self.head = nn.GRU(2, 3), nn.Linear(3, 3)
+        self.rnn, self.head = nn.GRU(2, 3, num_layers=2, batch_first=True), nn.Linear(3, 3)
+        self.start = nn.Linear(2, 6)
 
     def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
-
-
-class ActivatedStates(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn, self.head = nn.GRU(2, 3, batch_first=True), nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.rnn(x)[1])[-1])
+        states = self.start(x[:, 0]).reshape(len(x), 2, 3)
+        return self.head(self.rnn(x, states)[0][:, -1])
 
 
 class StatePerInput(nn.Module):
-    """An initial state for a batch of exactly two, different for each."""
+    """A constant initial state for a batch of exactly two, different for each (a sequence
+    layer's, or a cell's)."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+        self.rnn = nn.GRUCell(2, 3) if cell else nn.GRU(2, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+        self.h0 = nn.Parameter(torch.randn(2, 3) if cell else torch.randn(1, 2, 3))
+
+    def forward(self, x):
+        if self.cell:
+            return self.head(self.rnn(x[:, 0], self.h0))
+        return self.head(self.rnn(x, self.h0)[0][:, -1])
+
+
+class ConstantInputCell(nn.Module):
+    """A decoder cell fed a constant start vector."""
 
     def __init__(self):
         super().__init__()
-        self.rnn, self.head = nn.GRU(2, 3, batch_first=True), nn.Linear(3, 3)
-        self.h0 = nn.Parameter(torch.randn(1, 2, 3))
+        self.start, self.cell, self.head = nn.Linear(2, 3), nn.GRUCell(2, 3), nn.Linear(3, 3)
 
     def forward(self, x):
-        return self.head(self.rnn(x, self.h0)[0][:, -1])
+        return self.head(self.cell(torch.zeros(len(x), 2, dtype=x.dtype),
+                                   self.start(x[:, 0])))
+
+
+class Tied(nn.Module):
+    """A Linear layer's weight used again as a cell's input weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(2, 3), nn.Linear(3, 3)
+        self.w_hh = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x):
+        return self.head(torch.rnn_tanh_cell(x[:, 1], self.fc(x[:, 0]), self.fc.weight,
+                                             self.w_hh))
 
 
 @pytest.mark.parametrize("model,message", [
     (Projected(), "proj_size"),
-    (TimeAsBatch(), "batch_first=False reads axis 1 as the batch"),
-    (ActivatedStates(), "first axis is not the batch"),
-    (StatePerInput(), "differs between the inputs of the batch"),
+    (Misread(batch_first=False), "batch_first=False reads axis 1 as the batch, but the batch "
+                                 "is axis 0"),
+    (Misread(batch_first=True), "batch_first=True reads axis 0 as the batch, but the batch is "
+                                "axis 1"),
+    (Readout(lambda x, out, h: out[:, -1]), r"select along the batch axis"),
+    (Readout(lambda x, out, h: out[:, :1].sum(0)[0]), r"a slice of the batch axis"),
+    (Readout(lambda x, out, h: out.transpose(0, 2)[0, 0], width=4), r"transpose\(0, 2\)"),
+    (Readout(lambda x, out, h: out.permute(0, 2, 1).sum((0, 1)), width=2),
+     r"permute\(\[0, 2, 1\]\)"),
+    (Readout(lambda x, out, h: out.reshape(-1, 3)[0]), r"a reshape to \(8, 3\)"),
+    (Readout(lambda x, out, h: out.unbind(1)[0].sum(0)), r"unbind\(dim=1\)"),
+    (Readout(lambda x, out, h: torch.cat([out, out.transpose(0, 1)[:, :2]], 0)[-1]),
+     "cat with batch-first tensors"),
+    (Readout(lambda x, out, h: out.mean(0, keepdim=True)[0]), r"mean\(dim=.*keepdim=True\)"),
+    (Readout(lambda x, out, h: out.sum(1)[-1]), r"sum\(dim=.*1.*keepdim=False\)"),
+    (Readout(lambda x, out, h: torch.relu(h)[-1]), "relu.* first axis is not the batch"),
+    (StateFromInput(), "the batch as its first axis"),
+    (StatePerInput(cell=False), "differs between the inputs of the batch"),
+    (StatePerInput(cell=True), "neither a batch-first tensor"),
+    (ConstantInputCell(), "a recurrent cell on a constant input"),
+    (Tied(), "'fc.weight' is used by a layer and by a recurrence"),
 ])
 def test_unsupported_recurrent_models_are_refused_by_name(model, message):
     with pytest.raises(UnsupportedModelError, match=message):
         capture(model.double(), torch.randn(2, 4, 2, dtype=torch.float64))
 
 
-def test_packed_sequences_are_refused_by_name():
-    """torch.export cannot capture ``pack_padded_sequence`` (its batch sizes are data); the
-    packed overload of the operators is refused by name all the same."""
-    fx = types.SimpleNamespace(name="gru", target=torch.ops.aten.gru.data)
+def test_packed_sequences_and_training_mode_are_refused_by_name():
+    """torch.export cannot capture ``pack_padded_sequence`` (its batch sizes are data) and
+    capture exports in eval mode; the packed overload of the operators, and their
+    training flag, are refused by name all the same."""
+    rule = RULES[torch.ops.aten.gru]
+    packed = types.SimpleNamespace(name="gru", target=torch.ops.aten.gru.data)
     with pytest.raises(UnsupportedModelError, match="packed sequence"):
-        RULES[torch.ops.aten.gru](Build(batch=2), fx, "here", *[None] * 9)
+        rule(Build(batch=2), packed, "here", *[None] * 9)
+    padded = types.SimpleNamespace(name="gru", target=torch.ops.aten.gru.input)
+    with pytest.raises(UnsupportedModelError, match=r"training mode \(dropout=0.5"):
+        rule(Build(batch=2), padded, "here", None, None, [], True, 1, 0.5, True, False, True)
