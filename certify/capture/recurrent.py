@@ -185,7 +185,7 @@ def _sequence(kind: str):
                 f"batch, but the batch is axis {int(batch_first)} here ({where}); give the "
                 "recurrent layer (batch, time, features) with batch_first=True, or "
                 "x.transpose(0, 1) with batch_first=False")
-        params = [None if p is None else _const(p, fx, "a recurrent weight") for p in params]
+        params = [_const(p, fx, "a recurrent weight") for p in params]
         H = params[1].value.shape[1]
         lstm = kind == "lstm"
         hs = _states(b, fx, where, hx[0] if lstm else hx, "hidden state")
