@@ -12,8 +12,12 @@ Arguments are per-batch in the export; every rule converts them to per-input sha
 The rules of the layers here; those of transformer blocks (layer norm, scaled dot-product
 attention decomposed into products and a softmax, the vector norm of ``F.normalize``) are in
 ``certify.capture.transformers``, those of padding by the input's own entries and of
-interpolation in ``certify.capture.resampling``, and all read constant operands (weights,
-biases, the constants of arithmetic) with ``certify.capture.operands``.
+interpolation in ``certify.capture.resampling``, those of recurrent layers (LSTM, GRU, RNN
+and their cells, unrolled) in ``certify.capture.recurrent``, and
+``certify.capture.time_major`` extends the rules of indexing, transposing, concatenating and
+reducing to the time-major tensors recurrent layers return (``TIME_MAJOR_USERS``: the
+operators that may read them). All read constant operands (weights, biases, the constants of
+arithmetic) with ``certify.capture.operands``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from certify.capture.build import Build, Norm, Ref, UnsupportedModelError
 from certify.capture.operands import _const, _per_input, _zeros
 from certify.capture.resampling import BUILDERS as RESAMPLING
 from certify.capture.resampling import _edge_pad
+from certify.capture.recurrent import RULES as RECURRENT
+from certify.capture.recurrent import SUPPORTED as RECURRENT_SUPPORTED
+from certify.capture.time_major import TIME_MAJOR
 from certify.capture.transformers import (_attention, _clamp_min, _expand_norm, _layer_norm,
                                           _native_layer_norm, _vector_norm)
 from certify.graph.operators import (Activation, Add, Affine, AvgPool, Cat, MaxPool, Normalize,
@@ -463,7 +470,13 @@ BUILDERS = {
     aten._to_copy: _to_copy, aten.to: _to_copy, aten.sym_size: _sym_size,
     operator.getitem: _getitem,
     **RESAMPLING,
+    **RECURRENT,
 }
+BUILDERS.update({op: extend(BUILDERS[op]) for op, extend in TIME_MAJOR.items()})
+
+# The operators that may read a time-major tensor (``certify.capture.build.Leading``).
+TIME_MAJOR_USERS = {*TIME_MAJOR, *RECURRENT, operator.getitem, aten.dropout,
+                    aten.feature_dropout, aten.alpha_dropout, aten._to_copy, aten.to}
 
 IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 
@@ -480,5 +493,6 @@ SUPPORTED = (
     "F.normalize (l2, last axis), arithmetic with constants, mean/sum, zero padding, "
     "reflect/replicate/circular padding (1-d to 3-d), nearest, nearest-exact, linear and "
     "bilinear interpolation (nn.Upsample, F.interpolate; 1-d and 2-d), "
-    "dropout and copies (dropped), log-softmax at the output"
+    "dropout and copies (dropped), log-softmax at the output, "
+    f"{RECURRENT_SUPPORTED} (unrolled over the example's sequence length)"
 )

@@ -2,9 +2,14 @@
 
 ``Build`` holds the nodes read so far; the values of the exported program's nodes are
 ``Ref`` (a node of the graph), ``Const`` (a tensor computed from parameters and constants
-alone, evaluated at once: constant folding) or ``Tail`` (softmax or log-softmax, allowed
-only as the output). Shapes and axes are converted from the export's per-batch ones to
-per-input ones (``shape``, ``dim``), refusing operations along the batch axis.
+alone, evaluated at once: constant folding), ``Tail`` (softmax or log-softmax, allowed
+only as the output) or ``Leading`` (a tensor whose first axis is not the batch: an RNN's
+time-major sequence or final states, held as its slices). Shapes and axes are converted from
+the export's per-batch ones to per-input ones (``shape``, ``dim``), refusing operations along
+the batch axis.
+
+A weight that a recurrence uses at every step (``recurrent``) is certified only where one
+node uses it; with several uses its nodes become ``FixedAffine`` when the graph is finished.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from certify.graph.graph import Graph, Node
-from certify.graph.operators import Affine, ScaleShift, Softmax, fold_batchnorm
+from certify.graph.operators import Affine, FixedAffine, ScaleShift, Softmax, fold_batchnorm
 
 
 class UnsupportedModelError(ValueError):
@@ -57,6 +62,18 @@ class Norm:
     eps: float = 0.0
 
 
+@dataclass(frozen=True, eq=False)
+class Leading:
+    """A tensor ``(K, B, *shape)`` whose first axis is not the batch (the output of an RNN
+    with ``batch_first=False``, its final states ``(layers x directions, B, H)``), held as its
+    ``K`` slices, nodes ``(B, *shape)``; ``whole``: a node ``(B, K, *shape)`` holding them all
+    (the batch-first tensor they were cut from), if there is one
+    (``certify.capture.time_major``)."""
+
+    parts: tuple[Ref, ...]
+    whole: Ref | None = None
+
+
 def _walk(value, found):
     if isinstance(value, (list, tuple)):
         return any(_walk(v, found) for v in value)
@@ -69,6 +86,7 @@ class Build:
     def __init__(self, batch: int):
         self.batch, self.nodes, self.names = batch, [], set()
         self.weights = set()  # the parameters of the layers so far
+        self.uses = {}  # a recurrence's weight -> its nodes (None: a use folded to a constant)
         self.tails = []  # operations dropped at the output, to check the capture against
         self.softmax = {}  # Tail -> its Softmax node, once used inside the network
 
@@ -86,7 +104,11 @@ class Build:
 
     def depends(self, args, kwargs) -> bool:
         return _walk(list(args) + list(kwargs.values()),
-                     lambda v: isinstance(v, (Ref, Tail, Norm)))
+                     lambda v: isinstance(v, (Ref, Tail, Norm, Leading)))
+
+    def time_major(self, args, kwargs) -> bool:
+        """Does an operation read a tensor whose first axis is not the batch (``Leading``)?"""
+        return _walk(list(args) + list(kwargs.values()), lambda v: isinstance(v, Leading))
 
     def fold(self, target, args, kwargs, fx):
         """Evaluate an operation on constants (constant folding)."""
@@ -168,12 +190,13 @@ class Build:
         return len(self.nodes[ref.index].shape) + 1
 
     # ---------------------------------------------------------------- special nodes
-    def affine(self, op: Affine, x: Ref, fx, weight: Const) -> Ref:
+    def affine(self, op: Affine, x: Ref, fx, weight: Const, shape=None) -> Ref:
         """A certified layer, named after its weight parameter (``features.3.weight`` gives
         ``features.3``), else after its module or node. A weight used by two layers is
-        refused: perturbing it moves both, and certificates speak of one layer at a time."""
+        refused: perturbing it moves both, and certificates speak of one layer at a time.
+        ``shape``: as in ``node``."""
         if weight.source is not None:
-            if weight.source in self.weights:
+            if weight.source in self.weights or weight.source in self.uses:
                 raise UnsupportedModelError(
                     f"the weight {weight.source!r} is used by two layers (a module called twice "
                     "or tied weights); certify perturbs one layer at a time: give each use its "
@@ -184,7 +207,24 @@ class Build:
         if not name:
             stack = fx.meta.get("nn_module_stack")
             name = (list(stack.values())[-1][0] if stack else "") or fx.name
-        return self.node(op, [x], fx, name)
+        return self.node(op, [x], fx, name, shape)
+
+    def recurrent(self, op: Affine, x: Ref | None, fx, weight: Const, name: str,
+                  shape) -> Ref | None:
+        """A dense map by a weight that a recurrence uses at every step, applied to ``x``;
+        ``x=None``: a use on a constant (a step from a nonzero initial state, or one that adds
+        the map's bias), folded by the caller, which makes the weight shared all the same.
+        The node is a certified layer if it is the weight's only use when the graph is
+        finished, else a ``FixedAffine`` (``finish``): a certificate perturbs one node,
+        which is not a change of a weight that several nodes use."""
+        source = weight.source or ""  # weights without a name count as one (never certified)
+        if source in self.weights:
+            raise UnsupportedModelError(
+                f"the weight {source!r} is used by a layer and by a recurrence; certify "
+                "perturbs one layer at a time: give each use its own module")
+        ref = None if x is None else self.node(op, [x], fx, name, shape)
+        self.uses.setdefault(source, []).append(ref)
+        return ref
 
     def batch_norm(self, x: Ref, fx, weight, bias, mean, var, eps: float) -> Ref:
         """Folded into the affine layer before it when that layer feeds nothing else;
@@ -221,6 +261,13 @@ class Build:
             if i in keep:
                 keep.update(self.nodes[i].inputs)
         keep.add(0)
+        for refs in self.uses.values():  # a weight that several kept nodes use is fixed
+            if sum(ref is None or ref.index in keep for ref in refs) > 1:
+                for ref in refs:
+                    if ref is not None:
+                        old = self.nodes[ref.index]
+                        fixed = FixedAffine(old.op.weight, old.op.bias)
+                        self.nodes[ref.index] = Node(old.name, fixed, old.inputs, old.shape)
         order = sorted(keep)
         new = {old: k for k, old in enumerate(order)}
         nodes = tuple(Node(n.name, n.op, tuple(new[j] for j in n.inputs), n.shape)

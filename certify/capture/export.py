@@ -26,8 +26,9 @@ import warnings
 import torch
 from torch import nn
 
-from certify.capture.aten import BUILDERS, IDENTITIES, SUPPORTED
+from certify.capture.aten import BUILDERS, IDENTITIES, SUPPORTED, TIME_MAJOR_USERS
 from certify.capture.build import Build, Norm, Tail, UnsupportedModelError
+from certify.capture.time_major import refuse
 from certify.capture.transformers import NORM_USERS
 from certify.graph.graph import Graph, Node
 
@@ -204,6 +205,8 @@ def _call(build: Build, fx, env):
     if rule is None:
         raise UnsupportedModelError(
             f"{_name(target)} is not supported ({where}); supported operators: {SUPPORTED}")
+    if packet not in TIME_MAJOR_USERS and build.time_major(args, kwargs):
+        raise refuse(fx, where, _name(target))
     # A softmax used here becomes a node; a vector norm may only go on to F.normalize
     # (``inside`` refuses it anywhere else).
     norms_allowed = packet in NORM_USERS

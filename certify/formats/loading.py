@@ -159,8 +159,24 @@ def _graph_constants(module: torch.nn.Module):
             yield node.target, owner, attr, value
 
 
+def _float64_operations(module: torch.nn.Module) -> None:
+    """The floating dtypes a GraphModule's operations name become float64, as its parameters
+    do: ``torch.export`` writes ``zeros(..., dtype=torch.float32)`` for the initial state of
+    an ``nn.LSTM`` or ``nn.GRU``, which a float64 module could not run."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return
+    named = [node for node in module.graph.nodes
+             if isinstance(node.kwargs.get("dtype"), torch.dtype)
+             and node.kwargs["dtype"].is_floating_point and node.kwargs["dtype"] != torch.float64]
+    for node in named:
+        node.update_kwarg("dtype", torch.float64)
+    if named:
+        module.recompile()
+
+
 def _finish(module: torch.nn.Module, origin: str) -> torch.nn.Module:
-    """Eval mode, float64 parameters, buffers and graph constants, all of them finite."""
+    """Eval mode, float64 parameters, buffers, graph constants and operations, all of them
+    finite."""
     try:
         module.eval()
     except NotImplementedError:
@@ -171,6 +187,7 @@ def _finish(module: torch.nn.Module, origin: str) -> torch.nn.Module:
     for _, owner, attr, value in list(_graph_constants(module)):
         if value.is_floating_point() and value.dtype != torch.float64:
             setattr(owner, attr, value.to(torch.float64))
+    _float64_operations(module)
 
     named = list(module.named_parameters()) + list(module.named_buffers())
     named += [(target, value) for target, _, _, value in _graph_constants(module)]

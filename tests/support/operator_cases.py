@@ -23,6 +23,7 @@ from certify.graph.operators import (
     AvgPool,
     Cat,
     Expand,
+    FixedAffine,
     Interpolate,
     LayerNorm,
     MaxPool,
@@ -178,6 +179,13 @@ def affine_dense(draw):
     gen = torch.Generator().manual_seed(draw(seeds))
     op = Affine(randn(gen, m, n, scale=1 / math.sqrt(n)), randn(gen, m))
     return op, [(*positions, n)]
+
+
+@st.composite
+def fixed_affines(draw):
+    """A recurrent weight's map: ``Affine``'s dense rules, not a layer."""
+    op, shapes = draw(affine_dense())
+    return FixedAffine(op.weight, op.bias), shapes
 
 
 @st.composite
@@ -468,6 +476,7 @@ FAMILIES = {
     "affine_conv2d_grouped": affine_conv(True, grouped=True),
     "affine_conv1d_transposed": affine_conv(False, transposed=True),
     "affine_conv2d_transposed": affine_conv(True, grouped=True, transposed=True),
+    "fixed_affine": fixed_affines(),
     "relu": activations("relu"),
     "leaky_relu": activations("leaky_relu"),
     "elu": activations("elu"),
@@ -636,6 +645,8 @@ def _teeth_cases() -> list[tuple[str, Case]]:
     # J -> diag(g) P / sqrt(eps)) when |g| is constant (diag(g) P is then |g| P, norm |g|).
     add("layer_norm", LayerNorm(torch.tensor([2.0, -2.0, 2.0], dtype=DT), randn(g, 3), 1e-2),
         [(3,)], {"fro"})
+    # A recurrent weight's map: a dense layer's rules, every one exact or attained.
+    add("fixed_affine", FixedAffine(randn(g, 3, 4), randn(g, 3)), [(2, 4)])
     return out
 
 

@@ -9,7 +9,7 @@ shapes) and recomputes every rule in numpy, never calling the torch rules
 from __future__ import annotations
 
 from certify.check.operators.activation import ActivationTwin
-from certify.check.operators.affine import AffineTwin
+from certify.check.operators.affine import AffineTwin, FixedAffineTwin
 from certify.check.operators.base import ROUND, LinearTwin, Twin
 from certify.check.operators.linear_maps import (AddTwin, CatTwin, ExpandTwin, PermuteTwin,
                                                  ReduceTwin, ReshapeTwin, ScaleShiftTwin,
@@ -22,7 +22,8 @@ from certify.check.operators.transformer import (LayerNormTwin, NormalizeTwin, P
 from certify.graph import operators as torch_ops
 
 TWINS = {
-    torch_ops.Affine: AffineTwin, torch_ops.Activation: ActivationTwin,
+    torch_ops.Affine: AffineTwin, torch_ops.FixedAffine: FixedAffineTwin,
+    torch_ops.Activation: ActivationTwin,
     torch_ops.MaxPool: MaxPoolTwin, torch_ops.AvgPool: AvgPoolTwin,
     torch_ops.Reshape: ReshapeTwin, torch_ops.Permute: PermuteTwin,
     torch_ops.Expand: ExpandTwin, torch_ops.Slice: SliceTwin, torch_ops.Cat: CatTwin,

@@ -11,6 +11,9 @@ side as columns ``(n / g, g L)``; an output row keeps the block of its own group
 transposed convolution runs as a convolution on its input with ``stride - 1`` zeros
 inserted, padded by ``d (k - 1) - p`` (cropped where negative) and ``output_padding`` at the
 end; the operator already holds the flipped, channel-swapped kernel of that convolution.
+
+``FixedAffineTwin``, the twin of ``certify.graph.operators.FixedAffine`` (a dense map whose
+weight is not certified: a recurrent weight), has the same rules but is not a layer.
 """
 
 from __future__ import annotations
@@ -237,3 +240,33 @@ class AffineTwin(Twin):
         center = self(nominal)
         spread = rows * per_input(reach, center.ndim) * (1 + ROUND)
         return center - spread, center + spread
+
+
+class FixedAffineTwin(Twin):
+    """The dense map ``z = W h + b`` of a weight that is not certified: ``AffineTwin``'s
+    rules, but not an ``AffineTwin`` (the checker's layers are those)."""
+
+    def __init__(self, op, in_shapes, out_shape):
+        super().__init__(op, in_shapes, out_shape)
+        self.map = AffineTwin(op.map, in_shapes, out_shape)
+
+    def __call__(self, x):
+        return self.map(x)
+
+    def interval(self, box):
+        return self.map.interval(box)
+
+    def backward(self, A, boxes, lower):
+        return self.map.backward(A, boxes, lower)
+
+    def jacobian(self, rows, boxes):
+        return self.map.jacobian(rows, boxes)
+
+    def enclose(self, inputs, boxes):
+        return self.map.enclose(inputs, boxes)
+
+    def gradient(self, A, xs):
+        return self.map.gradient(A, xs)
+
+    def lipschitz(self, norm):
+        return self.map.lipschitz(norm)

@@ -17,7 +17,10 @@ An ONNX file is protobuf data; what it computes is converted by onnx2torch, in t
   (``certify.formats.onnx.rewrites``) and is converted to ``nn.GELU``.
 * onnx2torch (imported without torchvision) converts the graph, and its module is made
   capturable by ``torch.export`` and given the layers certify names
-  (``certify.formats.onnx.converted``).
+  (``certify.formats.onnx.converted``). It has no converter for the recurrent operators
+  (``LSTM``, ``GRU``, ``RNN``: what both exporters write for ``nn.LSTM``, ``nn.GRU`` and
+  ``nn.RNN``), so files with them are refused by name, pointing to the ``.pt2`` archive,
+  which certify reads them from.
 
 ``onnx_external_files`` lists the external data files a model refers to (the certificate's
 hash covers them). The converted module is compared with onnxruntime by
@@ -35,6 +38,7 @@ from certify.formats.onnx.converted import _converted, _import_onnx2torch
 from certify.formats.onnx.rewrites import _sanitise_onnx
 
 _ONNX2TORCH_OPSET = 17
+_RECURRENT = ("GRU", "LSTM", "RNN")  # no onnx2torch converter
 
 
 def load_onnx_file(path: Path) -> torch.fx.GraphModule:
@@ -59,6 +63,15 @@ def load_onnx_file(path: Path) -> torch.fx.GraphModule:
     if len(model.graph.node) == 0:
         raise ModelLoadError(f"{path.name} has an empty ONNX graph")
 
+    recurrent = sorted({node.op_type for node in model.graph.node
+                        if node.op_type in _RECURRENT and node.domain in ("", "ai.onnx")})
+    if recurrent:
+        raise ModelLoadError(
+            f"{path.name} has ONNX {'/'.join(recurrent)} nodes (nn.LSTM, nn.GRU or nn.RNN), "
+            "which onnx2torch cannot convert; certify reads recurrent layers from PyTorch: "
+            "pass the module itself, or save it with "
+            "torch.export.save(torch.export.export(model, (x,)), 'model.pt2')"
+        )
     _sanitise_onnx(model)
     onnx2torch = _import_onnx2torch()
     opset = _default_opset(model)

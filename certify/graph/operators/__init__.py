@@ -3,7 +3,7 @@ its forward map, interval rule, linear (CROWN-style) rule, interval Jacobian and
 constants (``certify.graph.operators.base``)."""
 
 from certify.graph.operators.activation import Activation
-from certify.graph.operators.affine import Affine, fold_batchnorm
+from certify.graph.operators.affine import Affine, FixedAffine, fold_batchnorm
 from certify.graph.operators.base import Operator
 from certify.graph.operators.linear_maps import (Add, AvgPool, Cat, Expand, LinearMap, Permute,
                                                  Reduce, Reshape, ScaleShift, Slice, ZeroPad)
@@ -14,6 +14,7 @@ from certify.graph.operators.product import Product
 from certify.graph.operators.resampling import Interpolate, Pad
 from certify.graph.operators.softmax import Softmax
 
-__all__ = ["Activation", "Add", "Affine", "AvgPool", "Cat", "Expand", "Interpolate", "LayerNorm",
-           "LinearMap", "MaxPool", "Normalize", "Operator", "Pad", "Permute", "PReLU", "Product",
+__all__ = ["Activation", "Add", "Affine", "AvgPool", "Cat", "Expand", "FixedAffine",
+           "Interpolate", "LayerNorm", "LinearMap", "MaxPool", "Normalize", "Operator", "Pad",
+           "Permute", "PReLU", "Product",
            "Reduce", "Reshape", "ScaleShift", "Slice", "Softmax", "ZeroPad", "fold_batchnorm"]

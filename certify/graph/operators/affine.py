@@ -21,6 +21,9 @@ A transposed convolution is the convolution it equals: the input stuffed with
 at the end), and the kernel flipped with its channel axes swapped per group (``swap_kernel``).
 ``weight`` holds that kernel, a permutation of the module's entries, so every norm of a
 change is the same as on the module's kernel.
+
+``FixedAffine`` is the same dense map with a weight that is not certified: the recurrent
+weight of an unrolled LSTM, GRU or RNN, which every time step uses (``certify.capture.recurrent``).
 """
 
 from __future__ import annotations
@@ -213,6 +216,40 @@ class Affine(Operator):
         center = self(nominal)
         spread = rows * reach.reshape(-1, *[1] * (center.ndim - 1)) * (1 + ROUND)
         return center - spread, center + spread
+
+
+@dataclass(frozen=True, eq=False)
+class FixedAffine(Operator):
+    """``z = W h + b`` on the last axis with ``W`` and ``b`` constants of the network, not a
+    certified layer (not in ``Graph.affine_indices``): a weight that several nodes use, the
+    hidden-to-hidden weight of a recurrence at every time step. A certificate perturbs one
+    node, and a change of the weight moves every use at once, so no use is certified on its
+    own. Every rule is ``Affine``'s."""
+
+    weight: torch.Tensor  # (m, n)
+    bias: torch.Tensor  # (m,)
+
+    @functools.cached_property
+    def map(self) -> Affine:
+        return Affine(self.weight, self.bias)
+
+    def __call__(self, x):
+        return self.map(x)
+
+    def interval(self, box):
+        return self.map.interval(box)
+
+    def backward(self, A, boxes, lower):
+        return self.map.backward(A, boxes, lower)
+
+    def enclose(self, inputs, boxes):
+        return self.map.enclose(inputs, boxes)
+
+    def jacobian(self, rows, boxes):
+        return self.map.jacobian(rows, boxes)
+
+    def lipschitz(self, norm, in_shapes):
+        return self.map.lipschitz(norm, in_shapes)
 
 
 def fold_batchnorm(affine: Affine, weight, bias, mean, var, eps: float) -> Affine:
