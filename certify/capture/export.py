@@ -68,6 +68,7 @@ def capture(module: nn.Module, example) -> Graph:
             f"{shape} ({type(err).__name__}: {first[:300]}); certify needs a model that "
             "torch.export.export(model, (x,)) accepts: no data-dependent Python control flow, "
             "one tensor input, one tensor output") from None
+    _refuse_data_dependent_shapes(program)
     graph, tails = _read(program, len(x))
     with torch.no_grad():
         expected = copied(x)
@@ -155,6 +156,22 @@ def _export_batch(module: nn.Module) -> int:
             if isinstance(val, torch.Tensor) and val.ndim > 0 and isinstance(val.shape[0], int):
                 return val.shape[0]
     return EXAMPLE_BATCH
+
+
+def _refuse_data_dependent_shapes(program) -> None:
+    """The export runs on inputs of one fixed shape, so every size in it is an integer unless
+    it was computed from the values of a tensor (``.tolist()``, ``.item()``: what onnx2torch
+    does with a shape, axes or pad amounts computed in the ONNX graph); such a size is a
+    symbol, which the graph cannot be read with."""
+    for fx in program.graph.nodes:
+        val = fx.meta.get("val")
+        for v in val if isinstance(val, (list, tuple)) else [val]:
+            if isinstance(v, torch.Tensor) and not all(isinstance(d, int) for d in v.shape):
+                raise UnsupportedModelError(
+                    f"{_name(fx.target)} gives a tensor whose shape depends on the values of "
+                    f"a tensor ({_where(fx)}: shape {tuple(v.shape)}); certify needs every "
+                    "size fixed by the input shape: compute sizes from constants or from "
+                    "x.shape, not from tensor values")
 
 
 def _read(program, batch: int) -> Graph:

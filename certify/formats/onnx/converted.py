@@ -2,18 +2,22 @@
 
 * Importing onnx2torch (``_import_onnx2torch``) without torchvision, which it imports only
   for two operators certify does not certify, and teaching it certify's private domain
-  (``Gelu`` as ``nn.GELU``, ``LayerNormalization`` as LayerNormalization-17: what
-  ``certify.formats.onnx.rewrites`` puts there).
-* After conversion (``_converted``): onnx2torch's ``OnnxReshape`` reads its target shape
-  from a tensor and branches on its values (``torch.any(shape == 0)``), which ``torch.export``
-  cannot capture. Where the shape is a constant, the module is replaced by
-  ``ConstantReshape``, the same reshape with the shape as Python integers, so the loaded
-  module can be exported again. Likewise ``OnnxResize`` reads its scales or sizes from a
-  tensor (``scales.tolist()``): where they are constants it becomes ``ConstantResize``, the
-  same ``F.interpolate`` with Python numbers. ``MatMul`` by a constant matrix and the
-  ``Add`` of a constant bias after it (what both exporters write for ``nn.Linear`` on tokens)
-  become one ``nn.Linear`` named after the MatMul node: certificates name the layer after
-  its node, and its bias is the layer's.
+  (what ``certify.formats.onnx.rewrites`` puts there): ``Gelu`` as ``nn.GELU``,
+  ``LayerNormalization`` as LayerNormalization-17, ``Pad`` with constant amounts as
+  ``ConstantPad`` (``F.pad`` with the amounts as Python integers).
+* After conversion (``_converted``): onnx2torch's ``OnnxReshape``, ``OnnxSqueezeDynamicAxes``
+  (Squeeze from opset 13 on: what both exporters write for ``x.squeeze(-1)``, and the
+  default one for ``nn.AdaptiveAvgPool1d``) and ``OnnxSlice`` (Slice from opset 10 on) read
+  their shape, axes or bounds from tensors (``torch.any(shape == 0)``, ``for axis in axes``,
+  ``.numpy()``), which ``torch.export`` cannot capture (it reports a data-dependent
+  expression). Where those are constants, the module is replaced by ``ConstantReshape``,
+  ``ConstantSqueeze`` or ``ConstantSlice``, the same operation with Python integers, so the
+  loaded module can be exported again. Likewise ``OnnxResize`` reads its scales or sizes from
+  a tensor (``scales.tolist()``): where they are constants it becomes ``ConstantResize``, the
+  same ``F.interpolate`` with Python numbers. ``MatMul`` by a constant matrix and the ``Add``
+  of a constant bias after it (what both exporters write for ``nn.Linear`` on tokens) become
+  one ``nn.Linear`` named after the MatMul node: certificates name the layer after its node,
+  and its bias is the layer's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from certify.formats.errors import ModelLoadError
 from certify.formats.onnx.rewrites import _CERTIFY_DOMAIN
@@ -73,11 +78,12 @@ def _import_onnx2torch():
 
 def _register_certify_domain() -> None:
     """Teach onnx2torch certify's domain: ``Gelu`` as ``nn.GELU`` with the node's
-    ``approximate``, ``LayerNormalization`` as onnx2torch's LayerNormalization-17."""
+    ``approximate``, ``LayerNormalization`` as onnx2torch's LayerNormalization-17, ``Pad``
+    as ``ConstantPad``."""
     from onnx2torch.node_converters.registry import add_converter, get_converter
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
-    def convert(node, graph):  # the converter signature of onnx2torch
+    def gelu(node, graph):  # the converter signature of onnx2torch
         approximate = node.attributes.get("approximate", "none")
         if approximate not in ("none", "tanh"):
             raise NotImplementedError(f"Gelu(approximate={approximate!r})")
@@ -86,8 +92,16 @@ def _register_certify_domain() -> None:
             onnx_mapping=onnx_mapping_from_node(node=node),
         )
 
-    for op_type, converter in (("Gelu", convert),
-                               ("LayerNormalization", get_converter("LayerNormalization", 17))):
+    def pad(node, graph):
+        return OperationConverterResult(
+            torch_module=ConstantPad(node.attributes["pads"], node.attributes["mode"],
+                                     node.attributes["value"]),
+            onnx_mapping=onnx_mapping_from_node(node=node),
+        )
+
+    for op_type, converter in (("Gelu", gelu),
+                               ("LayerNormalization", get_converter("LayerNormalization", 17)),
+                               ("Pad", pad)):
         try:
             add_converter(operation_type=op_type, version=1, domain=_CERTIFY_DOMAIN)(converter)
         except ValueError:  # registered before (onnx2torch was imported again)
@@ -135,12 +149,91 @@ class ConstantResize(torch.nn.Module):
         return f"mode={self.mode!r}, scales={self.scales}, sizes={self.sizes}"
 
 
+class ConstantSqueeze(torch.nn.Module):
+    """ONNX ``Squeeze`` along constant axes (negative ones count from the end), all at once.
+    Replaces onnx2torch's ``OnnxSqueezeDynamicAxes``, which reads the axes from a tensor."""
+
+    def __init__(self, axes: list[int]) -> None:
+        super().__init__()
+        self.axes = tuple(int(a) for a in axes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.squeeze(x, self.axes)
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}"
+
+
+class ConstantSlice(torch.nn.Module):
+    """ONNX ``Slice`` (opset 10 on) by constant ``starts``, ``ends``, ``axes`` and ``steps``:
+    along each axis of size ``n``, the entries ``range(n)[start:end:step]``, which counts and
+    clamps negative and out-of-range starts and ends as ONNX does. Replaces onnx2torch's
+    ``OnnxSlice``, which reads them from tensors (``.numpy()``). torch slices with positive
+    steps only: a negative step reads the flipped axis."""
+
+    def __init__(self, starts: list[int], ends: list[int], axes: list[int] | None = None,
+                 steps: list[int] | None = None) -> None:
+        super().__init__()
+        axes = range(len(starts)) if axes is None else axes
+        steps = [1] * len(starts) if steps is None else steps
+        self.cuts = tuple(tuple(int(v) for v in cut) for cut in zip(axes, starts, ends, steps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for axis, start, end, step in self.cuts:
+            size = x.shape[axis]
+            kept = range(size)[start:end:step]
+            first, stride = kept.start, kept.step
+            if stride < 0:
+                x, first, stride = torch.flip(x, (axis,)), size - 1 - first, -stride
+            where = [slice(None)] * x.dim()
+            where[axis] = slice(first, first + len(kept) * stride, stride)
+            x = x[tuple(where)]
+        return x
+
+    def extra_repr(self) -> str:
+        return f"cuts={self.cuts} (axis, start, end, step)"
+
+
+_TORCH_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
+                    "wrap": "circular"}
+
+
+class ConstantPad(torch.nn.Module):
+    """ONNX ``Pad`` by constant amounts ``pads = [b_1, ..., b_n, e_1, ..., e_n]`` (``b_i``
+    entries before axis ``i``, ``e_i`` after it) as ``F.pad``, which lists them from the last
+    axis on: ``(b_n, e_n, ..., b_1, e_1)``. ONNX's ``edge`` and ``wrap`` are torch's
+    ``replicate`` and ``circular``; ``value`` fills in ``constant`` mode only. In the other
+    modes torch pads the last ``max(n - 2, 1)`` axes of an ``n``-d tensor (at most 3): the
+    amounts of the leading axes must be 0 and are left out."""
+
+    def __init__(self, pads: list[int], mode: str, value: float) -> None:
+        super().__init__()
+        if mode not in _TORCH_PAD_MODES:
+            raise NotImplementedError(f"Pad(mode={mode!r}); ONNX's modes are "
+                                      f"{', '.join(_TORCH_PAD_MODES)}")
+        n = len(pads) // 2
+        amounts = [int(a) for axis in reversed(range(n)) for a in (pads[axis], pads[n + axis])]
+        kept = len(amounts) if mode == "constant" else 2 * max(n - 2, 1)
+        if mode != "constant" and (kept > 6 or any(amounts[kept:])):
+            raise NotImplementedError(
+                f"Pad(mode={mode!r}) by {[int(a) for a in pads]} of a {n}-d tensor: torch pads "
+                f"only the last {min(kept // 2, 3)} axes in this mode")
+        self.pads, self.mode = tuple(amounts[:kept]), _TORCH_PAD_MODES[mode]
+        self.value = float(value) if mode == "constant" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, self.pads, self.mode, self.value)
+
+    def extra_repr(self) -> str:
+        return f"pads={self.pads}, mode={self.mode!r}, value={self.value}"
+
+
 def _converted(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """onnx2torch's module, made capturable (``_constant_reshapes``, ``_constant_resizes``)
+    """onnx2torch's module, made capturable (``_constant_arguments``, ``_constant_resizes``)
     and with its layers as certify names them (``_linear_matmuls``)."""
     graph = module.graph
     attributes = {node.target for node in graph.nodes if node.op == "get_attr"}
-    _constant_reshapes(module)
+    _constant_arguments(module)
     _constant_resizes(module)
     _linear_matmuls(module)
     graph.eliminate_dead_code()
@@ -179,18 +272,25 @@ def _replace(module: torch.fx.GraphModule, node, replacement: torch.nn.Module) -
     setattr(module.get_submodule(owner) if owner else module, name, replacement)
 
 
-def _constant_reshapes(module: torch.fx.GraphModule) -> None:
-    """Replace every ``OnnxReshape`` whose shape is a constant by ``ConstantReshape``."""
+def _constant_arguments(module: torch.fx.GraphModule) -> None:
+    """Replace every ``OnnxReshape``, ``OnnxSqueezeDynamicAxes`` and ``OnnxSlice`` whose
+    arguments past the input are constants by ``ConstantReshape``, ``ConstantSqueeze`` and
+    ``ConstantSlice``."""
     from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.node_converters.slice import OnnxSlice
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes
 
+    constant = {OnnxReshape: ConstantReshape, OnnxSqueezeDynamicAxes: ConstantSqueeze,
+                OnnxSlice: ConstantSlice}
     for node in list(module.graph.nodes):
-        if not _calls(module, node, OnnxReshape) or len(node.args) != 2 or node.kwargs:
+        kind = next((k for k in constant if _calls(module, node, k)), None)
+        if kind is None or len(node.args) < 2 or node.kwargs:
             continue
-        shape = _held(module, node.args[1])
-        if shape is None or shape.dim() != 1 or shape.is_floating_point():
-            continue  # a shape computed in the graph: left to onnx2torch
-        _replace(module, node, ConstantReshape(shape.tolist()))
-        node.args = (node.args[0],)
+        held = [_held(module, arg) for arg in node.args[1:]]
+        if any(h is None or h.dim() != 1 or h.is_floating_point() for h in held):
+            continue  # computed in the graph: left to onnx2torch
+        _replace(module, node, constant[kind](*(h.tolist() for h in held)))
+        node.args = node.args[:1]
 
 
 def _constant_resizes(module: torch.fx.GraphModule) -> None:

@@ -14,7 +14,11 @@ An ONNX file is protobuf data; what it computes is converted by onnx2torch, in t
   17 with ``onnx.version_converter`` and tried again. ``Gelu`` (opset 20, what both exporters
   write for ``nn.GELU`` at their default opset) has no older version and no onnx2torch
   converter: it lives in a private domain that the down-conversion leaves alone
-  (``certify.formats.onnx.rewrites``) and is converted to ``nn.GELU``.
+  (``certify.formats.onnx.rewrites``) and is converted to ``nn.GELU``; so does a ``Pad`` by
+  constant amounts (Pad-18 and Pad-19, what both exporters write at opsets 18 to 20, cannot
+  be down-converted: Pad-18 added ``axes``), converted to ``F.pad``. ``ConstantOfShape``-20
+  cannot be down-converted either; where the legacy exporter writes it at its default opset
+  (20), it computes pad amounts from constants and is folded away with them.
 * onnx2torch (imported without torchvision) converts the graph, and its module is made
   capturable by ``torch.export`` and given the layers certify names
   (``certify.formats.onnx.converted``). It has no converter for the recurrent operators

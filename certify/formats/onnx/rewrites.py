@@ -23,8 +23,10 @@ converts the result):
 * ``Gelu`` (opset 20) has no older version and no onnx2torch converter: it is moved to
   certify's private domain, which ``onnx.version_converter`` leaves alone when
   ``certify.formats.onnx.files`` down-converts a newer file to opset 17; a ``LayerNormalization``
-  recovered in a file older than opset 17 lives there too. ``certify.formats.onnx.converted``
-  teaches onnx2torch that domain (``nn.GELU``, LayerNormalization-17).
+  recovered in a file older than opset 17 lives there too. So does a ``Pad`` by constant
+  amounts (``_static_pads``): Pad-18 and Pad-19, what both exporters write at their default
+  opset, have no onnx2torch converter and no way back to opset 17. ``certify.formats.onnx.
+  converted`` teaches onnx2torch that domain (``nn.GELU``, LayerNormalization-17, ``F.pad``).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ _CERTIFY_DOMAIN = "certify"  # operators the down-conversion leaves alone (Gelu,
 
 def _sanitise_onnx(model) -> None:
     """Make the graph safe and convertible without changing what it computes (see the module
-    docstring): safe node names, shape computations folded, the batch size copied where
-    Reshape repeats it, decomposed GELU and layer norms recovered, Gelu in certify's domain,
-    and ``allowzero=1`` dropped where it makes no difference."""
+    docstring): safe node names, shape and integer computations folded, the batch size copied
+    where Reshape repeats it, decomposed GELU and layer norms recovered, Gelu and Pads by
+    constant amounts in certify's domain, and ``allowzero=1`` dropped where it makes no
+    difference."""
     import onnx
     from onnx import numpy_helper
 
@@ -60,6 +63,7 @@ def _sanitise_onnx(model) -> None:
     _copy_batch_in_reshapes(model)
     _gelus(model)
     _decomposed_layer_norms(model)
+    _static_pads(model)
     for node in model.graph.node:
         if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
             node.domain = _CERTIFY_DOMAIN
@@ -263,3 +267,40 @@ def _decomposed_layer_norms(model) -> None:
             "LayerNormalization", inputs, list(last.output), name=last.name,
             domain=_CERTIFY_DOMAIN, axis=-1, epsilon=eps))
     g.apply()
+
+
+def _static_pads(model) -> None:
+    """``Pad`` (opset 11 on) whose amounts, constant value and axes are constants becomes
+    certify's ``Pad``, with them as attributes (``pads`` over every axis of the input,
+    ``mode``, ``value``, as in Pad-2), which ``certify.formats.onnx.converted.ConstantPad``
+    computes with ``F.pad`` by integer amounts. onnx2torch reads the amounts of Pad-11 and Pad-13 from a tensor (``pads.tolist()``),
+    which ``torch.export`` cannot capture, and has no converter for Pad-18 and Pad-19 (what
+    both exporters write at their default opset), which ``onnx.version_converter`` cannot
+    take back to opset 17 either (Pad-18 added ``axes``); the down-conversion leaves certify's
+    domain alone. Pad-18's ``axes`` need the input's rank, which shape inference gives."""
+    import onnx
+    from onnx import numpy_helper
+
+    constants = {name: numpy_helper.to_array(t) for name, t in _constant_tensors(model).items()}
+    ranks = {info.name: len(info.type.tensor_type.shape.dim)
+             for info in [*model.graph.input, *model.graph.value_info]
+             if info.type.tensor_type.HasField("shape")}
+    for node in model.graph.node:
+        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue  # Pad-2 has its amounts as attributes already
+        x, pads, value, axes = [*node.input, "", ""][:4]
+        if not pads or any(name and name not in constants for name in (pads, value, axes)):
+            continue  # amounts computed in the graph: left to onnx2torch
+        amounts = constants[pads].astype(np.int64).reshape(-1)
+        if axes:  # amounts for these axes only: [begins, ends]
+            chosen, rank = constants[axes].astype(np.int64).reshape(-1), ranks.get(x)
+            if rank is None or amounts.size != 2 * chosen.size:
+                continue
+            full = np.zeros(2 * rank, dtype=np.int64)
+            full[chosen % rank], full[rank + chosen % rank] = np.split(amounts, 2)
+            amounts = full
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        fill = float(constants[value].reshape(-1)[0]) if value and constants[value].size else 0.0
+        node.CopyFrom(onnx.helper.make_node(
+            "Pad", [x], list(node.output), name=node.name, domain=_CERTIFY_DOMAIN,
+            pads=amounts.tolist(), mode=mode, value=fill))

@@ -6,7 +6,8 @@ rewrites before conversion (``certify.formats.onnx.rewrites._sanitise_onnx`` run
   ``torch.export`` cannot capture. Where shape inference finds ``x``'s shape static, ``Shape``
   and the computations on it with constants alone become constants (a symbolic batch size,
   ``dynamic_axes``, is taken as 1 for this); the value shapes are inferred again (onnx2torch
-  builds ``nn.LayerNorm`` from them).
+  builds ``nn.LayerNorm`` from them). So do integer computations on constants alone, such as
+  the legacy exporter's amounts of ``F.pad``.
 * ``Reshape`` shapes that repeat the graph's static batch size, what the default
   (``torch.export``-based, "dynamo") exporter writes (``nn.Flatten`` becomes ``Reshape(x,
   [4, 784])`` for an export with 4 inputs). Where ONNX shape inference shows that the first
@@ -65,7 +66,14 @@ def _fold_shapes(model) -> None:
     with constants alone (``Slice``, ``Gather``, ``Concat``, ...), become initializers: the
     legacy exporter writes ``x.flatten(2)`` as ``Reshape(x, Concat(Slice(Shape(x)), [-1]))``,
     which onnx2torch computes from tensors and ``torch.export`` cannot capture. The batch
-    size the file fixes is then copied where a Reshape repeats it, like any other."""
+    size the file fixes is then copied where a Reshape repeats it, like any other.
+
+    So does every standard operator on integer constants that gives integers: the legacy
+    exporter computes ``F.pad``'s amounts from ``(1, 2, 0, 1)`` with ``ConstantOfShape``,
+    ``Concat``, ``Reshape``, ``Slice``, ``Transpose`` and ``Cast``. Such a node computes one
+    value, whatever the input, and the reference evaluator computes it as the ONNX
+    specification does. Computations on float constants are left to capture, which folds
+    them in float64; random operators take or give floats, so they are never folded."""
     import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
@@ -89,16 +97,23 @@ def _fold_shapes(model) -> None:
             attrs = {a.name: a.i for a in node.attribute}
             values = [np.array(static[inputs[0]][attrs.get("start", 0):attrs.get("end")],
                                dtype=np.int64)]
-        elif folded.intersection(inputs) and all(name in constants for name in inputs):
-            try:
-                values = ReferenceEvaluator(node, opsets=opsets).run(
-                    None, {name: constants[name] for name in inputs})
-            except Exception:  # an operator the evaluator lacks: left to onnx2torch
-                pass
+        elif node.domain in ("", "ai.onnx") and inputs and \
+                all(name in constants for name in inputs):
+            on_shapes = bool(folded.intersection(inputs))
+            if on_shapes or all(_integral(constants[name]) for name in inputs):
+                try:
+                    values = ReferenceEvaluator(node, opsets=opsets).run(
+                        None, {name: constants[name] for name in inputs})
+                except Exception:  # an operator the evaluator lacks: left to onnx2torch
+                    pass
+            if values is not None and not on_shapes and not all(map(_integral, values)):
+                values = None  # floats from integer constants: left to capture
         if values is None:
             kept.append(node)
             continue
         for name, value in zip(node.output, values):
+            if not name:
+                continue  # an optional output the graph does not use
             constants[name] = value
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         folded.update(node.output)
@@ -106,6 +121,10 @@ def _fold_shapes(model) -> None:
         del model.graph.node[:]
         model.graph.node.extend(kept)
         _prune(model)
+
+
+def _integral(value) -> bool:
+    return np.issubdtype(np.asarray(value).dtype, np.integer)
 
 
 def _infer_value_shapes(model) -> None:
