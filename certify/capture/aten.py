@@ -28,9 +28,8 @@ import torch
 from certify.capture.build import Build, Masked, Norm, Ref, UnsupportedModelError
 from certify.capture.layout import (_cat, _chunk, _pad, _pad_nd, _permute, _reshape, _select,
                                     _slice, _split, _tensor_split, _transpose, _unbind)
+from certify.capture.norms import _group_norm, _instance_norm, _layer_norm, _native_layer_norm
 from certify.capture.operands import _const, _per_input, _zeros
-from certify.capture.norms import (_group_norm, _instance_norm, _layer_norm,
-                                   _native_layer_norm)
 from certify.capture.transformers import (_add_constant, _attention, _clamp_min, _expand_norm,
                                           _masked_fill, _vector_norm, _where)
 from certify.graph.operators import (Activation, Add, Affine, AvgPool, MaxPool, Normalize,
@@ -200,8 +199,8 @@ def _arith(kind):
         if isinstance(c, (Ref, Masked)) and kind in ("add", "mul"):
             a, c = c, a
         if isinstance(c, (Ref, Masked)):
-            if kind == "sub":  # constant - x
-                return _rsub(b, fx, where, c, a, alpha)
+            if kind == "sub":  # constant - x (-x hides nothing: +inf)
+                return _rsub(b, fx, where, b.inside(c, where), a, alpha)
             raise UnsupportedModelError(
                 f"{fx.name}: division by a computed tensor ({where}); supported: division by "
                 "a constant, and x / max(||x||, eps) over the last axis (F.normalize)")

@@ -27,8 +27,8 @@ def _per_input(value, fx, what: str, ndim: int, axis: int = 0) -> torch.Tensor:
     """A constant operand as a tensor that broadcasts per input: aligned from the right with
     a computed tensor of ``ndim`` axes whose batch axis is ``axis``, the constant's axis there
     dropped. Along it the constant must repeat one slice (size one, or a constant expanded to
-    the batch: ``cls.expand(B, -1, -1)``, a mask repeated for every input). Floating
-    constants become float64; masks stay boolean."""
+    the batch: ``cls.expand(B, -1, -1)``, a mask repeated for every input). Numbers become
+    float64; masks stay boolean."""
     t = value.value if isinstance(value, Const) else torch.tensor(float(value), dtype=torch.float64)
     if t.ndim > ndim:
         raise UnsupportedModelError(f"{fx.name} ({what}) uses a constant of shape "
@@ -42,4 +42,4 @@ def _per_input(value, fx, what: str, ndim: int, axis: int = 0) -> torch.Tensor:
                 f"{tuple(t.shape)}); certify treats every input alike: give the constant one "
                 "slice along the batch (size 1), the same for every input")
         t = first
-    return t.to(torch.float64) if t.is_floating_point() else t
+    return t if t.dtype == torch.bool else t.to(torch.float64)

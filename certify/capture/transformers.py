@@ -118,8 +118,8 @@ def _attention(b: Build, fx, where, q, k, v, attn_mask=None, dropout_p=0.0, is_c
     if not all(isinstance(t, Ref) for t in (q, k, v)):
         raise UnsupportedModelError(f"{fx.name}: attention with constant queries, keys or "
                                     f"values ({where})")
-    n = b.ndim(q)
-    b.dim(-2, n, fx, "attention"), b.dim(-1, n, fx, "attention")
+    for d in (-2, -1):  # the batch axis must be among the leading ones
+        b.dim(d, b.ndim(q), fx, "attention")
     *lead, T, E = b.nodes[q.index].shape
     S = b.nodes[k.index].shape[-2]
     shift, keep = torch.zeros((), dtype=torch.float64), None
@@ -137,8 +137,8 @@ def _attention(b: Build, fx, where, q, k, v, attn_mask=None, dropout_p=0.0, is_c
     if keep is not None and not bool(keep.any(-1).all()):
         raise UnsupportedModelError(f"{fx.name}: the attention mask hides every key from "
                                     f"some query ({where}); every row must keep one key")
-    d = len(lead) + 2
-    keys = b.node(Permute(tuple(range(d - 2)) + (d - 1, d - 2)), [k], fx, f"{fx.name}/keys",
+    n = len(lead) + 2
+    keys = b.node(Permute(tuple(range(n - 2)) + (n - 1, n - 2)), [k], fx, f"{fx.name}/keys",
                   (*lead, E, S))
     scores = b.node(Product(matmul=True), [q, keys], fx, f"{fx.name}/scores", (*lead, T, S))
     factor = torch.tensor(1 / math.sqrt(E) if scale is None else float(scale),

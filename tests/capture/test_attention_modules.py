@@ -73,14 +73,15 @@ def rows_kept(gen, shape, p: float) -> torch.Tensor:
 # --------------------------------------------------------------- constants joined in
 
 
+SPELLINGS = {"expand": lambda c, B: c.expand(B, *c.shape[1:]),
+             "repeat": lambda c, B: c.repeat(B, 1, 1),
+             "cat": lambda c, B: torch.cat([c] * B)}
+
+
 class Joined(nn.Module):
     """Tokens ``(T, E)`` from a dense layer, a learned constant joined to them along ``axis``
     (before, between two copies, or after; repeated along the batch as ``spelling`` says),
     a positional embedding added, a dense head."""
-
-    SPELLINGS = {"expand": lambda c, B: c.expand(B, *c.shape[1:]),
-                 "repeat": lambda c, B: c.repeat(B, 1, 1),
-                 "cat": lambda c, B: torch.cat([c] * B)}
 
     def __init__(self, T, E, axis, where, stack, spelling):
         super().__init__()
@@ -93,7 +94,7 @@ class Joined(nn.Module):
 
     def forward(self, x):
         tokens = torch.tanh(self.embed(x)).reshape(len(x), self.T, self.E)
-        const = self.SPELLINGS[self.spelling](self.const, len(x))
+        const = SPELLINGS[self.spelling](self.const, len(x))
         parts = {"before": [const, tokens], "between": [tokens, const, tokens],
                  "after": [tokens, const]}[self.where]
         joined = torch.stack(parts, self.axis) if self.stack else torch.cat(parts, self.axis)
@@ -105,7 +106,7 @@ class Joined(nn.Module):
 @FEW
 @given(st.integers(2, 4), st.integers(4, 8), st.sampled_from([1, 2, -1]),
        st.sampled_from(["before", "between", "after"]), st.booleans(),
-       st.sampled_from(sorted(Joined.SPELLINGS)), st.integers(0, 2**16))
+       st.sampled_from(sorted(SPELLINGS)), st.integers(0, 2**16))
 def test_constants_joined_to_computed_tensors_are_captured_exactly(T, E, axis, where, stack,
                                                                    spelling, seed):
     torch.manual_seed(seed)
@@ -197,14 +198,17 @@ def test_multihead_attention_is_captured_exactly(T, width, batch_first, bias, kd
 
 
 class Encoder(nn.Module):
-    """One ``nn.TransformerEncoderLayer`` on ``(T, E)`` tokens, the first token's output
-    through a dense head."""
+    """One ``nn.TransformerEncoderLayer`` on ``(T, E)`` tokens (or an ``nn.TransformerEncoder``
+    of two), the first token's output through a dense head."""
 
-    def __init__(self, T, E, norm_first, activation, batch_first, mask):
+    def __init__(self, T, E, norm_first, activation, batch_first, mask, stacked):
         super().__init__()
         self.batch_first = batch_first
         self.layer = nn.TransformerEncoderLayer(E, 2, 2 * E, dropout=0.1, activation=activation,
                                                 batch_first=batch_first, norm_first=norm_first)
+        if stacked:  # two layers, and a final layer norm
+            self.layer = nn.TransformerEncoder(self.layer, 2, norm=nn.LayerNorm(E),
+                                               enable_nested_tensor=False)
         self.head = nn.Linear(E, 3)
         self.mask, self.is_causal = None, mask == "causal"
         if mask == "causal":
@@ -214,7 +218,10 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         tokens = x if self.batch_first else x.transpose(0, 1)
-        y = self.layer(tokens, src_mask=self.mask, is_causal=self.is_causal)
+        if isinstance(self.layer, nn.TransformerEncoder):
+            y = self.layer(tokens, mask=self.mask, is_causal=self.is_causal)
+        else:
+            y = self.layer(tokens, src_mask=self.mask, is_causal=self.is_causal)
         y = y if self.batch_first else y.transpose(0, 1)
         return self.head(y[:, 0])
 
@@ -222,14 +229,15 @@ class Encoder(nn.Module):
 @settings(max_examples=8, deadline=None)
 @given(st.integers(2, 4), st.sampled_from([4, 6, 8]), st.booleans(),
        st.sampled_from(["relu", "gelu"]), st.booleans(),
-       st.sampled_from(["none", "causal", "bool"]), st.integers(0, 2**16))
+       st.sampled_from(["none", "causal", "bool"]), st.booleans(), st.integers(0, 2**16))
 def test_transformer_encoder_layer_is_captured_exactly(T, E, norm_first, activation,
-                                                       batch_first, mask, seed):
+                                                       batch_first, mask, stacked, seed):
     torch.manual_seed(seed)
-    model = Encoder(T, E, norm_first, activation, batch_first, mask)
+    model = Encoder(T, E, norm_first, activation, batch_first, mask, stacked)
     network = captured_exactly(model, (T, E), seed)
-    assert network.layer_names == ["layer.self_attn.in_proj_weight", "layer.self_attn.out_proj",
-                                   "layer.linear1", "layer.linear2", "head"]
+    blocks = ["layer.layers.0.", "layer.layers.1."] if stacked else ["layer."]
+    assert network.layer_names == [f"{block}{name}" for block in blocks for name in (
+        "self_attn.in_proj_weight", "self_attn.out_proj", "linear1", "linear2")] + ["head"]
 
 
 # ------------------------------------------------------------------ attention masks
@@ -390,9 +398,15 @@ def test_class_token_vit_radii_hold_against_attacks(norm, bias, seed):
     assert torch.all(flipped[found] != y[found])
 
 
-def test_certify_check_confirms_a_class_token_vit_certificate():
+@pytest.mark.parametrize("model", ["vit", "masked"])
+def test_certify_check_confirms_the_certificates(model):
+    """The class-token ViT, and attention with a mask written by hand (``masked_fill`` with
+    ``-inf``: the checker's twin of the masked softmax)."""
     torch.manual_seed(0)
-    network = captured_exactly(ClassTokenViT(), (1, 4, 4), 0)
-    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    module, shape = (ClassTokenViT(), (1, 4, 4)) if model == "vit" else \
+        (Masked(3, 4, "masked_fill", "(T, S)", 1), (3, 4))
+    network = captured_exactly(module, shape, 0)
+    assert model == "vit" or any(getattr(n.op, "keep", None) is not None for n in network.nodes)
+    x = torch.randn(2, *shape, dtype=torch.float64)
     result = certify_network(network, x, model_sha256="0" * 64, progress=False, refine=False)
     assert check(result.document, result.witnesses, network, x.numpy()).ok

@@ -16,6 +16,8 @@ intervals in centre-radius form (``_times``):
 * softmax ``p = exp(x) / sum exp(x)``: ``p_i`` in ``[1 / (1 + sum_{j != i} exp(u_j - l_i)),
   1 / (1 + sum_{j != i} exp(l_j - u_i))]``; ``(a J)_k = p_k (a_k - a . p)``, ``a . p`` in
   ``[min a, max a]``; constants ``||J||_2 <= 1``, ``||J||_inf = max 2 p_k (1 - p_k) <= 1/2``;
+  with a mask, hidden entries weigh ``[0, 0]`` and the sums, the minimum and the maximum run
+  over the kept ones;
 * LayerNorm ``y = g c s + b``, ``c = x - mean x``, ``s = 1 / sqrt(mean(c^2) + eps)``:
   ``c^ = c s`` is at most ``t / sqrt(max(v_lo, t^2 / n) + eps)`` at ``c = t`` (``mean c^2
   >= c_k^2 / n``), and ``|c^_k| <= sqrt n``; ``a J = s (a' - mean a' - (a' . c^) c^ / n)``,
