@@ -7,17 +7,19 @@ keeps the margins ``o_y - o_j`` exactly); a softmax used inside the network (att
 ``Softmax`` node. Products of two computed tensors (``Q K^T``, attention times values) are
 ``Product`` nodes, and ``x / max(||x||, eps)`` (``F.normalize``) is one ``Normalize`` node.
 Arguments are per-batch in the export; every rule converts them to per-input shapes and axes
-(``Build.shape``, ``Build.dim``) and refuses operations along the batch axis.
+(``Build.shape``, ``Build.dim``, from wherever the batch axis is: ``MOVABLE`` lists the
+operators that follow it away from the front) and refuses operations along the batch axis.
 
-The rules of the layers here; those of transformer blocks (layer norm, scaled dot-product
-attention decomposed into products and a softmax, the vector norm of ``F.normalize``) are in
-``certify.capture.transformers``, those of padding by the input's own entries and of
-interpolation in ``certify.capture.resampling``, those of recurrent layers (LSTM, GRU, RNN
-and their cells, unrolled) in ``certify.capture.recurrent``, and
-``certify.capture.time_major`` extends the rules of indexing, transposing, concatenating and
-reducing to the time-major tensors recurrent layers return (``TIME_MAJOR_USERS``: the
-operators that may read them). All read constant operands (weights, biases, the constants of
-arithmetic) with ``certify.capture.operands``.
+The rules of the layers here; those that move, cut and join tensors in
+``certify.capture.layout``, the normalisations in ``certify.capture.norms``, those of
+attention (scaled dot-product attention decomposed into products and a softmax, constant
+masks, the vector norm of ``F.normalize``) in ``certify.capture.transformers``, those of
+padding by the input's own entries and of interpolation in ``certify.capture.resampling``,
+those of recurrent layers (LSTM, GRU, RNN and their cells, unrolled) in
+``certify.capture.recurrent``, and ``certify.capture.time_major`` extends the rules of
+indexing, transposing, concatenating and reducing to the time-major tensors recurrent layers
+return (``TIME_MAJOR_USERS``: the operators that may read them). All read constant operands
+(weights, biases, the constants of arithmetic) with ``certify.capture.operands``.
 """
 
 from __future__ import annotations
@@ -27,18 +29,19 @@ import operator
 
 import torch
 
-from certify.capture.build import Build, Norm, Ref, UnsupportedModelError
+from certify.capture.build import Build, Masked, Norm, Ref, UnsupportedModelError
+from certify.capture.layout import (_cat, _chunk, _pad, _pad_nd, _permute, _reshape, _select,
+                                    _slice, _split, _tensor_split, _transpose, _unbind)
+from certify.capture.norms import _group_norm, _instance_norm, _layer_norm, _native_layer_norm
 from certify.capture.operands import _const, _per_input, _zeros
-from certify.capture.resampling import BUILDERS as RESAMPLING
-from certify.capture.resampling import _edge_pad
 from certify.capture.recurrent import RULES as RECURRENT
 from certify.capture.recurrent import SUPPORTED as RECURRENT_SUPPORTED
+from certify.capture.resampling import BUILDERS as RESAMPLING
 from certify.capture.time_major import TIME_MAJOR
-from certify.capture.transformers import (_attention, _clamp_min, _expand_norm, _layer_norm,
-                                          _native_layer_norm, _vector_norm)
-from certify.graph.operators import (Activation, Add, Affine, AvgPool, Cat, MaxPool, Normalize,
-                                     Permute, PReLU, Product, Reduce, Reshape, ScaleShift, Slice,
-                                     ZeroPad)
+from certify.capture.transformers import (_add_constant, _attention, _clamp_min, _expand_norm,
+                                          _masked_fill, _vector_norm, _where)
+from certify.graph.operators import (Activation, Add, Affine, AvgPool, MaxPool, Normalize,
+                                     PReLU, Product, Reduce, ScaleShift)
 from certify.graph.operators.affine import swap_kernel
 
 aten = torch.ops.aten
@@ -48,6 +51,7 @@ aten = torch.ops.aten
 
 
 def _linear(b: Build, fx, where, x, weight, bias=None):
+    b.dim(-1, b.ndim(x), fx, "linear")
     W = _const(weight, fx, "the weight")
     bias = _zeros(W.value.shape[0]) if bias is None else _const(bias, fx, "the bias").value
     return b.affine(Affine(W.value, bias.reshape(-1)), x, fx, W)
@@ -193,103 +197,21 @@ def _prelu(b: Build, fx, where, x, weight):
     return b.node(PReLU(slopes.reshape(-1, *[1] * (len(shape) - 1))), [x], fx)
 
 
-def _reshape(b: Build, fx, where, x, *args, **kwargs):
-    return b.node(Reshape(b.shape(fx)), [x], fx)
-
-
-def _permute(b: Build, fx, where, x, dims):
-    n = b.ndim(x)
-    dims = [d + n if d < 0 else d for d in dims]
-    if dims[0] != 0:
-        raise UnsupportedModelError(f"{fx.name}: permute moves the batch axis ({where})")
-    return b.node(Permute(tuple(d - 1 for d in dims[1:])), [x], fx)
-
-
-def _transpose(b: Build, fx, where, x, d0, d1):
-    n = b.ndim(x)
-    dims = list(range(n))
-    i, j = b.dim(d0, n, fx, "transpose") + 1, b.dim(d1, n, fx, "transpose") + 1
-    dims[i], dims[j] = dims[j], dims[i]
-    return b.node(Permute(tuple(d - 1 for d in dims[1:])), [x], fx)
-
-
-def _slice(b: Build, fx, where, x, dim=0, start=None, end=None, step=1):
-    n = b.ndim(x)
-    d = dim + n if dim < 0 else dim
-    if d == 0:
-        if (start in (None, 0)) and (end is None or end >= b.batch) and step == 1:
-            return x
-        b.dim(0, n, fx, "slice")
-    return b.node(Slice(d - 1, start or 0, end, step), [x], fx)
-
-
-def _select(b: Build, fx, where, x, dim, index):
-    return b.node(Slice(b.dim(dim, b.ndim(x), fx, "select"), index=index), [x], fx)
-
-
-def _pieces(b: Build, fx, x, dim, bounds):
-    """``x`` cut along ``dim`` into the pieces ``[start, end)`` of ``bounds``: one ``Slice``
-    node each, named ``<node>/<i>`` (``split``, ``chunk``, ``tensor_split``)."""
-    axis = b.dim(dim, b.ndim(x), fx, fx.target.__name__)
-    shape = b.nodes[x.index].shape
-    return tuple(b.node(Slice(axis, start, end), [x], fx, f"{fx.name}/{i}",
-                        shape[:axis] + (end - start,) + shape[axis + 1:])
-                 for i, (start, end) in enumerate(bounds))
-
-
-def _length(b: Build, x, dim, fx) -> int:
-    return b.nodes[x.index].shape[b.dim(dim, b.ndim(x), fx, fx.target.__name__)]
-
-
-def _split(b: Build, fx, where, x, size, dim=0):
-    """``split(x, size)``, or ``split_with_sizes`` when ``size`` is a list of sizes."""
-    n = _length(b, x, dim, fx)
-    sizes = list(size) if isinstance(size, (list, tuple)) else \
-        [min(size, n - start) for start in range(0, n, size)]
-    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
-    return _pieces(b, fx, x, dim, list(zip([0, *ends[:-1]], ends)))
-
-
-def _chunk(b: Build, fx, where, x, chunks, dim=0):
-    n = _length(b, x, dim, fx)
-    return _split(b, fx, where, x, -(-n // chunks), dim)
-
-
-def _tensor_split(b: Build, fx, where, x, sections, dim=0):
-    """``tensor_split`` into ``sections`` pieces (the first ``n % sections`` one longer), or
-    at the given indices."""
-    n = _length(b, x, dim, fx)
-    if isinstance(sections, (list, tuple)):
-        cuts = [min(max(i + n if i < 0 else i, 0), n) for i in sections]
-    else:
-        size, extra = divmod(n, sections)
-        cuts = [sum(size + (i < extra) for i in range(k)) for k in range(1, sections)]
-    ends = [*cuts, n]
-    starts = [0, *cuts]
-    return _pieces(b, fx, x, dim, [(s, max(s, e)) for s, e in zip(starts, ends)])
-
-
-def _unbind(b: Build, fx, where, x, dim=0):
-    axis = b.dim(dim, b.ndim(x), fx, "unbind")
-    shape = b.nodes[x.index].shape
-    return tuple(b.node(Slice(axis, index=i), [x], fx, f"{fx.name}/{i}",
-                        shape[:axis] + shape[axis + 1:]) for i in range(shape[axis]))
-
-
-def _cat(stack):
-    def rule(b: Build, fx, where, tensors, dim=0):
-        if not all(isinstance(t, Ref) for t in tensors):
-            raise UnsupportedModelError(f"{fx.name}: {'stack' if stack else 'cat'} of computed "
-                                        f"tensors with constants ({where}) is not supported")
-        n = b.ndim(tensors[0]) + stack
-        return b.node(Cat(b.dim(dim, n, fx, "cat"), len(tensors), stack), list(tensors), fx)
-    return rule
+def _finite(t: torch.Tensor, fx, where) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise UnsupportedModelError(f"{fx.name}: arithmetic with a constant that is not finite "
+                                    f"({where}); supported: finite constants, and -inf added "
+                                    "before a softmax (an attention mask)")
+    return t
 
 
 def _arith(kind):
     def rule(b: Build, fx, where, a, c, alpha=1, **kwargs):
         if kwargs.get("rounding_mode") is not None:
             raise UnsupportedModelError(f"division with rounding_mode ({where})")
+        if kind not in ("add", "sub") or all(isinstance(v, (Ref, Masked)) for v in (a, c)):
+            # only a constant added to a masked tensor keeps it masked
+            a, c = (b.inside(v, where) if isinstance(v, Masked) else v for v in (a, c))
         if kind in ("add", "sub") and isinstance(a, Ref) and isinstance(c, Ref):
             return b.node(Add(alpha if kind == "add" else -alpha), [a, c], fx)
         if kind == "mul" and isinstance(a, Ref) and isinstance(c, Ref):
@@ -300,27 +222,28 @@ def _arith(kind):
                     f"{fx.name}: division by the norm of another tensor ({where}); supported: "
                     "x / max(||x||, eps) over the last axis (F.normalize)")
             return b.node(Normalize(c.eps), [a], fx)
-        if isinstance(c, Ref) and kind in ("add", "mul"):
+        if isinstance(c, (Ref, Masked)) and kind in ("add", "mul"):
             a, c = c, a
-        if isinstance(c, Ref):
-            if kind == "sub":  # constant - x
-                x = c
-                shift = _per_input(a, fx, kind, b.ndim(x))
-                return b.node(ScaleShift(torch.tensor(-float(alpha), dtype=torch.float64),
-                                         shift), [x], fx)
+        if isinstance(c, (Ref, Masked)):
+            if kind == "sub":  # constant - x (-x hides nothing: +inf)
+                return _rsub(b, fx, where, b.inside(c, where), a, alpha)
             raise UnsupportedModelError(
                 f"{fx.name}: division by a computed tensor ({where}); supported: division by "
                 "a constant, and x / max(||x||, eps) over the last axis (F.normalize)")
-        t = _per_input(c, fx, kind, b.ndim(a))
-        one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        op = {"add": lambda: ScaleShift(one, alpha * t), "sub": lambda: ScaleShift(one, -alpha * t),
-              "mul": lambda: ScaleShift(t, zero), "div": lambda: ScaleShift(1 / t, zero)}[kind]()
+        if kind in ("add", "sub"):  # a ScaleShift, or an attention mask (-inf entries)
+            ref = a.ref if isinstance(a, Masked) else a
+            t = _per_input(c, fx, kind, b.ndim(ref), b.at)
+            return _add_constant(b, fx, where, a, (alpha if kind == "add" else -alpha) * t)
+        t = _finite(_per_input(c, fx, kind, b.ndim(a), b.at), fx, where)
+        zero = torch.zeros((), dtype=torch.float64)
+        op = ScaleShift(t if kind == "mul" else _finite(1 / t, fx, where), zero)
         return b.node(op, [a], fx)
     return rule
 
 
 def _rsub(b: Build, fx, where, x, c, alpha=1):
-    shift = _per_input(c, fx, "rsub", b.ndim(x))
+    """``c - alpha x`` for a constant ``c``."""
+    shift = _finite(_per_input(c, fx, "rsub", b.ndim(x), b.at), fx, where)
     return b.node(ScaleShift(torch.tensor(-float(alpha), dtype=torch.float64), shift), [x], fx)
 
 
@@ -334,8 +257,9 @@ def _reduce(mean):
         n = b.ndim(x)
         dims = range(n) if dim is None or dim == [] else (dim if isinstance(dim, (list, tuple))
                                                           else [dim])
-        return b.node(Reduce(tuple(b.dim(d, n, fx, "mean" if mean else "sum") for d in dims),
-                             keepdim, mean), [x], fx)
+        axes = tuple(b.dim(d, n, fx, "mean" if mean else "sum") for d in dims)
+        axis = x.axis if keepdim else x.axis - sum(d % n < x.axis for d in dims)
+        return b.node(Reduce(axes, keepdim, mean), [x], fx, axis=axis)
     return rule
 
 
@@ -369,22 +293,6 @@ def _max_pool(two, indices):
     return rule
 
 
-def _pad(b: Build, fx, where, x, pad, mode="constant", value=None):
-    # aten::pad(Tensor self, SymInt[] pad, str mode="constant", float? value=None)
-    if mode != "constant":
-        return _edge_pad(b, fx, where, x, pad, mode)
-    if (value or 0.0) != 0.0:
-        raise UnsupportedModelError(f"padding with the constant {value} ({where}); supported: "
-                                    "zero padding (mode='constant', value 0) and modes "
-                                    "'reflect', 'replicate', 'circular'")
-    return b.node(ZeroPad(tuple(pad)), [x], fx)
-
-
-def _pad_nd(b: Build, fx, where, x, pad, value=0.0):
-    # aten::constant_pad_nd(Tensor self, SymInt[] pad, Scalar value=0)
-    return _pad(b, fx, where, x, pad, "constant", value)
-
-
 def _getitem(b: Build, fx, where, values, index):
     item = values[index]
     if item is None:
@@ -411,10 +319,12 @@ def _sym_size(b: Build, fx, where, x, dim):
 
 def _tail(log):
     def rule(b: Build, fx, where, x, dim, *args, **kwargs):
-        n = b.ndim(x)
+        ref = x.ref if isinstance(x, Masked) else x
+        n = b.ndim(ref)
         if (dim + n if dim < 0 else dim) != n - 1:
             raise UnsupportedModelError(f"{'log-' if log else ''}softmax over an axis other "
                                         f"than the last ({where})")
+        b.dim(dim, n, fx, "softmax")
         return b.tail(x, fx, log)
     return rule
 
@@ -464,7 +374,9 @@ BUILDERS = {
     aten.softmax: _tail(False), aten._softmax: _tail(False), aten.log_softmax: _tail(True),
     aten._log_softmax: _tail(True),
     aten.layer_norm: _layer_norm, aten.native_layer_norm: _native_layer_norm,
+    aten.group_norm: _group_norm, aten.instance_norm: _instance_norm,
     aten.scaled_dot_product_attention: _attention, aten.bmm: _mm,
+    aten.masked_fill: _masked_fill, aten.masked_fill_: _masked_fill, aten.where: _where,
     aten.linalg_vector_norm: _vector_norm, aten.clamp_min: _clamp_min,
     aten.expand_as: _expand_norm,
     aten._to_copy: _to_copy, aten.to: _to_copy, aten.sym_size: _sym_size,
@@ -480,16 +392,44 @@ TIME_MAJOR_USERS = {*TIME_MAJOR, *RECURRENT, operator.getitem, aten.dropout,
 
 IDENTITIES = {aten.clone, aten.alias, aten.detach, aten.contiguous, aten.lift_fresh_copy}
 
+# The operators that read a tensor whose batch axis a transpose moved (``Ref.axis``): their
+# rules convert axes from where it is (``Build.at``). Any other needs it first.
+MOVABLE = {
+    aten.linear, aten.relu, aten.relu_, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_,
+    aten.tanh, aten.sigmoid, aten.gelu, aten.softplus, aten.silu, aten.silu_, aten.mish,
+    aten.mish_, aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_,
+    aten.hardtanh, aten.hardtanh_, aten.clamp, aten.clamp_,
+    aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
+    aten.unsqueeze, aten.permute, aten.transpose, aten.expand, aten.slice, aten.select,
+    aten.cat, aten.stack, aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split,
+    aten.unbind, aten.add, aten.add_, aten.sub, aten.sub_, aten.mul, aten.mul_, aten.div,
+    aten.div_, aten.rsub, aten.neg, aten.mean, aten.sum, aten.dropout, aten.feature_dropout,
+    aten.alpha_dropout, aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax,
+    aten.layer_norm, aten.native_layer_norm, aten.scaled_dot_product_attention,
+    aten.masked_fill, aten.masked_fill_, aten.where, aten._to_copy, aten.to, operator.getitem,
+    # a recurrent layer with batch_first=False reads (T, B, features): the batch second
+    *(op for op in RECURRENT if not op.__name__.endswith("_cell")),
+    aten.dropout_, aten.feature_dropout_, aten.alpha_dropout_,
+}
+
+# The operators a masked tensor (``-inf`` where an attention mask hides it) may feed on its
+# way to a softmax.
+MASK_USERS = {aten.add, aten.add_, aten.sub, aten.sub_, aten.masked_fill, aten.masked_fill_,
+              aten.where, aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax,
+              aten.dropout, aten._to_copy, aten.to}
+
 SUPPORTED = (
     "linear, addmm/mm/matmul by a weight, conv1d/conv2d (grouped, depthwise, transposed), "
     "batch norm in eval mode, "
     "relu, leaky_relu, elu, tanh, sigmoid, gelu (exact and tanh), softplus, silu, mish, "
     "hardswish, hardsigmoid, hardtanh/relu6/clamp (constant bounds), prelu, max and average "
-    "pooling (1-d, 2-d, adaptive average), layer norm (last axis), "
-    "view/reshape/flatten/squeeze/unsqueeze, permute/transpose, expand, slice/select, "
-    "split/chunk/tensor_split/unbind, "
-    "cat/stack, addition, subtraction and products (mul, matmul/bmm) of computed tensors, "
-    "scaled_dot_product_attention (no mask), softmax over the last axis, "
+    "pooling (1-d, 2-d, adaptive average), layer norm (trailing axes), group norm, instance "
+    "norm, view/reshape/flatten/squeeze/unsqueeze, permute/transpose (the batch axis too), "
+    "expand, slice/select, split/chunk/tensor_split/unbind, "
+    "cat/stack (also with constants), addition, subtraction and products (mul, matmul/bmm) of "
+    "computed tensors, scaled_dot_product_attention (constant masks, is_causal), "
+    "nn.MultiheadAttention (self-attention), masked_fill and where with constant masks, "
+    "softmax over the last axis, "
     "F.normalize (l2, last axis), arithmetic with constants, mean/sum, zero padding, "
     "reflect/replicate/circular padding (1-d to 3-d), nearest, nearest-exact, linear and "
     "bilinear interpolation (nn.Upsample, F.interpolate; 1-d and 2-d), "

@@ -3,10 +3,16 @@
 ``Build`` holds the nodes read so far; the values of the exported program's nodes are
 ``Ref`` (a node of the graph), ``Const`` (a tensor computed from parameters and constants
 alone, evaluated at once: constant folding), ``Tail`` (softmax or log-softmax, allowed
-only as the output) or ``Leading`` (a tensor whose first axis is not the batch: an RNN's
-time-major sequence or final states, held as its slices). Shapes and axes are converted from
-the export's per-batch ones to per-input ones (``shape``, ``dim``), refusing operations along
-the batch axis.
+only as the output), ``Norm`` (a vector norm on its way to ``F.normalize``), ``Masked``
+(``-inf`` added where an attention mask hides a key, on its way to a softmax) or ``Leading``
+(a tensor whose first axis is not the batch: an RNN's time-major sequence or final states,
+held as its slices). Shapes and axes are converted from the export's per-batch ones to
+per-input ones (``shape``, ``dim``), refusing operations along the batch axis.
+
+The batch axis may stand anywhere in the export's tensors: a transpose moves it
+(``batch_first=False`` sequences are ``(T, B, E)``). A node's value always holds it first;
+``Ref.axis`` says where the export's tensor holds it, and ``Build.at`` is that position for
+the operation being read, so that its shapes and axes convert from there.
 
 A weight that a recurrence uses at every step (``recurrent``) is certified only where one
 node uses it; with several uses its nodes become ``FixedAffine`` when the graph is finished.
@@ -28,9 +34,11 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class Ref:
-    """A node of the graph being built."""
+    """A node of the graph being built; ``axis``: where the export's tensor holds the batch
+    axis (the node's value is that tensor with this axis moved to the front)."""
 
     index: int
+    axis: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +59,7 @@ class Tail:
     ref: Ref
     fx: object
     log: bool
+    keep: torch.Tensor | None = None  # a mask the softmax applies (``Masked``)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,16 @@ class Leading:
     whole: Ref | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Masked:
+    """Node ``ref`` with ``-inf`` where the constant ``keep`` (broadcast per input) is False:
+    an attention mask, allowed only as the input of a softmax, which gives those entries
+    the weight 0 exactly (a ``Softmax`` with ``keep``)."""
+
+    ref: Ref
+    keep: torch.Tensor
+
+
 def _walk(value, found):
     if isinstance(value, (list, tuple)):
         return any(_walk(v, found) for v in value)
@@ -85,6 +104,7 @@ class Build:
 
     def __init__(self, batch: int):
         self.batch, self.nodes, self.names = batch, [], set()
+        self.at = 0  # where the batch axis is in the tensors of the operation being read
         self.weights = set()  # the parameters of the layers so far
         self.uses = {}  # a recurrence's weight -> its nodes (None: a use folded to a constant)
         self.tails = []  # operations dropped at the output, to check the capture against
@@ -104,7 +124,7 @@ class Build:
 
     def depends(self, args, kwargs) -> bool:
         return _walk(list(args) + list(kwargs.values()),
-                     lambda v: isinstance(v, (Ref, Tail, Norm, Leading)))
+                     lambda v: isinstance(v, (Ref, Tail, Norm, Masked, Leading)))
 
     def time_major(self, args, kwargs) -> bool:
         """Does an operation read a tensor whose first axis is not the batch (``Leading``)?"""
@@ -134,29 +154,41 @@ class Build:
             return type(result)(self._wrap(r, source) for r in result)
         return result
 
-    def node(self, op, inputs, fx, name: str | None = None, shape=None) -> Ref:
+    def node(self, op, inputs, fx, name: str | None = None, shape=None,
+             axis: int | None = None) -> Ref:
         """A node applying ``op`` to ``inputs``; ``shape`` (per input) defaults to that of
-        ``fx``'s result (given when one ATen operator becomes several nodes)."""
+        ``fx``'s result (given when one ATen operator becomes several nodes), the batch axis
+        of its export tensor ``axis`` to ``at``."""
+        axis = self.at if axis is None else axis
         inputs = [self.inside(v) for v in inputs]
-        return self.add(Node(self._unique(name or fx.name), op, tuple(v.index for v in inputs),
-                             self.shape(fx) if shape is None else tuple(shape)))
+        ref = self.add(Node(self._unique(name or fx.name), op, tuple(v.index for v in inputs),
+                            self.shape(fx, axis) if shape is None else tuple(shape)))
+        return Ref(ref.index, axis)
 
-    def inside(self, value):
-        """A value used by an operation: a softmax becomes a node; a bare vector norm is
-        refused."""
+    def inside(self, value, where: str = ""):
+        """A value used by an operation (read at ``where``): a softmax becomes a node; a bare
+        vector norm and a mask that no softmax applies are refused."""
+        at = f" ({where})" if where else ""
         if isinstance(value, Norm):
             raise UnsupportedModelError(
-                "a vector norm of a computed tensor is supported only as the divisor of that "
-                "tensor (F.normalize(x, dim=-1), x / x.norm(dim=-1, keepdim=True))")
+                f"a vector norm of a computed tensor is used{at}; it is supported only as the "
+                "divisor of that tensor (F.normalize(x, dim=-1), x / x.norm(dim=-1, "
+                "keepdim=True))")
+        if isinstance(value, Masked):
+            raise UnsupportedModelError(
+                f"-inf added to a computed tensor (an attention mask) is used{at}; it is "
+                "supported only right before a softmax over the last axis, which gives those "
+                "entries weight 0")
         if not isinstance(value, Tail):
             return value
         if value.log:
             raise UnsupportedModelError("log-softmax is only supported at the output of the "
                                         "model; inside it, use softmax")
         if value not in self.softmax:
-            fx = value.fx
-            self.softmax[value] = self.add(Node(self._unique(fx.name), Softmax(),
-                                                (value.ref.index,), self.shape(fx)))
+            fx, axis = value.fx, value.ref.axis
+            node = self.add(Node(self._unique(fx.name), Softmax(value.keep),
+                                 (value.ref.index,), self.shape(fx, axis)))
+            self.softmax[value] = Ref(node.index, axis)
         return self.softmax[value]
 
     def _unique(self, name: str) -> str:
@@ -167,24 +199,26 @@ class Build:
         self.names.add(name)
         return name
 
-    def shape(self, fx) -> tuple[int, ...]:
-        """The output shape of ``fx`` for one input; the batch axis must be kept."""
+    def shape(self, fx, axis: int | None = None) -> tuple[int, ...]:
+        """The output shape of ``fx`` for one input, its batch axis at ``axis`` (``at``)."""
+        axis = self.at if axis is None else axis
         val = fx.meta["val"]
         val = val[0] if isinstance(val, (list, tuple)) else val
-        if val.ndim == 0 or val.shape[0] != self.batch:
+        if val.ndim <= axis or val.shape[axis] != self.batch:
             raise UnsupportedModelError(
                 f"{fx.name}: its result (shape {tuple(val.shape)} for a batch of {self.batch}) "
-                "does not keep the batch axis first; certify needs every operation to act on "
-                "each input separately")
-        return tuple(val.shape[1:])
+                f"does not keep the batch axis (at {axis}); certify needs every operation to "
+                "act on each input separately")
+        return tuple(val.shape[:axis]) + tuple(val.shape[axis + 1:])
 
     def dim(self, d: int, ndim: int, fx, what: str = "dim") -> int:
-        """Axis ``d`` of a tensor with ``ndim`` axes (batch included) as a per-input axis."""
+        """Axis ``d`` of a tensor with ``ndim`` axes (batch included, at ``at``) as a
+        per-input axis."""
         d = d + ndim if d < 0 else d
-        if d == 0:
+        if d == self.at:
             raise UnsupportedModelError(f"{fx.name}: {what} acts along the batch axis; certify "
                                         "needs every operation to act on each input separately")
-        return d - 1
+        return d - (d > self.at)
 
     def ndim(self, ref: Ref) -> int:
         return len(self.nodes[ref.index].shape) + 1
@@ -248,14 +282,30 @@ class Build:
         return self.node(ScaleShift(scale.reshape(shape), shift.reshape(shape)), [x], fx)
 
     def tail(self, x, fx, log: bool) -> Tail:
+        """Softmax (or log-softmax) of ``x``; of a ``Masked`` value, with its mask."""
+        if isinstance(x, Masked):
+            if log:
+                raise UnsupportedModelError("log-softmax of a masked tensor (-inf entries); "
+                                            "supported: softmax")
+            if not bool(x.keep.any(-1).all()):
+                raise UnsupportedModelError(
+                    f"{fx.name}: an attention mask hides every key from some query (its "
+                    "softmax would be 0 / 0); every row of the mask must keep one entry")
+            return Tail(x.ref, fx, log, x.keep)
         return Tail(self.inside(x), fx, log)
 
     # ---------------------------------------------------------------- the result
     def finish(self, out) -> Graph:
+        if isinstance(out, Tail) and out.keep is not None:
+            raise UnsupportedModelError("a masked softmax at the output of the model; certify "
+                                        "reads the logits before it")
         if isinstance(out, Tail):
             fx = out.fx
             self.tails.append(lambda o: fx.target(o, *fx.args[1:], **fx.kwargs))
             out = out.ref
+        if out.axis != 0:
+            raise UnsupportedModelError(f"the model returns its batch axis at position "
+                                        f"{out.axis}; certify needs logits (batch, classes)")
         keep = {out.index}
         for i in range(out.index, -1, -1):
             if i in keep:

@@ -8,7 +8,9 @@ maps each ATen operator to a ``certify.graph.operators`` operator). Nodes comput
 and constants alone are evaluated (constant folding), so ``addmm(b, x, permute(W))`` is a
 dense layer with weight ``W``; a batch norm right after an affine layer is folded into it;
 softmax and log-softmax at the output are dropped (they keep the argmax, and log-softmax the
-margins). The graph is checked against the module on the example batch.
+margins). ``nn.MultiheadAttention`` is exported through a batch-first forward on its own
+parameters (``certify.capture.attention``). The graph is checked against the module (its own
+forward) on the example batch.
 
 Shapes are read from the export (``node.meta["val"]``) and stored per input, without the
 batch axis, so the graph runs on any batch size; operations that mix the batch axis are
@@ -26,8 +28,10 @@ import warnings
 import torch
 from torch import nn
 
-from certify.capture.aten import BUILDERS, IDENTITIES, SUPPORTED, TIME_MAJOR_USERS
-from certify.capture.build import Build, Norm, Tail, UnsupportedModelError
+from certify.capture.aten import (BUILDERS, IDENTITIES, MASK_USERS, MOVABLE, SUPPORTED,
+                                  TIME_MAJOR_USERS)
+from certify.capture.attention import refused, rewritten
+from certify.capture.build import Build, Masked, Norm, Ref, Tail, UnsupportedModelError
 from certify.capture.time_major import refuse
 from certify.capture.transformers import NORM_USERS
 from certify.graph.graph import Graph, Node
@@ -59,8 +63,10 @@ def capture(module: nn.Module, example) -> Graph:
     x = torch.randn(_export_batch(module), *shape, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(0))
     try:
-        with _quiet():
+        with _quiet(), rewritten(copied):
             program = torch.export.export(copied, (x,), strict=False)
+    except UnsupportedModelError:
+        raise
     except Exception as err:  # export raises many types (data-dependent control flow, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UnsupportedModelError(
@@ -87,19 +93,17 @@ def capture(module: nn.Module, example) -> Graph:
 def _refuse_modules(module: nn.Module) -> None:
     """Modules refused before export, with what to do instead. Embedding lookups take
     integer tokens, which no weight perturbation bound speaks of: the embedded vectors are
-    the input of the network certify reads. ``nn.MultiheadAttention`` moves the batch axis."""
+    the input of the network certify reads. ``nn.MultiheadAttention`` is exported through
+    ``certify.capture.attention``, which refuses a few of its options."""
     for name, m in module.named_modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             raise UnsupportedModelError(
                 f"module {name!r} ({type(m).__name__}) looks up integer tokens; certify "
                 "treats embeddings as inputs: certify the module that runs after the lookup, "
                 "on the embedded float vectors (see certify.models.minilm for a BERT split this way)")
-        if isinstance(m, nn.MultiheadAttention):
-            raise UnsupportedModelError(
-                f"module {name!r} (MultiheadAttention) moves the batch axis inside its forward, "
-                "which certify cannot follow; write attention with separate query, key and "
-                "value nn.Linear layers and F.scaled_dot_product_attention (or softmax(q @ "
-                "k.transpose(-2, -1) * scale) @ v), as certify.models.small.mnist_vit does")
+        why = refused(name, m) if isinstance(m, nn.MultiheadAttention) else None
+        if why:
+            raise UnsupportedModelError(why)
 
 
 def float64_copy(module: nn.Module) -> nn.Module:
@@ -224,13 +228,38 @@ def _call(build: Build, fx, env):
             f"{_name(target)} is not supported ({where}); supported operators: {SUPPORTED}")
     if packet not in TIME_MAJOR_USERS and build.time_major(args, kwargs):
         raise refuse(fx, where, _name(target))
-    # A softmax used here becomes a node; a vector norm may only go on to F.normalize
-    # (``inside`` refuses it anywhere else).
-    norms_allowed = packet in NORM_USERS
+    # A softmax used here becomes a node; a vector norm may only go on to F.normalize, a
+    # mask only to a softmax (``inside`` refuses them anywhere else).
     args = torch.fx.node.map_aggregate(
-        args, lambda v: build.inside(v) if isinstance(v, Tail) or
-        (isinstance(v, Norm) and not norms_allowed) else v)
+        args, lambda v: build.inside(v, where) if isinstance(v, Tail) or
+        (isinstance(v, Norm) and packet not in NORM_USERS) or
+        (isinstance(v, Masked) and packet not in MASK_USERS) else v)
+    build.at = _batch_axis(args, kwargs, fx, where)
+    if build.at and packet not in MOVABLE:
+        raise UnsupportedModelError(
+            f"{_name(target)} of a tensor whose batch axis a transpose moved to position "
+            f"{build.at} ({where}); certify follows a moved batch axis through reshapes, "
+            "transposes, slices, cat, elementwise arithmetic and activations, linear layers, "
+            "layer norm, softmax and attention: move it back to the front first")
     return rule(build, fx, where, *args, **kwargs)
+
+
+def _batch_axis(args, kwargs, fx, where) -> int:
+    """Where the computed operands hold the batch axis (the same for all of them)."""
+    axes = set()
+
+    def see(v):
+        ref = v.ref if isinstance(v, (Masked, Norm, Tail)) else v
+        if isinstance(ref, Ref):
+            axes.add(ref.axis)
+        return v
+
+    torch.fx.node.map_aggregate((args, kwargs), see)
+    if len(axes) > 1:
+        raise UnsupportedModelError(
+            f"{fx.name}: operands with the batch axis at different positions {sorted(axes)} "
+            f"({where}); transpose them alike first")
+    return axes.pop() if axes else 0
 
 
 def _name(target) -> str:

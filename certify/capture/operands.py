@@ -23,12 +23,23 @@ def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float64)
 
 
-def _per_input(value, fx, what: str, ndim: int):
-    """A constant operand as a tensor that broadcasts per input (batch axis dropped)."""
+def _per_input(value, fx, what: str, ndim: int, axis: int = 0) -> torch.Tensor:
+    """A constant operand as a tensor that broadcasts per input: aligned from the right with
+    a computed tensor of ``ndim`` axes whose batch axis is ``axis``, the constant's axis there
+    dropped. Along it the constant must repeat one slice (size one, or a constant expanded to
+    the batch: ``cls.expand(B, -1, -1)``, a mask repeated for every input). Numbers become
+    float64; masks stay boolean."""
     t = value.value if isinstance(value, Const) else torch.tensor(float(value), dtype=torch.float64)
-    if t.ndim >= ndim:
-        if t.ndim > ndim or t.shape[0] != 1:
-            raise UnsupportedModelError(f"{fx.name}: {what} by a constant that varies along "
-                                        "the batch axis")
-        t = t[0]
-    return t.to(torch.float64)
+    if t.ndim > ndim:
+        raise UnsupportedModelError(f"{fx.name} ({what}) uses a constant of shape "
+                                    f"{tuple(t.shape)}, with more axes than the computed tensor")
+    here = t.ndim - ndim + axis  # the constant's axis along the batch, if it reaches it
+    if here >= 0:
+        first = t.select(here, 0)
+        if not bool((t == first.unsqueeze(here)).all()):
+            raise UnsupportedModelError(
+                f"{fx.name} ({what}) uses a constant that varies along the batch axis (shape "
+                f"{tuple(t.shape)}); certify treats every input alike: give the constant one "
+                "slice along the batch (size 1), the same for every input")
+        t = first
+    return t if t.dtype == torch.bool else t.to(torch.float64)

@@ -41,7 +41,7 @@ import torch
 
 from certify.capture.build import Build, Const, Leading, Ref, UnsupportedModelError
 from certify.capture.operands import _const, _zeros
-from certify.capture.time_major import whole
+from certify.capture.time_major import cut, whole
 from certify.graph.operators import Activation, Add, Affine, Cat, Product, ScaleShift, Slice
 
 aten = torch.ops.aten
@@ -150,6 +150,8 @@ def _states(b: Build, fx, where, value, what: str) -> list:
     recurrent layer's final states)."""
     if isinstance(value, Leading):
         return list(value.parts)
+    if isinstance(value, Ref) and value.axis == 1:  # transposed by the model: (K, B, H)
+        return list(cut(b, fx, Ref(value.index)).parts)
     if isinstance(value, Ref):
         raise UnsupportedModelError(
             f"{fx.name}: the initial {what} has the batch as its first axis, which the layer "
@@ -179,7 +181,8 @@ def _sequence(kind: str):
         if len(params) != layers * D * per:  # an LSTM's projection weights come fifth
             raise UnsupportedModelError(
                 f"{fx.name}: an LSTM with proj_size ({where}); supported: {SUPPORTED}")
-        if batch_first != isinstance(x, Ref):
+        time_major = isinstance(x, Leading) or (isinstance(x, Ref) and x.axis == 1)
+        if batch_first == time_major or (isinstance(x, Ref) and x.axis > 1):
             raise UnsupportedModelError(
                 f"{fx.name}: batch_first={batch_first} reads axis {1 - batch_first} as the "
                 f"batch, but the batch is axis {int(batch_first)} here ({where}); give the "
@@ -191,7 +194,10 @@ def _sequence(kind: str):
         hs = _states(b, fx, where, hx[0] if lstm else hx, "hidden state")
         cs = _states(b, fx, where, hx[1], "cell state") if lstm else [None] * (layers * D)
         prefix = _prefix(fx, params)
-        seq = x if batch_first else whole(b, x, fx, f"{prefix}/input")
+        # (T, features) per input; the model's own transpose of a batch-first tensor moved
+        # only its batch axis (Ref.axis), so its node already is that.
+        seq = whole(b, x, fx, f"{prefix}/input") if isinstance(x, Leading) else Ref(x.index)
+        b.at = 0  # every node below is given its per-input shape, the batch first
         T = b.nodes[seq.index].shape[0]
         finals, cells = [], []
         for layer in range(layers):
@@ -243,7 +249,7 @@ def _cell(kind: str):
                                         f"({where}); supported: (batch, features) computed "
                                         "from the input")
         W_ih, W_hh = _const(w_ih, fx, "the weight_ih"), _const(w_hh, fx, "the weight_hh")
-        G, H = W_ih.value.shape[0], W_hh.value.shape[1]
+        G = W_ih.value.shape[0]
         biased = b_ih is not None or b_hh is not None
         b_ih, b_hh = (_zeros(G) if v is None else _const(v, fx, "a recurrent bias").value
                       for v in (b_ih, b_hh))

@@ -1,8 +1,9 @@
 """Tensors whose first axis is not the batch (``certify.capture.build.Leading``): the
 output ``(T, B, features)`` of a recurrent layer with ``batch_first=False``, the final states
-``(layers x directions, B, H)`` of every recurrent layer (``certify.capture.recurrent``),
-and a batch-first input turned time-major for such a layer (``x.transpose(0, 1)``). Each
-is held as its slices along the first axis, nodes ``(B, *shape)``.
+``(layers x directions, B, H)`` of every recurrent layer (``certify.capture.recurrent``).
+Each is held as its slices along the first axis, nodes ``(B, *shape)``. (A batch-first
+tensor transposed to ``(T, B, ...)`` by the model itself, the input of a layer with
+``batch_first=False``, is a node whose batch axis moved: ``Ref.axis``.)
 
 What classifiers do with them is read here: index or slice the first axis (``out[-1]``,
 ``h_n[-1]``, ``h_n[-2:]``), transpose or permute the first two axes back (the slices
@@ -45,7 +46,7 @@ def whole(b: Build, x: Leading, fx, name: str) -> Ref:
                   (len(x.parts), *shape))
 
 
-def _cut(b: Build, fx, x: Ref) -> Leading:
+def cut(b: Build, fx, x: Ref) -> Leading:
     """The batch-first node ``x`` ``(B, K, *shape)`` as ``K`` slices."""
     K, *shape = b.nodes[x.index].shape
     return Leading(tuple(b.node(Slice(0, index=k), [x], fx, f"{fx.name}/{k}", tuple(shape))
@@ -72,26 +73,22 @@ def _transpose(batch):
             if pair != [0, 1]:
                 raise refuse(fx, where, f"transpose({d0}, {d1})")
             return whole(b, x, fx, fx.name)
-        return _cut(b, fx, x) if pair == [0, 1] else batch(b, fx, where, x, d0, d1)
+        return batch(b, fx, where, x, d0, d1)
     return rule
 
 
 def _permute(batch):
     def rule(b: Build, fx, where, x, dims):
+        if not isinstance(x, Leading):
+            return batch(b, fx, where, x, dims)
         dims = [_axis(d, fx) for d in dims]
         if dims[:2] != [1, 0]:
-            if isinstance(x, Leading):
-                raise refuse(fx, where, f"permute({dims})")
-            return batch(b, fx, where, x, dims)
-        if isinstance(x, Leading):  # the stack (K, *s) per input, its later axes permuted
-            stacked = whole(b, x, fx, f"{fx.name}/stack")
-            rest = tuple(d - 1 for d in dims[2:])
-            if rest == tuple(range(1, len(dims) - 1)):
-                return stacked
-            return b.node(Permute((0, *rest)), [stacked], fx)
-        cut = _cut(b, fx, x)
-        rest = tuple(d - 2 for d in dims[2:])
-        return cut if rest == tuple(range(len(rest))) else _each(b, fx, cut, Permute(rest))
+            raise refuse(fx, where, f"permute({dims})")
+        stacked = whole(b, x, fx, f"{fx.name}/stack")  # (K, *s) per input, later axes permuted
+        rest = tuple(d - 1 for d in dims[2:])
+        if rest == tuple(range(1, len(dims) - 1)):
+            return stacked
+        return b.node(Permute((0, *rest)), [stacked], fx)
     return rule
 
 

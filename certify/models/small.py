@@ -95,8 +95,8 @@ def mnist_cnn() -> nn.Sequential:
 class Attention(nn.Module):
     """Multi-head self-attention ``out(softmax(q k^T / sqrt(d_head)) v)``.
 
-    Separate ``q``, ``k``, ``v`` and ``out`` projections (not ``nn.MultiheadAttention``, whose
-    batch transposes ``torch.export`` cannot hand to certify), so that each is a layer.
+    Separate ``q``, ``k``, ``v`` and ``out`` projections (not ``nn.MultiheadAttention``'s
+    packed input projection), so that each is a layer of its own.
     """
 
     def __init__(self, dim: int, heads: int):

@@ -111,18 +111,20 @@ class _Shared(nn.Module):
 
 
 class _Attention(nn.Module):
-    """Attention with a causal mask, or nn.MultiheadAttention (it moves the batch axis)."""
+    """Attention with a mask that differs from input to input, or nn.MultiheadAttention with
+    a learned extra key and value (add_bias_kv)."""
 
-    def __init__(self, causal: bool):
+    def __init__(self, varying: bool):
         super().__init__()
-        self.causal, self.q, self.head = causal, nn.Linear(4, 4), nn.Linear(4, 2)
-        if not causal:
-            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.varying, self.q, self.head = varying, nn.Linear(4, 4), nn.Linear(4, 2)
+        if not varying:
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True)
 
     def forward(self, x):
-        if self.causal:
+        if self.varying:
             q = self.q(x)
-            y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            mask = torch.arange(len(x))[:, None, None] >= torch.arange(x.shape[1])
+            y = F.scaled_dot_product_attention(q, q, q, attn_mask=mask | mask.mT)
         else:
             y = self.mha(x, x, x, need_weights=False)[0]
         return self.head(y.mean(1))
@@ -135,14 +137,13 @@ class _Attention(nn.Module):
     (_TwoBranches(lambda a, b: a / b), (3,), "division by a computed tensor"),
     (_TwoBranches(lambda a, b: a / b.norm(dim=-1, keepdim=True)), (3,),
      "division by the norm of another tensor"),
-    (nn.Sequential(nn.Linear(3, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm((2, 3)),
-                   nn.Flatten(), nn.Linear(6, 2)), (3,), r"layer norm over the axes of sizes \(2, 3\)"),
-    (_Attention(causal=True), (3, 4), "scaled_dot_product_attention with a mask, is_causal"),
-    (_Attention(causal=False), (3, 4), r"module 'mha' \(MultiheadAttention\) moves the batch"),
+    (nn.Sequential(nn.Linear(3, 6), nn.Flatten(0)), (3,), "merges the batch axis"),
+    (_Attention(varying=True), (3, 4), "varies along the batch axis"),
+    (_Attention(varying=False), (3, 4), r"module 'mha' \(MultiheadAttention\) has add_bias_kv"),
     (nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), (3,),
      r"module '0' \(Embedding\) looks up integer tokens"),
-    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 2)), (2, 4, 4),
-     "groups=2"),
+    (nn.Sequential(nn.Conv3d(1, 2, 2), nn.Flatten(), nn.Linear(16, 2)), (1, 3, 3, 3),
+     "a 3-d kernel"),
     (nn.Sequential(nn.ReLU()), (3,), "no layer with a weight parameter"),
     (_Shared(), (3,),
      "'a.weight' is used by two layers"),

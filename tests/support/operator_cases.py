@@ -339,6 +339,20 @@ def softmaxes(draw):
 
 
 @st.composite
+def masked_softmaxes(draw):
+    """A softmax with a constant mask (True keeps), broadcast against its input along some
+    axes (fewer of them, or size one): every row keeps one entry at least."""
+    shape = draw(st.sampled_from([(1,), (3,), (2, 3), (3, 3), (2, 3, 4)]))
+    lead = draw(st.integers(0, len(shape) - 1))
+    mask_shape = tuple(1 if draw(st.booleans()) else d for d in shape[lead:])
+    gen = torch.Generator().manual_seed(draw(seeds))
+    keep = rand(gen, *mask_shape) < draw(st.sampled_from([0.2, 0.5, 0.8]))
+    one = rand(gen, *mask_shape)
+    keep = keep | (one == one.amax(-1, keepdim=True))
+    return Softmax(keep), [shape]
+
+
+@st.composite
 def sequence_shapes(draw):
     """``(n,)`` or ``(T, n)``: one vector or a sequence of tokens, normalised over ``n``."""
     n = draw(st.integers(1, 5))
@@ -509,6 +523,7 @@ FAMILIES = {
     "mul": products(False),
     "matmul": products(True),
     "softmax": softmaxes(),
+    "softmax_masked": masked_softmaxes(),
     "layer_norm": layer_norms(),
     "normalize": normalizes(),
 }
@@ -634,6 +649,10 @@ def _teeth_cases() -> list[tuple[str, Case]]:
     # 2 p_k (1 - p_k) of |J| reach 1/2 at p_k = 1/2 (and ||J||_2 <= 1/2: the l2 constant
     # 1 is not attained).
     add("softmax", Softmax(), [(2, 3)], {"interval", "max"})
+    # ... with a mask: the hidden weights are 0 exactly, the kept ones the softmax of the kept
+    # entries (its interval exact again; a row of two kept entries reaches 1/2).
+    add("softmax_masked", Softmax(torch.tensor([[True, False, True], [True, True, False]])),
+        [(2, 3)], {"interval", "max"})
     # l2 normalisation on boxes across 0: x_k / max(||x||, eps) is largest at x = u_k e_k
     # (an exact interval); inside the ball ||x|| < eps = 1 it is x itself (constant 1 / eps,
     # and the reach around a point there).

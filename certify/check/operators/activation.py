@@ -26,7 +26,6 @@ import numpy as np
 from scipy.special import erf, expit
 
 from certify.check.operators.base import ROUND, Twin, row_sum
-from certify.check.operators.enclosure import Enclosure
 
 # GELU' = Phi(x) + x phi(x) has its extremes at x = -+sqrt(2) (GELU'' = phi(x) (2 - x^2)):
 # sup |GELU'| = Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = (1 + erf(1)) / 2 + exp(-1) / sqrt(pi),

@@ -16,6 +16,8 @@ intervals in centre-radius form (``_times``):
 * softmax ``p = exp(x) / sum exp(x)``: ``p_i`` in ``[1 / (1 + sum_{j != i} exp(u_j - l_i)),
   1 / (1 + sum_{j != i} exp(l_j - u_i))]``; ``(a J)_k = p_k (a_k - a . p)``, ``a . p`` in
   ``[min a, max a]``; constants ``||J||_2 <= 1``, ``||J||_inf = max 2 p_k (1 - p_k) <= 1/2``;
+  with a mask, hidden entries weigh ``[0, 0]`` and the sums, the minimum and the maximum run
+  over the kept ones;
 * LayerNorm ``y = g c s + b``, ``c = x - mean x``, ``s = 1 / sqrt(mean(c^2) + eps)``:
   ``c^ = c s`` is at most ``t / sqrt(max(v_lo, t^2 / n) + eps)`` at ``c = t`` (``mean c^2
   >= c_k^2 / n``), and ``|c^_k| <= sqrt n``; ``a J = s (a' - mean a' - (a' . c^) c^ / n)``,
@@ -183,11 +185,18 @@ class ProductTwin(Twin):
 
 
 class SoftmaxTwin(Twin):
-    """``p = exp(x) / sum exp(x)``, ``J = diag(p) - p p^T``."""
+    """``p = exp(x) / sum exp(x)``, ``J = diag(p) - p p^T``; with a mask ``keep``, the
+    entries it hides weigh 0 and the sums run over the kept ones."""
 
     nonlinear = True
 
+    def __init__(self, op, in_shapes, out_shape):
+        super().__init__(op, in_shapes, out_shape)
+        self.keep = None if op.keep is None else np.array(op.keep.cpu().numpy(), dtype=bool)
+
     def __call__(self, x):
+        if self.keep is not None:
+            x = np.where(self.keep, x, -np.inf)
         e = np.exp(x - x.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
@@ -195,6 +204,8 @@ class SoftmaxTwin(Twin):
         lo, hi = box
         n = lo.shape[-1]
         others = ~np.eye(n, dtype=bool)  # [i, j]: j != i
+        if self.keep is not None:
+            others = others & self.keep[..., None, :]  # ... and j kept
 
         def reciprocal(exponents):  # 1 / (1 + sum_{j != i} exp(exponents[i, j]))
             with np.errstate(over="ignore"):
@@ -202,14 +213,18 @@ class SoftmaxTwin(Twin):
 
         low = reciprocal(hi[..., None, :] - lo[..., :, None])
         high = reciprocal(lo[..., None, :] - hi[..., :, None])
-        return np.maximum(low * (1 - ROUND), 0.0), np.minimum(high * (1 + ROUND), 1.0)
+        low, high = np.maximum(low * (1 - ROUND), 0.0), np.minimum(high * (1 + ROUND), 1.0)
+        if self.keep is None:
+            return low, high
+        return np.where(self.keep, low, 0.0), np.where(self.keep, high, 0.0)
 
     def jacobian(self, rows, boxes):
         a = rows
         p = tuple(t[:, None] for t in self.interval(boxes[0]))
         s_lo, s_hi = _inner(a, p)
-        s = (np.maximum(s_lo, a[0].min(-1, keepdims=True)),
-             np.minimum(s_hi, a[1].max(-1, keepdims=True)))
+        keep = True if self.keep is None else self.keep
+        s = (np.maximum(s_lo, np.where(keep, a[0], np.inf).min(-1, keepdims=True)),
+             np.minimum(s_hi, np.where(keep, a[1], -np.inf).max(-1, keepdims=True)))
         widen = ROUND * (np.abs(a[0]) + np.abs(a[1])).max(-1, keepdims=True)
         return (_times(p, (a[0] - s[1] - widen, a[1] - s[0] + widen)),)
 

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from certify.graph.operators.activation_shapes import (DIPS, GELU_LIPSCHITZ,
                                                       GELU_TANH_LIPSCHITZ, HARDSIGMOID)
 from certify.graph.operators.base import ROUND, Operator, row_sum
-from certify.graph.operators.enclosure import Enclosure
 
 # Activation.ball_offset: bisection steps on log lam, over a range of e^BALL_RANGE below the
 # largest useful lam.
