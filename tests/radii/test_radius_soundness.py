@@ -143,7 +143,7 @@ class _Attention(nn.Module):
     (nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), (3,),
      r"module '0' \(Embedding\) looks up integer tokens"),
     (nn.Sequential(nn.Conv3d(1, 2, 2), nn.Flatten(), nn.Linear(16, 2)), (1, 3, 3, 3),
-     "a 3-d kernel"),
+     "conv3d.default is not supported"),
     (nn.Sequential(nn.ReLU()), (3,), "no layer with a weight parameter"),
     (_Shared(), (3,),
      "'a.weight' is used by two layers"),
