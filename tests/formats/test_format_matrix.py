@@ -1,12 +1,13 @@
 """Every model people write, in every format certify reads, certifies and checks (issue 10).
 
-Rows: the six models of ``matrix_models`` (``view``, max pooling, batch norm with a
+Rows: the models of ``matrix_models`` (``view``, max pooling, batch norm with a
 projection-shortcut residual block, input normalisation, concatenation, a vision transformer
-with layer norms, attention and GELU). Columns: the
+with layer norms, attention and GELU, a class-token ViT and a GRU classifier). Columns: the
 ``nn.Module`` itself (Python API: ``capture``, ``certify_network``, ``check``), a ``.pt2``
 archive, ONNX from the legacy and from the default (dynamo) exporter, and a state dict with
 ``--factory`` (the command line: ``certify model``, then ``certify check``). Inputs are real
-scikit-learn digits. Each cell must certify every layer (lower <= upper) and pass every check.
+scikit-learn digits. Each cell must certify every layer (lower <= upper) and pass every check,
+except the cells of ``REFUSED``, which must be refused by name with the way out.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ from certify.certificate.schema import read_certificate
 
 FORMATS = ("module", "pt2", "onnx_legacy", "onnx_dynamo", "state_dict")
 INPUTS = 6
+# Both exporters write a GRU as one ONNX GRU node, which onnx2torch cannot convert (and whose
+# gates ONNX orders differently): refused, pointing to .pt2 (tests/formats/test_recurrent_files).
+REFUSED = {("row_gru", "onnx_legacy"): "GRU", ("row_gru", "onnx_dynamo"): "GRU"}
+# Known gap (docs/models.md): cls.expand(len(x), -1, -1) writes the export's batch size into
+# the ONNX graph as a constant, so the converted module takes that batch size only, and
+# capture needs two. Strict: a fix makes these cells pass and this list must shrink.
+KNOWN_GAPS = {("class_token_vit", "onnx_legacy"), ("class_token_vit", "onnx_dynamo")}
+
+
+def _cells():
+    for name in matrix_models.MODELS:
+        for fmt in FORMATS:
+            marks = [pytest.mark.xfail(strict=True, reason="a class token expanded to the "
+                                       "ONNX export's fixed batch size")] \
+                if (name, fmt) in KNOWN_GAPS else []
+            yield pytest.param(name, fmt, marks=marks, id=f"{name}-{fmt}")
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +68,7 @@ def model_name(model) -> str:
                 if type(getattr(matrix_models, n)()) is type(model))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", matrix_models.MODELS)
+@pytest.mark.parametrize("name,fmt", _cells())
 def test_every_model_in_every_format_certifies_and_checks(name, fmt, digits, tmp_path, capsys):
     model = getattr(matrix_models, name)()
     if fmt == "module":
@@ -67,8 +83,12 @@ def test_every_model_in_every_format_certifies_and_checks(name, fmt, digits, tmp
     args = _save(model, fmt, tmp_path, torch.from_numpy(digits).float())
     np.savez(tmp_path / "data.npz", x=digits)
     args += ["--data", str(tmp_path / "data.npz")]
-    assert main(["model", *args, "--out", str(tmp_path / "cert.json")]) == 0, \
-        capsys.readouterr().err
+    status = main(["model", *args, "--out", str(tmp_path / "cert.json")])
+    if (name, fmt) in REFUSED:
+        err = capsys.readouterr().err
+        assert status == 2 and REFUSED[name, fmt] in err and ".pt2" in err, err
+        return
+    assert status == 0, capsys.readouterr().err
     document = read_certificate(tmp_path / "cert.json")
     _assert_sound(document)
     names = [layer["name"] for layer in document["layers"]]

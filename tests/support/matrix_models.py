@@ -3,8 +3,10 @@
 Each is written the way people write models, not the way certify once needed them: an MLP
 that reshapes with ``view``, a CNN with max pooling, a CNN with batch norm and a residual
 block whose shortcut is a strided 1x1 convolution, a model that normalises its input with
-constant tensors, one that concatenates two branches, and a vision transformer (issue 11:
-``certify.models.small.ViT`` with 4 patches of width 8, 2 heads, 1 block). ``--factory
+constant tensors, one that concatenates two branches, a vision transformer (issue 11:
+``certify.models.small.ViT`` with 4 patches of width 8, 2 heads, 1 block), and (issue 28) a
+class-token ViT and a GRU classifier that reads the image row by row, both trained briefly on
+the digits (``_trained``). ``--factory
 matrix_models:<name>`` builds them (pytest puts ``tests/support/`` on ``sys.path``); weights are
 seeded, batch-norm statistics and layer-norm affine parameters set to non-trivial values.
 """
@@ -87,6 +89,50 @@ class TinyViT(ViT):
         super().__init__(side=8, patch=4, dim=8, depth=1, heads=2, hidden=16)
 
 
+class ClassTokenViT(TinyViT):
+    """A learned class token before the 4 patch tokens, its own position embedding, and the
+    head on the class token's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 5, 8))
+
+    def forward(self, x):
+        patches = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), patches], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+class RowGRU(nn.Module):
+    """A digit as a sequence of 4 steps of two rows each (16 features), a GRU of width 8
+    (batch first), its last output through a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.head = nn.GRU(16, 8, batch_first=True), nn.Linear(8, 10)
+
+    def forward(self, x):
+        out, _ = self.gru(x.reshape(len(x), 4, 16))
+        return self.head(out[:, -1])
+
+
+def _trained(model: nn.Module, steps: int = 60) -> nn.Module:
+    """``steps`` full-batch Adam steps on all 1,797 scikit-learn digits (seeded: the same
+    weights every time), so that the margins are those of a model that classifies."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(digits.target)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    return model.eval()
+
+
 def _seeded(cls, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = cls()
@@ -124,4 +170,13 @@ def vit() -> nn.Module:
     return _seeded(TinyViT, 5)
 
 
-MODELS = ("view_mlp", "pool_cnn", "residual_bn", "normalised", "concat", "vit")
+def class_token_vit() -> nn.Module:
+    return _trained(_seeded(ClassTokenViT, 6).train())
+
+
+def row_gru() -> nn.Module:
+    return _trained(_seeded(RowGRU, 7).train())
+
+
+MODELS = ("view_mlp", "pool_cnn", "residual_bn", "normalised", "concat", "vit",
+          "class_token_vit", "row_gru")
