@@ -94,17 +94,16 @@ def build(name: str, classes: int = 10, seed: int = 0) -> tuple[torch.nn.Module,
     raise ValueError(f"{name} accepts none of the input sizes {SIZES}")
 
 
-# What capture does with each family that it refuses, and why (docs/models.md quotes it).
+# The architectures capture refuses, and why (docs/models.md quotes it).
+SWIN = ("window attention folds the windows into the batch axis (a reshape to (B windows, "
+        "tokens, C)); certify needs every operation to act on each input separately")
 REFUSED = {
-    "swin": "window attention folds the windows into the batch axis (a reshape to "
-            "(B windows, tokens, C)); certify needs every operation to act on each input "
-            "separately",
-    "maxvit": "windows folded into the batch axis, as in swin, and torch.einsum of two "
-              "computed tensors",
+    "swin_t": SWIN, "swin_s": SWIN, "swin_b": SWIN,
+    "maxvit_t": "windows folded into the batch axis, as in swin, and torch.einsum of two "
+                "computed tensors",
 }
 
 
 def expected_refusal(name: str) -> str | None:
     """Why capture refuses ``name``, or None where it captures it."""
-    family = name.split("_")[0]
-    return REFUSED.get(family)
+    return REFUSED.get(name)
