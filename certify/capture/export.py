@@ -91,11 +91,13 @@ def capture(module: nn.Module, example) -> Graph:
 
 
 def _reproduces(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Equal up to float64 rounding, which scales with the size of each input's logits (a
-    deep network's logits of 1e5 carry errors of 1e-5 in every entry, also the small ones):
-    ``|got - expected| <= 1e-9 (max_j |expected_j| + 1)`` per input."""
+    """Equal up to float64 rounding, which scales with the size of each input's logits, in
+    every entry, also the small ones, and grows with depth (EfficientNet-B7 with calibrated
+    batch norms: its logits move by 4e-8 of their size when its input moves by 1e-15 of its
+    own): ``|got - expected| <= 1e-6 (max_j |expected_j| + 1)`` per input. An operator read
+    wrongly moves them by far more (``tests/capture/test_reproduction_check.py``)."""
     scale = expected.abs().flatten(1).amax(dim=1).reshape(-1, *[1] * (expected.ndim - 1))
-    return bool(((got - expected).abs() <= 1e-9 * (scale + 1)).all())
+    return bool(((got - expected).abs() <= 1e-6 * (scale + 1)).all())
 
 
 def _refuse_modules(module: nn.Module) -> None:

@@ -14,15 +14,17 @@ from certify.graph.operators import Activation
 
 
 def test_rounding_is_measured_against_each_inputs_logits():
-    # EfficientNet-B5 with calibrated batch norms, one thread: logits up to 4.2e5 and an
-    # error of 8.7e-5 in an entry near 3 (float64 rounding through 500 operators), which an
-    # entrywise relative tolerance refused; an error of 1e-3 is not rounding.
-    expected = torch.tensor([[4.2e5, 3.0, -2.0e5], [1.0, 2.0, 3.0]], dtype=torch.float64)
-    rounding = torch.tensor([[0.0, 8.7e-5, 0.0], [0.0, 0.0, 1e-9]], dtype=torch.float64)
+    # EfficientNet-B7 with calibrated batch norms, one thread: logits up to 9.6e6 and an
+    # error of 0.056 (float64 rounding through 800 operators), in an entry near 3 too, which
+    # an entrywise relative tolerance refused; an error of 1e-5 of the logits' size is not
+    # rounding, nor is one of 1e-5 where the logits are small.
+    expected = torch.tensor([[9.6e6, 3.0, -2.0e5], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    rounding = torch.tensor([[0.0, 0.056, 0.0], [0.0, 0.0, 1e-9]], dtype=torch.float64)
     assert _reproduces(expected + rounding, expected)
     assert not torch.allclose(expected + rounding, expected, rtol=1e-9, atol=1e-9)
-    assert not _reproduces(expected + 10 * rounding + 1e-3, expected)
-    assert not _reproduces(expected + torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1e-8]],
+    assert not _reproduces(expected + torch.tensor([[0.0, 96.0, 0.0], [0.0, 0.0, 0.0]],
+                                                   dtype=torch.float64), expected)
+    assert not _reproduces(expected + torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1e-5]],
                                                    dtype=torch.float64), expected)
 
 

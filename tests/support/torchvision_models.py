@@ -101,6 +101,9 @@ REFUSED = {
     "swin_t": SWIN, "swin_s": SWIN, "swin_b": SWIN,
     "maxvit_t": "windows folded into the batch axis, as in swin, and torch.einsum of two "
                 "computed tensors",
+    # Capture's check against the module: 4e-4 of the logits apart, far above the rounding
+    # that moving the input by 1e-15 causes (2e-8); not yet understood, so refused.
+    "efficientnet_v2_l": "the captured graph does not reproduce the module",
 }
 
 
