@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from certify.bounds import lipschitz
+from certify.bounds import deviations, lipschitz
 from certify.bounds.linear import (ENCLOSE_WORK, REFINE_BELOW, REFINE_GAIN, REFINE_LIMIT,
                                    REFINE_PROBE, REFINE_WORK, enclosed, enclosure_work,
                                    margin_lines, refine_work)
@@ -76,7 +76,9 @@ class LayerRadii:
     witness: "Witness"  # attains ``upper`` where it is finite
 
 
-OPTIONS = ("forward", "refined", "ball")  # the local bound's options, as ``method`` names them
+# The local bound's options, as ``method`` names them; "deviation": the second-order bound of
+# THEORY.md section 9 (certify.bounds.deviations) certified some inputs.
+OPTIONS = ("forward", "refined", "ball", "deviation")
 
 
 def check_switch(name: str, value) -> None:
@@ -86,11 +88,13 @@ def check_switch(name: str, value) -> None:
         raise InputError(f"{name} must be True, False or 'auto', got {value!r}")
 
 
-def method_options(enclose: bool, refine: bool, ball: bool = False) -> str:
+def method_options(enclose: bool, refine: bool, ball: bool = False,
+                   deviation: bool = False) -> str:
     """The local bound's options as ``method`` names them, in ``OPTIONS``' order:
     ``forward`` (enclosures), ``refined`` (some inputs refined), ``ball`` (SDP-CROWN's
-    offsets), e.g. ``(forward,ball)``; nothing without any."""
-    used = (enclose, refine, ball)
+    offsets), ``deviation`` (section 9's bound), e.g. ``(forward,ball)``; nothing without
+    any."""
+    used = (enclose, refine, ball, deviation)
     options = [name for name, on in zip(OPTIONS, used) if on]
     return f"({','.join(options)})" if options else ""
 
@@ -275,6 +279,7 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
 def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 bias: bool = False, refine: bool | str = "auto", concretise: str = "weight",
                 enclose: bool | str = "auto", ball: bool | str = "auto",
+                deviation: bool | str = "auto",
                 clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
@@ -300,6 +305,12 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     reach: the region's ball carried by the operators' l2 constants), SDP-CROWN's
     (``certify.graph.operators.activation.Activation.ball_offset``); never looser than the box's
     offsets; ``"auto"`` is ``True`` (``method`` then names ``ball``); no effect in ``max``.
+    ``deviation``: the second-order bound of section 9 (``certify.bounds.deviations``:
+    the exact first-order term from forward-mode derivatives of the clean trace, bounded
+    remainders), computed first; its radii are the floor of the linear bounds' search, and
+    the larger certifies; ``"auto"``: where every downstream operator has the rules
+    (``deviations.supported``), ``True`` raises ``InputError`` where one lacks them
+    (``method`` names ``deviation`` where it is used).
     ``clock(phase)`` is entered around
     each phase (for timing breakdowns).
 
@@ -313,11 +324,18 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
     if concretise not in CONCRETISE:
         raise InputError(f"concretise must be one of {CONCRETISE}, got {concretise!r}")
-    for name, value in (("refine", refine), ("enclose", enclose), ("ball", ball)):
+    for name, value in (("refine", refine), ("enclose", enclose), ("ball", ball),
+                        ("deviation", deviation)):
         check_switch(name, value)
     x = inputs_for(network, x)
     index = affine_index(network, index)
     layer = network.layer(index)
+    if deviation is True and not network.is_last_dense(index):
+        missing = deviations.unsupported(network, index)
+        if missing is not None:
+            raise InputError(f"deviation=True, but {missing} downstream of layer "
+                             f"{network.nodes[index].name!r} has no deviation rules (THEORY.md "
+                             "section 9); pass deviation='auto' to use them where they exist")
     with clock("prepare"):
         values = network.values(x)
         h, Z = values[network.input_of(index)], values[index]
@@ -368,6 +386,11 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             fallback = torch.where(fallback > 0, fallback, 10 * float(weight_norm(
                 layer.matrix[None], norm)[0]))
             cap = torch.where(torch.isfinite(upper), upper, fallback + lower_global)
+        with clock("deviation"):
+            deviation = bool(deviation) and deviations.supported(network, index)
+            second = deviations.deviation_lower(network, index, values, y, P, norm, cap) * \
+                (1 - SAFETY) if deviation else torch.zeros_like(lower_global)
+        with clock("local"):
             # Without a global bound (through attention) the radius may lie orders of
             # magnitude below the witness: the search falls faster until it certifies; else
             # the global bound is the search's lower end.
@@ -385,7 +408,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                     floor=floor, concretise=concretise, enclose=enclose, ball=ball,
                     evaluations=16 if exists else 24) * (1 - SAFETY)
 
-            local = search(slice(None), refine, lower_global)
+            local = search(slice(None), refine, torch.maximum(lower_global, second))
             weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)
             if policy and not refine and work <= REFINE_LIMIT and weak.any():
                 # The refined search starts from the unrefined radius (its bracket's lower
@@ -400,10 +423,10 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 if gain >= REFINE_GAIN and len(rest):
                     local[rest] = torch.maximum(local[rest], search(rest, True, local[rest]))
                 refine = True
-            lower_local = torch.maximum(lower_global, local)
+            lower_local = torch.maximum(torch.maximum(lower_global, local), second)
         lower = lower_local
-        method = ("lipschitz+crown" if exists else "crown") + method_options(enclose, refine,
-                                                                             ball)
+        method = ("lipschitz+crown" if exists else "crown") + method_options(
+            enclose, refine, ball, deviation and bool((second > 0).any()))
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")

@@ -162,8 +162,8 @@ def test_methods_name_the_bounds_that_exist():
     methods = {net.nodes[i].name:
                layer_radii(net, x, i, "fro", refine=False, enclose=False).method
                for i in net.affine_indices}
-    assert methods["patch"] == methods["blocks.1.v"] == "crown"
-    assert methods["blocks.1.out"] == methods["blocks.1.fc2"] == "lipschitz+crown"
+    assert methods["patch"] == methods["blocks.1.v"] == "crown(deviation)"
+    assert methods["blocks.1.out"] == methods["blocks.1.fc2"] == "lipschitz+crown(deviation)"
     assert methods["head"] == "exact"
 
 

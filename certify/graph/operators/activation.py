@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from certify.graph.operators.activation_shapes import (DIPS, GELU_LIPSCHITZ,
+from certify.graph.operators.activation_shapes import (CURVATURE, DIPS, GELU_LIPSCHITZ,
                                                       GELU_TANH_LIPSCHITZ, HARDSIGMOID)
 from certify.graph.operators.base import ROUND, Operator, row_sum
 
@@ -371,6 +371,32 @@ class Activation(Operator):
             s_lower, s_upper, b_upper = self.adaptive(lo, hi)
             return enclosure.lines(s_lower, torch.zeros_like(lo), s_upper, b_upper)
         return enclosure.scaled(*self.symmetric(lo, hi))
+
+    def clean_slope(self, u):
+        """``phi'(u)`` as autograd takes it (at a kink, the side torch picks): the diagonal of
+        the clean Jacobian of THEORY.md section 9."""
+        return torch.func.jvp(self, (u,), (torch.ones_like(u),))[1]
+
+    def spread(self, inputs, radii):
+        """``|phi'(u)| r`` (section 9)."""
+        return self.clean_slope(inputs[0]).abs() * radii[0]
+
+    def remainder(self, inputs, radii, rows=None):
+        """Section 9, for ``|delta| <= d`` at ``u``. ReLU and LeakyReLU with slope ``a``:
+        ``|1 - a| (d - |u|)_+``, zero while ``u + delta`` cannot cross the kink (at ``u = 0``
+        with either one-sided slope); the clipped lines (slope ``a`` between the kinks):
+        ``|a| (d - dist(u, kinks))_+`` likewise; the smooth kinds of ``CURVATURE``:
+        ``sup |phi''| d^2 / 2`` (Taylor); ``None`` for the others (ELU, softplus's jump,
+        hard-swish)."""
+        (u,), (d,) = inputs, radii
+        if self.piecewise_linear:
+            return abs(1 - self.slope) * (d - u.abs()).clamp(min=0)
+        if self.clip is not None:
+            k1, k2, a = self.clip
+            return abs(a) * (d - torch.minimum((u - k1).abs(), (u - k2).abs())).clamp(min=0)
+        if self.kind in CURVATURE:
+            return CURVATURE[self.kind] * d * d / 2
+        return None
 
     def jacobian(self, rows, boxes):
         if self.jump:  # the mean value theorem does not hold across a jump

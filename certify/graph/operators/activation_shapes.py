@@ -2,7 +2,8 @@
 ``certify.graph.operators.activation`` rely on: for those that fall to one minimum and then
 rise (``DIPS``), the minimiser, a floor below the minimum and an interval containing the
 derivative everywhere; for the clipped lines, their kinks and slope; the Lipschitz constants
-of both GELUs. Each is derived or located in ``proofs/lipschitz.py`` (``certify prove``),
+of both GELUs, and the curvatures ``sup |phi''|`` the remainders of THEORY.md section 9 use
+(``CURVATURE``). Each is derived or located in ``proofs/lipschitz.py`` (``certify prove``),
 and the numpy checker derives its own copy (``certify.check.operators.activation``).
 """
 
@@ -44,3 +45,14 @@ DIPS = {"gelu": (GELU_ARGMIN, GELU_FLOOR, GELU_DERIVATIVE),
 # The clipped lines phi(x) = clamp(a x + b, low, high): hard-sigmoid relu6(x + 3) / 6 and
 # hardtanh(min_val, max_val); phi' is a between the kinks, 0 outside.
 HARDSIGMOID = (-3.0, 3.0, 1 / 6)
+
+# sup |phi''| over the real line, the curvature of the section-9 remainder
+# |phi(u + d) - phi(u) - phi'(u) d| <= sup |phi''| d^2 / 2: GELU'' = phi(x) (2 - x^2) and its
+# tanh approximation peak at 0 (sqrt(2 / pi)), tanh'' = -2 tanh sech^2 at atanh(1 / sqrt 3)
+# (4 / (3 sqrt 3)), sigmoid'' = s (1 - s) (1 - 2 s) at s = 1/2 -+ 1/(2 sqrt 3) (1 / (6 sqrt 3)),
+# SiLU'' = s' (2 + x (1 - 2 s)) at 0 (1/2), Mish'' at -0.0879 (0.64420463722641, located on a
+# grid in tests/graph/test_deviation_rules.py). Raised by 1e-9 relative for rounding.
+CURVATURE = {kind: value * (1 + 1e-9) for kind, value in {
+    "gelu": math.sqrt(2 / math.pi), "gelu_tanh": math.sqrt(2 / math.pi),
+    "tanh": 4 / (3 * math.sqrt(3)), "sigmoid": 1 / (6 * math.sqrt(3)), "silu": 0.5,
+    "mish": 0.64420463722641 * (1 + 1e-6)}.items()}

@@ -16,6 +16,12 @@ operator holds, in one place, every rule the bounds need:
   the output from those bracketing the inputs (``certify.graph.operators.enclosure``);
 * ``jacobian``: interval rows: every ``A J_i`` with ``A`` in the given interval rows and
   ``J_i`` a (generalised) Jacobian of ``f`` on the boxes; ``None`` where not implemented;
+* ``spread`` and ``remainder``: the deviation rules of THEORY.md section 9, at the clean
+  inputs ``u`` with deviations bounded entrywise by ``radii`` (``|delta_i| <= r_i``):
+  ``spread`` bounds ``|J delta|`` entrywise for the clean Jacobian ``J`` (autograd's, the one
+  the first-order forms of ``certify.bounds.deviations`` use), ``remainder`` bounds
+  ``|f(u + delta) - f(u) - J delta|`` entrywise; a linear map's are its absolute map and 0
+  (``certify.bounds.deviations`` reads them from ``enclose``), ``None`` where not implemented;
 * ``lipschitz``: per input, an upper bound of ``||f||_Lip`` in the l2 (``"fro"``) or l_inf
   (``"max"``) geometry, and ``combine`` the constant of the node from its inputs'.
 
@@ -97,6 +103,23 @@ class Operator:
     def enclose(self, inputs, boxes):
         """The forward rule: the output's ``Enclosure`` (``certify.graph.operators.enclosure``) from
         the inputs' and the input boxes; ``None``: the output box is all there is."""
+        return None
+
+    def spread(self, inputs, radii):
+        """An entrywise bound of ``|J delta|`` for ``|delta_i| <= radii_i`` (module
+        docstring); ``None``: not implemented (nonlinear operators only)."""
+        return None
+
+    row_norm = None  # "plain" or "centred": remainder reads l2 bounds of the input's rows
+
+    def remainder(self, inputs, radii, rows=None):
+        """A bound of ``|f(u + delta) - f(u) - J delta|`` for ``|delta_i| <= radii_i`` at the
+        clean inputs ``u = inputs`` (THEORY.md section 9): entrywise, or ``(scale, bound)``
+        for ``R = scale * r`` with ``||r||_2 <= bound`` per row of the last axis (an l2
+        group per row, ``bound`` shaped ``(B, ..., 1)``). ``rows``: per input, ``None`` or an
+        upper bound of the l2 norm of each row of ``delta`` (centred over the row when
+        ``row_norm`` is ``"centred"``), ``(B, ..., 1)``. ``None``: not implemented
+        (nonlinear operators only)."""
         return None
 
     def ball_offset(self, A, G, box, center, radius):

@@ -49,6 +49,29 @@ def _square_range(lo, hi):
     return low, torch.maximum(lo * lo, hi * hi)
 
 
+def sphere_remainder(h, norm):
+    """The remainder of ``y -> y / ||y||`` at ``y`` (``||y|| = norm``) for a change of l2 norm
+    at most ``h``: ``||R|| <= h^2 / (sqrt 3 (||y|| - h)^2)`` (THEORY.md section 9: Taylor with
+    ``||D^2 f(y)[h, h]|| <= (2 / sqrt 3) ||h||^2 / ||y||^2`` along the segment, whose points
+    have norm at least ``||y|| - h``); ``inf`` where ``h >= ||y||``."""
+    gap = (norm - h).clamp(min=0)
+    bound = h * h / (math.sqrt(3) * gap * gap) * (1 + ROUND)
+    return torch.where(h < norm, bound, torch.full_like(bound, math.inf))
+
+
+def sphere_spread(yhat, norm, r):
+    """``|(I - yhat yhat^T) r| / ||y|| <= (r + |yhat| (|yhat| . r)) / ||y||`` entrywise: the
+    clean Jacobian of ``y / ||y||`` on a box of radii ``r``."""
+    return (r + yhat.abs() * (yhat.abs() * r).sum(-1, keepdim=True)) / norm
+
+
+def _row_bound(d, rows):
+    """An l2 bound of each row of a deviation within the box ``|delta| <= d``: ``||d||_2``,
+    or the given row bound where smaller."""
+    h = torch.linalg.vector_norm(d, dim=-1, keepdim=True) * (1 + ROUND)
+    return h if rows is None or rows[0] is None else torch.minimum(h, rows[0])
+
+
 def _dot(a, b):
     """Interval of ``a . b`` over the last axis."""
     lo, hi = interval_product(a, b)
@@ -112,6 +135,45 @@ class LayerNorm(Operator):
     def backward(self, A, boxes, lower):
         return mean_value_rule(self, A, boxes)
 
+    def _sphere(self, u):
+        """``LN(x) = b + g sqrt(n) (y / ||y||)[:n]`` with ``y = [C x; sqrt(n eps)]``
+        (section 9): the clean ``(y / ||y||)[:n]`` and ``||y||``."""
+        n = u.shape[-1]
+        c = u - u.mean(-1, keepdim=True)
+        norm = torch.sqrt((c * c).sum(-1, keepdim=True) + n * self.eps)
+        return c / norm, norm
+
+    def tangent(self, inputs, tangents):
+        """The clean Jacobian on forms ``t`` ``(B, p, ..., n)``: ``sqrt(n) g ((C t) - yhat
+        (yhat . C t)) / ||y||`` (section 9; the exact derivative autograd also takes)."""
+        (u,), (t,) = inputs, tangents
+        yhat, norm = (a[:, None] for a in self._sphere(u))
+        c = t - t.mean(-1, keepdim=True)
+        return math.sqrt(u.shape[-1]) * self.weight * (c - yhat * (yhat * c).sum(
+            -1, keepdim=True)) / norm
+
+    def spread(self, inputs, radii):
+        """``sqrt(n) |g| |J_f| |C| r`` (section 9), with ``|C| r = (1 - 2/n) r + sum(r) / n``
+        for the centring ``C`` and ``J_f`` the sphere map's (``sphere_spread``); the extra
+        coordinate ``sqrt(n eps)`` does not move."""
+        (u,), (r,) = inputs, radii
+        n = u.shape[-1]
+        yhat, norm = self._sphere(u)
+        centred = r * (1 - 2 / n) + r.sum(-1, keepdim=True) / n
+        return math.sqrt(n) * self.weight.abs() * sphere_spread(yhat, norm, centred) * \
+            (1 + ROUND)
+
+    row_norm = "centred"
+
+    def remainder(self, inputs, radii, rows=None):
+        """``R = sqrt(n) g * r`` with ``||r||_2 <= h^2 / (sqrt 3 (||y|| - h)^2)`` per token
+        (section 9, ``sphere_remainder``), ``h`` bounding ``||C delta||_2``: ``||d||_2`` or
+        the centred row bound."""
+        (u,), (d,) = inputs, radii
+        _, norm = self._sphere(u)
+        h = _row_bound(d, rows)
+        return math.sqrt(u.shape[-1]) * self.weight.abs(), sphere_remainder(h, norm)
+
     def local_reach(self, boxes, reaches, nominals):
         """``max |g| max s`` on the box times the input's reach: ``||J||_2 <= max|g| s`` at
         every point of the segment from the nominal input, which lies in the box."""
@@ -174,6 +236,27 @@ class Normalize(Operator):
 
     def backward(self, A, boxes, lower):
         return mean_value_rule(self, A, boxes)
+
+    def spread(self, inputs, radii):
+        """``sphere_spread`` at the clean ``u`` where ``||u|| > eps``; ``r / eps`` inside the
+        ball, where ``F.normalize`` divides by ``eps`` (section 9)."""
+        (u,), (r,) = inputs, radii
+        norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+        outside = sphere_spread(u / norm.clamp(min=self.eps), norm.clamp(min=self.eps), r)
+        return torch.where(norm > self.eps, outside, r / self.eps) * (1 + ROUND)
+
+    row_norm = "plain"
+
+    def remainder(self, inputs, radii, rows=None):
+        """``sphere_remainder`` (an l2 bound per row) where the segment stays outside the
+        ball ``||x|| <= eps`` (``||u|| - h > eps``), else ``inf``; ``h`` bounds
+        ``||delta||_2``: ``||d||_2`` or the row bound."""
+        (u,), (d,) = inputs, radii
+        norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+        h = _row_bound(d, rows)
+        bound = sphere_remainder(h, norm)
+        return torch.ones_like(u), torch.where(norm - h > self.eps, bound,
+                                               torch.full_like(bound, math.inf))
 
     def local_reach(self, boxes, reaches, nominals):
         """``||J||_2 <= 1 / max(||x||, eps)``: the reach over the smallest norm on the box."""

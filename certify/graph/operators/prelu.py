@@ -71,6 +71,17 @@ class PReLU(Operator):
         (enclosure,), (lo, hi) = inputs, boxes[0]
         return enclosure.scaled(*self.symmetric(lo, hi))
 
+    def spread(self, inputs, radii):
+        """``|phi'(u)| r`` with autograd's slope at ``u`` (``a`` at 0; section 9)."""
+        (u,), (r,) = inputs, radii
+        return torch.func.jvp(self, (u,), (torch.ones_like(u),))[1].abs() * r
+
+    def remainder(self, inputs, radii, rows=None):
+        """``|1 - a| (d - |u|)_+`` per channel (section 9): zero while ``u + delta`` cannot
+        cross 0."""
+        (u,), (d,) = inputs, radii
+        return (1 - self._slopes(u)).abs() * (d - u.abs()).clamp(min=0)
+
     def derivative_range(self, lo, hi):
         """Every (generalised) derivative on ``[lo, hi]``: ``a``, 1, or between them."""
         a, one = self._slopes(lo), torch.ones_like(lo)

@@ -126,6 +126,17 @@ class Product(Operator):
         return (f_x * r_x * size(y0) + f_y * size(x0) * r_y + min(f_x, f_y) * r_x * r_y) * \
             (1 + ROUND)
 
+    def spread(self, inputs, radii):
+        """``|J (dx, dy)| = |dx y + x dy| <= r_x |y| + |x| r_y`` at the clean ``x, y``
+        (section 9)."""
+        (x, y), (r_x, r_y) = inputs, radii
+        return self(r_x, y.abs()) + self(x.abs(), r_y)
+
+    def remainder(self, inputs, radii, rows=None):
+        """The product's remainder is ``dx dy`` exactly: ``|dx dy| <= r_x r_y`` (section 9;
+        for ``@`` summed over the inner axis)."""
+        return self(*radii)
+
     def lipschitz(self, norm, in_shapes):
         return (math.inf, math.inf)
 

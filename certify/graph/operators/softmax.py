@@ -85,5 +85,29 @@ class Softmax(Operator):
     def backward(self, A, boxes, lower):
         return mean_value_rule(self, A, boxes)
 
+    def spread(self, inputs, radii):
+        """``|J r| <= p r + p (p . r)`` for the clean ``J = diag(p) - p p^T`` (section 9)."""
+        (u,), (r,) = inputs, radii
+        p = self(u)
+        return p * r + p * (p * r).sum(-1, keepdim=True)
+
+    row_norm = "centred"
+
+    def remainder(self, inputs, radii, rows=None):
+        """``1/2 sup p_i osc^2`` with ``osc = max_j eta_j - min_j eta_j`` over the kept ``j``
+        (section 9: along the segment ``p_i'' = p_i ((eta_i - eta_bar)^2 - Var_p eta)``,
+        within ``[-osc^2 / 4, osc^2] p_i``), ``osc <= 2 max_j d_j`` and, from a bound ``c``
+        of the centred row's l2 norm, ``osc <= sqrt(2) c`` (``(a - b)^2 <= 2 (a - m)^2 +
+        2 (b - m)^2``); ``sup p_i`` from the interval rule on ``u +- d``. Hidden entries
+        stay 0."""
+        (u,), (d,) = inputs, radii
+        _, p_sup = self.interval((u - d, u + d))
+        kept = d if self.keep is None else d.masked_fill(~self.keep, 0.0)
+        osc = 2 * kept.amax(-1, keepdim=True)
+        if rows is not None and rows[0] is not None:
+            osc = torch.minimum(osc, math.sqrt(2) * rows[0])
+        bound = p_sup * osc * osc / 2
+        return torch.where(p_sup > 0, bound, torch.zeros_like(bound)) * (1 + ROUND)
+
     def lipschitz(self, norm, in_shapes):
         return (1.0 if norm == "fro" else 0.5,)

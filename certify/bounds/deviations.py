@@ -1,0 +1,423 @@
+"""Deviations from the clean trace: the second-order certificate of THEORY.md section 9.
+
+Perturbing layer ``k`` by ``D`` moves its output by ``dZ = D P~`` and every node downstream
+of it by a deviation ``delta_i`` from its clean value ``u_i``. Writing each node as
+``f(u + delta) = f(u) + J delta + R`` with ``J`` the clean Jacobian (autograd's) and ``R`` its
+remainder (0 for linear maps), the deviations are linear in the sources ``(dZ, R_1, R_2,
+...)``, so for every margin, exactly,
+
+    Delta m_j = <G_Z, dZ> + sum_k <G_k, R_k>,
+
+with ``G_Z``, ``G_k`` the gradients of ``m_j`` at the clean point with respect to ``Z`` and to
+an additive change of node ``k``'s output. Hence ``m_j(D) >= m_j - rho ||G_Z P~^T||_dual -
+sum_k <|G_k|, |R_k|>``, and ``rho`` is certified when this is positive for every ``j``.
+
+* Sources (``sources``): ``dZ = <M, v>`` with ``||v|| <= rho``: for the Frobenius norm and
+  several columns the thin SVD ``P~ = U S V^T`` gives ``v = vec(D U)`` (``m r`` symbols,
+  ``r = rank``), exact up to the rounding of the SVD, which is charged as a box at ``Z``;
+  otherwise ``v = vec D`` (``WeightRegion.coefficients``) or, for one column, ``dZ / ||h||``.
+* First order (``first_order``): the coefficients of every node over ``v`` (forward-mode
+  derivatives of the clean trace, ``torch.func.jvp``, in chunks of symbols), kept only as
+  their dual norms: ``s_i = ||c_i||_*`` per entry, so ``|first-order part of delta_i| <=
+  rho s_i``; at the logits, the margins' ``g_j = ||G_Z P~^T||_dual`` exactly.
+* Remainders (``margin_bounds``, per ``rho``): a forward pass over boxes. Each node's deviation
+  lies in ``rho s_i + f_i`` where ``f_i`` bounds the part the remainders caused:
+  ``f_out = |J| f_in + |R|`` (``Operator.spread``, ``Operator.remainder`` on the input
+  deviations ``d = rho s + f``), and ``|R_k|`` meets ``|G_k|`` in the margin.
+
+As ``rho -> 0`` the certified radius tends to the first-order radius ``min_j m_j / g_j``
+(section 3's estimate), the scale of the witness: what the box bounds lose with depth is
+confined to the second-order terms.
+
+Floating point: the first-order terms and the remainders are raised by ``ROUND`` relative,
+every node's box by ``ROUND`` times the spread of its input deviations (rounding relative to
+the deviations, so nothing independent of ``rho`` limits small radii), and each margin loses
+``ROUND (|o_y| + |o_j|)`` for the clean logits' own rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from certify.bounds.regions import Region, WeightRegion
+from certify.graph.graph import Graph
+from certify.graph.operators.base import EPS, ROUND
+from certify.graph.operators.enclosure import Enclosure
+
+SYMBOL_ENTRIES = 2**24  # entries of the forms held at once per node (128 MiB in float64)
+
+
+def unsupported(network: Graph, index: int) -> str | None:
+    """The first node downstream of layer ``index`` without the rules of section 9 (a
+    linear map's forward enclosure, or ``spread`` and ``remainder``), described for a
+    message; ``None`` when every node has them."""
+    for i in network.downstream(index)[1:]:
+        node = network.nodes[i]
+        zeros = [torch.zeros(1, *network.nodes[j].shape, dtype=torch.float64,
+                             device=network.device) for j in node.inputs]
+        if node.op.nonlinear:
+            ok = node.op.spread(zeros, zeros) is not None and \
+                node.op.remainder(zeros, zeros) is not None
+        else:
+            ok = _linear_spread(node.op, zeros) is not None
+        if not ok:
+            return f"node {node.name!r} ({node.op.describe()})"
+    return None
+
+
+def supported(network: Graph, index: int) -> bool:
+    """Does every node downstream of layer ``index`` have the rules of section 9?"""
+    return unsupported(network, index) is None
+
+
+def _linear_spread(op, radii):
+    """``|J| r`` of a linear map: the radius of its forward enclosure of the boxes
+    ``0 +- r`` (``Enclosure.through``: the map with the absolute values of its coefficients);
+    ``None`` for an operator without one."""
+    out = op.enclose([Enclosure(torch.zeros_like(r), r, None, None, r) for r in radii], None)
+    return None if out is None else out.r
+
+
+def spread(op, inputs, radii):
+    """``|J| r`` for any operator of the graph (``Operator.spread`` or ``_linear_spread``)."""
+    return op.spread(inputs, radii) if op.nonlinear else _linear_spread(op, radii)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """``dZ = <basis, v> + residual``, ``basis`` ``(B, p, *Z)``. Frobenius: ``||v||_2 <=
+    rho``. Max: ``v = vec(D U)`` with ``|D| <= rho`` entrywise, so the support of a form ``c``
+    over ``v`` is ``rho ||c U^T||_1`` with ``c`` as an ``m x r`` matrix (``mix = U^T``
+    ``(B, r, n)``), or, without ``mix``, ``v = vec D`` and ``rho ||c||_1``. ``residual``
+    ``(B, *Z)`` per unit ``rho``, entrywise: what the SVD's rounding leaves."""
+
+    basis: torch.Tensor
+    l2: bool
+    residual: torch.Tensor
+    mix: torch.Tensor | None = None
+
+    def support(self, forms: torch.Tensor) -> torch.Tensor:
+        """Per entry, ``sum_v |c_v|^q`` of forms ``(B, p', *shape)`` over a run of whole
+        rows of ``D`` (``q = 2`` for Frobenius, whose square root is the support; ``q = 1``
+        for max, the support itself)."""
+        if self.l2:
+            return forms.square().sum(1)
+        if self.mix is None:
+            return forms.abs().sum(1)
+        B, p, r = len(forms), forms.shape[1], self.mix.shape[1]
+        rows = forms.reshape(B, p // r, r, -1)
+        return torch.einsum("bakN,bkt->batN", rows, self.mix).abs().sum((1, 2)) \
+            .reshape(forms.shape[:1] + forms.shape[2:])
+
+
+def sources(layer, Z: torch.Tensor, P: torch.Tensor, norm: str) -> Sources:
+    """The symbols of the module docstring for layer ``layer`` with output ``Z`` and columns
+    ``P~`` ``(B, n, L)``. Several columns, one group, ``r = min(n, L) < n``: the thin SVD
+    ``P~ = U S V^T`` and ``D P~ = (D U) S V^T + D (P~ - U S V^T)``; the symbols are ``D U``
+    (``m r`` of them), with ``||D U||_F <= ||D||_F ||U||_2`` (``||U||_2 <= 1 + 1e-12``) for
+    Frobenius, and the residual ``E`` charged per entry as ``|(D E)_cj| <= rho ||E_:j||``
+    (l2 for Frobenius, l1 for max). Otherwise ``vec D`` (for one column and Frobenius
+    ``dZ / ||h||``): exact."""
+    B, n, L = P.shape
+    m = layer.weight.shape[0]
+    l2 = norm == "fro"
+    if L == 1 and l2:  # dZ = D h: the l2 ball of radius rho ||h||, v = dZ / ||h||
+        unit = torch.linalg.vector_norm(P[..., 0], dim=-1) * (1 + n * 1e-15)
+        return Sources(Region(Z, norm, unit).coefficients(), l2, torch.zeros_like(Z))
+    if L > 1 and getattr(layer, "groups", 1) == 1 and min(n, L) < n:
+        U, S, Vh = torch.linalg.svd(P, full_matrices=False)  # (B, n, r), (B, r), (B, r, L)
+        r = S.shape[-1]
+        rows = (S[..., None] * Vh) * (1 + 1e-12)  # (B, r, L): the symbols' rows of dZ
+        eye = torch.eye(m, dtype=P.dtype, device=P.device)
+        M = (eye[None, :, None, :, None] * rows[:, None, :, None, :]).reshape(B * m * r, m, L)
+        basis = layer.uncolumns(M, Z.shape[1:]).reshape(B, m * r, *Z.shape[1:])
+        rest = P - U @ (S[..., None] * Vh)
+        order = 2 if l2 else 1
+        columns = torch.linalg.vector_norm(rest, ord=order, dim=1) + \
+            1e-14 * torch.linalg.vector_norm(P, ord=order, dim=1)  # (B, L)
+        residual = layer.uncolumns(columns[:, None, :].expand(B, m, L), Z.shape[1:])
+        return Sources(basis, l2, residual, None if l2 else U.transpose(1, 2))
+    return Sources(WeightRegion(Z, norm, None, P, layer).coefficients(), l2,
+                   torch.zeros_like(Z))
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one set of inputs needs for every ``rho`` (module docstring): the clean
+    ``values``; ``support[i]`` = ``s_i`` per unit ``rho`` for every node downstream of layer
+    ``index``; ``rows[i]`` an l2 bound per unit ``rho`` of each row (last axis) of the
+    first-order deviation, centred where the consumer's ``row_norm`` asks, for the inputs of
+    the row-wise operators (Frobenius only); ``stretch[i]`` the l2 constants of node ``i``'s
+    clean Jacobian per input (``(B,)`` each); ``g`` ``(B, C)`` the margins' first-order terms
+    per unit ``rho``; ``gradients[k]`` ``(B, C, *shape)`` the absolute margin gradients at
+    each nonlinear node and at the layer; ``margins`` ``(B, C)`` less the clean logits'
+    rounding (``inf`` at the predicted class)."""
+
+    index: int
+    values: list
+    support: dict
+    rows: dict
+    stretch: dict
+    residual: torch.Tensor
+    g: torch.Tensor
+    gradients: dict
+    margins: torch.Tensor
+
+
+def _jvp(op, primals, tangents):
+    """The clean Jacobian of ``op`` applied to forms ``(B, p, *shape)`` of its moving inputs
+    (``None``: a constant input): a linear map's linear part (its forward enclosure's
+    coefficients, ``Enclosure.through``), an operator's own ``tangent`` rule, else
+    forward-mode autograd vectorised over ``p``."""
+    if not op.nonlinear:
+        enclosures = [Enclosure(u, torch.zeros_like(u), t, None, u.abs())
+                      for u, t in zip(primals, tangents)]
+        out = op.enclose(enclosures, None)
+        if out is not None:
+            return out.Ac
+    if hasattr(op, "tangent"):
+        return op.tangent(primals, tangents)
+    moving = [k for k, t in enumerate(tangents) if t is not None]
+
+    def one(*ts):
+        def f(*xs):
+            args = list(primals)
+            for k, x in zip(moving, xs):
+                args[k] = x
+            return op(*args)
+        return torch.func.jvp(f, tuple(primals[k] for k in moving), ts)[1]
+
+    return torch.func.vmap(one, in_dims=1, out_dims=1)(*(tangents[k] for k in moving))
+
+
+def row_inputs(network: Graph, index: int) -> dict:
+    """The downstream nodes read by a row-wise remainder (``Operator.row_norm``), and
+    whether it asks for centred rows."""
+    wanted = {}
+    for i in network.downstream(index)[1:]:
+        op = network.nodes[i].op
+        if op.row_norm is not None:
+            for j in network.nodes[i].inputs:
+                if j in network.downstream(index):
+                    wanted[j] = wanted.get(j, False) or op.row_norm == "centred"
+    return wanted
+
+
+def _largest_eigenvalue(G: torch.Tensor) -> torch.Tensor:
+    """An upper bound of ``lambda_max`` of symmetric positive semidefinite ``G`` (``(...,
+    n, n)``): ``eigvalsh``'s, raised by ``1e-10`` of the trace for its rounding and that of
+    the Gram sums (relative ``p eps`` of the trace)."""
+    trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.linalg.eigvalsh(G)[..., -1].clamp(min=0) + 1e-10 * trace
+
+
+def first_order(network: Graph, index: int, values, y: torch.Tensor, source: Sources):
+    """``s_i`` for the downstream nodes a nonlinear node reads, the row bounds of ``row_inputs`` (Frobenius:
+    ``sqrt(lambda_max)`` of each row's Gram matrix of coefficients, centred by ``C G C``
+    where asked: the exact sup over the ball) and ``g_j`` per margin (module docstring), from
+    the forward-mode forms over chunks of the symbols."""
+    nodes = network.downstream(index)
+    widest = max(math.prod(network.nodes[i].shape) for i in nodes)
+    B, p = source.basis.shape[:2]
+    whole = 1 if source.mix is None else source.mix.shape[1]  # chunks of whole rows of D
+    chunk = max(1, SYMBOL_ENTRIES // (B * widest * whole)) * whole
+    last_use = {}
+    for i in nodes:
+        for j in network.nodes[i].inputs:
+            last_use[j] = i
+    l2 = source.l2
+    wanted = row_inputs(network, index) if l2 else {}
+    # Supports are needed where a remainder reads them: the inputs of nonlinear nodes.
+    read = {index} | {j for i in nodes[1:] if network.nodes[i].op.nonlinear
+                      for j in network.nodes[i].inputs if j in nodes}
+    totals = {i: torch.zeros_like(values[i]) for i in nodes if i in read}
+    grams = {i: values[i].new_zeros(*values[i].shape, values[i].shape[-1]) for i in wanted}
+    C = values[-1].shape[-1]
+    g = values[-1].new_zeros(B, C)
+    for start in range(0, p, chunk):
+        forms = {index: source.basis[:, start:start + chunk]}
+        for i in nodes:
+            if i != index:
+                node = network.nodes[i]
+                forms[i] = _jvp(node.op, [values[j] for j in node.inputs],
+                                [forms.get(j) for j in node.inputs])
+                for j in node.inputs:
+                    if last_use.get(j) == i and j != network.output:
+                        forms.pop(j, None)
+            if i in totals:
+                totals[i] += source.support(forms[i])
+            if i in grams:
+                grams[i] += torch.einsum("bp...i,bp...j->b...ij", forms[i], forms[i])
+        logits = forms[network.output]  # (B, p, C)
+        rows = logits.gather(-1, y[:, None, None].expand(B, logits.shape[1], 1)) - logits
+        g += source.support(rows)
+    root = torch.sqrt if l2 else (lambda t: t)
+    widen = 1 + ROUND
+    rows = {}
+    for i, G in grams.items():
+        if wanted[i]:
+            G = G - G.mean(-1, keepdim=True)
+            G = G - G.mean(-2, keepdim=True)
+        rows[i] = torch.sqrt(_largest_eigenvalue(G))[..., None] * widen
+    return {i: root(t) * widen for i, t in totals.items()}, rows, root(g) * widen
+
+
+def stretches(network: Graph, index: int, values) -> dict:
+    """Per downstream node, an l2 bound of its clean Jacobian per input, ``(B,)`` each:
+    ``local_reach`` at the clean point (a box of width 0, unit reach) where the operator has
+    one, else its global constant (``lipschitz``: exact for linear maps, ``sup |phi'|`` for
+    the activations, 1 for softmax)."""
+    out = {}
+    for i in network.downstream(index)[1:]:
+        node = network.nodes[i]
+        u = [values[j] for j in node.inputs]
+        B = len(u[0])
+        moving = [j in network.downstream(index) for j in node.inputs]
+        constants = node.op.lipschitz("fro", [network.nodes[j].shape for j in node.inputs])
+        per = []
+        for k, move in enumerate(moving):
+            if not move:
+                per.append(None)
+                continue
+            reach = node.op.local_reach([(v, v) for v in u],
+                                        [u[0].new_ones(B) if q == k else None
+                                         for q in range(len(u))], u) if node.op.nonlinear \
+                else None
+            per.append(reach if reach is not None else
+                       u[0].new_full((B,), float(constants[k])))
+        out[i] = per
+    return out
+def margin_gradients(network: Graph, index: int, values, y: torch.Tensor) -> dict:
+    """``|G_k|`` ``(B, C, *shape)``: the absolute gradients of every margin ``o_y - o_j`` at
+    the clean point with respect to an additive change of each nonlinear node's output, and
+    of the layer's own output (section 9), by one backward pass per class."""
+    nodes = network.downstream(index)
+    keys = [index] + [i for i in nodes[1:] if network.nodes[i].op.nonlinear]
+    with torch.enable_grad():
+        shifts = {k: torch.zeros_like(values[k], requires_grad=True) for k in keys}
+        run = list(values)
+        run[index] = values[index] + shifts[index]
+        for i in nodes[1:]:
+            node = network.nodes[i]
+            out = node.op(*(run[j] for j in node.inputs))
+            run[i] = out + shifts[i] if i in shifts else out
+        logits = run[-1]
+        margins = logits.gather(-1, y[:, None]) - logits
+        grads = {k: [] for k in keys}
+        for j in range(logits.shape[-1]):
+            parts = torch.autograd.grad(margins[:, j].sum(), [shifts[k] for k in keys],
+                                        retain_graph=True, allow_unused=True)
+            for k, part in zip(keys, parts):
+                grads[k].append(torch.zeros_like(values[k]) if part is None else part.abs())
+    return {k: torch.stack(v, 1) * (1 + ROUND) for k, v in grads.items()}
+
+
+def trace(network: Graph, index: int, values, y: torch.Tensor, P: torch.Tensor,
+          norm: str) -> Trace:
+    """The ``Trace`` of layer ``index`` for the inputs whose clean ``values``, predictions
+    ``y`` and columns ``P~`` are given."""
+    source = sources(network.layer(index), values[index], P, norm)
+    support, rows, g = first_order(network, index, values, y, source)
+    logits = values[-1]
+    margins = logits.gather(-1, y[:, None]) - logits
+    margins = margins - ROUND * (logits.gather(-1, y[:, None]).abs() + logits.abs())
+    margins = margins.scatter(-1, y[:, None], math.inf)
+    return Trace(index, values, support, rows, stretches(network, index, values),
+                 source.residual, g, margin_gradients(network, index, values, y), margins)
+
+
+def _row_norms(f: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(f, dim=-1, keepdim=True)
+
+
+def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
+                  parts: dict | None = None) -> torch.Tensor:
+    """Lower bounds ``(B, C)`` of every margin over the weight ball of radius ``rho``
+    (per input): ``m_j - rho g_j - sum_k <|G_k|, |R_k|>`` (module docstring), a row-wise
+    remainder ``R = scale * r`` meeting ``|G|`` as ``sum_rows ||G scale||_2 ||r||_2``.
+
+    The part of each deviation the remainders caused is bounded twice: entrywise, ``f``
+    (``spread``), and as a whole in l2, ``F`` (the clean Jacobians' l2 constants,
+    ``Trace.stretch``); each entry takes the smaller, each row ``min(||f_row||, F)``.
+    ``parts``: filled with each nonlinear node's share of the loss, ``(B, C)``, and the
+    largest first-order and caused deviations of its inputs (to see what limits a radius)."""
+    view = lambda a, ref: a.reshape(-1, *[1] * (ref.ndim - 1))  # noqa: E731
+    index, values = t.index, t.values
+    lost = t.g * rho[:, None]
+    fresh = {index: view(rho, t.residual) * t.residual}
+    whole = {index: torch.linalg.vector_norm(fresh[index].flatten(1), dim=-1)}
+    deviation = {index: view(rho, t.residual) * t.support[index] + fresh[index]}
+    if bool(t.residual.any()):
+        lost = lost + torch.einsum("bc...,b...->bc", t.gradients[index], fresh[index])
+    for i in network.downstream(index)[1:]:
+        node, op = network.nodes[i], network.nodes[i].op
+        inputs = [values[j] for j in node.inputs]
+        f_in = [fresh.get(j, torch.zeros_like(values[j])) for j in node.inputs]
+        d_in = [deviation.get(j, torch.zeros_like(values[j])) for j in node.inputs]
+        moved = spread(op, inputs, d_in)  # |J| of the whole deviation, for the rounding
+        out = spread(op, inputs, f_in) + ROUND * moved
+        F = sum(c * whole[j] for c, j in zip(t.stretch[i], node.inputs)
+                if c is not None and j in whole)
+        F = F * (1 + ROUND) + ROUND * torch.linalg.vector_norm(out.flatten(1), dim=-1)
+        if op.nonlinear:
+            before = lost
+            rows = [torch.minimum(view(rho, values[j]) * t.rows[j] + _row_norms(f),
+                                  view(whole[j], values[j]) + view(rho, values[j]) *
+                                  t.rows[j]) if j in t.rows else None
+                    for j, f in zip(node.inputs, f_in)]
+            R = op.remainder(inputs, d_in, rows)
+            if isinstance(R, tuple):
+                scale, bound = R
+                bound = bound * (1 + ROUND)
+                G = t.gradients[i] * scale.expand_as(values[i])[:, None]
+                lost = lost + (_row_norms(G) * bound[:, None]).flatten(2).sum(-1)
+                R = scale.abs() * bound
+            else:
+                R = R.expand_as(values[i]) * (1 + ROUND)
+                lost = lost + torch.einsum("bc...,b...->bc", t.gradients[i], R)
+            out = out + R
+            F = F + torch.linalg.vector_norm(R.flatten(1), dim=-1)
+            if parts is not None:
+                parts[i] = (lost - before, max(float((d - f).max()) for d, f in zip(d_in, f_in)),
+                            max(float(f.max()) for f in f_in),
+                            max(float(whole[j].max()) for j in node.inputs if j in whole),
+                            max(float(_row_norms(f).max()) for f in f_in))
+        fresh[i] = torch.minimum(out, view(F, out))
+        whole[i] = F
+        # The deviation: first order within rho s_i where computed, else within |J| of the
+        # inputs' deviations (plus the remainder), and the remainders' part within fresh.
+        deviation[i] = view(rho, values[i]) * t.support[i] + fresh[i] if i in t.support \
+            else moved * (1 + 2 * ROUND) + (R if op.nonlinear else 0)
+    return t.margins - lost
+
+
+def certified(network: Graph, t: Trace, rho: torch.Tensor) -> torch.Tensor:
+    """Is every margin's lower bound positive at ``rho`` (per input)?"""
+    return (margin_bounds(network, t, rho) > 0).all(-1)
+
+
+def deviation_lower(network: Graph, index: int, values, y: torch.Tensor, P: torch.Tensor,
+                    norm: str, cap: torch.Tensor, evaluations: int = 48,
+                    converged: float = 1e-3) -> torch.Tensor:
+    """The largest ``rho <= cap`` found that ``certified`` confirms, per input: from the
+    first-order radius ``min_j m_j / g_j`` (no larger radius can be certified) down by
+    factors of 8 until one is certified, then geometric bisection to ``converged``. Each
+    radius returned is certified by its own evaluation (``certify check`` confirms it by
+    one)."""
+    t = trace(network, index, values, y, P, norm)
+    first = (t.margins / t.g).amin(-1)
+    hi = torch.minimum(cap, first).clamp(min=0)
+    lo = torch.zeros_like(hi)
+    rho = hi.clone()
+    for _ in range(evaluations):
+        todo = (hi > lo * (1 + converged)) & (hi > 0)
+        if not todo.any():
+            break
+        ok = certified(network, t, rho)
+        lo = torch.where(todo & ok, torch.maximum(lo, rho), lo)
+        hi = torch.where(todo & ~ok, torch.minimum(hi, rho), hi)
+        rho = torch.where(lo > 0, torch.sqrt(lo * hi), hi / 8)
+    return lo
