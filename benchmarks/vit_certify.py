@@ -8,8 +8,12 @@ reports the training time and the test accuracy (issue targets: at most 2 minute
 at least 90%; 15 epochs took 19 s for 91.9% on the 2-core machine). Then it captures the
 trained model and, for every affine layer (``patch``, each block's ``attn.q``, ``attn.k``,
 ``attn.v``, ``attn.out``, ``fc1``, ``fc2``, and ``head``) and both norms, certifies the first
-N test images with ``certify.radii.radius.layer_radii`` in chunks, and attacks the same layer side
-by side at norm ``0.999 lower`` per input: projected gradient descent on the smallest margin,
+N test images with ``certify.radii.radius.layer_radii`` in chunks, side by side: the linear
+bounds alone (``deviation=False``, the method before issue 27) and the default, which adds
+the second-order deviation bound of THEORY.md section 9 (issue 27); it counts the inputs whose
+new radius is below the old one (must be 0), names the node whose remainder limits the new
+radius most often (``certify.bounds.deviations.limiting``, on the first chunk), and attacks the
+same layer at norm ``0.999 lower`` per input: projected gradient descent on the smallest margin,
 and a random change on the ball's boundary (a random vertex for the max norm), the attacks
 of ``tests/support/weight_attacks.py``. A class that changes is a soundness violation: the
 ``flips`` column must be 0.
@@ -31,7 +35,7 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -45,6 +49,7 @@ from docs_blocks import invoked, replace_block  # noqa: E402
 from weight_attacks import perturbed_classes, pgd_attack, random_ball  # noqa: E402
 
 from certify.attacks import backdoor  # noqa: E402
+from certify.bounds import deviations  # noqa: E402
 from certify.capture.export import capture  # noqa: E402
 from certify.models import small as small_models
 from certify.radii.radius import layer_radii  # noqa: E402
@@ -66,12 +71,24 @@ def train(epochs: int) -> tuple[backdoor.BackdoorResult, small_models.Split]:
 
 
 def certify_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -> dict:
-    """``layer_radii`` over ``x`` in chunks, then both attacks at ``INSIDE * lower``."""
-    clock, parts, flips, seconds = PhaseClock(), defaultdict(list), 0, 0.0
+    """``layer_radii`` over ``x`` in chunks, without and with the deviation bound, then both
+    attacks at ``INSIDE * lower``."""
+    clock, parts, flips, seconds, before_seconds = PhaseClock(), defaultdict(list), 0, 0.0, 0.0
+    limits = []
     for batch in x.split(chunk):
+        start = time.perf_counter()
+        old = layer_radii(network, batch, index, norm, deviation=False)
+        before_seconds += time.perf_counter() - start
         start = time.perf_counter()
         r = layer_radii(network, batch, index, norm, clock=clock)
         seconds += time.perf_counter() - start
+        parts["before"].append(old.lower)
+        if not limits and "deviation" in r.method:
+            values = network.values(batch)
+            layer = network.layer(index)
+            P = layer.patches(values[network.input_of(index)])
+            limits = deviations.limiting(network, index, values, values[-1].argmax(-1), P,
+                                         norm, r.lower)
         for field in ("lower", "upper", "estimate", "lower_global", "lower_local"):
             parts[field].append(getattr(r, field))
         y = network(batch).argmax(-1)
@@ -85,7 +102,11 @@ def certify_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -
     v = {k: torch.cat(p) for k, p in parts.items()}
     witnessed = torch.isfinite(v["upper"]) & (v["upper"] > 0)
     ratio = v["lower"][witnessed] / v["upper"][witnessed]
-    return {"layer": network.nodes[index].name, "norm": norm,
+    before = v["before"][witnessed] / v["upper"][witnessed]
+    return {"median_before_over_upper": float(before.median()) if len(before) else math.nan,
+            "below_before": int((v["lower"] < v["before"]).sum()),
+            "limited_by": Counter(limits).most_common(1)[0][0] if limits else "",
+            "seconds_before": before_seconds,"layer": network.nodes[index].name, "norm": norm,
             "shape": list(network.layer(index).weight.shape), "method": r.method,
             "inputs": len(x), "witnessed": int(witnessed.sum()),
             "certified_positive": int((v["lower"] > 0).sum()),
@@ -103,15 +124,22 @@ def markdown(report: dict) -> str:
            f"| {t['train']:,} / {t['test']:,} | {t['epochs']} | {t['seconds']:.1f} | "
            f"{t['test_accuracy']:.1%} | {report['inputs']} | {report['capture_seconds']:.1f} |",
            "",
-           f"| layer | shape | norm | method | median lower | median upper | median lower/upper "
-           f"| lower > 0 | flips at {INSIDE} lower (PGD + random) | s |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+           "Median lower/upper without the deviation bound (the linear bounds alone, before "
+           "issue 27) and with it (the default); `below` counts inputs whose new radius is "
+           "below the old one; `limited by`: the node whose remainder takes most of the "
+           "binding margin at the certified radius, most often over the first chunk.",
+           "",
+           f"| layer | shape | norm | method | median upper | lower/upper before | lower/upper "
+           f"| below | lower > 0 | flips at {INSIDE} lower (PGD + random) | limited by "
+           f"| s before | s |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in report["layers"]:
         out.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['norm']} | "
-                   f"{r['method']} | {fmt(r['lower']['median'])} | {fmt(r['upper']['median'])}"
-                   f" | {fmt(r['median_lower_over_upper'])} | "
+                   f"{r['method']} | {fmt(r['upper']['median'])} | "
+                   f"{fmt(r['median_before_over_upper'])} | {fmt(r['median_lower_over_upper'])}"
+                   f" | {r['below_before']} | "
                    f"{r['certified_positive']} / {r['inputs']} | {r['attack_flips']} | "
-                   f"{r['seconds']:.1f} |")
+                   f"{r['limited_by']} | {r['seconds_before']:.1f} | {r['seconds']:.1f} |")
     return "\n".join(out) + "\n"
 
 
@@ -154,8 +182,9 @@ def main(argv=None) -> None:
         for norm in NORMS:
             r = certify_layer(network, x, index, norm, args.chunk)
             layers.append(r)
-            print(f"{r['layer']:18s} {norm:3s} {r['seconds']:6.1f} s  median lower "
-                  f"{fmt(r['lower']['median'])} upper {fmt(r['upper']['median'])}, "
+            print(f"{r['layer']:18s} {norm:3s} {r['seconds_before']:6.1f} s / "
+                  f"{r['seconds']:6.1f} s  lower/upper {fmt(r['median_before_over_upper'])} -> "
+                  f"{fmt(r['median_lower_over_upper'])}, {r['below_before']} below, "
                   f"{r['attack_flips']} flips", flush=True)
 
     env["load_average_end"] = os.getloadavg()

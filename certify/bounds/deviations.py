@@ -424,3 +424,22 @@ def deviation_lower(network: Graph, index: int, values, y: torch.Tensor, P: torc
         hi = torch.where(todo & ~ok, torch.minimum(hi, rho), hi)
         rho = torch.where(lo > 0, torch.sqrt(lo * hi), hi / 8)
     return lo * (1 - CHECK_SLACK)
+
+
+def limiting(network: Graph, index: int, values, y: torch.Tensor, P: torch.Tensor, norm: str,
+             rho: torch.Tensor) -> list[str]:
+    """Per input, the node whose remainder takes the largest share of the binding margin's
+    loss at ``rho`` (what limits the radius; ``"first order"`` where the first-order term
+    is larger than every remainder), for reports."""
+    t = trace(network, index, values, y, P, norm)
+    parts = {}
+    bound = margin_bounds(network, t, rho, parts)
+    binding = bound.argmin(-1)
+    names = []
+    for b, j in enumerate(binding.tolist()):
+        first = float(t.g[b, j] * rho[b])
+        share = {i: float(lost[b, j]) for i, (lost, *_) in parts.items()}
+        worst = max(share, key=share.get, default=None)
+        names.append("first order" if worst is None or share[worst] <= first else
+                     f"{network.nodes[worst].name} ({network.nodes[worst].op.describe()})")
+    return names
