@@ -307,8 +307,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     offsets; ``"auto"`` is ``True`` (``method`` then names ``ball``); no effect in ``max``.
     ``deviation``: the second-order bound of section 9 (``certify.bounds.deviations``:
     the exact first-order term from forward-mode derivatives of the clean trace, bounded
-    remainders), computed first; its radii are the floor of the linear bounds' search, and
-    the larger certifies; ``"auto"``: where every downstream operator has the rules
+    remainders), beside the linear bounds' search (unchanged, so that no radius falls
+    below theirs), and the larger certifies; ``"auto"``: where every downstream operator has the rules
     (``deviations.supported``), ``True`` raises ``InputError`` where one lacks them
     (``method`` names ``deviation`` where it is used).
     ``clock(phase)`` is entered around
@@ -408,7 +408,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                     floor=floor, concretise=concretise, enclose=enclose, ball=ball,
                     evaluations=16 if exists else 24) * (1 - SAFETY)
 
-            local = search(slice(None), refine, torch.maximum(lower_global, second))
+            local = search(slice(None), refine, lower_global)
             weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)
             if policy and not refine and work <= REFINE_LIMIT and weak.any():
                 # The refined search starts from the unrefined radius (its bracket's lower
