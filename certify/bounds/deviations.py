@@ -44,7 +44,8 @@ import torch
 
 from certify.bounds.regions import Region, WeightRegion
 from certify.graph.graph import Graph
-from certify.graph.operators.base import EPS, ROUND
+from certify.graph.operators import Activation, Add, Affine, LayerNorm, ScaleShift
+from certify.graph.operators.base import ROUND
 from certify.graph.operators.enclosure import Enclosure
 
 SYMBOL_ENTRIES = 2**24  # entries of the forms held at once per node (128 MiB in float64)
@@ -342,9 +343,10 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
     (per input): ``m_j - rho g_j - sum_k <|G_k|, |R_k|>`` (module docstring), a row-wise
     remainder ``R = scale * r`` meeting ``|G|`` as ``sum_rows ||G scale||_2 ||r||_2``.
 
-    The part of each deviation the remainders caused is bounded twice: entrywise, ``f``
-    (``spread``), and as a whole in l2, ``F`` (the clean Jacobians' l2 constants,
-    ``Trace.stretch``); each entry takes the smaller, each row ``min(||f_row||, F)``.
+    The part of each deviation the remainders caused is bounded three times: entrywise,
+    ``f`` (``spread``), per row (last axis) in l2 where the operators keep rows
+    (``_row_stretch``), and as a whole in l2, ``F`` (the clean Jacobians' l2 constants,
+    ``Trace.stretch``); each entry and each row takes the smallest.
     ``parts``: filled with each nonlinear node's share of the loss, ``(B, C)``, and the
     largest first-order and caused deviations of its inputs (to see what limits a radius)."""
     view = lambda a, ref: a.reshape(-1, *[1] * (ref.ndim - 1))  # noqa: E731
@@ -355,22 +357,24 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
     deviation = {index: view(rho, t.residual) * t.support[index] + fresh[index]}
     if bool(t.residual.any()):
         lost = lost + torch.einsum("bc...,b...->bc", t.gradients[index], fresh[index])
+    lines = {index: _row_norms(fresh[index])}
     for i in network.downstream(index)[1:]:
         node, op = network.nodes[i], network.nodes[i].op
         inputs = [values[j] for j in node.inputs]
         f_in = [fresh.get(j, torch.zeros_like(values[j])) for j in node.inputs]
+        l_in = [lines.get(j, torch.zeros_like(values[j][..., :1])) for j in node.inputs]
         d_in = [deviation.get(j, torch.zeros_like(values[j])) for j in node.inputs]
         moved = spread(op, inputs, d_in)  # |J| of the whole deviation, for the rounding
         out = spread(op, inputs, f_in) + ROUND * moved
         F = sum(c * whole[j] for c, j in zip(t.stretch[i], node.inputs)
                 if c is not None and j in whole)
         F = F * (1 + ROUND) + ROUND * torch.linalg.vector_norm(out.flatten(1), dim=-1)
+        R_rows = None
         if op.nonlinear:
             before = lost
-            rows = [torch.minimum(view(rho, values[j]) * t.rows[j] + _row_norms(f),
-                                  view(whole[j], values[j]) + view(rho, values[j]) *
-                                  t.rows[j]) if j in t.rows else None
-                    for j, f in zip(node.inputs, f_in)]
+            rows = [view(rho, values[j]) * t.rows[j] + torch.minimum(
+                        torch.minimum(_row_norms(f), l), view(whole[j], values[j]))
+                    if j in t.rows else None for j, f, l in zip(node.inputs, f_in, l_in)]
             R = op.remainder(inputs, d_in, rows)
             if isinstance(R, tuple):
                 scale, bound = R
@@ -378,6 +382,7 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
                 G = t.gradients[i] * scale.expand_as(values[i])[:, None]
                 lost = lost + (_row_norms(G) * bound[:, None]).flatten(2).sum(-1)
                 R = scale.abs() * bound
+                R_rows = scale.abs().amax(-1, keepdim=True) * bound
             else:
                 R = R.expand_as(values[i]) * (1 + ROUND)
                 lost = lost + torch.einsum("bc...,b...->bc", t.gradients[i], R)
@@ -388,13 +393,41 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
                             max(float(f.max()) for f in f_in),
                             max(float(whole[j].max()) for j in node.inputs if j in whole),
                             max(float(_row_norms(f).max()) for f in f_in))
-        fresh[i] = torch.minimum(out, view(F, out))
+        # Each row's l2 bound: the clean Jacobian's on the inputs' rows where the operator
+        # keeps rows (plus the remainder's rows), the box's, and the whole node's.
+        line = _row_norms(out)
+        kept = _row_stretch(op, inputs, l_in)
+        if kept is not None:
+            if op.nonlinear:
+                kept = kept + (_row_norms(R) if R_rows is None else R_rows)
+            line = torch.minimum(line, kept * (1 + ROUND) + ROUND * line)
+        lines[i] = torch.minimum(line, view(F, line))
+        fresh[i] = torch.minimum(torch.minimum(out, view(F, out)), lines[i])
         whole[i] = F
         # The deviation: first order within rho s_i where computed, else within |J| of the
         # inputs' deviations (plus the remainder), and the remainders' part within fresh.
         deviation[i] = view(rho, values[i]) * t.support[i] + fresh[i] if i in t.support \
             else moved * (1 + 2 * ROUND) + (R if op.nonlinear else 0)
     return t.margins - lost
+
+
+def _row_stretch(op, inputs, lines):
+    """An l2 bound per row (last axis) of ``J e`` from the inputs' row bounds of ``e``, for
+    the operators that keep rows: a dense layer (``||W||_2``), a constant scale
+    (``max |scale|``), a sum of equal shapes, an activation (the row's largest ``|phi'(u)|``),
+    LayerNorm (``sqrt(n) max |g| / ||y||`` per row); ``None`` for the others."""
+    if isinstance(op, Affine) and not op.is_conv:
+        return op.operator_norm("fro") * lines[0]
+    if isinstance(op, ScaleShift):
+        return float(op.scale.abs().max()) * lines[0]
+    if isinstance(op, Add) and inputs[0].shape == inputs[1].shape:
+        return lines[0] + abs(op.alpha) * lines[1]
+    if isinstance(op, Activation):
+        return op.clean_slope(inputs[0]).abs().amax(-1, keepdim=True) * lines[0]
+    if isinstance(op, LayerNorm):
+        _, norm = op._sphere(inputs[0])
+        return math.sqrt(inputs[0].shape[-1]) * float(op.weight.abs().max()) / norm * lines[0]
+    return None
 
 
 def certified(network: Graph, t: Trace, rho: torch.Tensor) -> torch.Tensor:
