@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from networks import certification_problem, cnns, mlps, residual_mlps
+from tiny_transformers import transformers
 from torch import nn
 from weight_attacks import (layer_columns, layer_weight, perturbed_classes, pgd_attack,
                             random_ball)
@@ -27,7 +28,7 @@ from certify.graph.operators import Activation
 from certify.radii.radius import class_margins, layer_radii
 
 DT = torch.float64
-NETWORKS = st.one_of(mlps(), cnns(), residual_mlps())
+NETWORKS = st.one_of(mlps(), cnns(), residual_mlps(), transformers())
 
 
 def _setup(net, x, index, norm):
