@@ -85,20 +85,28 @@ def reference(minilm: MiniLM, sentences: list[str]) -> dict:
 
 
 def certify_layer(networks, batches, name: str, norm: str) -> dict:
-    """``layer_radii`` of layer ``name`` over every group, merged and summarised."""
-    clock, parts, start = PhaseClock(), defaultdict(list), time.perf_counter()
+    """``layer_radii`` of layer ``name`` over every group, merged and summarised; beside it,
+    timed apart, the linear bounds alone (``deviation=False``, before issue 27)."""
+    clock, parts, seconds, before_seconds = PhaseClock(), defaultdict(list), 0.0, 0.0
     for network, x in zip(networks, batches):
-        r = layer_radii(network, x, network.affine_indices[network.layer_names.index(name)],
-                        norm, clock=clock)
+        index = network.affine_indices[network.layer_names.index(name)]
+        start = time.perf_counter()
+        parts["before"].append(layer_radii(network, x, index, norm, deviation=False).lower)
+        before_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        r = layer_radii(network, x, index, norm, clock=clock)
+        seconds += time.perf_counter() - start
         for field in ("lower", "upper", "estimate", "lower_global", "lower_local"):
             parts[field].append(getattr(r, field))
-    seconds = time.perf_counter() - start
     v = {k: torch.cat(p) for k, p in parts.items()}
     weight = networks[0].layer(networks[0].affine_indices[networks[0].layer_names.index(name)])
     size = float(weight.matrix.norm() if norm == "fro" else weight.matrix.abs().max())
     witnessed = torch.isfinite(v["upper"]) & (v["upper"] > 0)
     ratio = v["lower"][witnessed] / v["upper"][witnessed]
-    return {"layer": name, "norm": norm, "shape": list(r.shape), "method": r.method,
+    before = v["before"][witnessed] / v["upper"][witnessed]
+    return {"median_before_over_upper": float(before.median()) if len(before) else math.nan,
+            "below_before": int((v["lower"] < v["before"]).sum()),
+            "seconds_before": before_seconds, "layer": name, "norm": norm, "shape": list(r.shape), "method": r.method,
             "inputs": len(v["lower"]), "witnessed": int(witnessed.sum()),
             "certified_positive": int((v["lower"] > 0).sum()),
             **{k: quantiles(t) for k, t in v.items()},
@@ -129,13 +137,17 @@ def markdown(report: dict) -> str:
            f"| groups (token counts) | {', '.join(map(str, report['token_counts']))} |",
            f"| capture, all groups | {report['capture_seconds']:.1f} s |", "",
            "| layer | shape | norm | method | median lower | median upper | median lower/upper "
-           "| median lower/\\|W\\| | lower > 0 | s |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+           "before | median lower/upper | below before | median lower/\\|W\\| | lower > 0 "
+           "| s before | s |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["layers"]:
         out.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['norm']} | "
                    f"{r['method']} | {fmt(r['lower']['median'])} | {fmt(r['upper']['median'])}"
-                   f" | {fmt(r['median_lower_over_upper'])} | {fmt(r['median_relative_lower'])}"
-                   f" | {r['certified_positive']}/{r['inputs']} | {r['seconds']:.1f} |")
+                   f" | {fmt(r['median_before_over_upper'])} | "
+                   f"{fmt(r['median_lower_over_upper'])} | {r['below_before']} | "
+                   f"{fmt(r['median_relative_lower'])}"
+                   f" | {r['certified_positive']}/{r['inputs']} | {r['seconds_before']:.1f} | "
+                   f"{r['seconds']:.1f} |")
     if report["skipped"]:
         out += ["", f"Not certified (time budget {report['budget']:.0f} s spent): "
                     f"{', '.join(report['skipped'])}."]
@@ -150,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--quick 0)")
     parser.add_argument("--norms", nargs="+", choices=("fro", "max"), help="default both")
     parser.add_argument("--layers", nargs="+", help="certify exactly these layers")
+    parser.add_argument("--sentences", type=int, help="certify the first N test sentences "
+                                                      "(default all 48)")
     parser.add_argument("--out", type=Path, help="output folder")
     return parser.parse_args(argv)
 
@@ -181,7 +195,7 @@ def main(argv=None) -> None:
             "test_accuracy": float((predicted[test] == labels[test]).float().mean())}
     print(f"head: test accuracy {head['test_accuracy']:.1%}", flush=True)
 
-    test_sentences = [sentences[i] for i in test]
+    test_sentences = [sentences[i] for i in test][:args.sentences]
     groups = list(minilm.groups(test_sentences).values())[:2 if args.quick else None]
     batches = [minilm.inputs([test_sentences[i] for i in g]).double() for g in groups]
     clock = time.perf_counter()
