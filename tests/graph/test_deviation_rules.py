@@ -177,3 +177,19 @@ def test_gelu_curvature_is_twice_the_normal_density_at_zero():
     (g,) = torch.autograd.grad(F.gelu(x).sum(), x, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), x)
     assert math.isclose(float(h), CURVATURE["gelu"], rel_tol=1e-8)
+
+
+@pytest.mark.parametrize("family", [f for f in RULED if hasattr(TEETH[f][0], "tangent")])
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1), constant=st.booleans())
+def test_closed_form_tangents_are_forward_mode_derivatives(family, data, seed, constant):
+    """An operator's ``tangent`` (its clean Jacobian on a batch of forms) is what
+    forward-mode autograd computes, also with a constant second input (``None``)."""
+    op, shapes = data.draw(FAMILIES[family])
+    u, _, gen = _inputs(op, shapes, seed, 1.0)
+    forms = [torch.randn(2, 3, *s, generator=gen, dtype=DT) for s in shapes]
+    if constant and len(forms) == 2:
+        forms[1] = None
+    expected = torch.stack([_jvp(op, u, [t[:, k] if t is not None else torch.zeros_like(a)
+                                         for t, a in zip(forms, u)]) for k in range(3)], 1)
+    assert torch.allclose(op.tangent(u, forms), expected, rtol=1e-12, atol=1e-12)

@@ -377,6 +377,10 @@ class Activation(Operator):
         the clean Jacobian of THEORY.md section 9."""
         return torch.func.jvp(self, (u,), (torch.ones_like(u),))[1]
 
+    def tangent(self, inputs, tangents):
+        """The clean (diagonal) Jacobian on forms ``(B, p, *shape)``: ``phi'(u) t``."""
+        return self.clean_slope(inputs[0])[:, None] * tangents[0]
+
     def spread(self, inputs, radii):
         """``|phi'(u)| r`` (section 9)."""
         return self.clean_slope(inputs[0]).abs() * radii[0]

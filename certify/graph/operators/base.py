@@ -22,6 +22,8 @@ operator holds, in one place, every rule the bounds need:
   the first-order forms of ``certify.bounds.deviations`` use), ``remainder`` bounds
   ``|f(u + delta) - f(u) - J delta|`` entrywise; a linear map's are its absolute map and 0
   (``certify.bounds.deviations`` reads them from ``enclose``), ``None`` where not implemented;
+  an operator may add ``tangent``, its clean Jacobian on forms ``(B, p, *shape)`` in closed
+  form (else forward-mode autograd computes it);
 * ``lipschitz``: per input, an upper bound of ``||f||_Lip`` in the l2 (``"fro"``) or l_inf
   (``"max"``) geometry, and ``combine`` the constant of the node from its inputs'.
 

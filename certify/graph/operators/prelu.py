@@ -71,6 +71,11 @@ class PReLU(Operator):
         (enclosure,), (lo, hi) = inputs, boxes[0]
         return enclosure.scaled(*self.symmetric(lo, hi))
 
+    def tangent(self, inputs, tangents):
+        """The clean (diagonal) Jacobian on forms ``(B, p, *shape)``: ``phi'(u) t``."""
+        (u,), (t,) = inputs, tangents
+        return torch.func.jvp(self, (u,), (torch.ones_like(u),))[1][:, None] * t
+
     def spread(self, inputs, radii):
         """``|phi'(u)| r`` with autograd's slope at ``u`` (``a`` at 0; section 9)."""
         (u,), (r,) = inputs, radii

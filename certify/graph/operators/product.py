@@ -126,6 +126,17 @@ class Product(Operator):
         return (f_x * r_x * size(y0) + f_y * size(x0) * r_y + min(f_x, f_y) * r_x * r_y) * \
             (1 + ROUND)
 
+    def tangent(self, inputs, tangents):
+        """The clean Jacobian on forms ``(B, p, *shape)`` (``None``: a constant input):
+        ``dx y + x dy`` (section 9)."""
+        (x, y), (dx, dy) = inputs, tangents
+        out = 0
+        if dx is not None:
+            out = out + self(dx, y[:, None])
+        if dy is not None:
+            out = out + self(x[:, None], dy)
+        return out
+
     def spread(self, inputs, radii):
         """``|J (dx, dy)| = |dx y + x dy| <= r_x |y| + |x| r_y`` at the clean ``x, y``
         (section 9)."""

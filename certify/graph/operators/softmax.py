@@ -85,6 +85,13 @@ class Softmax(Operator):
     def backward(self, A, boxes, lower):
         return mean_value_rule(self, A, boxes)
 
+    def tangent(self, inputs, tangents):
+        """The clean Jacobian ``diag(p) - p p^T`` on forms ``t`` ``(B, p, *shape)``:
+        ``p (t - p . t)`` (section 9; hidden entries have ``p = 0``)."""
+        p = self(inputs[0])[:, None]
+        t = tangents[0]
+        return p * (t - (p * t).sum(-1, keepdim=True))
+
     def spread(self, inputs, radii):
         """``|J r| <= p r + p (p . r)`` for the clean ``J = diag(p) - p p^T`` (section 9)."""
         (u,), (r,) = inputs, radii
