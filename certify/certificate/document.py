@@ -58,7 +58,8 @@ from certify.graph import devices
 from certify.graph.graph import Graph
 from certify.graph.inputs import InputError, inputs_for
 from certify.radii.multilayer import uniform_budget
-from certify.radii.radius import NORMS, LayerRadii, check_switch, layer_radii, merged_method
+from certify.radii.methods import check_switch, merged_method
+from certify.radii.radius import NORMS, LayerRadii, layer_radii
 from certify.radii.witness import Witness
 from certify.version import __version__
 

@@ -28,6 +28,7 @@ from certify.capture.export import capture
 from certify.bounds.linear import intermediate_bounds, margin_lines
 from certify.check.bounds import local_lower_bounds
 from certify.check.forward import NumpyGraph
+from certify.radii.methods import merged_method
 from certify.radii.radius import region
 from certify.bounds.regions import WeightRegion
 
@@ -329,15 +330,13 @@ def test_chunks_refined_or_not_give_one_method_the_checker_confirms(monkeypatch)
     result = certify_network(network, x, model_sha256="0" * 64, progress=False, chunk=1)
     name = network.nodes[index].name
     entry = next(e for e in result.document["layers"] if e["name"] == name)
-    assert entry["fro"]["method"] == radius.merged_method(sorted(methods))
+    assert entry["fro"]["method"] == merged_method(sorted(methods))
     assert "refined" in entry["fro"]["method"]
     report = check(result.document, result.witnesses, network, x.numpy())
     assert report.ok, report.refuted[:3]
 
 
 def test_merged_method_unions_the_options():
-    from certify.radii.radius import merged_method
-
     assert merged_method(["exact", "exact"]) == "exact"
     assert merged_method(["crown", "crown(refined)"]) == "crown(refined)"
     assert merged_method(["lipschitz+crown(forward)", "lipschitz+crown(forward,refined)"]) == \
