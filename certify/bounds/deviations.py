@@ -90,9 +90,9 @@ def spread(op, inputs, radii):
 class Trace:
     """What one set of inputs needs for every ``rho`` (module docstring): the clean
     ``values``; ``support[i]`` = ``s_i`` per unit ``rho`` for every node downstream of layer
-    ``index``; ``rows[i]`` an l2 bound per unit ``rho`` of each row (last axis) of the
-    first-order deviation, centred where the consumer's ``row_norm`` asks, for the inputs of
-    the row-wise operators (Frobenius only); ``stretch[i]`` the l2 constants of node ``i``'s
+    ``index``; ``rows[i, centred]`` an l2 bound per unit ``rho`` of each row (last axis) of
+    the first-order deviation, centred or not as the consumer's ``row_norm`` asks, for the
+    inputs of the row-wise operators (Frobenius only); ``stretch[i]`` the l2 constants of node ``i``'s
     clean Jacobian per input (``(B,)`` each); ``g`` ``(B, C)`` the margins' first-order terms
     per unit ``rho``; ``gradients[k]`` ``(B, C, *shape)`` the absolute margin gradients at
     each nonlinear node and at the layer; ``margins`` ``(B, C)`` less the clean logits'
@@ -212,9 +212,10 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
         R_rows = None
         if op.nonlinear:
             before = lost
-            rows = [view(rho, values[j]) * t.rows[j] + torch.minimum(
+            key = op.row_norm == "centred"
+            rows = [view(rho, values[j]) * t.rows[j, key] + torch.minimum(
                         torch.minimum(_row_norms(f), l), view(whole[j], values[j]))
-                    if j in t.rows else None for j, f, l in zip(node.inputs, f_in, l_in)]
+                    if (j, key) in t.rows else None for j, f, l in zip(node.inputs, f_in, l_in)]
             R = op.remainder(inputs, d_in, rows)
             if isinstance(R, tuple):
                 scale, bound = R

@@ -110,17 +110,13 @@ def _jvp(op, primals, tangents):
     return torch.func.vmap(one, in_dims=1, out_dims=1)(*(tangents[k] for k in moving))
 
 
-def row_inputs(network: Graph, index: int) -> dict:
-    """The downstream nodes read by a row-wise remainder (``Operator.row_norm``), and
-    whether it asks for centred rows."""
-    wanted = {}
-    for i in network.downstream(index)[1:]:
-        op = network.nodes[i].op
-        if op.row_norm is not None:
-            for j in network.nodes[i].inputs:
-                if j in network.downstream(index):
-                    wanted[j] = wanted.get(j, False) or op.row_norm == "centred"
-    return wanted
+def row_inputs(network: Graph, index: int) -> set:
+    """The ``(node, centred)`` pairs a row-wise remainder reads (``Operator.row_norm``): a
+    node feeding both a softmax and ``F.normalize`` needs both kinds of row bound."""
+    nodes = network.downstream(index)
+    return {(j, network.nodes[i].op.row_norm == "centred") for i in nodes[1:]
+            if network.nodes[i].op.row_norm is not None
+            for j in network.nodes[i].inputs if j in nodes}
 
 
 def _largest_eigenvalue(G: torch.Tensor) -> torch.Tensor:
@@ -146,12 +142,13 @@ def first_order(network: Graph, index: int, values, y: torch.Tensor, source: Sou
         for j in network.nodes[i].inputs:
             last_use[j] = i
     l2 = source.l2
-    wanted = row_inputs(network, index) if l2 else {}
+    wanted = row_inputs(network, index) if l2 else set()
     # Supports are needed where a remainder reads them: the inputs of nonlinear nodes.
     read = {index} | {j for i in nodes[1:] if network.nodes[i].op.nonlinear
                       for j in network.nodes[i].inputs if j in nodes}
     totals = {i: torch.zeros_like(values[i]) for i in nodes if i in read}
-    grams = {i: values[i].new_zeros(*values[i].shape, values[i].shape[-1]) for i in wanted}
+    grams = {i: values[i].new_zeros(*values[i].shape, values[i].shape[-1])
+             for i, _ in wanted}
     C = values[-1].shape[-1]
     g = values[-1].new_zeros(B, C)
     for start in range(0, p, chunk):
@@ -174,9 +171,10 @@ def first_order(network: Graph, index: int, values, y: torch.Tensor, source: Sou
     root = torch.sqrt if l2 else (lambda t: t)
     widen = 1 + ROUND
     rows = {}
-    for i, G in grams.items():
-        if wanted[i]:
+    for i, centred in wanted:
+        G = grams[i]
+        if centred:  # C G C
             G = G - G.mean(-1, keepdim=True)
             G = G - G.mean(-2, keepdim=True)
-        rows[i] = torch.sqrt(_largest_eigenvalue(G))[..., None] * widen
+        rows[i, centred] = torch.sqrt(_largest_eigenvalue(G))[..., None] * widen
     return {i: root(t) * widen for i, t in totals.items()}, rows, root(g) * widen
