@@ -255,9 +255,11 @@ def bounds(graph: NumpyGraph, t: Trace, rho: np.ndarray) -> np.ndarray:
 def margin_bounds(graph: NumpyGraph, index: int, values, P: np.ndarray, rho: np.ndarray,
                   y: np.ndarray, norm: str) -> np.ndarray | None:
     """Lower bounds ``(B, C)`` of every margin ``o_y - o_j`` over the weight ball of radius
-    ``rho`` ``(B,)`` around layer ``index`` (``inf`` at ``y``); ``None`` where a node
-    downstream has no deviation rules (``unsupported``)."""
+    ``rho`` ``(B,)`` around layer ``index`` (``inf`` at ``y``; ``-inf`` where a remainder
+    is unbounded); ``None`` where a node downstream has no deviation rules
+    (``unsupported``)."""
     if unsupported(graph, index) is not None:
         return None
-    with np.errstate(invalid="ignore", over="ignore"):  # inf remainders: NaN, not certified
-        return bounds(graph, trace(graph, index, values, P, y, norm), rho)
+    with np.errstate(invalid="ignore", over="ignore"):  # an unbounded remainder meets 0
+        out = bounds(graph, trace(graph, index, values, P, y, norm), rho)
+    return np.where(np.isnan(out), -np.inf, out)
