@@ -240,7 +240,6 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
                 bounds = margin_bounds(graph, index, [v[rest] for v in values], P[rest],
                                        lower[rest], y[rest], norm)
                 if bounds is not None:
-                    bounds[np.arange(len(bounds)), y[rest]] = np.inf
                     confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
             bad = np.nonzero(~confirmed & (lower > 0))[0]
         report.claim(bad.size == 0, f"{where}: lower of inputs {_first(bad)} is not confirmed")

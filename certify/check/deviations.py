@@ -262,4 +262,6 @@ def margin_bounds(graph: NumpyGraph, index: int, values, P: np.ndarray, rho: np.
         return None
     with np.errstate(invalid="ignore", over="ignore"):  # an unbounded remainder meets 0
         out = bounds(graph, trace(graph, index, values, P, y, norm), rho)
-    return np.where(np.isnan(out), -np.inf, out)
+    out = np.where(np.isnan(out), -np.inf, out)
+    out[np.arange(len(y)), y] = np.inf
+    return out
