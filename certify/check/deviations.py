@@ -21,9 +21,10 @@ coefficients ``A_a`` (``delta_a = <A_a, dZ> + (the remainders' part)``) and its 
 support per unit ``rho``, ``s_a = ||A_a P~^T||_dual`` (``certify.check.regions``: ``dual``;
 for one column the ball or box of section 4, exact too). Rows (Frobenius, the inputs of
 the row-wise operators, ``deviation_rules.row_norm``): the first-order part of a row ``t``
-(last axis) is ``M v`` over the unit ball, so its l2 norm is at most ``sqrt(lambda_max(G))``
-with ``G_ab = <A_a P~^T, A_b P~^T>_F`` (``C G C`` for centred rows, ``C = I - 1 1^T / n``),
-raised by ``1e-10`` of the trace.
+(last axis) is ``D -> (<A_a P~^T, D>)_a`` on ``||D||_F <= rho``, so its l2 norm is at most
+``rho sqrt(lambda_max(G))`` with the Gram matrix ``G_ab = <A_a P~^T, A_b P~^T>_F``, exactly
+(``C G C`` for centred rows, ``C = I - 1 1^T / n``), raised by ``1e-10`` of the trace; each
+consumer reads the kind it asks for (a node read by F.normalize and by softmax has both).
 
 Remainders (``bounds``, per ``rho``): the part of each deviation the remainders caused,
 ``e_i = J_i e_in + R_i``, is bounded entrywise by ``f_i`` (``f_out = |J| f_in + |R|``,
@@ -106,7 +107,7 @@ def _largest_eigenvalue(G: np.ndarray) -> np.ndarray:
     return np.maximum(np.linalg.eigvalsh(G)[..., -1], 0.0) + 1e-10 * trace
 
 
-def _first_order(graph, index, values, P, norm, region, wanted):
+def _first_order(graph, index, values, P, region, wanted):
     """``support`` and ``rows`` of ``Trace``: the exact supports of the entries of every
     node ``read`` and the row bounds of the ``wanted`` ``(node, centred)`` pairs."""
     nodes = graph.downstream(index)
@@ -136,8 +137,10 @@ def _first_order(graph, index, values, P, norm, region, wanted):
             G = np.concatenate(grams, axis=1).reshape(B, *shape[:-1], n, n)
             for centred in (False, True):
                 if (j, centred) in wanted:
-                    H = G - G.mean(-1, keepdims=True) if centred else G
-                    H = H - H.mean(-2, keepdims=True) if centred else H
+                    H = G
+                    if centred:  # C G C
+                        H = H - H.mean(-1, keepdims=True)
+                        H = H - H.mean(-2, keepdims=True)
                     rows[(j, centred)] = np.sqrt(_largest_eigenvalue(H))[..., None] * \
                         (1 + ROUND)
     return support, rows
@@ -179,7 +182,7 @@ def trace(graph: NumpyGraph, index: int, values, P: np.ndarray, y: np.ndarray,
             kind = row_norm(graph.nodes[i].twin)
             if kind is not None:
                 wanted |= {(j, kind == "centred") for j in graph.nodes[i].inputs if j in nodes}
-    support, rows = _first_order(graph, index, values, P, norm, region, wanted)
+    support, rows = _first_order(graph, index, values, P, region, wanted)
     keys = {index} | {i for i in nodes[1:] if graph.nodes[i].twin.nonlinear}
     C = class_vectors(graph, y)  # e_y - e_j
     gradients = pull_back(graph, index, {graph.output: C}, values, keys)
