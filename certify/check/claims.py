@@ -27,8 +27,10 @@ the numpy twins ``forward``, ``bounds`` and ``compressions`` of ``certify.check`
   (interval propagation, backward refinement when ``method`` says ``refined``, CROWN (with
   SDP-CROWN's offsets when it says ``ball``) and
   the interval Jacobian; for a layer with several columns concretised over ``{D P~}``,
-  ``certify.check.regions``) certifies the section-4 region of that radius;
-  ``lower <= upper``;
+  ``certify.check.regions``) certifies the section-4 region of that radius, or, when
+  ``method`` names ``deviation``, the second-order bound of section 9 at that radius
+  (``certify.check.deviations``: exact first order, bounded remainders) keeps every margin
+  positive; ``lower <= upper``;
 * thresholds (``certify.check.compression_claims``): the compression error at the claimed level
   is below the layer's smallest ``lower``, and one level further it is not (up to the
   margins of ``THRESHOLD_SLACK``);
@@ -63,6 +65,7 @@ from certify.check.bounds import (columns, exact_last_layer, global_lower, local
 from certify.check.compression_claims import SLACK, check_compression, check_thresholds
 from certify.check.compression_claims import first_indices as _first
 from certify.check.compression_claims import radii_array as _array
+from certify.check.deviations import margin_bounds
 from certify.check.forward import NumpyGraph, margin_gradients
 from certify.check.operators import NoTwinError
 
@@ -219,7 +222,8 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
             confirmed = lower <= global_lower(graph, index, P, y, margins, norm) * (1 + 1e-12)
             # "(refined)": some inputs were certified with refined intermediate bounds, the
             # others without; each claim is confirmed by either evaluation. "forward": both
-            # with forward enclosures; "ball": with SDP-CROWN's offsets (Frobenius norm).
+            # with forward enclosures; "ball": with SDP-CROWN's offsets (Frobenius norm);
+            # "deviation": the inputs neither confirms, by the deviation bound.
             options = set(claims["method"].partition("(")[2].rstrip(")").split(","))
             for refine in (False, True) if "refined" in options else (False,):
                 rest = ~confirmed & (lower > 0)
@@ -231,6 +235,12 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
                                             ball="ball" in options and norm == "fro")
                 bounds[np.arange(len(bounds)), y[rest]] = np.inf
                 confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
+            rest = ~confirmed & (lower > 0)
+            if "deviation" in options and rest.any():  # section 9's bound, one evaluation
+                bounds = margin_bounds(graph, index, [v[rest] for v in values], P[rest],
+                                       lower[rest], y[rest], norm)
+                if bounds is not None:
+                    confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
             bad = np.nonzero(~confirmed & (lower > 0))[0]
         report.claim(bad.size == 0, f"{where}: lower of inputs {_first(bad)} is not confirmed")
         check_thresholds(report, where, layer.matrix, claims["threshold"], float(lower.min()),

@@ -99,20 +99,30 @@ class NumpyGraph:
         return values[-1]
 
 
-def margin_gradients(graph: NumpyGraph, start: int, values, C: np.ndarray) -> np.ndarray:
-    """``C d o / d v``: rows ``C`` ``(B, R, classes)`` on the logits walked back to node
-    ``start``'s value ``v`` through the exact Jacobian of every downstream node at its value
-    in ``values`` (torch's gradient at kinks); ``(B, R, *v.shape[1:])``."""
-    rows = {graph.output: C}
+def pull_back(graph: NumpyGraph, start: int, seeds: dict, values, at) -> dict:
+    """Rows ``seeds`` (node -> ``(B, R, *shape)``, nodes downstream of ``start``) walked back
+    towards node ``start`` through the exact Jacobian of every downstream node at its value
+    in ``values`` (torch's gradient at kinks): for each node of ``at``, the rows that reach
+    it, ``(B, R, *shape)``: the gradients of the seeds' functionals with respect to an
+    additive change of that node's output (zeros where none reach)."""
+    rows = dict(seeds)
     moving = set(graph.downstream(start))
+    lead = next(iter(seeds.values())).shape[:2]
+    out = {}
     for i in reversed(graph.downstream(start)):
+        if i in at and i in rows:
+            out[i] = rows[i]
         if i == start or i not in rows:
             continue
         node = graph.nodes[i]
-        out = node.twin.gradient(rows.pop(i), [values[j] for j in node.inputs])
-        for j, R in zip(node.inputs, out):
+        for j, R in zip(node.inputs, node.twin.gradient(rows.pop(i),
+                                                        [values[j] for j in node.inputs])):
             if j in moving:
                 rows[j] = rows[j] + R if j in rows else R
-    if start not in rows:
-        return np.zeros((*C.shape[:2], *values[start].shape[1:]))
-    return rows[start]
+    return {k: out[k] if k in out else np.zeros((*lead, *values[k].shape[1:])) for k in at}
+
+
+def margin_gradients(graph: NumpyGraph, start: int, values, C: np.ndarray) -> np.ndarray:
+    """``C d o / d v``: rows ``C`` ``(B, R, classes)`` on the logits walked back to node
+    ``start``'s value ``v`` (``pull_back``), ``(B, R, *v.shape[1:])``."""
+    return pull_back(graph, start, {graph.output: C}, values, {start})[start]
