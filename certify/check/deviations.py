@@ -31,7 +31,8 @@ Remainders (``bounds``, per ``rho``): the part of each deviation the remainders 
 ``deviation_rules.spread``) and in l2 by ``F_i = sum_in ||J_i,in||_2 F_in + ||R_i||``
 (``||J||_2``: ``local_reach`` at the clean point where an operator has one, else its
 ``lipschitz``); the input deviations ``d = rho s + min(f, F)`` (and row bounds
-``rho row + min(||f_row||, F)``) bound the remainders (``deviation_rules.remainder``), which
+``rho row + min(||f_row||, ||e_row||, F)``, ``||e_row||`` carried through the operators that
+keep rows: ``deviation_rules.row_stretch``) bound the remainders (``deviation_rules.remainder``), which
 meet ``|G_i|`` in the margins: entrywise, or per row as ``||G_row scale||_2 ||r_row||_2``.
 
 Floating point, as the torch bound: supports, gradients and remainders are raised by
@@ -49,7 +50,7 @@ import numpy as np
 from certify.check.bounds import class_vectors, section4_region
 from certify.check.forward import NumpyGraph, pull_back
 from certify.check.operators import ROUND
-from certify.check.operators.deviation_rules import remainder, row_norm, spread
+from certify.check.operators.deviation_rules import remainder, row_norm, row_stretch, spread
 
 ROW_ENTRIES = 2**24  # entries of the identity rows walked back at once (128 MiB in float64)
 
@@ -214,10 +215,12 @@ def bounds(graph: NumpyGraph, t: Trace, rho: np.ndarray) -> np.ndarray:
     fresh = {index: np.zeros_like(values[index])}  # the sources are exact: no residual
     whole = {index: np.zeros(len(rho))}
     deviation = {index: per(rho, values[index]) * t.support[index]}
+    lines = {index: np.zeros_like(values[index][..., :1])}
     for i in graph.downstream(index)[1:]:
         node, twin = graph.nodes[i], graph.nodes[i].twin
         u = [values[j] for j in node.inputs]
         f_in = [fresh.get(j, np.zeros_like(values[j])) for j in node.inputs]
+        l_in = [lines.get(j, np.zeros_like(values[j][..., :1])) for j in node.inputs]
         d_in = [deviation.get(j, np.zeros_like(values[j])) for j in node.inputs]
         moved = spread(twin, u, d_in)  # |J| of the whole deviation, for the rounding
         out = spread(twin, u, f_in) + ROUND * moved
@@ -226,13 +229,13 @@ def bounds(graph: NumpyGraph, t: Trace, rho: np.ndarray) -> np.ndarray:
             if c is not None:
                 F = F + c * whole[j]
         F = F * (1 + ROUND) + ROUND * _whole(out)
-        R = 0.0
+        R, R_rows = 0.0, None
         if twin.nonlinear:
             centred = row_norm(twin) == "centred"
-            rows = [np.minimum(per(rho, values[j]) * t.rows[(j, centred)] + _row_norms(f),
-                               per(whole[j], values[j]) + per(rho, values[j]) *
-                               t.rows[(j, centred)]) if (j, centred) in t.rows else None
-                    for j, f in zip(node.inputs, f_in)]
+            rows = [per(rho, values[j]) * t.rows[(j, centred)] + np.minimum(
+                        np.minimum(_row_norms(f), line), per(whole[j], values[j]))
+                    if (j, centred) in t.rows else None
+                    for j, f, line in zip(node.inputs, f_in, l_in)]
             R = remainder(twin, u, d_in, rows)
             if isinstance(R, tuple):  # R = scale * r, ||r_row||_2 <= bound
                 scale, bound = R
@@ -240,13 +243,23 @@ def bounds(graph: NumpyGraph, t: Trace, rho: np.ndarray) -> np.ndarray:
                 G = t.gradients[i] * np.broadcast_to(scale, values[i].shape)[:, None]
                 lost = lost + (_row_norms(G) * bound[:, None]).reshape(*lost.shape, -1).sum(-1)
                 R = np.abs(scale) * bound
+                R_rows = np.abs(scale).max(-1, keepdims=True) * bound
             else:
                 R = np.broadcast_to(R, values[i].shape) * (1 + ROUND)
                 lost = lost + np.einsum("bcn,bn->bc", t.gradients[i].reshape(*lost.shape, -1),
                                         R.reshape(len(R), -1))
             out = out + R
             F = F + _whole(R)
-        fresh[i] = np.minimum(out, per(F, out))
+        # Rows in l2: through the twins that keep rows (plus the remainder's rows), the
+        # box's own, the whole node's.
+        line = _row_norms(out)
+        kept = row_stretch(twin, u, l_in)
+        if kept is not None:
+            if twin.nonlinear:
+                kept = kept + (_row_norms(R) if R_rows is None else R_rows)
+            line = np.minimum(line, kept * (1 + ROUND) + ROUND * line)
+        lines[i] = np.minimum(line, per(F, line))
+        fresh[i] = np.minimum(np.minimum(out, per(F, out)), lines[i])
         whole[i] = F
         # First order within rho s_i where a remainder reads it, else |J| of the inputs'
         # whole deviations plus the remainder.

@@ -31,7 +31,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from networks import cnns, grouped_cnns, mlps, residual_cnns
 from torch import nn
-from weight_attacks import layer_columns, layer_weight, pgd_attack, random_ball
+from weight_attacks import (layer_columns, layer_weight, perturbed_classes, pgd_attack,
+                            random_ball)
 
 from certify.bounds import deviations as torch_deviations
 from certify.capture.export import capture
@@ -42,7 +43,7 @@ from certify.check.claims import check
 from certify.check.forward import NumpyGraph
 from certify.check.operators import ActivationTwin, deviation_rules
 from certify.check.operators.transformer import LayerNormTwin, SoftmaxTwin
-from certify.radii.radius import predictions
+from certify.radii.radius import layer_radii, predictions
 
 AGREE = 1e-9  # relative to what the bound loses
 LOOSER = 1e-11  # the twin's supports are exact: never looser than torch's beyond rounding
@@ -234,8 +235,14 @@ def _shared():
 
 def test_normalize_reads_plain_rows_where_softmax_reads_centred_ones():
     """A weight change of Frobenius norm 0.2 changes the class (found by an attack); the
-    twin's bound at 0.2 is not positive, as it must be."""
+    twin's bound at 0.2 is not positive, as it must be, and neither torch's: its radius (once
+    0.37, when F.normalize read the centred rows softmax asks for) survives the attack."""
     net, x = _shared()
+    r = layer_radii(net, x, net.affine_indices[0], "fro")
+    assert float(r.lower[0]) < 0.2
+    D = pgd_attack(net, x, net.affine_indices[0], 0.999 * r.lower, "fro", False, steps=200)
+    assert torch.equal(perturbed_classes(net, x, net.affine_indices[0], D, False),
+                       predictions(net, x)[0])
     y = predictions(net, x)[0]
     index = net.affine_indices[0]
     rho = torch.tensor([0.2], dtype=torch.float64)

@@ -41,8 +41,10 @@ import math
 import numpy as np
 
 from certify.check.operators.activation import ActivationTwin
-from certify.check.operators.base import ROUND, Twin
+from certify.check.operators.affine import AffineTwin
+from certify.check.operators.base import ROUND, Twin, spectral_upper
 from certify.check.operators.enclosure import Enclosure
+from certify.check.operators.linear_maps import AddTwin, ScaleShiftTwin
 from certify.check.operators.prelu import PReLUTwin
 from certify.check.operators.transformer import (LayerNormTwin, NormalizeTwin, ProductTwin,
                                                  SoftmaxTwin)
@@ -141,6 +143,29 @@ def remainder(twin: Twin, inputs, radii, rows=None):
         h = _row_bound(d, rows)
         return np.ones_like(u), np.where(length - h > twin.eps, _sphere_remainder(h, length),
                                          math.inf)
+    return None
+
+
+def row_stretch(twin: Twin, inputs, lines):
+    """An l2 bound of each row (last axis) of ``J e`` from l2 bounds ``lines`` of the
+    inputs' rows of ``e`` ``(B, ..., 1)``, for the twins that keep rows: a dense layer
+    (``||W||_2``, ``spectral_upper``), a constant scale (``max |scale|``), a sum of tensors
+    of one shape, an activation or PReLU (the row's largest ``|phi'(u)|``), LayerNorm
+    (``||J_row||_2 <= sqrt(n) max |g| / ||y||``: ``I - yhat yhat^T`` and ``C`` are
+    contractions); ``None`` for the others."""
+    if isinstance(twin, AffineTwin) and not twin.is_conv:
+        return spectral_upper(twin.weight) * lines[0]
+    if isinstance(twin, ScaleShiftTwin):
+        return float(np.abs(twin.scale).max()) * lines[0]
+    if isinstance(twin, AddTwin) and inputs[0].shape == inputs[1].shape:
+        return lines[0] + abs(twin.alpha) * lines[1]
+    if isinstance(twin, (ActivationTwin, PReLUTwin)):
+        slope = spread(twin, inputs, [np.ones_like(inputs[0])])
+        return slope.max(-1, keepdims=True) * lines[0]
+    if isinstance(twin, LayerNormTwin):
+        _, length = _layer_norm_sphere(twin, inputs[0])
+        n = inputs[0].shape[-1]
+        return math.sqrt(n) * float(np.abs(twin.weight).max()) / length * lines[0]
     return None
 
 
