@@ -155,3 +155,24 @@ def test_deviation_true_names_an_operator_without_rules():
     with pytest.raises(InputError, match="MaxPool.*deviation='auto'"):
         layer_radii(net, x, net.affine_indices[0], "fro", deviation=True)
     assert "deviation" not in layer_radii(net, x, net.affine_indices[0], "fro").method
+
+
+def test_limiting_names_what_takes_the_binding_margin():
+    """``limiting``: the first-order term on a linear network (no remainders); on a strongly
+    curved one at twice its certified radius, an activation's remainder for some inputs."""
+    torch.manual_seed(0)
+    net = capture(Sequence().double(), (3, 4))
+    x = torch.randn(3, 3, 4, dtype=DT)
+    index = net.affine_indices[0]
+    values, y, P = _setup(net, x, index, "fro")
+    rho = torch.full((3,), 1e-3, dtype=DT)
+    assert deviations.limiting(net, index, values, y, P, "fro", rho) == ["first order"] * 3
+    net = capture(_gelu_mlp(), (6,))
+    x = torch.randn(4, 6, dtype=DT, generator=torch.Generator().manual_seed(0))
+    index = net.affine_indices[0]
+    values, y, P = _setup(net, x, index, "fro")
+    lower = deviations.deviation_lower(net, index, values, y, P, "fro",
+                                       torch.full((4,), 1e3, dtype=DT))
+    names = deviations.limiting(net, index, values, y, P, "fro", 2 * lower)
+    assert all(name == "first order" or "Activation" in name for name in names), names
+    assert any("Activation" in name for name in names), names
