@@ -92,8 +92,8 @@ class Trace:
     ``values``; ``support[i]`` = ``s_i`` per unit ``rho`` for every node downstream of layer
     ``index``; ``rows[i, centred]`` an l2 bound per unit ``rho`` of each row (last axis) of
     the first-order deviation, centred or not as the consumer's ``row_norm`` asks, for the
-    inputs of the row-wise operators (Frobenius only); ``stretch[i]`` the l2 constants of node ``i``'s
-    clean Jacobian per input (``(B,)`` each); ``g`` ``(B, C)`` the margins' first-order terms
+    inputs of the row-wise operators (Frobenius only); ``stretch[i]`` the l2 constants of
+    node ``i``'s clean Jacobian per input (``(B,)`` each); ``g`` ``(B, C)`` the margins' first-order terms
     per unit ``rho``; ``gradients[k]`` ``(B, C, *shape)`` the absolute margin gradients at
     each nonlinear node and at the layer; ``margins`` ``(B, C)`` less the clean logits'
     rounding (``inf`` at the predicted class)."""

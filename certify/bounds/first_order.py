@@ -128,10 +128,11 @@ def _largest_eigenvalue(G: torch.Tensor) -> torch.Tensor:
 
 
 def first_order(network: Graph, index: int, values, y: torch.Tensor, source: Sources):
-    """``s_i`` for the downstream nodes a nonlinear node reads, the row bounds of ``row_inputs`` (Frobenius:
-    ``sqrt(lambda_max)`` of each row's Gram matrix of coefficients, centred by ``C G C``
-    where asked: the exact sup over the ball) and ``g_j`` per margin (module docstring), from
-    the forward-mode forms over chunks of the symbols."""
+    """``s_i`` for the downstream nodes a nonlinear node reads, the row bounds of
+    ``row_inputs`` (Frobenius: ``sqrt(lambda_max)`` of each row's Gram matrix of
+    coefficients, centred by ``C G C`` where asked: the exact sup over the ball) and ``g_j``
+    per margin (module docstring), from the forward-mode forms over chunks of the
+    symbols."""
     nodes = network.downstream(index)
     widest = max(math.prod(network.nodes[i].shape) for i in nodes)
     B, p = source.basis.shape[:2]

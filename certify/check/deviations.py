@@ -31,9 +31,9 @@ Remainders (``bounds``, per ``rho``): the part of each deviation the remainders 
 ``deviation_rules.spread``) and in l2 by ``F_i = sum_in ||J_i,in||_2 F_in + ||R_i||``
 (``||J||_2``: ``local_reach`` at the clean point where an operator has one, else its
 ``lipschitz``); the input deviations ``d = rho s + min(f, F)`` (and row bounds
-``rho row + min(||f_row||, ||e_row||, F)``, ``||e_row||`` carried through the operators that
-keep rows: ``deviation_rules.row_stretch``) bound the remainders (``deviation_rules.remainder``), which
-meet ``|G_i|`` in the margins: entrywise, or per row as ``||G_row scale||_2 ||r_row||_2``.
+``rho row + min(||f_row||, ||e_row||, F)``, ``||e_row||`` carried through the operators
+that keep rows: ``deviation_rules.row_stretch``) bound the remainders
+(``deviation_rules.remainder``), which meet ``|G_i|`` in the margins: entrywise, or per row as ``||G_row scale||_2 ||r_row||_2``.
 
 Floating point, as the torch bound: supports, gradients and remainders are raised by
 ``ROUND`` relative, every box by ``ROUND`` times the spread of the whole input deviation,

@@ -49,21 +49,26 @@ def _real_margins(net, x, index, D):
     return logits.gather(-1, y[:, None]) - logits
 
 
-def _hidden_layers(net):
-    return [i for i in net.affine_indices if not net.is_last_dense(i) and
-            deviations.supported(net, i)]
+def _drawn_layer(model_and_shape, seed: int, pick: int, norm: str):
+    """The drawn network on its six inputs, one of its hidden layers the bound supports
+    (``pick``), the clean values, classes and the layer's columns; ``None`` without one."""
+    net, x, _ = certification_problem(model_and_shape, seed)
+    layers = [i for i in net.affine_indices if not net.is_last_dense(i) and
+              deviations.supported(net, i)]
+    if not layers:
+        return None
+    index = layers[pick % len(layers)]
+    return (net, x, index, *_setup(net, x, index, norm))
 
 
 @settings(max_examples=12, deadline=None)
 @given(model_and_shape=NETWORKS, norm=st.sampled_from(["fro", "max"]),
        seed=st.integers(0, 2**16), pick=st.integers(0, 7), fraction=st.floats(0.05, 2.0))
 def test_margins_stay_above_their_bounds(model_and_shape, norm, seed, pick, fraction):
-    net, x, _ = certification_problem(model_and_shape, seed)
-    layers = _hidden_layers(net)
-    if not layers:
+    drawn = _drawn_layer(model_and_shape, seed, pick, norm)
+    if drawn is None:
         return
-    index = layers[pick % len(layers)]
-    values, y, P = _setup(net, x, index, norm)
+    net, x, index, values, y, P = drawn
     t = deviations.trace(net, index, values, y, P, norm)
     rho = (t.margins / t.g).amin(-1).clamp(max=1e3) * fraction
     bounds = deviations.margin_bounds(net, t, rho)
@@ -79,12 +84,10 @@ def test_margins_stay_above_their_bounds(model_and_shape, norm, seed, pick, frac
 @given(model_and_shape=NETWORKS, norm=st.sampled_from(["fro", "max"]),
        seed=st.integers(0, 2**16), pick=st.integers(0, 7))
 def test_attacks_inside_the_radius_never_change_the_class(model_and_shape, norm, seed, pick):
-    net, x, y = certification_problem(model_and_shape, seed)
-    layers = _hidden_layers(net)
-    if not layers:
+    drawn = _drawn_layer(model_and_shape, seed, pick, norm)
+    if drawn is None:
         return
-    index = layers[pick % len(layers)]
-    values, y, P = _setup(net, x, index, norm)
+    net, x, index, values, y, P = drawn
     lower = deviations.deviation_lower(net, index, values, y, P, norm,
                                        torch.full((len(x),), 1e3, dtype=DT))
     inside = 0.999 * lower

@@ -68,7 +68,8 @@ def _excess(op, u, d, delta, shrink=1.0):
     real = op(*(a + b for a, b in zip(u, delta))) - op(*u) - _jvp(op, u, delta)
     box, rows = _bound(op, u, d)
     if shrink == 0:  # the mutant without a remainder (0 inf is 0 here)
-        box, rows = torch.zeros_like(box), None if rows is None else (rows[0], torch.zeros_like(rows[1]))
+        box = torch.zeros_like(box)
+        rows = None if rows is None else (rows[0], torch.zeros_like(rows[1]))
     if rows is None:
         return float((real.abs() - shrink * box).max())
     scale, bound = rows
