@@ -296,11 +296,12 @@ def test_the_refinement_policy_refines_weak_inputs_and_the_checker_confirms(monk
     network, x = _refinable_cnn()
     index = network.affine_indices[0]
     plain = radius.layer_radii(network, x, index, "fro", refine=False, enclose=False,
-                               ball=False)
+                               ball=False, deviation=False)
     monkeypatch.setattr(radius, "REFINE_WORK", 0.0)
     monkeypatch.setattr(radius, "REFINE_GAIN", 0.0)  # the probe always pays: refine them all
     assert linear_bounds.refine_work(network, index) <= radius.REFINE_LIMIT
-    policy = radius.layer_radii(network, x, index, "fro", enclose=False, ball=False)
+    policy = radius.layer_radii(network, x, index, "fro", enclose=False, ball=False,
+                                deviation=False)
     weak = plain.lower < radius.REFINE_BELOW * plain.upper
     assert weak.sum() > radius.REFINE_PROBE and policy.method.endswith("(refined)")
     assert torch.all(policy.lower >= plain.lower)
