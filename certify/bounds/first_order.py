@@ -59,13 +59,16 @@ def sources(layer, Z: torch.Tensor, P: torch.Tensor, norm: str) -> Sources:
     ``P~ = U S V^T`` and ``D P~ = (D U) S V^T + D (P~ - U S V^T)``; the symbols are ``D U``
     (``m r`` of them), with ``||D U||_F <= ||D||_F ||U||_2`` (``||U||_2 <= 1 + 1e-12``) for
     Frobenius, and the residual ``E`` charged per entry as ``|(D E)_cj| <= rho ||E_:j||``
-    (l2 for Frobenius, l1 for max). Otherwise ``vec D`` (for one column and Frobenius
-    ``dZ / ||h||``): exact."""
+    (l2 for Frobenius, l1 for max). One column: ``v = dZ / ||h||`` (``m`` symbols; the
+    section-4 ball or box is the reachable set itself). Otherwise ``vec D``: exact."""
     B, n, L = P.shape
     m = layer.weight.shape[0]
     l2 = norm == "fro"
-    if L == 1 and l2:  # dZ = D h: the l2 ball of radius rho ||h||, v = dZ / ||h||
-        unit = torch.linalg.vector_norm(P[..., 0], dim=-1) * (1 + n * 1e-15)
+    if L == 1:  # dZ = D h: the l2 ball of radius rho ||h||_2 or the box rho ||h||_1 (exact)
+        order = 2 if l2 else 1
+        unit = torch.linalg.vector_norm(P[..., 0], ord=order, dim=-1) * (1 + n * 1e-15)
+        if not l2:
+            unit = unit.reshape(-1, *[1] * (Z.ndim - 1)).expand_as(Z)
         return Sources(Region(Z, norm, unit).coefficients(), l2, torch.zeros_like(Z))
     if L > 1 and getattr(layer, "groups", 1) == 1 and min(n, L) < n:
         U, S, Vh = torch.linalg.svd(P, full_matrices=False)  # (B, n, r), (B, r), (B, r, L)
