@@ -13,8 +13,8 @@ OPTIONS = ("forward", "refined", "ball", "deviation")
 
 
 def check_switch(name: str, value) -> None:
-    """``InputError`` unless the option ``name`` (``refine``, ``enclose``, ``ball``) is
-    ``True``, ``False`` or ``"auto"``."""
+    """``InputError`` unless the option ``name`` (``refine``, ``enclose``, ``ball``,
+    ``deviation``) is ``True``, ``False`` or ``"auto"``."""
     if value not in (True, False, "auto"):
         raise InputError(f"{name} must be True, False or 'auto', got {value!r}")
 

@@ -9,10 +9,12 @@ the spectral radius; ``"max"``: entrywise max), three numbers per input:
   Last dense layer: the exact class-pair formula (section 3). Other layers: section 4 turns
   the weight ball into a region of ``Z`` (``||D P~||_F <= rho sigma_max(P~)``;
   ``|(D P~)_ij| <= rho ||P~_:j||_1``; for several columns the set ``{D P~}`` itself,
-  ``certify.bounds.regions``), and the best of two input-space bounds on the
+  ``certify.bounds.regions``), and the best of the input-space bounds on the
   downstream network certifies it: the global Lipschitz bound (section 5) and CROWN-style
   linear bounds over that region (``certify.bounds.linear``), whose margin lines guide a
-  secant search for the largest radius they certify (``local_lower``).
+  secant search for the largest radius they certify (``local_lower``); beside them the
+  second-order bound of section 9 on deviations from the clean trace
+  (``certify.bounds.deviations``), and the largest radius certifies.
 * ``upper``: the norm of a verified witness (``certify.radii.witness``): a weight-space DeepFool
   iteration (the first-order step of section 3, re-linearised) until a forward pass with the
   perturbed weights really changes the class, shrunk by bisection while it still does, then
@@ -276,9 +278,9 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     ``deviation``: the second-order bound of section 9 (``certify.bounds.deviations``:
     the exact first-order term from forward-mode derivatives of the clean trace, bounded
     remainders), beside the linear bounds' search (unchanged, so that no radius falls
-    below theirs), and the larger certifies; ``"auto"``: where every downstream operator has the rules
-    (``deviations.supported``), ``True`` raises ``InputError`` where one lacks them
-    (``method`` names ``deviation`` where it is used).
+    below theirs), and the larger certifies; ``"auto"``: where every downstream operator
+    has the rules (``deviations.supported``); ``True`` raises ``InputError`` where one
+    lacks them (``method`` names ``deviation`` where it is used).
     ``clock(phase)`` is entered around
     each phase (for timing breakdowns).
 
