@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from weight_attacks import layer_weight, perturbed_classes, pgd_attack, random_ball
+from weight_attacks import assert_attacks_inside_fail, assert_witness_flips
 
 from certify.capture import UnsupportedModelError, capture
 from certify.certificate import certify_network
@@ -388,14 +388,8 @@ def test_class_token_vit_radii_hold_against_attacks(norm, bias, seed):
     index = network.affine_indices[seed % len(network.affine_indices)]
     r = layer_radii(network, x, index, norm, bias, refine=False)
     assert torch.all((0 <= r.lower) & (r.lower <= r.upper))
-    inside = 0.999 * r.lower
-    W = layer_weight(network.layer(index), bias)
-    for D in (pgd_attack(network, x, index, inside, norm, bias),
-              random_ball((len(x), *W.shape), inside, norm)):
-        assert torch.equal(perturbed_classes(network, x, index, D, bias), y)
-    found = torch.isfinite(r.upper)
-    flipped = perturbed_classes(network, x, index, r.witness.matrix(), bias)
-    assert torch.all(flipped[found] != y[found])
+    assert_attacks_inside_fail(network, x, y, index, r, norm, bias)
+    assert_witness_flips(network, x, y, index, r, bias)
 
 
 @pytest.mark.parametrize("model", ["vit", "masked"])

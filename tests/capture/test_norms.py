@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from weight_attacks import layer_weight, perturbed_classes, pgd_attack, random_ball
+from weight_attacks import assert_attacks_inside_fail, assert_witness_flips
 
 from certify.capture import capture
 from certify.certificate import certify_network
@@ -102,13 +102,7 @@ def test_a_group_norm_model_certifies_and_certify_check_confirms(norm_, bias, se
     for index in network.affine_indices:
         r = layer_radii(network, x, index, norm_, bias)
         assert torch.all((0 <= r.lower) & (r.lower <= r.upper))
-        inside = 0.999 * r.lower
-        W = layer_weight(network.layer(index), bias)
-        for D in (pgd_attack(network, x, index, inside, norm_, bias),
-                  random_ball((len(x), *W.shape), inside, norm_)):
-            assert torch.equal(perturbed_classes(network, x, index, D, bias), y)
-        found = torch.isfinite(r.upper)
-        flipped = perturbed_classes(network, x, index, r.witness.matrix(), bias)
-        assert torch.all(flipped[found] != y[found])
+        assert_attacks_inside_fail(network, x, y, index, r, norm_, bias)
+        assert_witness_flips(network, x, y, index, r, bias)
     result = certify_network(network, x, model_sha256="0" * 64, bias=bias, progress=False)
     assert check(result.document, result.witnesses, network, x.numpy()).ok

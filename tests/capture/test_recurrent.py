@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from weight_attacks import layer_weight, perturbed_classes, pgd_attack, random_ball
+from weight_attacks import assert_attacks_inside_fail, assert_witness_flips
 
 from certify.capture import UnsupportedModelError, capture
 from certify.capture.build import Build
@@ -176,20 +176,8 @@ def test_attacks_inside_lower_never_change_the_class(norm, bias, seed):
     index = net.affine_indices[0]  # W_ih, through every step of the recurrence
     r = layer_radii(net, x, index, norm, bias)
     assert torch.all((0 <= r.lower) & (r.lower <= r.upper)) and (r.lower > 0).any()
-    inside = torch.where(torch.isfinite(r.lower), 0.999 * r.lower,
-                         torch.full_like(r.lower, 1e6))
-    W = layer_weight(net.layer(index), bias)
-    toward = r.witness.matrix() * torch.where(
-        torch.isfinite(r.upper), inside / r.upper, torch.zeros_like(inside))[:, None, None]
-    for D in (pgd_attack(net, x, index, inside, norm, bias),
-              pgd_attack(net, x, index, inside, norm, bias, start=toward),
-              random_ball((len(x), *W.shape), inside, norm)):
-        assert torch.equal(perturbed_classes(net, x, index, D, bias), y), (
-            f"{norm}: an attack inside 0.999 lower changed a class")
-    # Teeth: the witness at upper changes the class it was found for.
-    found = torch.isfinite(r.upper)
-    assert torch.all(perturbed_classes(net, x, index, r.witness.matrix(), bias)[found]
-                     != y[found])
+    assert_attacks_inside_fail(net, x, y, index, r, norm, bias, from_witness=True)
+    assert_witness_flips(net, x, y, index, r, bias)
 
 
 @settings(max_examples=max(2, settings().max_examples // 20), deadline=None)

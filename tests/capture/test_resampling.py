@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from weight_attacks import layer_weight, perturbed_classes, pgd_attack, random_ball
+from weight_attacks import assert_attacks_inside_fail
 
 from certify.capture import UnsupportedModelError, capture
 from certify.certificate import certify_network
@@ -122,12 +122,7 @@ def test_attacks_inside_a_certified_radius_never_change_the_class(problem, norm)
     for index in network.affine_indices:
         r = layer_radii(network, x, index, norm)
         assert torch.all((0 <= r.lower) & (r.lower <= r.upper))
-        inside = torch.where(torch.isfinite(r.lower), 0.999 * r.lower,
-                             torch.full_like(r.lower, 1e6))
-        W = layer_weight(network.layer(index), False)
-        for D in (pgd_attack(network, x, index, inside, norm, False),
-                  random_ball((len(x), *W.shape), inside, norm)):
-            assert torch.equal(perturbed_classes(network, x, index, D, False), y)
+        assert_attacks_inside_fail(network, x, y, index, r, norm, False)
 
 
 @settings(max_examples=3, deadline=None)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import torch.nn.functional as F
 from networks import Dag, certification_problem, cnns, dags, mlps, residual_cnns, residual_mlps
 from torch import nn
-from weight_attacks import layer_weight, perturbed_classes, pgd_attack, random_ball
+from weight_attacks import assert_attacks_inside_fail, perturbed_classes, pgd_attack
 
 from certify.capture.export import UnsupportedModelError, capture
 from certify.graph.operators import Add
@@ -29,14 +29,7 @@ def test_attacks_inside_lower_never_change_the_class(model_and_shape, norm, bias
         r = layer_radii(net, x, index, norm, bias)
         assert torch.all(r.lower <= r.upper)
         assert torch.all(r.lower >= 0)
-        # lower = inf (the layer's input is 0: no weight change moves anything): attack big.
-        inside = torch.where(torch.isfinite(r.lower), 0.999 * r.lower, torch.full_like(r.lower, 1e6))
-        W = layer_weight(net.layer(index), bias)
-        for D in (pgd_attack(net, x, index, inside, norm, bias),
-                  random_ball((len(x), *W.shape), inside, norm)):
-            assert torch.equal(perturbed_classes(net, x, index, D, bias), y), (
-                f"layer {r.layer}, {norm}: an attack inside 0.999 * lower changed a class"
-            )
+        assert_attacks_inside_fail(net, x, y, index, r, norm, bias)
 
 
 @settings(max_examples=25, deadline=None)

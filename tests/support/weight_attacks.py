@@ -3,7 +3,9 @@ certified ball must never change a class, so these search for one that does.
 
 * One layer (THEORY.md section 4): ``perturbed_classes`` (the classes with layer ``index``'s
   weight ``W + D``), ``pgd_attack`` (projected gradient descent on the smallest margin) and
-  ``random_ball`` (random points of the Frobenius sphere, vertices of the max ball).
+  ``random_ball`` (random points of the Frobenius sphere, vertices of the max ball);
+  ``assert_attacks_inside_fail`` runs them at 0.999 x a layer's ``lower`` and
+  ``assert_witness_flips`` checks its witness (the soundness tests' two ends of a bracket).
 * Every layer at once (section 5): ``perturbed_logits`` (the logits with every affine weight
   ``W_k + D_k``), ``attacks`` (random points, then joint projected gradient descent) and
   ``project`` (onto a ball).
@@ -134,3 +136,33 @@ def attacks(net, x, y, radii: list[torch.Tensor], norm: str, bias: bool, steps: 
                 moved.append(project(D - 0.25 * r[:, None, None] * step, r, norm))
             Ds = moved
     yield Ds
+
+
+def assert_attacks_inside_fail(net: Graph, x, y, index, r, norm: str, bias: bool,
+                               from_witness: bool = False, classes=perturbed_classes) -> None:
+    """The soundness check of one layer's radii ``r`` (``layer_radii``): projected gradient
+    descent and a random point of the ball (a vertex for the max norm) at ``0.999 x lower``
+    never change a class (``1e6`` where ``lower`` is infinite: the layer's input is 0 and no
+    change moves anything); ``from_witness``: also descent from the witness scaled into the
+    ball, where a start at 0 may see no gradient (saturated activations). ``classes``: the
+    forward pass with ``W + D``."""
+    inside = torch.where(torch.isfinite(r.lower), 0.999 * r.lower,
+                         torch.full_like(r.lower, 1e6))
+    W = layer_weight(net.layer(index), bias)
+    changes = [pgd_attack(net, x, index, inside, norm, bias)]
+    if from_witness:
+        toward = r.witness.matrix() * torch.where(
+            torch.isfinite(r.upper), inside / r.upper, torch.zeros_like(inside))[:, None, None]
+        changes.append(pgd_attack(net, x, index, inside, norm, bias, start=toward))
+    changes.append(random_ball((len(x), *W.shape), inside, norm))
+    for D in changes:
+        assert torch.equal(classes(net, x, index, D, bias), y), (
+            f"layer {r.layer}, {norm}: an attack inside 0.999 lower changed a class")
+
+
+def assert_witness_flips(net: Graph, x, y, index, r, bias: bool,
+                         classes=perturbed_classes) -> None:
+    """Teeth of the soundness check: the witness at ``upper`` changes the class it was found
+    for, wherever one was found."""
+    found = torch.isfinite(r.upper)
+    assert torch.all(classes(net, x, index, r.witness.matrix(), bias)[found] != y[found])
