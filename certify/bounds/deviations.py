@@ -134,19 +134,18 @@ def stretches(network: Graph, index: int, values) -> dict:
                        u[0].new_full((B,), float(constants[k])))
         out[i] = per
     return out
-def margin_gradients(network: Graph, index: int, values, y: torch.Tensor) -> dict:
-    """``|G_k|`` ``(B, C, *shape)``: the absolute gradients of every margin ``o_y - o_j`` at
-    the clean point with respect to an additive change of each nonlinear node's output, and
-    of the layer's own output (section 9), by one backward pass per class."""
-    nodes = network.downstream(index)
-    keys = [index] + [i for i in nodes[1:] if network.nodes[i].op.nonlinear]
+def gradients(network: Graph, keys, values, y: torch.Tensor) -> dict:
+    """``G_k`` ``(B, C, *shape)``: the gradients of every margin ``o_y - o_j`` at the clean
+    point with respect to an additive change of each node ``k`` of ``keys``' output (section
+    9), signed, by one backward pass per class."""
+    keys = sorted(keys)
+    nodes = sorted({i for k in keys for i in network.downstream(k)})
     with torch.enable_grad():
         shifts = {k: torch.zeros_like(values[k], requires_grad=True) for k in keys}
         run = list(values)
-        run[index] = values[index] + shifts[index]
-        for i in nodes[1:]:
+        for i in nodes:
             node = network.nodes[i]
-            out = node.op(*(run[j] for j in node.inputs))
+            out = values[i] if i == keys[0] else node.op(*(run[j] for j in node.inputs))
             run[i] = out + shifts[i] if i in shifts else out
         logits = run[-1]
         margins = logits.gather(-1, y[:, None]) - logits
@@ -155,8 +154,17 @@ def margin_gradients(network: Graph, index: int, values, y: torch.Tensor) -> dic
             parts = torch.autograd.grad(margins[:, j].sum(), [shifts[k] for k in keys],
                                         retain_graph=True, allow_unused=True)
             for k, part in zip(keys, parts):
-                grads[k].append(torch.zeros_like(values[k]) if part is None else part.abs())
-    return {k: torch.stack(v, 1) * (1 + ROUND) for k, v in grads.items()}
+                grads[k].append(torch.zeros_like(values[k]) if part is None else part)
+    return {k: torch.stack(v, 1) for k, v in grads.items()}
+
+
+def margin_gradients(network: Graph, index: int, values, y: torch.Tensor) -> dict:
+    """``|G_k|`` ``(B, C, *shape)`` (``gradients``, raised by ``ROUND``) at each nonlinear
+    node downstream of layer ``index`` and at the layer's own output."""
+    nodes = network.downstream(index)
+    keys = [index] + [i for i in nodes[1:] if network.nodes[i].op.nonlinear]
+    return {k: G.abs() * (1 + ROUND)
+            for k, G in gradients(network, keys, values, y).items()}
 
 
 def trace(network: Graph, index: int, values, y: torch.Tensor, P: torch.Tensor,

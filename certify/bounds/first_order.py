@@ -87,7 +87,7 @@ def sources(layer, Z: torch.Tensor, P: torch.Tensor, norm: str) -> Sources:
                    torch.zeros_like(Z))
 
 
-def _jvp(op, primals, tangents):
+def jvp(op, primals, tangents):
     """The clean Jacobian of ``op`` applied to forms ``(B, p, *shape)`` of its moving inputs
     (``None``: a constant input): a linear map's linear part (its forward enclosure's
     coefficients, ``Enclosure.through``), an operator's own ``tangent`` rule, else
@@ -160,7 +160,7 @@ def first_order(network: Graph, index: int, values, y: torch.Tensor, source: Sou
         for i in nodes:
             if i != index:
                 node = network.nodes[i]
-                forms[i] = _jvp(node.op, [values[j] for j in node.inputs],
+                forms[i] = jvp(node.op, [values[j] for j in node.inputs],
                                 [forms.get(j) for j in node.inputs])
                 for j in node.inputs:
                     if last_use.get(j) == i and j != network.output:

@@ -1,0 +1,207 @@
+"""Several layers changed at once: the joint certificate of THEORY.md section 10.
+
+Layers ``k`` (``Affine`` nodes, biases untouched) change by ``E_k`` within a set each
+(``WeightSet``): a box ``|E_ij| <= A_ij`` (a quantiser's cells, ``A = s / 2``; a pruning box,
+``A = |W|`` on the prunable weights; ``t max|W|``), a Frobenius ball ``||E||_F <= e``, or one
+known change (``point``, inside its box ``A = |E|``). With ``h_k`` the clean input of layer
+``k`` as columns ``P_k`` and ``Delta h_k`` its deviation, the layer's output moves by
+``E_k P_k + W_k Delta P_k + E_k Delta P_k``, and the decomposition of section 9 gives, for
+every margin, exactly,
+
+    Delta m_j = sum_k <G_k P_k^T, E_k> + sum_n <G_n, R_n> + sum_k <G_k, E_k Delta P_k>,
+
+with ``G`` the margin gradients at the clean point (``certify.bounds.deviations.gradients``,
+one backward pass per class serves every layer). The first-order term is exact for a point
+and its exact worst case over a set: ``sum_ij A_ij |(G_k P_k^T)_ij|`` for a box,
+``e_k ||G_k P_k^T||_F`` for a ball. The remainders ``R_n`` of the nonlinear nodes
+(``Operator.remainder``) and the product terms read a box ``|Delta| <= d`` on every node's
+deviation, carried forward from the layers' sources: ``|E P| <= A |P|`` (box; ``e ||P_:l||_2``
+per column for a ball), ``|W| d`` through the layer (``Operator.spread``), ``A |Delta P|``
+(``e ||Delta P_:l||_2``) for the product; the product meets ``|G_k|`` as
+``<|G_k|, A |Delta P|>`` (``e sum_l ||G_k,:l||_2 ||Delta P_:l||_2``).
+
+This replaces the norm product of section 5 (``certify.radii.multilayer``), which grows with
+every layer whether or not anything changes; here the loss is the exact first order plus
+terms of second order in the changes.
+
+Floating point: ``G_k P_k^T`` carries a relative rounding of at most ``ROUND`` of
+``|G_k| |P_k|^T``, so the first-order term is charged ``ROUND <|G_k|, A |P_k|>`` and
+``ROUND`` of itself; deviation boxes and remainders grow by ``ROUND`` like those of section 9,
+and every margin loses ``ROUND (|o_y| + |o_j|)`` for the clean logits' rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from certify.bounds.deviations import gradients, spread
+from certify.bounds.first_order import jvp
+from certify.graph.graph import Graph
+from certify.graph.operators import Affine
+from certify.graph.operators.base import ROUND
+
+KINDS = ("box", "ball")
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """The changes ``E`` of one layer's weight matrix ``(m, n)`` (``Affine.matrix``) allowed.
+
+    ``kind="box"``: ``|E_ij| <= radius_ij``, ``radius`` broadcastable to ``(B, m, n)`` (one
+    box per input where it has a batch axis). ``kind="ball"``: ``||E||_F <= radius``, a number
+    or ``(B,)``. ``point``: the one change ``(m, n)`` that was made, when only it matters; its
+    first-order term is then exact (``kind`` must be ``box`` with ``radius = |point|``,
+    ``WeightSet.exact``)."""
+
+    kind: str
+    radius: torch.Tensor
+    point: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    @classmethod
+    def exact(cls, change: torch.Tensor) -> "WeightSet":
+        """The one change ``E = W - g(W)``."""
+        return cls("box", change.abs(), change)
+
+
+@dataclass(frozen=True)
+class JointTrace:
+    """What every set of changes of ``layers`` needs, for one batch of inputs: the clean
+    ``values``; ``columns[k]`` ``P_k`` ``(B, n, L)``; ``products[k]`` ``G_k P_k^T``
+    ``(B, C, m, n)``; ``gradients[k]`` ``|G_k|`` at the layers and the nonlinear nodes
+    downstream, raised by ``ROUND``; ``margins`` ``(B, C)`` less the clean logits' rounding
+    (``inf`` at the predicted class)."""
+
+    layers: tuple[int, ...]
+    nodes: tuple[int, ...]
+    values: list
+    columns: dict
+    products: dict
+    gradients: dict
+    margins: torch.Tensor
+
+
+def joint_trace(network: Graph, layers, values, y: torch.Tensor) -> JointTrace:
+    """The ``JointTrace`` of ``layers`` (affine node indices) for inputs with clean
+    ``values`` and predictions ``y``."""
+    layers = tuple(sorted(layers))
+    nodes = tuple(sorted({i for k in layers for i in network.downstream(k)}))
+    keys = list(layers) + [i for i in nodes if network.nodes[i].op.nonlinear]
+    G = gradients(network, keys, values, y)
+    columns, products = {}, {}
+    for k in layers:
+        layer = network.layer(k)
+        P = layer.patches(values[network.input_of(k)])
+        B, C = G[k].shape[:2]
+        rows = layer.columns(G[k].flatten(0, 1)).unflatten(0, (B, C))  # (B, C, m, L)
+        columns[k], products[k] = P, rows @ P.transpose(1, 2)[:, None]
+    logits = values[-1]
+    margins = logits.gather(-1, y[:, None]) - logits
+    margins = margins - ROUND * (logits.gather(-1, y[:, None]).abs() + logits.abs())
+    return JointTrace(layers, nodes, values, columns, products,
+                      {k: g.abs() * (1 + ROUND) for k, g in G.items()},
+                      margins.scatter(-1, y[:, None], math.inf))
+
+
+def _apply(layer: Affine, A: torch.Tensor, P: torch.Tensor, shape) -> torch.Tensor:
+    """``A P`` ``(B, *shape)`` for a (batched) matrix ``A`` on columns ``P``."""
+    return layer.uncolumns(torch.matmul(A, P), shape)
+
+
+def _column_norms(layer: Affine, e: torch.Tensor, P: torch.Tensor, shape) -> torch.Tensor:
+    """``e ||P_:l||_2`` at every output entry of column ``l`` (``|(E P)_il|`` for
+    ``||E||_F <= e``)."""
+    norms = torch.linalg.vector_norm(P, dim=1, keepdim=True) * (1 + ROUND)  # (B, 1, L)
+    m = layer.weight.shape[0]
+    return layer.uncolumns(e.reshape(-1, 1, 1) * norms.expand(-1, m, -1), shape)
+
+
+def joint_margin_bounds(network: Graph, t: JointTrace,
+                        sets: Mapping[int, WeightSet]) -> torch.Tensor:
+    """Lower bounds ``(B, C)`` of every margin over all changes of the layers within their
+    ``sets`` at once (module docstring): ``m_j + first order - remainders - products``.
+
+    Each deviation is ``known + e``: ``known`` the exact first-order deviation of the
+    layers given as points (their ``E P`` carried through the clean Jacobians, one tangent,
+    ``certify.bounds.first_order.jvp``), ``|e| <= box`` the rest (the boxes' sources, the
+    remainders and the products, through ``|J|``); the remainders and products read
+    ``d = |known| + box``."""
+    if set(sets) != set(t.layers):
+        raise ValueError(f"sets must be given for the layers {t.layers}, got {sorted(sets)}")
+    values = t.values
+    view = lambda a, ref: a.reshape(-1, *[1] * (ref.ndim - 1))  # noqa: E731
+    change = torch.zeros_like(t.margins)  # the points' first-order change, signed
+    lost = torch.zeros_like(t.margins)
+    known, box = {}, {}
+    for i in t.nodes:
+        node, op = network.nodes[i], network.nodes[i].op
+        inputs = [values[j] for j in node.inputs]
+        zeros = [torch.zeros_like(values[j]) for j in node.inputs]
+        box_in = [box.get(j, z) for j, z in zip(node.inputs, zeros)]
+        d_in = [b + known[j].abs() if j in known else b for j, b in zip(node.inputs, box_in)]
+        out = spread(op, inputs, box_in) + ROUND * spread(op, inputs, d_in)
+        if any(j in known for j in node.inputs):
+            known[i] = jvp(op, inputs, [known[j][:, None] if j in known else None
+                                        for j in node.inputs])[:, 0]
+        if i in sets:
+            layer, S, P = network.layer(i), sets[i], t.columns[i]
+            shape, X, G = values[i].shape[1:], t.products[i], t.gradients[i]
+            dP = layer.patches(d_in[0])
+            if S.kind == "box":
+                A = S.radius.to(P).expand(len(P), *X.shape[2:])
+                source, product = _apply(layer, A, P.abs(), shape), _apply(layer, A, dP, shape)
+                worst = torch.einsum("bcmn,bmn->bc", X.abs(), A)
+                if S.point is not None:
+                    E = S.point.to(P)
+                    change = change + torch.einsum("bcmn,mn->bc", X, E)
+                    lost = lost + ROUND * worst
+                    exact = _apply(layer, E.expand_as(A), P, shape)
+                    known[i] = known[i] + exact if i in known else exact
+                    out = out + ROUND * source
+                else:
+                    lost = lost + worst * (1 + ROUND)
+                    out = out + source * (1 + ROUND)
+            else:
+                e = torch.as_tensor(S.radius).to(P).expand(len(P))
+                source, product = _column_norms(layer, e, P, shape), \
+                    _column_norms(layer, e, dP, shape)
+                X_fro = torch.linalg.vector_norm(X.flatten(2), dim=-1)
+                lost = lost + view(e, X_fro) * X_fro * (1 + ROUND)
+                G_cols = torch.linalg.vector_norm(
+                    layer.columns(G.flatten(0, 1)).unflatten(0, G.shape[:2]), dim=2)
+                dP_cols = torch.linalg.vector_norm(dP, dim=1)
+                lost = lost + view(e, X_fro) * torch.einsum("bcl,bl->bc", G_cols, dP_cols) \
+                    * (1 + ROUND)
+                out = out + source * (1 + ROUND)
+            if S.kind == "box":
+                lost = lost + torch.einsum("bc...,b...->bc", G, product)
+            lost = lost + ROUND * torch.einsum("bc...,b...->bc", G, source)
+            out = out + product * (1 + ROUND)
+        elif op.nonlinear:
+            R = op.remainder(inputs, d_in)
+            if isinstance(R, tuple):  # scale * r, r bounded in l2 per row
+                scale, bound = R
+                bound = bound * (1 + ROUND)
+                G = t.gradients[i] * scale.expand_as(values[i])[:, None]
+                lost = lost + (torch.linalg.vector_norm(G, dim=-1, keepdim=True) *
+                               bound[:, None]).flatten(2).sum(-1)
+                R = scale.abs() * bound
+            else:
+                R = R.expand_as(values[i]) * (1 + ROUND)
+                lost = lost + torch.einsum("bc...,b...->bc", t.gradients[i], R)
+            out = out + R
+        box[i] = out
+    return t.margins + change - lost
+
+
+def joint_certified(network: Graph, t: JointTrace,
+                    sets: Mapping[int, WeightSet]) -> torch.Tensor:
+    """Can no change within ``sets`` alter the class (per input)?"""
+    return (joint_margin_bounds(network, t, sets) > 0).all(-1)
