@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from certify.bounds.deviations import gradients, spread
+from certify.bounds.deviations import CHECK_SLACK, gradients, spread
 from certify.bounds.first_order import jvp
 from certify.graph.graph import Graph
 from certify.graph.operators import Affine
@@ -169,7 +169,7 @@ def joint_margin_bounds(network: Graph, t: JointTrace,
                     lost = lost + worst * (1 + ROUND)
                     out = out + source * (1 + ROUND)
             else:
-                e = torch.as_tensor(S.radius).to(P).expand(len(P))
+                e = torch.as_tensor(S.radius, dtype=P.dtype, device=P.device).expand(len(P))
                 source, product = _column_norms(layer, e, P, shape), \
                     _column_norms(layer, e, dP, shape)
                 X_fro = torch.linalg.vector_norm(X.flatten(2), dim=-1)
@@ -203,5 +203,8 @@ def joint_margin_bounds(network: Graph, t: JointTrace,
 
 def joint_certified(network: Graph, t: JointTrace,
                     sets: Mapping[int, WeightSet]) -> torch.Tensor:
-    """Can no change within ``sets`` alter the class (per input)?"""
-    return (joint_margin_bounds(network, t, sets) > 0).all(-1)
+    """Can no change within ``sets`` alter the class (per input)? Every margin's lower
+    bound must exceed ``CHECK_SLACK`` of the margin, so that an independent recomputation
+    (``certify.check.joint``), whose rounding differs, confirms it."""
+    margins = t.margins.nan_to_num(posinf=0.0).abs()
+    return (joint_margin_bounds(network, t, sets) > CHECK_SLACK * margins).all(-1)

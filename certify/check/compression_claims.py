@@ -22,7 +22,8 @@ import numpy as np
 
 from certify.certificate.schema import CertificateFormatError
 from certify.check.bounds import multilayer_bound, region_scale
-from certify.check.compressions import compress_matrices, error_norms, prune_count
+from certify.check.compressions import compress_matrices, error_norms, prune_count, strength_sets
+from certify.check.joint import joint_margin_bounds
 from certify.closed_forms.compressions import parse_compression
 from certify.closed_forms.thresholds import SVD_SLACK
 
@@ -174,6 +175,21 @@ def check_compression(report, entry: dict, graph, values, predicted, lower: dict
         report.claim(bad.size == 0, f"{where}: harmless_per_layer of {name} is wrong for inputs "
                      f"{_first(bad)} (weight error and output change against their certified "
                      "radius)")
+    jointly = _claimed(entry, "jointly", n)
+    # The change made: confirmed on the compressed model itself (its class, clear of ties).
+    bad = np.nonzero(jointly & changed & clear)[0]
+    report.claim(bad.size == 0, f"{where}: inputs {_first(bad)} are claimed jointly harmless "
+                 "but the compressed model changes their class")
+    strength = _claimed(entry, "strength", n)
+    if strength.any():
+        sets = strength_sets([graph.layer(i).matrix for i in indices], compressed,
+                             compression.kind, compression.level)
+        bound = joint_margin_bounds(graph, values, predicted, dict(zip(indices, sets)))
+        confirmed = np.zeros(n, dtype=bool) if bound is None else (bound > 0).all(axis=1)
+        bad = np.nonzero(strength & ~confirmed)[0]
+        report.claim(bad.size == 0, f"{where}: inputs {_first(bad)} are claimed safe against "
+                     "every compression of this strength, but the joint bound of section 10 "
+                     "does not confirm it")
     claimed = entry["harmless"]
     if claimed is None or entry["violations"] is None:
         # Certificates before the all-layers bound left both null for several layers: that
@@ -183,24 +199,38 @@ def check_compression(report, entry: dict, graph, values, predicted, lower: dict
         return
     claimed = np.array(claimed, dtype=bool)
     if len(chosen) == 1:
-        report.claim(claimed.tolist() == entry["harmless_per_layer"].get(chosen[0]),
-                     f"{where}: harmless differs from harmless_per_layer of {chosen[0]}")
-        certified = harmless[chosen[0]]
-        why = "(weight error or output change below their radius) yet change class: the radii " \
-            "are wrong"
+        radii = np.array(entry["harmless_per_layer"].get(chosen[0]), dtype=bool)
+        report.claim(np.array_equal(claimed, radii | jointly),
+                     f"{where}: harmless is not harmless_per_layer of {chosen[0]} or jointly")
+        certified = harmless[chosen[0]] | jointly
+        why = "(weight error or output change below their radius, or the joint bound) yet " \
+            "change class: a certificate is wrong"
     else:
-        certified = _jointly_certified(graph, values, predicted, indices, errors,
-                                       1 - JOINT_SLACK)
+        section5 = _jointly_certified(graph, values, predicted, indices, errors,
+                                      1 - JOINT_SLACK)
         strict = _jointly_certified(graph, values, predicted, indices, errors, 1 + JOINT_SLACK)
-        bad = np.nonzero((claimed & ~certified) | (~claimed & strict))[0]
+        certified = section5 | jointly
+        bad = np.nonzero((claimed & ~certified) | (~claimed & (strict | jointly)))[0]
         report.claim(bad.size == 0, f"{where}: harmless is wrong for inputs {_first(bad)} (the "
-                     "all-layers bound of section 5 with budgets the weight errors)")
-        why = "by the all-layers bound yet change class: the bound is wrong"
+                     "all-layers bound of section 5 with budgets the weight errors, or jointly)")
+        why = "by the all-layers bound or the joint bound yet change class: a bound is wrong"
     report.claim(entry["violations"] == int((claimed & claimed_changed).sum()),
                  f"{where}: violations is not the number of harmless inputs claimed changed")
     broken = np.nonzero(certified & changed & clear)[0]
     report.claim(broken.size == 0, f"{where}: inputs {_first(broken)} are certified harmless "
                  f"{why}")
+
+
+def _claimed(entry: dict, key: str, n: int) -> np.ndarray:
+    """A per-input list of booleans of the entry (all ``False`` where absent or null:
+    certificates before the joint bound, or a model without remainder rules)."""
+    value = entry.get(key)
+    if value is None:
+        return np.zeros(n, dtype=bool)
+    if len(value) != n:
+        raise CertificateFormatError(f"compression_checks: {key} must hold one boolean per "
+                                     f"input ({n}), got {len(value)}")
+    return np.array(value, dtype=bool)
 
 
 def _jointly_certified(graph, values, y, indices, errors, scale: float) -> np.ndarray:

@@ -73,3 +73,33 @@ def error_norms(E: np.ndarray) -> dict[str, float]:
     """``||E||_F``, ``||E||_2`` and ``||E||_max`` (float64 values, not bounds)."""
     return {"fro": float(np.linalg.norm(E)), "spectral": float(np.linalg.norm(E, 2)),
             "max": float(np.abs(E).max())}
+
+
+EPS = np.finfo(np.float64).eps
+
+
+def cells(W: np.ndarray, bits: int, per_channel: bool) -> np.ndarray:
+    """The quantiser's cells ``|E| <= s / 2``, widened for its float64 rounding to
+    ``s / 2 (1 + 2 eps) + eps (2 |W| + s / 2)`` (``certify.radii.whole_model``)."""
+    top = np.abs(W).max(axis=1, keepdims=True) if per_channel else np.abs(W).max()
+    s = top / (2.0 ** (bits - 1) - 1)
+    return s / 2 * (1 + 2 * EPS) + EPS * (2 * np.abs(W) + s / 2)
+
+
+def strength_sets(matrices: list[np.ndarray], compressed: list[np.ndarray], kind: str,
+                  level) -> list[tuple[str, np.ndarray]]:
+    """Every compression of this strength, per layer, as ``("box", A)`` or ``("ball", e)``:
+    the quantiser's cells, the truncation error's Frobenius ball, or the pruning box
+    ``|E_ij| <= |W_ij|`` where ``|W_ij|`` is at most the largest pruned magnitude (of the
+    layer, or of all the layers for ``prune_global``)."""
+    if kind in ("bits", "bits_per_channel"):
+        return [("box", np.broadcast_to(cells(W, level, kind == "bits_per_channel"), W.shape))
+                for W in matrices]
+    if kind == "rank":
+        return [("ball", np.linalg.norm(W - G) * (1 + (W.size + 2) * EPS))
+                for W, G in zip(matrices, compressed)]
+    tops = [float(np.where(G == 0, np.abs(W), 0.0).max()) for W, G in zip(matrices, compressed)]
+    if kind == "prune_global":
+        tops = [max(tops)] * len(matrices)
+    return [("box", np.where(np.abs(W) <= top, np.abs(W), 0.0))
+            for W, top in zip(matrices, tops)]

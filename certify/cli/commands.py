@@ -204,6 +204,8 @@ def compression_checks(network, x, compressions, document: dict, chunk: int) -> 
             "harmless": None if result.harmless is None else result.harmless.tolist(),
             "violations": result.violations,
             "harmless_per_layer": {layer.name: layer.harmless.tolist() for layer in result.layers},
+            "jointly": None if result.jointly is None else result.jointly.tolist(),
+            "strength": None if result.strength is None else result.strength.tolist(),
             "weight_error": {layer.name: {"fro": layer.error_fro, "spectral": layer.error_spectral,
                                           "max": layer.error_max} for layer in result.layers},
             "note": result.note,

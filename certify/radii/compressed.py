@@ -18,11 +18,16 @@ With one compressed layer, harmless implies the class cannot change; a harmless 
 whose class changed is a ``violation`` (a soundness bug).
 
 Radii of single layers do not compose, so with several compressed layers per-layer
-harmlessness certifies nothing. There ``harmless`` is the all-layers bound of THEORY.md
-section 5 (``certify.radii.multilayer.multilayer_bound``, biases unperturbed): budgets ``e_k`` the
-upper bounds of ``||W_k - g(W_k)||_F`` (``fro``) or ``||W_k - g(W_k)||_max`` (``max``) of
-the compressed layers, 0 for the others; an input is harmless when either norm's bound
-certifies it. That bound needs no radii: it is computed with or without them.
+harmlessness certifies nothing. Every compression, on one layer or many, is certified
+jointly by THEORY.md section 10 (``certify.radii.whole_model``): ``jointly`` for the change
+made (exact first order), ``strength`` for every compression of that strength (the
+quantiser's cells, the pruning box, the truncation's Frobenius ball); both need no radii,
+and ``None`` where a node downstream has no remainder rule (section 9). ``harmless`` is the
+union of the certificates that apply: ``jointly``, the radii (one layer), and with several
+layers the all-layers bound of section 5 (``certify.radii.multilayer.multilayer_bound``,
+biases unperturbed, budgets ``e_k`` the upper bounds of ``||W_k - g(W_k)||_F`` (``fro``) or
+``||W_k - g(W_k)||_max`` (``max``) of the compressed layers, 0 for the others, either
+norm), kept so that no input is vouched for less than before.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ import torch
 from certify.closed_forms.compressions import Compression, check_layers, compress_matrices
 from certify.closed_forms.thresholds import EPS, singular_values_upper
 from certify.graph.graph import Graph
+from certify.bounds.deviations import unsupported
 from certify.graph.inputs import InputError, inputs_for
+from certify.radii.whole_model import whole_model
 
 RADIUS_NORMS = ("fro", "max")
+JOINT_CHUNK = 16  # inputs per joint trace: it holds G_k P_k^T, (C, m, n) per input and layer
 
 
 def compressed_indices(network: Graph, compression: Compression) -> list[int]:
@@ -86,10 +94,12 @@ class CompressionCheck:
     """A compression applied to a network on a batch of inputs.
 
     ``changed``: the compressed network predicts another class. ``harmless``: the class
-    provably cannot change; with ONE compressed layer from its radii (``None`` without
-    them), with several from the section-5 all-layers bound (module docstring).
-    ``violations``: harmless yet changed (0 unless the certificate is wrong; ``None`` with
-    ``harmless``). ``note`` says which certificate it is.
+    provably cannot change, by any certificate that applies (module docstring; ``None``
+    when none does). ``jointly``: by the section-10 bound on the change made; ``strength``:
+    no compression of this strength can change it (both ``None`` without the remainder
+    rules); ``all_layers``: by the section-5 bound (several layers only). ``violations``:
+    harmless yet changed (0 unless the certificate is wrong;
+    ``None`` with ``harmless``). ``note`` says which certificates were used.
     """
 
     compression: Compression
@@ -100,6 +110,9 @@ class CompressionCheck:
     harmless: torch.Tensor | None
     violations: int | None
     note: str
+    jointly: torch.Tensor | None = None
+    strength: torch.Tensor | None = None
+    all_layers: torch.Tensor | None = None
 
 
 def _upper_norms(E: torch.Tensor) -> tuple[float, float, float]:
@@ -226,18 +239,27 @@ def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
         layers.append(LayerCompression(name, *errors, change_fro, change_max, reach_fro,
                                        reach_max, harmless))
     changed = compressed_predictions != predictions
-    harmless, violations = None, None
-    if len(layers) > 1:
-        harmless = _jointly_harmless(network, x, indices, layers, chunk)
-        violations = int((harmless & changed).sum())
-        note = (f"{len(layers)} layers compressed at once: harmless is the all-layers bound of "
-                "THEORY.md section 5 with budgets the layers' weight errors (single-layer radii "
-                "do not compose: per-layer harmlessness alone certifies nothing)")
-    elif certificate_lower is None:
-        note = "no certified radii given: nothing is certified"
+    whole, notes = None, []
+    why = next((unsupported(network, i) for i in indices if unsupported(network, i)), None)
+    if why is None:
+        whole = whole_model(network, x, indices, compression, min(chunk, JOINT_CHUNK))
+        notes.append("the joint bound of THEORY.md section 10 on the change made")
     else:
-        harmless = layers[0].harmless
-        violations = int((harmless & changed).sum())
-        note = "one compressed layer: harmless inputs provably keep their class"
+        notes.append(f"no joint bound ({why} has no remainder rule)")
+    harmless = None if whole is None else whole.harmless
+    section5 = None
+    if len(layers) > 1:
+        section5 = _jointly_harmless(network, x, indices, layers, chunk)
+        harmless = section5 if harmless is None else harmless | section5
+        notes.append("the all-layers bound of section 5 with budgets the layers' weight errors "
+                     "(single-layer radii do not compose)")
+    elif certificate_lower is not None:
+        harmless = layers[0].harmless if harmless is None else harmless | layers[0].harmless
+        notes.append("the layer's certified radii")
+    violations = None if harmless is None else int((harmless & changed).sum())
+    note = f"{len(layers)} layer(s) compressed; harmless by " + "; ".join(notes) \
+        if harmless is not None else "nothing is certified: " + "; ".join(notes)
     return CompressionCheck(compression, tuple(layers), predictions, compressed_predictions,
-                            changed, harmless, violations, note)
+                            changed, harmless, violations, note,
+                            None if whole is None else whole.harmless,
+                            None if whole is None else whole.strength, section5)

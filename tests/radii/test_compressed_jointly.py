@@ -99,7 +99,8 @@ def test_jointly_harmless_inputs_keep_their_class_under_the_compression_and_atta
         broken = torch.nonzero(certified & flipped_by_attacks(net, x, y, e, norm))[:, 0]
         assert not broken.numel(), f"{c}, {norm}: an attack within the budgets flipped " \
             f"certified inputs {broken.tolist()}"
-    assert torch.equal(result.harmless, either)  # harmless: certified in either norm
+    assert torch.equal(result.all_layers, either)  # section 5: certified in either norm
+    assert torch.equal(result.harmless, either | result.jointly)
 
 
 def numpy_jointly_certified(net, x, c, scale: float) -> np.ndarray:
@@ -129,7 +130,7 @@ def numpy_jointly_certified(net, x, c, scale: float) -> np.ndarray:
 @given(JOINT)
 def test_joint_harmless_is_the_numpy_recomputation(problem):
     net, x, c = problem
-    harmless = compression_check(net, x, c).harmless.numpy()
+    harmless = compression_check(net, x, c).all_layers.numpy()
     assert not (harmless & ~numpy_jointly_certified(net, x, c, 1 - 1e-6)).any()
     assert not (numpy_jointly_certified(net, x, c, 1 + 1e-6) & ~harmless).any()
 
@@ -159,8 +160,9 @@ def test_the_joint_certificate_and_the_attack_have_teeth():
 
 
 def test_several_layers_are_certified_jointly_with_or_without_radii():
-    """Per layer, the same as compressing the layer alone; overall, the section-5 bound,
-    with or without radii, which per-layer harmlessness does not imply."""
+    """Per layer, the same as compressing the layer alone; overall, the section-5 bound and
+    the joint bound, with or without radii; per-layer harmlessness does not imply the
+    section-5 bound."""
     net, x = fixed_mlp()
     lower = radii(net, x, net.affine_indices)
     for text in ("bits=3", "bits=6", "prune_global=0.2", "rank=2"):
@@ -174,9 +176,10 @@ def test_several_layers_are_certified_jointly_with_or_without_radii():
         plain = compression_check(net, x, parse_compression(text))
         assert torch.equal(plain.harmless, both.harmless) and plain.layers[0].harmless is None
         per_layer = both.layers[0].harmless & both.layers[1].harmless
-        assert (per_layer & ~both.harmless).any(), text
+        assert (per_layer & ~both.all_layers).any(), text
+        assert torch.equal(both.harmless, both.all_layers | both.jointly)
     one = compression_check(net, x, parse_compression("bits=6@0"))
-    assert one.harmless is None and "no certified radii" in one.note
+    assert torch.equal(one.harmless, one.jointly) and "section 10" in one.note
 
 
 # -- prune_global ---------------------------------------------------------------------------
