@@ -12,6 +12,8 @@ payloads, no AOTInductor binaries, shape expressions from a small sympy grammar,
 
 The result is a ``torch.fx.GraphModule`` whose graph calls ``torch.ops.aten`` operators; it can
 be exported again with ``torch.export.export``. A graph traced in training mode is refused.
+``load_pt2_program`` stops before the module: the vetted ``ExportedProgram``, whose weights
+``certify.formats.writing`` changes and saves again.
 """
 
 from __future__ import annotations
@@ -88,7 +90,19 @@ class _Pt2Refused(Exception):
 def load_pt2_file(path: Path) -> torch.fx.GraphModule:
     """The program named ``model`` in the archive at ``path``, vetted first, as a module built
     with ``check_guards=False``; ``ModelLoadError`` if it is refused or unreadable."""
-    data = path.read_bytes()
+    program = load_pt2_program(path)
+    try:
+        module = program.module(check_guards=False)
+    except Exception as exc:
+        raise _unloadable(path, exc) from None
+    _check_exported_eval_mode(module, path)
+    return module
+
+
+def load_pt2_program(path: Path) -> torch.export.ExportedProgram:
+    """The exported program named ``model`` in the archive at ``path``, deserialised only after
+    the archive is vetted; ``ModelLoadError`` if it is refused or unreadable."""
+    data = path.read_bytes()  # read once: the bytes vetted are the bytes loaded
     try:
         from torch.export.pt2_archive._package import PT2ArchiveReader, load_pt2
 
@@ -108,18 +122,20 @@ def load_pt2_file(path: Path) -> torch.fx.GraphModule:
         ) from None
 
     try:
-        contents = load_pt2(io.BytesIO(data))
-        programs = contents.exported_programs
+        programs = load_pt2(io.BytesIO(data)).exported_programs
         if "model" not in programs:
             raise RuntimeError(f"no program named 'model' (found {sorted(programs)})")
-        module = programs["model"].module(check_guards=False)
     except Exception as exc:
-        raise ModelLoadError(
-            f"torch.export cannot load {path.name} ({type(exc).__name__}: {first_line(exc)}); "
-            f"export it again with torch.export.save under torch {torch.__version__}"
-        ) from None
-    _check_exported_eval_mode(module, path)
-    return module
+        raise _unloadable(path, exc) from None
+    return programs["model"]
+
+
+def _unloadable(path: Path, exc: Exception) -> ModelLoadError:
+    """The error for a vetted archive that torch.export fails to deserialise."""
+    return ModelLoadError(
+        f"torch.export cannot load {path.name} ({type(exc).__name__}: {first_line(exc)}); "
+        f"export it again with torch.export.save under torch {torch.__version__}"
+    )
 
 
 def _check_exported_eval_mode(module: torch.fx.GraphModule, path: Path) -> None:
