@@ -216,9 +216,11 @@ def assert_compression_safe(model, x, compression: str | Compression | None = No
 
     ``compression``: ``"bits=4@fc1"`` or a ``Compression``; or keywords ``rank=``, ``bits=``,
     ``bits_per_channel=``, ``prune=`` (each applied to ``layers``, default all affine
-    layers). One compressed layer: its exact weight error below the certified radius
-    (``certify.radii.compressed.compression_check``). Several: the section-5 multi-layer bound
-    with budgets the layers' exact errors, in ``fro`` or ``max``. The compressed model is
+    layers). Proved by the joint bound of THEORY.md section 10 on the compression made
+    (``certify.radii.whole_model``: exact first order, bounded remainders), or, with one
+    compressed layer, its exact weight error below the certified radius
+    (``certify.radii.compressed.compression_check``), with several the section-5 multi-layer
+    bound with budgets the layers' exact errors, in ``fro`` or ``max``. The compressed model is
     also run: a changed prediction is reported as ``REFUTED``; an unchanged one without a
     proof still fails (a test passing is not a proof).
     """
@@ -266,6 +268,7 @@ def assert_compression_safe(model, x, compression: str | Compression | None = No
                 return ""
             return f"; the compressed model predicts {int(result.compressed_predictions[i])}"
 
-        claims.append((dataclasses.replace(claim, proved=claim.proved & ~result.changed), note))
+        proved = claim.proved if result.jointly is None else claim.proved | result.jointly
+        claims.append((dataclasses.replace(claim, proved=proved & ~result.changed), note))
     _fail(claims, certificate)
     return tuple(c for c, _ in claims)
