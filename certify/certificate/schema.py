@@ -119,19 +119,24 @@ def _no_constants(token: str):
                                  "written as null")
 
 
-def read_certificate(path: str | Path) -> dict:
-    """The validated certificate in the file ``path``."""
+def read_json(path: str | Path):
+    """The JSON document in the file ``path`` (not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise CertificateFormatError(f"{path}: no such certificate file"
                                      + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        document = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CertificateFormatError(f"{path} is not a JSON certificate ({err}); pass the "
                                      ".json file that certify model wrote") from None
     except CertificateFormatError as err:
         raise CertificateFormatError(f"{path}: {err}") from None
+
+
+def read_certificate(path: str | Path) -> dict:
+    """The validated certificate in the file ``path``."""
+    document = read_json(path)
     try:
         validate(document)
     except CertificateFormatError as err:

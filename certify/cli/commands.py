@@ -220,11 +220,14 @@ def check(args: argparse.Namespace) -> int:
     import numpy as np
 
     from certify.certificate.schema import array_sha256
-    from certify.certificate.schema import read_certificate, witness_path
+    from certify.certificate.compression_document import FORMAT as COMPRESSION_FORMAT
+    from certify.certificate.schema import read_certificate, read_json, witness_path
     from certify.check.claims import check as run_check
     from certify.graph import devices
 
     devices.resolve(args.device)
+    if read_json(args.certificate).get("format") == COMPRESSION_FORMAT:
+        return _check_compressed(args)
     document = read_certificate(args.certificate)
     witnesses_file = witness_path(Path(args.certificate))
     if not witnesses_file.is_file():
@@ -250,10 +253,41 @@ def check(args: argparse.Namespace) -> int:
     return EXIT_REFUTED if problems else EXIT_OK
 
 
+def _check_compressed(args: argparse.Namespace) -> int:
+    """``certify check`` of a ``certify compress`` certificate: the model, the compressed
+    copy beside the certificate, the inputs (``certify.check.compressed_model``)."""
+    from certify.capture.export import capture
+    from certify.certificate.schema import array_sha256, read_json
+    from certify.check.compressed_model import check_compressed_model
+    from certify.formats.loading import file_sha256, load_model
+
+    document = read_json(args.certificate)
+    copy = Path(args.certificate).parent / str(document.get("compressed_model", ""))
+    if not copy.is_file():
+        raise CommandError(f"{copy}: the compressed model is not beside the certificate; keep "
+                           "the folder certify compress wrote together")
+    network, x, _, digest = load(args)
+    problems = []
+    if digest != document.get("model_sha256"):
+        problems.append("the model file's sha256 differs from the certificate's")
+    if file_sha256(copy) != document.get("compressed_sha256"):
+        problems.append("the compressed model's sha256 differs from the certificate's")
+    if array_sha256(x) != document.get("inputs_sha256"):
+        problems.append("the inputs' sha256 differs from the certificate's")
+    small = capture(load_model(copy, factory=args.factory), x[:1])
+    report = check_compressed_model(document, network, small, x)
+    problems += report.refuted
+    for p in problems:
+        print(f"REFUTED: {p}")
+    print(f"{report.confirmed} claims confirmed, {len(problems)} refuted (numpy on the CPU)")
+    return EXIT_REFUTED if problems else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``certify`` command line on ``argv`` (default ``sys.argv[1:]``) and return
     its exit status (module docstring); ``certify --help`` lists the commands."""
     from certify.cli import attacks as cli_attacks
+    from certify.cli import compress as cli_compress
     from certify.cli import operators as cli_operators
     from certify.version import __version__
 
@@ -336,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                    "an independent numpy implementation and always runs on the CPU")
     p.set_defaults(run=check)
 
+    cli_compress.add_command(command, model_arguments)
     cli_attacks.add_commands(command, device_argument)
     cli_operators.add_command(command)
     try:
