@@ -226,7 +226,8 @@ def check(args: argparse.Namespace) -> int:
     from certify.graph import devices
 
     devices.resolve(args.device)
-    if read_json(args.certificate).get("format") == COMPRESSION_FORMAT:
+    raw = read_json(args.certificate)
+    if isinstance(raw, dict) and raw.get("format") == COMPRESSION_FORMAT:
         return _check_compressed(args)
     document = read_certificate(args.certificate)
     witnesses_file = witness_path(Path(args.certificate))

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 
 def compression_summary(entries: list[dict], total: int) -> str:
-    """The ``--compress`` table: inputs changed, certified harmless, violations; a ``*``
-    marks a compression of several layers, certified by the all-layers bound."""
+    """The ``--compress`` table: inputs changed, certified harmless (the compression made),
+    certified against every compression of that strength, violations."""
     head = (f"{'compression':28} {'layers':24} {'changed':>9} {'harmless':>9} "
-            f"{'violations':>10}")
+            f"{'strength':>9} {'violations':>10}")
     lines = [head, "-" * len(head)]
     for e in entries:
-        harmless = f"{sum(e['harmless'])}/{total}" + ("*" if len(e["layers"]) > 1 else "")
+        harmless = "-" if e["harmless"] is None else f"{sum(e['harmless'])}/{total}"
+        strength = "-" if e.get("strength") is None else f"{sum(e['strength'])}/{total}"
+        violations = "-" if e["violations"] is None else str(e["violations"])
         lines.append(
             f"{e['compression'][:28]:28} {','.join(e['layers'])[:24]:24} "
-            f"{len(e['changed']):>4d}/{total:<4d} {harmless:>9} {e['violations']:>10}")
-    if any(len(e["layers"]) > 1 for e in entries):
-        lines.append("* several layers compressed at once: certified by the all-layers bound "
-                     "(THEORY.md section 5) with budgets the layers' weight errors; "
-                     "harmless_per_layer in the JSON certifies nothing on its own")
+            f"{len(e['changed']):>4d}/{total:<4d} {harmless:>9} {strength:>9} {violations:>10}")
+    lines.append("harmless: the class provably cannot change under the compression made (the "
+                 "joint bound of THEORY.md section 10; one layer: or its radii; several: or the "
+                 "section-5 bound); strength: nor under any compression of that strength (the "
+                 "quantiser's cells, the pruning box, the truncation's Frobenius ball)")
     return "\n".join(lines)
 
 

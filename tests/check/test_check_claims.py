@@ -231,7 +231,9 @@ def test_the_tampering_tests_cover_every_claim_field(certified):
                "prune_ratio", "shape", "name", "predictions", "bias_perturbed", "model_sha256",
                "inputs_sha256", "uniform_budget", "min", "accuracy", "misclassified",
                "labels_sha256", "changed", "harmless", "violations", "weight_error",
-               "harmless_per_layer", "layers"}
+               "harmless_per_layer", "layers",
+               # tests/radii/test_compressed_jointly.py::test_check_refutes_tampered_joint_claims
+               "jointly", "strength"}
     # checked by the schema; ``device`` is provenance (numbers agree across devices)
     free_text = {"format", "tool_version", "note", "compression", "device"}
     structure = {"fro", "max", "threshold", "multilayer", "labels", "compression_checks",

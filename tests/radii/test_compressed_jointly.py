@@ -100,7 +100,8 @@ def test_jointly_harmless_inputs_keep_their_class_under_the_compression_and_atta
         assert not broken.numel(), f"{c}, {norm}: an attack within the budgets flipped " \
             f"certified inputs {broken.tolist()}"
     assert torch.equal(result.all_layers, either)  # section 5: certified in either norm
-    assert torch.equal(result.harmless, either | result.jointly)
+    jointly = torch.zeros_like(either) if result.jointly is None else result.jointly
+    assert torch.equal(result.harmless, either | jointly)
 
 
 def numpy_jointly_certified(net, x, c, scale: float) -> np.ndarray:
@@ -276,7 +277,8 @@ def test_prune_global_parses_and_round_trips():
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    """``certify model`` on a small MLP with 6-bit quantisation of both layers."""
+    """``certify model`` on a small MLP with 3-bit quantisation of both layers (one input
+    changes class, the joint bound vouches for 10 of 12)."""
     tmp = tmp_path_factory.mktemp("joint")
     torch.manual_seed(1)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
@@ -284,7 +286,7 @@ def certificate(tmp_path_factory):
     export(model, x, tmp / "model.onnx")
     np.savez(tmp / "data.npz", x=x.numpy())
     args = [str(tmp / "model.onnx"), "--data", str(tmp / "data.npz")]
-    assert main(["model", *args, "--out", str(tmp / "cert.json"), "--compress", "bits=6"]) == 0
+    assert main(["model", *args, "--out", str(tmp / "cert.json"), "--compress", "bits=3"]) == 0
     return tmp, args, json.loads((tmp / "cert.json").read_text())
 
 
@@ -306,7 +308,7 @@ def test_check_confirms_the_joint_harmless_and_refutes_a_tampered_one(certificat
     assert entry["layers"] == ["1/Gemm", "3/Gemm"] and any(harmless) and not all(harmless)
     assert check_refutes(tmp, args, document, capsys) == []
     for target in (False, True):  # claim one uncertified input harmless, or one certified not
-        k = harmless.index(target)
+        k = next(i for i, h in enumerate(harmless) if h == target and i not in entry["changed"])
         tampered = json.loads(json.dumps(document))
         tampered["compression_checks"][0]["harmless"][k] = not target
         refuted = check_refutes(tmp, args, tampered, capsys)
@@ -318,3 +320,21 @@ def test_check_confirms_the_joint_harmless_and_refutes_a_tampered_one(certificat
     # Both null, as certificates before the all-layers bound wrote them: nothing claimed.
     tampered["compression_checks"][0]["violations"] = None
     assert check_refutes(tmp, args, tampered, capsys) == []
+
+
+def test_check_refutes_tampered_joint_claims(certificate, capsys):
+    """``jointly`` (the change made) is confirmed on the compressed model, ``strength``
+    (every compression of this strength) by the numpy twin of the joint bound."""
+    tmp, args, document = certificate
+    (entry,) = document["compression_checks"]
+    (k,) = entry["changed"]
+    tampered = json.loads(json.dumps(document))
+    tampered["compression_checks"][0]["jointly"][k] = True
+    assert any(f"inputs [{k}] are claimed jointly harmless but the compressed model changes"
+               in r for r in check_refutes(tmp, args, tampered, capsys))
+    assert not any(entry["strength"])  # 3 bits: some rounding of that strength flips each
+    tampered = json.loads(json.dumps(document))
+    tampered["compression_checks"][0]["strength"][0] = True
+    refuted = check_refutes(tmp, args, tampered, capsys)
+    assert len(refuted) == 1 and "inputs [0] are claimed safe against every compression" \
+        in refuted[0], refuted
