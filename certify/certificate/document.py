@@ -57,7 +57,9 @@ from certify.closed_forms.thresholds import thresholds
 from certify.graph import devices
 from certify.graph.graph import Graph
 from certify.graph.inputs import InputError, inputs_for
+from certify.radii import whole_model
 from certify.radii.multilayer import uniform_budget
+from certify.radii.whole_model import MILDEST_KINDS, whole_model_supported
 from certify.radii.methods import check_switch, merged_method
 from certify.radii.radius import NORMS, LayerRadii, layer_radii
 from certify.radii.witness import Witness
@@ -93,6 +95,7 @@ class ChunkRadii:
     predictions: torch.Tensor
     radii: dict[tuple[int, str], LayerRadii]  # (layer index, norm)
     uniform_budget: dict[str, torch.Tensor]  # norm -> section-5 budget per input
+    mildest: dict[str, torch.Tensor] | None = None  # kind -> section-10 level per input
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -118,8 +121,14 @@ def certify_chunk(network: Graph, x: torch.Tensor, start: int = 0, bias: bool = 
             radii[index, norm] = _on_cpu(layer_radii(network, x, index, norm, bias,
                                                      refine=refine))
             done(index, norm)
-    return ChunkRadii(start, network(x).argmax(-1).cpu(), radii,
-                      {norm: uniform_budget(network, x, norm, bias).cpu() for norm in NORMS})
+    budgets = {norm: uniform_budget(network, x, norm, bias).cpu() for norm in NORMS}
+    mildest = None
+    if not bias and whole_model_supported(network):
+        mildest = {kind: whole_model.mildest(network, x, kind).cpu() for kind in MILDEST_KINDS}
+        # The same Frobenius balls, by section 5: its l2 recursion can beat the joint bound's
+        # entrywise deviation boxes there (they widen a ball by sqrt(m) at each layer).
+        mildest["relative"] = torch.maximum(mildest["relative"], budgets["fro"])
+    return ChunkRadii(start, network(x).argmax(-1).cpu(), radii, budgets, mildest)
 
 
 def merge(network: Graph, x: torch.Tensor, chunks: list[ChunkRadii], *, model_sha256: str,
@@ -158,6 +167,10 @@ def merge(network: Graph, x: torch.Tensor, chunks: list[ChunkRadii], *, model_sh
     for norm in NORMS:
         t = torch.cat([c.uniform_budget[norm] for c in chunks])
         multilayer[norm] = {"uniform_budget": _floats(t), "min": float(t.min())}
+    whole = None
+    if all(c.mildest is not None for c in chunks):
+        whole = whole_model_section({kind: torch.cat([c.mildest[kind] for c in chunks])
+                                     for kind in MILDEST_KINDS})
     document = {
         "format": FORMAT,
         "tool_version": __version__,
@@ -169,7 +182,26 @@ def merge(network: Graph, x: torch.Tensor, chunks: list[ChunkRadii], *, model_sh
         "layers": layers,
         "multilayer": multilayer,
     }
+    if whole is not None:
+        document["whole_model"] = whole
     return Result(document, witnesses)
+
+
+def whole_model_section(levels: dict[str, torch.Tensor]) -> dict:
+    """The ``whole_model`` entry: per input the mildest level of each kind certified for
+    every layer at once (``certify.radii.whole_model.mildest``; ``null`` where none is), and
+    per kind the ``threshold``, the mildest level every input with a level is certified at
+    (the most bits, the smallest ratio or budget), ``null`` when no input has one."""
+    out = {}
+    threshold = {}
+    for kind, level in levels.items():
+        values = [None if math.isnan(v) else (int(v) if kind.startswith("bits") else v)
+                  for v in level.tolist()]
+        out[kind] = values
+        known = [v for v in values if v is not None and (kind.startswith("bits") or v > 0)]
+        threshold[kind] = None if not known else (max(known) if kind.startswith("bits")
+                                                  else min(known))
+    return {**out, "threshold": threshold}
 
 
 def chunk_starts(n: int, chunk: int) -> range:

@@ -75,10 +75,15 @@ def _lengths(document: dict) -> None:
             lists.append((("compression_checks", i, "harmless"), entry["harmless"]))
         lists += [(("compression_checks", i, "harmless_per_layer", name), values)
                   for name, values in entry["harmless_per_layer"].items()]
+        lists += [(("compression_checks", i, key), entry[key]) for key in ("jointly", "strength")
+                  if entry.get(key) is not None]
         for k in entry["changed"]:
             if k >= n:
                 raise CertificateFormatError(f"compression_checks/{i}/changed: input {k} does "
                                              f"not exist (the certificate has {n} inputs)")
+    whole = document.get("whole_model")
+    if whole is not None:
+        lists += [(("whole_model", kind), whole[kind]) for kind in whole if kind != "threshold"]
     for path, values in lists:
         if len(values) != n:
             raise CertificateFormatError(

@@ -62,7 +62,8 @@ from certify.certificate.schema import array_sha256
 from certify.certificate.schema import validate
 from certify.check.bounds import (columns, exact_last_layer, global_lower, local_lower_bounds,
                                   multilayer_bound)
-from certify.check.compression_claims import SLACK, check_compression, check_thresholds
+from certify.check.compression_claims import (SLACK, check_compression, check_thresholds,
+                                              check_whole_model)
 from certify.check.compression_claims import first_indices as _first
 from certify.check.compression_claims import radii_array as _array
 from certify.check.deviations import margin_bounds
@@ -144,6 +145,8 @@ def check(document: dict, witnesses, network, x: np.ndarray,
              for e in document["layers"]}
     for entry in document.get("compression_checks", []):
         check_compression(report, entry, graph, values, predicted, lower)
+    if "whole_model" in document:
+        check_whole_model(report, document["whole_model"], graph, values, predicted)
     return report
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from certify.certificate.schema import CertificateFormatError
 from certify.check.bounds import multilayer_bound, region_scale
-from certify.check.compressions import compress_matrices, error_norms, prune_count, strength_sets
+from certify.check.compressions import (cells, compress_matrices, error_norms, prune_count,
+                                        strength_sets)
 from certify.check.joint import joint_margin_bounds
 from certify.closed_forms.compressions import parse_compression
 from certify.closed_forms.thresholds import SVD_SLACK
@@ -248,3 +249,56 @@ def _jointly_certified(graph, values, y, indices, errors, scale: float) -> np.nd
                                  norm, bias=False)
         certified |= (bound < margins).all(axis=1)
     return certified
+
+
+# -- whole_model: every layer at once (THEORY.md section 10) -------------------------------
+
+def check_whole_model(report, whole: dict, graph, values, predicted) -> None:
+    """Each input's claimed mildest level: every compression of that strength of all the
+    affine layers at once is certified by the numpy twin of the joint bound
+    (``certify.check.joint``), on the sets of ``certify.check.compressions``: the cells of
+    that many bits, the pruning box of the ``ratio N`` smallest magnitudes (ties included),
+    the balls ``t ||W_k||_F`` (or, for these, the section-5 bound); and each threshold is
+    the strictest level claimed."""
+    indices = list(graph.affine_indices)
+    matrices = [graph.layer(i).matrix for i in indices]
+    magnitudes = np.sort(np.concatenate([np.abs(W).ravel() for W in matrices]))
+    for kind in ("bits", "bits_per_channel", "prune_global", "relative"):
+        claimed = whole[kind]
+        rows = np.array([i for i, v in enumerate(claimed) if v is not None and
+                         (kind.startswith("bits") or v > 0)], dtype=np.int64)
+        expected = None
+        if rows.size:
+            level = np.array([claimed[i] for i in rows], dtype=np.float64)
+            expected = level.max() if kind.startswith("bits") else level.min()
+            if kind.startswith("bits"):
+                sets = [("box", cells(W, level, kind == "bits_per_channel")) for W in matrices]
+            elif kind == "prune_global":
+                k = np.rint(level * magnitudes.size).astype(np.int64)
+                top = magnitudes[np.clip(k - 1, 0, None)][:, None, None]
+                sets = [("box", np.where(np.abs(W) <= top, np.abs(W), 0.0)) for W in matrices]
+            else:
+                sets = [("ball", level * np.linalg.norm(W)) for W in matrices]
+            bound = joint_margin_bounds(graph, [v[rows] for v in values], predicted[rows],
+                                        dict(zip(indices, sets)))
+            confirmed = np.zeros(rows.size, dtype=bool) if bound is None else \
+                (bound > 0).all(axis=1)
+            if kind == "relative":  # or by section 5 (the multilayer uniform budget)
+                confirmed |= _section5(graph, [v[rows] for v in values], predicted[rows],
+                                       level, matrices)
+            bad = rows[~confirmed]
+            report.claim(bad.size == 0, f"whole_model/{kind}: inputs {_first(bad)} are not "
+                         "certified at their claimed level by the joint bound of section 10")
+        report.claim(whole["threshold"][kind] == expected,
+                     f"whole_model/threshold/{kind} is not the strictest level claimed")
+
+
+def _section5(graph, values, y, level: np.ndarray, matrices) -> np.ndarray:
+    """Inputs whose balls ``||E_k||_F <= level ||W_k||_F`` the section-5 bound certifies."""
+    logits = values[-1]
+    n = len(y)
+    margins = logits[np.arange(n), y][:, None] - logits
+    margins[np.arange(n), y] = np.inf
+    e = np.array([np.linalg.norm(W) for W in matrices])[:, None] * level[None, :]
+    bound = multilayer_bound(graph, values, y, e * (1 - JOINT_SLACK), "fro", bias=False)
+    return (bound < margins).all(axis=1)

@@ -78,11 +78,13 @@ def error_norms(E: np.ndarray) -> dict[str, float]:
 EPS = np.finfo(np.float64).eps
 
 
-def cells(W: np.ndarray, bits: int, per_channel: bool) -> np.ndarray:
+def cells(W: np.ndarray, bits, per_channel: bool) -> np.ndarray:
     """The quantiser's cells ``|E| <= s / 2``, widened for its float64 rounding to
-    ``s / 2 (1 + 2 eps) + eps (2 |W| + s / 2)`` (``certify.radii.whole_model``)."""
+    ``s / 2 (1 + 2 eps) + eps (2 |W| + s / 2)`` (``certify.radii.whole_model``); ``(m, n)``
+    for one bit width, ``(B, m, n)`` for an array of them."""
     top = np.abs(W).max(axis=1, keepdims=True) if per_channel else np.abs(W).max()
-    s = top / (2.0 ** (bits - 1) - 1)
+    bits = np.asarray(bits, dtype=np.float64)
+    s = top / (2.0 ** (bits.reshape(bits.shape + (1, 1)) - 1) - 1)
     return s / 2 * (1 + 2 * EPS) + EPS * (2 * np.abs(W) + s / 2)
 
 

@@ -47,4 +47,30 @@ def summary(document: dict) -> str:
         t = np.array(c["uniform_budget"])
         lines.append(f"all layers at once, {norm}: ||D_k|| <= t ||W_k|| certified up to "
                      f"median t {np.median(t):.3g}, min t {c['min']:.3g}")
+    whole = document.get("whole_model")
+    if whole is not None:
+        lines.append(whole_model_summary(whole))
     return "\n".join(lines)
+
+
+def whole_model_summary(whole: dict) -> str:
+    """The mildest compression of every layer at once that every compression of that
+    strength keeps the class at: per input median, and the threshold over the inputs."""
+    import numpy as np
+
+    def median(kind):
+        values = [v for v in whole[kind] if v is not None]
+        return np.median(values) if values else None
+
+    def show(kind, value):
+        if value is None:
+            return "none"
+        return {"bits": f"{value:g} bits", "bits_per_channel": f"{value:g} bits",
+                "prune_global": f"{value:.1%}", "relative": f"t {value:.3g}"}[kind]
+
+    names = {"bits": "int per tensor", "bits_per_channel": "int per channel",
+             "prune_global": "global pruning", "relative": "||E_k||_F <= t ||W_k||_F"}
+    parts = [f"{names[k]} {show(k, median(k))} (all: {show(k, whole['threshold'][k])})"
+             for k in names]
+    return ("every layer compressed at once, any compression of that strength (THEORY.md "
+            "section 10), per-input median (threshold over the inputs): " + "; ".join(parts))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from certify.bounds.deviations import unsupported
 from certify.bounds.joint import WeightSet, joint_certified, joint_trace
 from certify.closed_forms.compressions import Compression, compress_matrices, prune_count
 from certify.closed_forms.thresholds import EPS
@@ -95,6 +96,13 @@ def whole_model(network: Graph, x: torch.Tensor, indices, compression: Compressi
         harmless.append(joint_certified(network, t, points))
         strength.append(joint_certified(network, t, sets))
     return WholeModel(torch.cat(harmless), torch.cat(strength))
+
+
+def whole_model_supported(network: Graph, layers=None) -> bool:
+    """Does every node downstream of the chosen layers have the remainder rules of section
+    9 (``certify.bounds.deviations.unsupported``)?"""
+    return all(unsupported(network, i) is None for i in network.affine_indices
+               if layers is None or network.nodes[i].name in layers)
 
 
 def _search(certified, lo: int, hi: int, batch: int, device) -> torch.Tensor:

@@ -151,11 +151,11 @@ def test_the_attack_beats_a_dropped_remainder(monkeypatch):
 
 
 def test_deviation_true_names_an_operator_without_rules():
-    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.MaxPool1d(2), nn.Flatten(),
-                          nn.Linear(8, 2)).double()
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ELU(), nn.Flatten(),
+                          nn.Linear(16, 2)).double()
     net = capture(model, (1, 10))
     x = torch.randn(2, 1, 10, dtype=DT)
-    with pytest.raises(InputError, match="MaxPool.*deviation='auto'"):
+    with pytest.raises(InputError, match="elu.*deviation='auto'"):
         layer_radii(net, x, net.affine_indices[0], "fro", deviation=True)
     assert "deviation" not in layer_radii(net, x, net.affine_indices[0], "fro").method
 

@@ -210,6 +210,43 @@ def _t_compressed_layers(d):
     d["compression_checks"][0]["layers"] = ["0"]
 
 
+def _t_jointly(d):
+    """One input whose class the compression changes, claimed jointly harmless."""
+    entry = next(e for e in d["compression_checks"] if e["changed"] and e["jointly"])
+    entry["jointly"][entry["changed"][0]] = True
+
+
+def _t_strength(d):
+    """One input claimed safe against every compression of a strength where it is not."""
+    entry = next(e for e in d["compression_checks"]
+                 if e["strength"] is not None and not all(e["strength"]))
+    entry["strength"][entry["strength"].index(False)] = True
+
+
+def _t_whole_model_bits(d):
+    """The input with the fewest bits claims two fewer (never certified at 2 bits here)."""
+    for kind in ("bits", "bits_per_channel"):
+        bits = d["whole_model"][kind]
+        k = bits.index(min(b for b in bits if b is not None))
+        bits[k] = max(2, bits[k] - 2)
+
+
+def _t_whole_model_prune_global(d):
+    ratios = d["whole_model"]["prune_global"]
+    ratios[0] = min(1.0, 4 * ratios[0] + 0.2)
+    d["whole_model"]["threshold"]["prune_global"] = min(r for r in ratios if r > 0)
+
+
+def _t_whole_model_relative(d):
+    t = d["whole_model"]["relative"]
+    t[0] = 10 * t[0] + 0.1
+    d["whole_model"]["threshold"]["relative"] = min(v for v in t if v > 0)
+
+
+def _t_whole_model_threshold(d):
+    d["whole_model"]["threshold"]["bits"] = 2
+
+
 TAMPERS = {name[3:]: f for name, f in globals().items() if name.startswith("_t_")}
 
 
@@ -231,9 +268,8 @@ def test_the_tampering_tests_cover_every_claim_field(certified):
                "prune_ratio", "shape", "name", "predictions", "bias_perturbed", "model_sha256",
                "inputs_sha256", "uniform_budget", "min", "accuracy", "misclassified",
                "labels_sha256", "changed", "harmless", "violations", "weight_error",
-               "harmless_per_layer", "layers",
-               # tests/radii/test_compressed_jointly.py::test_check_refutes_tampered_joint_claims
-               "jointly", "strength"}
+               "harmless_per_layer", "layers", "jointly", "strength", "whole_model",
+               "prune_global", "relative"}
     # checked by the schema; ``device`` is provenance (numbers agree across devices)
     free_text = {"format", "tool_version", "note", "compression", "device"}
     structure = {"fro", "max", "threshold", "multilayer", "labels", "compression_checks",

@@ -28,7 +28,7 @@ from certify.graph.operators.activation_shapes import CURVATURE
 DT = torch.float64
 RULED = ["relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "mish",
          "hardsigmoid", "hardtanh", "prelu", "mul", "matmul", "softmax", "softmax_masked",
-         "layer_norm", "normalize"]
+         "layer_norm", "normalize", "max_pool1d", "max_pool2d"]
 
 # One hand-made case per family for the teeth (clean values and deviations of order one).
 TEETH = {
@@ -44,9 +44,11 @@ TEETH = {
     "layer_norm": (LayerNorm(torch.tensor([1.0, -0.5, 2.0], dtype=DT),
                              torch.zeros(3, dtype=DT), 1e-5), [(2, 3)]),
     "normalize": (Normalize(1e-12), [(2, 3)]),
+    "max_pool1d": (MaxPool((2,), (2,), (0,), (1,)), [(2, 6)]),
+    "max_pool2d": (MaxPool((2, 2), (1, 1), (1, 1), (1, 1)), [(1, 3, 3)]),
 }
 UNRULED = [Activation("elu", 1.0, 1.0, 1.0), Activation("softplus", 1.0, 20.0),
-           Activation("hardswish"), MaxPool((2,), (2,), (0,), (1,))]
+           Activation("hardswish")]
 
 
 def _jvp(op, u, delta):

@@ -45,6 +45,7 @@ from certify.check.operators.affine import AffineTwin
 from certify.check.operators.base import ROUND, Twin, spectral_upper
 from certify.check.operators.enclosure import Enclosure
 from certify.check.operators.linear_maps import AddTwin, ScaleShiftTwin
+from certify.check.operators.pooling import MaxPoolTwin
 from certify.check.operators.prelu import PReLUTwin
 from certify.check.operators.transformer import (LayerNormTwin, NormalizeTwin, ProductTwin,
                                                  SoftmaxTwin)
@@ -83,6 +84,8 @@ def spread(twin: Twin, inputs, radii):
     if isinstance(twin, ProductTwin):
         (x, y), (r_x, r_y) = inputs, radii
         return twin(r_x, np.abs(y)) + twin(np.abs(x), r_y)
+    if isinstance(twin, MaxPoolTwin):  # J picks each window's winner
+        return twin(radii[0])
     if isinstance(twin, SoftmaxTwin):
         (u,), (r,) = inputs, radii
         p = twin(u)
@@ -122,6 +125,16 @@ def remainder(twin: Twin, inputs, radii, rows=None):
         return np.abs(1 - twin.slopes) * np.maximum(d - np.abs(u), 0.0)
     if isinstance(twin, ProductTwin):
         return twin(*radii)
+    if isinstance(twin, MaxPoolTwin):  # 0 <= R <= (2 max d - gap)_+, gap: winner's lead
+        (u,), (d,) = inputs, radii
+        windows = np.sort(twin._windows(u), axis=-1)
+        first = windows[..., -1]
+        second = windows[..., -2] if windows.shape[-1] > 1 else np.full_like(first, -np.inf)
+        with np.errstate(invalid="ignore"):
+            gap = first - second - ROUND * (np.abs(first) + np.where(np.isfinite(second),
+                                                                     np.abs(second), 0.0))
+        gap = gap.reshape(twin(u).shape)
+        return np.maximum(2 * twin(d) * (1 + ROUND) - gap, 0.0)
     if isinstance(twin, SoftmaxTwin):
         (u,), (d,) = inputs, radii
         p_sup = twin.interval((u - d, u + d))[1]

@@ -8,6 +8,11 @@ ones. The windows are taken explicitly (``unfold`` of the input padded with ``-i
 
 Constants: l_inf 1; l2 ``sqrt(overlap)``, every entry lying in at most ``overlap`` windows
 (a window's max changes by at most the l_inf change of its entries).
+
+Deviations (THEORY.md section 9): the clean Jacobian picks each window's winner ``w``, so
+``|J delta| <= max_window d``; the remainder ``max(u + delta) - u_w - delta_w`` lies in
+``[0, (2 max_window d - gap)_+]``, ``gap`` the winner's lead over the runner-up (0 while no
+other entry can overtake it).
 """
 
 from __future__ import annotations
@@ -98,6 +103,23 @@ class MaxPool(Operator):
         if lower:
             return (rows,), row_sum(A.clamp(max=0) * gap), None
         return (rows,), row_sum(A * gap / 2), row_sum(A.abs() * gap / 2)
+
+    def spread(self, inputs, radii):
+        """``|J r| <= max_window r`` (section 9; whichever tied entry ``J`` picks)."""
+        return self(radii[0])
+
+    def remainder(self, inputs, radii, rows=None):
+        """``(2 max_window d - gap)_+`` (module docstring); ``gap`` lowered by its rounding,
+        ``inf`` for a window of one entry."""
+        (u,), (d,) = inputs, radii
+        out_shape = self(u).shape
+        top = self._windows(u, out_shape[1:]).topk(min(2, math.prod(self.kernel)), dim=2).values
+        first, second = top[:, :, 0], top[:, :, -1] if top.shape[2] > 1 else \
+            torch.full_like(top[:, :, 0], -math.inf)
+        gap = first - second - ROUND * (first.abs() + torch.where(
+            torch.isfinite(second), second.abs(), 0.0))
+        gap = gap.reshape(out_shape)
+        return (2 * self(d) * (1 + ROUND) - gap).clamp(min=0)
 
     def unstable(self, lo, hi):
         return torch.ones_like(lo, dtype=torch.bool)
