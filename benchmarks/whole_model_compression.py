@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"
 
 import mnist_models  # noqa: E402  (next to this file)
 from docs_blocks import invoked, replace_block  # noqa: E402
+from tightness import trained  # noqa: E402
 from certify.capture.export import capture  # noqa: E402
 from certify.closed_forms.compressions import Compression  # noqa: E402
 from certify.radii.compressed import compress, compression_check  # noqa: E402
@@ -60,14 +61,10 @@ PRUNE_GRID = [k / 100 for k in range(1, 100)]
 
 
 def models(n_inputs: int, seed: int, vit: bool):
-    """``(name, graph, held-out inputs)``: the MNIST models trained here, then the ViT."""
-    split = mnist_models.mnist_split(4000, 1000, seed)
-    x = split.x_test[:n_inputs].double()
-    for name, (build, argument, epochs, lr) in MODELS.items():
-        model = build(argument, seed)
-        training = mnist_models.train(model, split, epochs, seed, lr=lr)
-        print(f"{name}: test accuracy {training.test_accuracy:.3f}", flush=True)
-        yield name, capture(model.double().eval(), x), x
+    """``(name, graph, held-out inputs)``: the MNIST models trained as in the tightness
+    benchmark, then the ViT."""
+    for name, network, x, _ in trained(MODELS, n_inputs, seed):
+        yield name, network, x
     if vit:
         from vit_certify import train
 

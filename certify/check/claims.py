@@ -99,6 +99,21 @@ class Report:
         return not self.refuted
 
 
+def twin_and_inputs(network, x, n: int, producer: str):
+    """The graph's numpy twin and the inputs as float64, after checking that there are the
+    ``n`` inputs the certificate covers (``CheckInputError`` otherwise, or for an operator
+    without a twin)."""
+    try:
+        graph = NumpyGraph.of(network)
+    except NoTwinError as err:
+        raise CheckInputError(str(err)) from None
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) != n:
+        raise CheckInputError(f"the certificate covers {n} inputs but the data has {len(x)}: "
+                              f"check it with the data (and the --limit) {producer} used")
+    return graph, x
+
+
 def check(document: dict, witnesses, network, x: np.ndarray,
           y: np.ndarray | None = None) -> Report:
     """Recompute every claim of ``document`` (with its ``witnesses`` arrays) on ``network``
@@ -110,15 +125,8 @@ def check(document: dict, witnesses, network, x: np.ndarray,
     no numpy twin of; otherwise every claim ends up confirmed or refuted.
     """
     validate(document)
-    try:
-        graph = NumpyGraph.of(network)
-    except NoTwinError as err:
-        raise CheckInputError(str(err)) from None
-    x = np.asarray(x, dtype=np.float64)
-    n = len(document["predictions"])
-    if len(x) != n:
-        raise CheckInputError(f"the certificate covers {n} inputs but the data has {len(x)}: "
-                              "check it with the data (and the --limit) certify model used")
+    graph, x = twin_and_inputs(network, x, len(document["predictions"]), "certify model")
+    n = len(x)
     if x.shape[1:] != graph.nodes[0].shape:
         raise CheckInputError(f"the inputs have shape {x.shape[1:]}, the model's graph takes "
                               f"{graph.nodes[0].shape}")

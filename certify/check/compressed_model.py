@@ -18,12 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from certify.certificate.compression_document import validate
-from certify.check.claims import CheckInputError, Report
-from certify.check.compression_claims import TIE, first_indices
-from certify.check.compressions import compress_matrices, strength_sets
-from certify.check.forward import NumpyGraph
-from certify.check.joint import joint_margin_bounds
-from certify.check.operators import NoTwinError
+from certify.check.claims import Report, twin_and_inputs
+from certify.check.compression_claims import TIE, check_strength, first_indices
+from certify.check.compressions import compress_matrices
 from certify.closed_forms.compressions import parse_compression
 
 DTYPE_SLACK = 2.0**-20  # relative to the layer's largest weight: float32 (or finer) files
@@ -38,15 +35,9 @@ def check_compressed_model(document: dict, network, compressed, x: np.ndarray) -
     """Recompute every claim of the compression certificate ``document`` on the graphs of
     the original ``network`` and of the ``compressed`` copy, and the inputs ``x``."""
     validate(document)
-    try:
-        graph, small = NumpyGraph.of(network), NumpyGraph.of(compressed)
-    except NoTwinError as err:
-        raise CheckInputError(str(err)) from None
-    x = np.asarray(x, dtype=np.float64)
-    n = len(document["predictions"])
-    if len(x) != n:
-        raise CheckInputError(f"the certificate covers {n} inputs but the data has {len(x)}: "
-                              "check it with the data (and the --limit) certify compress used")
+    graph, x = twin_and_inputs(network, x, len(document["predictions"]), "certify compress")
+    small = twin_and_inputs(compressed, x, len(x), "certify compress")[0]
+    n = len(x)
     report = Report()
     compression = parse_compression(document["compression"])
     names = [graph.nodes[i].name for i in graph.affine_indices]
@@ -93,13 +84,7 @@ def check_compressed_model(document: dict, network, compressed, x: np.ndarray) -
                  "not_vouched is not the list of inputs without harmless")
     report.claim(document["violations"] == int((harmless & claimed_changed).sum()),
                  "violations is not the number of harmless inputs claimed changed")
-    if document["strength"] is not None and any(document["strength"]):
-        strength = np.array(document["strength"], dtype=bool)
-        sets = strength_sets(matrices, nominal, compression.kind, compression.level)
-        bound = joint_margin_bounds(graph, values, predicted, dict(zip(indices, sets)))
-        confirmed = np.zeros(n, dtype=bool) if bound is None else (bound > 0).all(axis=1)
-        bad = np.nonzero(strength & ~confirmed)[0]
-        report.claim(bad.size == 0, f"inputs {first_indices(bad)} are claimed safe against "
-                     "every compression of this strength, but the joint bound of section 10 "
-                     "does not confirm it")
+    if document["strength"] is not None:
+        check_strength(report, "", np.array(document["strength"], dtype=bool), graph, values,
+                       predicted, indices, nominal, compression)
     return report

@@ -181,16 +181,8 @@ def check_compression(report, entry: dict, graph, values, predicted, lower: dict
     bad = np.nonzero(jointly & changed & clear)[0]
     report.claim(bad.size == 0, f"{where}: inputs {_first(bad)} are claimed jointly harmless "
                  "but the compressed model changes their class")
-    strength = _claimed(entry, "strength", n)
-    if strength.any():
-        sets = strength_sets([graph.layer(i).matrix for i in indices], compressed,
-                             compression.kind, compression.level)
-        bound = joint_margin_bounds(graph, values, predicted, dict(zip(indices, sets)))
-        confirmed = np.zeros(n, dtype=bool) if bound is None else (bound > 0).all(axis=1)
-        bad = np.nonzero(strength & ~confirmed)[0]
-        report.claim(bad.size == 0, f"{where}: inputs {_first(bad)} are claimed safe against "
-                     "every compression of this strength, but the joint bound of section 10 "
-                     "does not confirm it")
+    check_strength(report, f"{where}: ", _claimed(entry, "strength", n), graph, values, predicted,
+                   indices, compressed, compression)
     claimed = entry["harmless"]
     if claimed is None or entry["violations"] is None:
         # Certificates before the all-layers bound left both null for several layers: that
@@ -220,6 +212,24 @@ def check_compression(report, entry: dict, graph, values, predicted, lower: dict
     broken = np.nonzero(certified & changed & clear)[0]
     report.claim(broken.size == 0, f"{where}: inputs {_first(broken)} are certified harmless "
                  f"{why}")
+
+
+def check_strength(report, where: str, claimed: np.ndarray, graph, values, predicted, indices,
+                   compressed, compression) -> None:
+    """Every input ``claimed`` safe against every compression of this strength is certified
+    by the numpy twin of the joint bound (``certify.check.joint``) on the sets of
+    ``certify.check.compressions.strength_sets`` (``compressed``: the nominal compression of
+    the layers ``indices``)."""
+    if not claimed.any():
+        return
+    sets = strength_sets([graph.layer(i).matrix for i in indices], compressed,
+                         compression.kind, compression.level)
+    bound = joint_margin_bounds(graph, values, predicted, dict(zip(indices, sets)))
+    confirmed = np.zeros(len(claimed), dtype=bool) if bound is None else (bound > 0).all(axis=1)
+    bad = np.nonzero(claimed & ~confirmed)[0]
+    report.claim(bad.size == 0, f"{where}inputs {_first(bad)} are claimed safe against every "
+                 "compression of this strength, but the joint bound of section 10 does not "
+                 "confirm it")
 
 
 def _claimed(entry: dict, key: str, n: int) -> np.ndarray:

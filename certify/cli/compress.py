@@ -26,7 +26,6 @@ def _copy_name(model: Path, compression) -> str:
 
 def compress(args: argparse.Namespace) -> int:
     """Write the compressed model and its certificate into ``--out``."""
-    import numpy as np
     import torch
 
     from certify.bounds.deviations import unsupported

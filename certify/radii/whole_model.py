@@ -27,7 +27,7 @@ import torch
 
 from certify.bounds.deviations import unsupported
 from certify.bounds.joint import WeightSet, joint_certified, joint_trace
-from certify.closed_forms.compressions import Compression, compress_matrices, prune_count
+from certify.closed_forms.compressions import Compression, compress_matrices
 from certify.closed_forms.thresholds import EPS
 from certify.graph.graph import Graph
 from certify.graph.inputs import InputError
