@@ -22,13 +22,14 @@ ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1)]
 
 
 @st.composite
-def mlps(draw):
+def mlps(draw, activations=ACTIVATIONS):
+    """One to three hidden layers, each with an activation drawn from ``activations``."""
     widths = draw(st.lists(st.integers(2, 12), min_size=1, max_size=3))
     classes = draw(st.integers(2, 5))
     torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
     layers, n = [nn.Flatten()], 6
     for w in widths:
-        layers += [nn.Linear(n, w), draw(st.sampled_from(ACTIVATIONS))()]
+        layers += [nn.Linear(n, w), draw(st.sampled_from(activations))()]
         n = w
     layers.append(nn.Linear(n, classes))
     return nn.Sequential(*layers).double().eval(), (6,)

@@ -9,6 +9,10 @@ certified ball must never change a class, so these search for one that does.
 * Every layer at once (section 5): ``perturbed_logits`` (the logits with every affine weight
   ``W_k + D_k``), ``attacks`` (random points, then joint projected gradient descent) and
   ``project`` (onto a ball).
+* Every layer at once, each in its own set (section 10): ``joint_margins`` (the margins
+  ``o_y - o_j`` with some layers' weights ``W_k + E_k``) and ``joint_attack`` (random corners
+  of the boxes or points of the spheres, then projected gradient descent on the smallest
+  margin over all the layers' changes jointly), with ``project_set`` (onto a box or a ball).
 * ``layer_weight`` and ``layer_columns``: a layer's weight and input columns, with the bias as
   a last column (and a row of ones) when the bias moves too.
 """
@@ -166,3 +170,81 @@ def assert_witness_flips(net: Graph, x, y, index, r, bias: bool,
     for, wherever one was found."""
     found = torch.isfinite(r.upper)
     assert torch.all(classes(net, x, index, r.witness.matrix(), bias)[found] != y[found])
+
+
+def joint_margins(net: Graph, x, y, changes: dict) -> torch.Tensor:
+    """Margins ``o_y - o_j`` ``(B, C)`` with the weight matrix of every layer ``k`` of
+    ``changes`` replaced by ``W_k + E_k`` (``E_k`` ``(B, m, n)``, or ``(m, n)`` for every
+    input; biases kept)."""
+    Ds = [changes.get(i, torch.zeros_like(net.layer(i).matrix)[None].expand(len(x), -1, -1))
+          for i in net.affine_indices]
+    logits = perturbed_logits(net, x, Ds, False)
+    return logits.gather(-1, y[:, None]) - logits
+
+
+def _batched(kind: str, radius, shape) -> torch.Tensor:
+    """A box radius as ``(B, m, n)``, a ball radius as ``(B, 1, 1)``."""
+    radius = torch.as_tensor(radius, dtype=torch.float64)
+    return radius.expand(shape).clone() if kind == "box" else \
+        radius.reshape(-1, 1, 1).expand(shape[0], 1, 1).clone()
+
+
+def project_set(E: torch.Tensor, kind: str, r: torch.Tensor) -> torch.Tensor:
+    """The nearest point of the box ``|E| <= r`` (clamp) or the ball ``||E||_F <= r``
+    (rescale)."""
+    if kind == "box":
+        return torch.maximum(torch.minimum(E, r), -r)
+    shrink = (r / torch.linalg.matrix_norm(E).clamp_min(1e-300)[:, None, None]).clamp(max=1.0)
+    return E * shrink
+
+
+def joint_attack(net: Graph, x, y, sets: dict, steps: int = 30, corners: int = 3,
+                 seed: int = 0) -> torch.Tensor:
+    """The smallest margins ``(B, C)`` (elementwise over every change tried) when every layer
+    ``k`` of ``sets`` changes its weight matrix by ``E_k`` within its set at once (``sets``:
+    index -> ``("box", A)``, ``|E_ij| <= A_ij`` with ``A`` broadcastable to ``(B, m, n)``, or
+    ``("ball", e)``, ``||E||_F <= e`` with ``e`` a number or ``(B,)``): ``corners`` random
+    corners of the boxes (random points of the spheres), then projected gradient descent on
+    the smallest margin over all the changes jointly, from 0 and from a corner, ``steps``
+    each (signed steps in a box, normalised gradients in a ball, shrinking from a half of the
+    set). A nonpositive entry at a class other than ``y`` is a changed class."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {k: (len(x), *net.layer(k).matrix.shape) for k in sets}
+    radii = {k: _batched(kind, r, shapes[k]) for k, (kind, r) in sets.items()}
+
+    def corner():
+        out = {}
+        for k, (kind, _) in sets.items():
+            if kind == "box":
+                signs = torch.randint(0, 2, shapes[k], generator=generator) * 2.0 - 1.0
+                out[k] = signs.to(torch.float64) * radii[k]
+            else:
+                E = torch.randn(shapes[k], generator=generator, dtype=torch.float64)
+                out[k] = E * radii[k] / torch.linalg.matrix_norm(E)[:, None, None]
+        return out
+
+    lowest = joint_margins(net, x, y, {})
+    starts = [corner() for _ in range(corners)]
+    for E in starts:
+        lowest = torch.minimum(lowest, joint_margins(net, x, y, E))
+    tiny = {k: 1e-6 * E for k, E in corner().items()}
+    for E in (tiny, starts[0] if starts else corner()):
+        for step in range(steps):
+            E = {k: e.detach().requires_grad_(True) for k, e in E.items()}
+            margins = joint_margins(net, x, y, E)
+            lowest = torch.minimum(lowest, margins.detach())
+            smallest = margins.scatter(-1, y[:, None], torch.inf).amin(-1)
+            grads = torch.autograd.grad(smallest.sum(), list(E.values()))
+            rate = 0.5 * (1 - step / steps) + 0.02
+            with torch.no_grad():
+                moved = {}
+                for (k, e), g in zip(E.items(), grads):
+                    kind, r = sets[k][0], radii[k]
+                    if kind == "box":
+                        direction = torch.sign(g)
+                    else:
+                        direction = g / torch.linalg.matrix_norm(g).clamp_min(1e-300)[:, None, None]
+                    moved[k] = project_set(e - rate * r * direction, kind, r)
+                E = moved
+        lowest = torch.minimum(lowest, joint_margins(net, x, y, E).detach())
+    return lowest
