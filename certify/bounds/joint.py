@@ -198,7 +198,11 @@ def joint_margin_bounds(network: Graph, t: JointTrace,
                 lost = lost + torch.einsum("bc...,b...->bc", t.gradients[i], R)
             out = out + R
         box[i] = out
-    return t.margins + change - lost
+    bound = t.margins + change - lost
+    # An unbounded remainder times a zero gradient is NaN: it bounds nothing (-inf), and
+    # the predicted class keeps its inf.
+    bound = torch.where(torch.isnan(bound), -math.inf, bound)
+    return torch.where(torch.isposinf(t.margins), math.inf, bound)
 
 
 def joint_certified(network: Graph, t: JointTrace,
