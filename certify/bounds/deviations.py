@@ -181,7 +181,7 @@ def trace(network: Graph, index: int, values, y: torch.Tensor, P: torch.Tensor,
                  source.residual, g, margin_gradients(network, index, values, y), margins)
 
 
-def _row_norms(f: torch.Tensor) -> torch.Tensor:
+def row_norms(f: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(f, dim=-1, keepdim=True)
 
 
@@ -193,7 +193,7 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
 
     The part of each deviation the remainders caused is bounded three times: entrywise,
     ``f`` (``spread``), per row (last axis) in l2 where the operators keep rows
-    (``_row_stretch``), and as a whole in l2, ``F`` (the clean Jacobians' l2 constants,
+    (``row_stretch``), and as a whole in l2, ``F`` (the clean Jacobians' l2 constants,
     ``Trace.stretch``); each entry and each row takes the smallest.
     ``parts``: filled with each nonlinear node's share of the loss, ``(B, C)``, and the
     largest first-order and caused deviations of its inputs (to see what limits a radius)."""
@@ -205,7 +205,7 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
     deviation = {index: view(rho, t.residual) * t.support[index] + fresh[index]}
     if bool(t.residual.any()):
         lost = lost + torch.einsum("bc...,b...->bc", t.gradients[index], fresh[index])
-    lines = {index: _row_norms(fresh[index])}
+    lines = {index: row_norms(fresh[index])}
     for i in network.downstream(index)[1:]:
         node, op = network.nodes[i], network.nodes[i].op
         inputs = [values[j] for j in node.inputs]
@@ -222,14 +222,14 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
             before = lost
             key = op.row_norm == "centred"
             rows = [view(rho, values[j]) * t.rows[j, key] + torch.minimum(
-                        torch.minimum(_row_norms(f), l), view(whole[j], values[j]))
+                        torch.minimum(row_norms(f), l), view(whole[j], values[j]))
                     if (j, key) in t.rows else None for j, f, l in zip(node.inputs, f_in, l_in)]
             R = op.remainder(inputs, d_in, rows)
             if isinstance(R, tuple):
                 scale, bound = R
                 bound = bound * (1 + ROUND)
                 G = t.gradients[i] * scale.expand_as(values[i])[:, None]
-                lost = lost + (_row_norms(G) * bound[:, None]).flatten(2).sum(-1)
+                lost = lost + (row_norms(G) * bound[:, None]).flatten(2).sum(-1)
                 R = scale.abs() * bound
                 R_rows = scale.abs().amax(-1, keepdim=True) * bound
             else:
@@ -241,14 +241,14 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
                 parts[i] = (lost - before, max(float((d - f).max()) for d, f in zip(d_in, f_in)),
                             max(float(f.max()) for f in f_in),
                             max(float(whole[j].max()) for j in node.inputs if j in whole),
-                            max(float(_row_norms(f).max()) for f in f_in))
+                            max(float(row_norms(f).max()) for f in f_in))
         # Each row's l2 bound: the clean Jacobian's on the inputs' rows where the operator
         # keeps rows (plus the remainder's rows), the box's, and the whole node's.
-        line = _row_norms(out)
-        kept = _row_stretch(op, inputs, l_in)
+        line = row_norms(out)
+        kept = row_stretch(op, inputs, l_in)
         if kept is not None:
             if op.nonlinear:
-                kept = kept + (_row_norms(R) if R_rows is None else R_rows)
+                kept = kept + (row_norms(R) if R_rows is None else R_rows)
             line = torch.minimum(line, kept * (1 + ROUND) + ROUND * line)
         lines[i] = torch.minimum(line, view(F, line))
         fresh[i] = torch.minimum(torch.minimum(out, view(F, out)), lines[i])
@@ -260,7 +260,7 @@ def margin_bounds(network: Graph, t: Trace, rho: torch.Tensor,
     return t.margins - lost
 
 
-def _row_stretch(op, inputs, lines):
+def row_stretch(op, inputs, lines):
     """An l2 bound per row (last axis) of ``J e`` from the inputs' row bounds of ``e``, for
     the operators that keep rows: a dense layer (``||W||_2``), a constant scale
     (``max |scale|``), a sum of equal shapes, an activation (the row's largest ``|phi'(u)|``),

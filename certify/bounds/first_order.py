@@ -182,3 +182,73 @@ def first_order(network: Graph, index: int, values, y: torch.Tensor, source: Sou
             G = G - G.mean(-2, keepdim=True)
         rows[i, centred] = torch.sqrt(_largest_eigenvalue(G))[..., None] * widen
     return {i: root(t) * widen for i, t in totals.items()}, rows, root(g) * widen
+
+
+@dataclass(frozen=True)
+class LayerSupports:
+    """How far the first-order change of layer ``k``'s output moves each entry of the
+    ``targets`` downstream, per unit of the change (section 10), for every set of changes
+    at once: ``rows[a]`` ``(B, entries, m)`` and ``l2[a]`` ``(B, entries)``.
+
+    One column (a dense layer on a vector): ``dZ = E h`` and the symbols are ``dZ``'s own
+    entries: ``rows[a][:, e, i] = |J_{a_e, i}|``, so a box ``|E| <= A`` moves ``a_e`` by at
+    most ``rows @ (A |h|)`` and a ball ``||E||_F <= r`` by ``r ||h||_2 l2`` (exact, rows of
+    ``E`` being independent). Several columns: the symbols are ``vec E``;
+    ``rows[a][:, e, i] = sum_j |d a_e / d E_ij|`` (a box with rows bounded by ``a_i`` moves it
+    by ``rows @ a``) and ``l2`` the l2 norm over all of ``vec E`` (a ball: ``r l2``)."""
+
+    one_column: bool
+    rows: dict
+    l2: dict
+
+
+def layer_supports(network: Graph, k: int, values, targets, P: torch.Tensor) -> LayerSupports:
+    """The ``LayerSupports`` of layer ``k`` (columns ``P`` ``(B, n, L)``) at the nodes
+    ``targets`` downstream of it (itself included), from forward-mode forms over chunks of
+    whole rows of ``E``, raised by ``ROUND`` for their rounding."""
+    layer, Z = network.layer(k), values[k]
+    B, n, L = P.shape
+    m = layer.weight.shape[0]
+    nodes = network.downstream(k)
+    targets = sorted(a for a in targets if a in nodes)
+    if L == 1:
+        per_row = 1
+        eye = torch.eye(m, dtype=Z.dtype, device=Z.device)
+        basis = layer.uncolumns(eye[:, :, None], Z.shape[1:])[None].expand(B, m, *Z.shape[1:])
+    else:
+        per_row = n
+        basis = WeightRegion(Z, "max", None, P, layer).coefficients()
+    rows = {a: Z.new_zeros(B, math.prod(values[a].shape[1:]), m) for a in targets}
+    squares = {a: Z.new_zeros(B, math.prod(values[a].shape[1:])) for a in targets}
+    if not targets:
+        return LayerSupports(L == 1, rows, squares)
+    last = targets[-1]
+    walk = [i for i in nodes if i <= last]
+    widest = max(math.prod(network.nodes[i].shape) for i in walk)
+    chunk = max(1, SYMBOL_ENTRIES // (B * widest * per_row)) * per_row
+    last_use = {j: i for i in walk for j in network.nodes[i].inputs}
+
+    def accumulate(a, form, first):
+        f = form.flatten(2)  # (B, p, entries)
+        p = f.shape[1]
+        rows[a][:, :, first:first + p // per_row] = \
+            f.abs().reshape(B, p // per_row, per_row, -1).sum(2).transpose(1, 2)
+        squares[a] += f.square().sum(1)
+
+    for start in range(0, m * per_row, chunk):
+        forms = {k: basis[:, start:start + chunk]}
+        if k in rows:
+            accumulate(k, forms[k], start // per_row)
+        for i in walk[1:]:
+            node = network.nodes[i]
+            if any(j in forms for j in node.inputs):
+                forms[i] = jvp(node.op, [values[j] for j in node.inputs],
+                               [forms.get(j) for j in node.inputs])
+                if i in rows:
+                    accumulate(i, forms[i], start // per_row)
+            for j in node.inputs:
+                if last_use.get(j) == i:
+                    forms.pop(j, None)
+    widen = 1 + ROUND
+    return LayerSupports(L == 1, {a: r * widen for a, r in rows.items()},
+                         {a: torch.sqrt(s) * widen for a, s in squares.items()})

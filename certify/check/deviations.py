@@ -88,7 +88,7 @@ class Trace:
     margins: np.ndarray
 
 
-def _entry_rows(graph: NumpyGraph, index: int, node: int, values, chunk: int):
+def entry_rows(graph: NumpyGraph, index: int, node: int, values, chunk: int):
     """The coefficients over ``Z`` of node ``node``'s entries, ``chunk`` at a time: the
     identity rows walked back to ``Z``, ``(B, k, *Z)`` each."""
     value = values[node]
@@ -123,7 +123,7 @@ def _first_order(graph, index, values, P, region, wanted):
         shape, n = values[j].shape[1:], values[j].shape[-1]
         chunk = max(1, ROW_ENTRIES // (B * widest * n)) * n  # whole rows of the last axis
         parts, grams = [], []
-        for A in _entry_rows(graph, index, j, values, chunk):
+        for A in entry_rows(graph, index, j, values, chunk):
             if j in read:
                 parts.append(region.dual(A))
             if (j, False) in wanted or (j, True) in wanted:

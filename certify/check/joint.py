@@ -15,6 +15,10 @@ plus ``A |P|`` (``e ||P_:l||``) at each changed layer, plus the product ``A |Del
 (``e ||Delta P_:l||``)), and the products ``<|G_k|, A |Delta P_k|>`` (``e sum_l ||G_k,:l||
 ||Delta P_:l||``).
 
+Rows (last axis) of the part outside ``first`` are also bounded in l2 through the twins that
+keep rows (``deviation_rules.row_stretch``), which bounds every entry and the row-wise
+remainders (LayerNorm, softmax).
+
 The one change a compression made needs no twin: ``certify.check.compression_claims``
 confirms its claims on the compressed model itself. Rounding as in the torch bound:
 ``ROUND`` relative on every term and box, ``ROUND (|o_y| + |o_j|)`` off every margin.
@@ -22,12 +26,47 @@ confirms its claims on the compressed model itself. Rounding as in the torch bou
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from certify.check.bounds import class_vectors
+from certify.check.deviations import ROW_ENTRIES, entry_rows
 from certify.check.forward import NumpyGraph, pull_back
 from certify.check.operators import ROUND
-from certify.check.operators.deviation_rules import remainder, spread
+from certify.check.operators.deviation_rules import remainder, row_stretch, spread
+
+
+def _first_order(graph: NumpyGraph, values, sets: dict, read: set) -> dict:
+    """Per entry read, the exact first-order reach of every set (module docstring)."""
+    out = {}
+    for k, (kind, size) in sets.items():
+        layer = graph.layer(k)
+        P = layer.patches(values[graph.nodes[k].inputs[0]])
+        B, n, L = P.shape
+        m = layer.matrix.shape[0]
+        if kind == "box":
+            A = np.broadcast_to(size, (B, m, n))
+            r = (A @ np.abs(P))[..., 0] * (1 + ROUND) if L == 1 else A.max(-1)
+        else:
+            e = np.broadcast_to(np.asarray(size, dtype=np.float64), (B,))
+            scale = e * np.linalg.norm(P[..., 0], axis=-1) * (1 + ROUND) if L == 1 else e
+        nodes = graph.downstream(k)
+        widest = max(math.prod(graph.nodes[i].shape) for i in nodes)
+        for a in sorted(read & set(nodes)):
+            parts = []
+            for J in entry_rows(graph, k, a, values, max(1, ROW_ENTRIES // (B * widest))):
+                c = J.shape[1]
+                cols = layer.columns(J.reshape(B * c, *J.shape[2:])).reshape(B, c, m, -1)
+                X = cols[..., 0] if L == 1 else cols @ P.transpose(0, 2, 1)[:, None]
+                if kind == "box":
+                    rows = np.abs(X) if L == 1 else np.abs(X).sum(-1)
+                    parts.append(np.einsum("bcm,bm->bc", rows, r))
+                else:
+                    parts.append(scale[:, None] * np.linalg.norm(X.reshape(B, c, -1), axis=-1))
+            value = np.concatenate(parts, axis=1).reshape(values[a].shape) * (1 + ROUND) ** 2
+            out[a] = out[a] + value if a in out else value
+    return out
 
 
 def joint_margin_bounds(graph: NumpyGraph, values, y: np.ndarray, sets: dict) -> np.ndarray:
@@ -44,15 +83,27 @@ def joint_margin_bounds(graph: NumpyGraph, values, y: np.ndarray, sets: dict) ->
     top = logits[np.arange(B), y][:, None]
     margins = top - logits - ROUND * (np.abs(top) + np.abs(logits))
     lost = np.zeros_like(margins)
-    box = {}
+    read = {j for i in nodes if graph.nodes[i].twin.nonlinear or i in sets
+            for j in graph.nodes[i].inputs if j in nodes}
+    first = _first_order(graph, values, sets, read)
+    full, rest, lines = {}, {}, {}
+
+    def row_norms(f):
+        return np.linalg.norm(f, axis=-1, keepdims=True)
+
     for i in nodes:
         node, twin = graph.nodes[i], graph.nodes[i].twin
         u = [values[j] for j in node.inputs]
-        d_in = [box.get(j, np.zeros_like(values[j])) for j in node.inputs]
-        out = spread(twin, u, d_in)
-        if out is None:
+        zeros = [np.zeros_like(values[j]) for j in node.inputs]
+        d_in = [(np.minimum(full[j], first[j] + rest[j]) if j in first else full[j])
+                if j in full else z for j, z in zip(node.inputs, zeros)]
+        moved = spread(twin, u, d_in)
+        if moved is None:
             return None
-        out = out * (1 + ROUND)
+        through = spread(twin, u, [full.get(j, z) for j, z in zip(node.inputs, zeros)])
+        out = through + ROUND * moved
+        out_rest = spread(twin, u, [rest.get(j, z) for j, z in zip(node.inputs, zeros)]) + \
+            ROUND * moved
         if i in sets:
             kind, size = sets[i]
             P = twin.patches(values[node.inputs[0]])
@@ -81,8 +132,9 @@ def joint_margin_bounds(graph: NumpyGraph, values, y: np.ndarray, sets: dict) ->
                                                      np.linalg.norm(dP, axis=1)) * (1 + ROUND)
             lost = lost + ROUND * np.einsum("bcn,bn->bc", g_abs, source.reshape(B, -1))
             out = out + (source + product) * (1 + ROUND)
+            out_rest = out_rest + product * (1 + ROUND)  # the source: in first
         elif twin.nonlinear:
-            R = remainder(twin, u, d_in)
+            R = remainder(twin, u, d_in, [lines.get(j) for j in node.inputs])
             if R is None:
                 return None
             if isinstance(R, tuple):  # scale * r, ||r_row||_2 <= bound
@@ -96,8 +148,16 @@ def joint_margin_bounds(graph: NumpyGraph, values, y: np.ndarray, sets: dict) ->
                 R = np.broadcast_to(R, values[i].shape) * (1 + ROUND)
                 lost = lost + np.einsum("bcn,bn->bc", G[i].reshape(B, len(lost[0]), -1),
                                         R.reshape(B, -1))
-            out = out + R
-        box[i] = out
+            out, out_rest = out + R, out_rest + R
+        # Rows in l2: through the twins that keep rows, plus what this node added; every
+        # entry lies within its row's norm.
+        line = row_norms(out)
+        kept = row_stretch(twin, u, [lines.get(j, row_norms(z)) for j, z in
+                                     zip(node.inputs, zeros)])
+        if kept is not None:
+            line = np.minimum(line, kept * (1 + ROUND) + row_norms(out - through))
+        lines[i] = line
+        full[i], rest[i] = np.minimum(out, line), out_rest
     with np.errstate(invalid="ignore"):
         bound = margins - lost
     bound = np.where(np.isnan(bound), -np.inf, bound)

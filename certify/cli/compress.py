@@ -64,7 +64,7 @@ def compress(args: argparse.Namespace) -> int:
         if why is not None:
             harmless.append(torch.zeros(len(values[0]), dtype=torch.bool))
             continue
-        t = joint_trace(network, indices, values, values[-1].argmax(-1))
+        t = joint_trace(network, indices, values, values[-1].argmax(-1), supports=True)
         harmless.append(joint_certified(network, t, point_sets(network, indices, written)))
         strength.append(joint_certified(network, t, strength_sets(network, indices,
                                                                   compression, nominal)))

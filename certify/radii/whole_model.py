@@ -92,7 +92,7 @@ def whole_model(network: Graph, x: torch.Tensor, indices, compression: Compressi
     harmless, strength = [], []
     for start in range(0, len(x), chunk):
         values = network.values(x[start:start + chunk])
-        t = joint_trace(network, indices, values, values[-1].argmax(-1))
+        t = joint_trace(network, indices, values, values[-1].argmax(-1), supports=True)
         harmless.append(joint_certified(network, t, points))
         strength.append(joint_certified(network, t, sets))
     return WholeModel(torch.cat(harmless), torch.cat(strength))
@@ -139,7 +139,7 @@ def mildest(network: Graph, x: torch.Tensor, kind: str, layers=None,
     out = []
     for start in range(0, len(x), chunk):
         values = network.values(x[start:start + chunk])
-        t = joint_trace(network, indices, values, values[-1].argmax(-1))
+        t = joint_trace(network, indices, values, values[-1].argmax(-1), supports=True)
         B = len(values[0])
         if kind in ("bits", "bits_per_channel"):
             def certified(k):  # k = MAX_SEARCH_BITS + 2 - bits: fewer bits, larger k

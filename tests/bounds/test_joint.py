@@ -95,7 +95,7 @@ def _joint_problem(model_and_shape, seed: int):
     net, x, y = certification_problem(model_and_shape, seed)
     if not all(deviations.supported(net, k) for k in net.affine_indices):
         return None
-    return net, x, y, joint_trace(net, net.affine_indices, net.values(x), y)
+    return net, x, y, joint_trace(net, net.affine_indices, net.values(x), y, supports=True)
 
 
 def _assert_attack_fails(net, x, y, trace, sets, what: str):
@@ -175,7 +175,7 @@ def test_the_certificate_and_the_joint_attack_have_teeth(digits_mlp):
     x = x[:48]
     values = net.values(x)
     y = values[-1].argmax(-1)
-    trace = joint_trace(net, net.affine_indices, values, y)
+    trace = joint_trace(net, net.affine_indices, values, y, supports=True)
     cells = _sets_of(strength_sets(net, net.affine_indices, Compression("bits", 6), None))
     balls = {k: ("ball", 0.004 * torch.linalg.matrix_norm(net.layer(k).matrix))
              for k in net.affine_indices}
@@ -353,7 +353,7 @@ def test_mildest_relative_is_the_largest_certified_ball(digits_mlp):
     net, x = digits_mlp
     x = x[:16]
     values = net.values(x)
-    trace = joint_trace(net, net.affine_indices, values, values[-1].argmax(-1))
+    trace = joint_trace(net, net.affine_indices, values, values[-1].argmax(-1), supports=True)
     t = mildest(net, x, "relative")
     norms = {k: torch.linalg.matrix_norm(net.layer(k).matrix) for k in net.affine_indices}
     assert (t > 0).all()
@@ -375,7 +375,7 @@ def test_the_joint_bound_certifies_more_than_section_5(digits_mlp):
     box) is certified by the joint bound, and the joint bound certifies more."""
     net, x = digits_mlp
     values = net.values(x)
-    trace = joint_trace(net, net.affine_indices, values, values[-1].argmax(-1))
+    trace = joint_trace(net, net.affine_indices, values, values[-1].argmax(-1), supports=True)
     sets = strength_sets(net, net.affine_indices, Compression("bits", 8), None)
     joint = joint_certified(net, trace, sets)
     largest = multilayer_bound(net, x, [float(s.radius.max()) for s in sets.values()],
@@ -385,3 +385,22 @@ def test_the_joint_bound_certifies_more_than_section_5(digits_mlp):
     # Seen: joint 178 of 200, section 5 125 (max budgets) and 121 (Frobenius budgets).
     assert not (largest & ~joint).any() and not (frobenius & ~joint).any()
     assert int(joint.sum()) > int((largest | frobenius).sum()) + 20
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data(), shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([0.1, 1.0, 3.0]))
+def test_first_order_supports_never_loosen_the_bound(data, shape, seed, scale):
+    """With the layers' first-order supports (``supports=True``) every deviation box is the
+    smaller of two sound ones, so no margin's bound falls below the plain one's."""
+    family = data.draw(st.sampled_from(["relu_mlp", "residual_mlp", "cnn"]))
+    problem = _joint_problem(data.draw(FAMILIES[family], label="model_and_shape"), seed)
+    assume(problem is not None)
+    net, x, y, trace = problem
+    plain = joint_trace(net, net.affine_indices, net.values(x), y)
+    base = _base(net, shape, seed)
+    t = _largest_certified(net, trace, base, len(x)).clamp(min=1e-6) * scale
+    sets = _weight_sets(_scaled(base, t))
+    tight, loose = joint_margin_bounds(net, trace, sets), joint_margin_bounds(net, plain, sets)
+    finite = torch.isfinite(loose)
+    assert (tight[finite] >= loose[finite] - 1e-9 * (1 + loose[finite].abs())).all()
