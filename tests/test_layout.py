@@ -17,7 +17,7 @@ rank        stages
 ==========  ============================================================================
 
 The checker is narrower still: it reads the graph's structure, the closed forms and the
-certificate's format (``certify.certificate.schema``), never the torch bounds, radii or
+certificate's formats (``certify.certificate.schema``, ``compression_document``), never the torch bounds, radii or
 capture that made the certificate. ``proofs`` (SymPy) is imported by the CLI only.
 
 Every import counts, also one inside a function: a lazy import still runs one way or the
@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RANK = {"closed_forms": 0, "models": 0, "version": 0, "graph": 1, "formats": 2, "capture": 2,
         "bounds": 2, "radii": 3, "certificate": 4, "check": 5, "attacks": 5, "testing": 6,
         "cli": 7}
-CHECKER_READS = ("certify.graph", "certify.closed_forms", "certify.certificate.schema")
+CHECKER_READS = ("certify.graph", "certify.closed_forms", "certify.certificate.schema",
+                 "certify.certificate.compression_document")
 
 
 def module_name(path: Path) -> str:
