@@ -124,7 +124,8 @@ def certify_chunk(network: Graph, x: torch.Tensor, start: int = 0, bias: bool = 
     budgets = {norm: uniform_budget(network, x, norm, bias).cpu() for norm in NORMS}
     mildest = None
     if not bias and whole_model_supported(network):
-        mildest = {kind: whole_model.mildest(network, x, kind).cpu() for kind in MILDEST_KINDS}
+        mildest = {kind: level.cpu() for kind, level in
+                   whole_model.mildest_levels(network, x, MILDEST_KINDS).items()}
         # The same Frobenius balls, by section 5: its l2 recursion can beat the joint bound's
         # entrywise deviation boxes there (they widen a ball by sqrt(m) at each layer).
         mildest["relative"] = torch.maximum(mildest["relative"], budgets["fro"])

@@ -56,7 +56,7 @@ def compress(args: argparse.Namespace) -> int:
         args.model, network, {network.nodes[i].name: G for i, G in zip(indices, nominal)}, copy,
         reload=lambda path: capture(load_model(path, factory=args.factory), x[:1]))
     written = [small.layer(i).matrix for i in indices]
-    why = next((unsupported(network, i) for i in indices if unsupported(network, i)), None)
+    why = next(filter(None, (unsupported(network, i) for i in indices)), None)
     inputs = torch.from_numpy(x)
     harmless, strength = [], []
     for start in range(0, len(x), JOINT_CHUNK):

@@ -240,7 +240,7 @@ def compression_check(network: Graph, x: torch.Tensor, compression: Compression,
                                        reach_max, harmless))
     changed = compressed_predictions != predictions
     whole, notes = None, []
-    why = next((unsupported(network, i) for i in indices if unsupported(network, i)), None)
+    why = next(filter(None, (unsupported(network, i) for i in indices)), None)
     if why is None:
         whole = whole_model(network, x, indices, compression, min(chunk, JOINT_CHUNK))
         notes.append("the joint bound of THEORY.md section 10 on the change made")

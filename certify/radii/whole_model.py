@@ -131,43 +131,56 @@ def mildest(network: Graph, x: torch.Tensor, kind: str, layers=None,
     * ``relative``: the largest ``t`` (within ``RELATIVE_PRECISION``, lowered to the
       certified end) with every ``||E_k||_F <= t ||W_k||_F``.
     """
-    if kind not in MILDEST_KINDS:
-        raise InputError(f"kind must be one of {', '.join(MILDEST_KINDS)}, got {kind!r}")
+    return mildest_levels(network, x, (kind,), layers, chunk)[kind]
+
+
+def mildest_levels(network: Graph, x: torch.Tensor, kinds=MILDEST_KINDS, layers=None,
+                   chunk: int = 16) -> dict:
+    """``mildest`` of every kind of ``kinds`` (``kind -> (B,)``), on one joint trace per
+    chunk of inputs: the gradients and first-order supports serve every kind."""
+    bad = [kind for kind in kinds if kind not in MILDEST_KINDS]
+    if bad:
+        raise InputError(f"kind must be one of {', '.join(MILDEST_KINDS)}, got {bad[0]!r}")
     indices = [i for i in network.affine_indices
                if layers is None or network.nodes[i].name in layers]
     matrices = [network.layer(i).matrix for i in indices]
-    out = []
+    out = {kind: [] for kind in kinds}
     for start in range(0, len(x), chunk):
         values = network.values(x[start:start + chunk])
         t = joint_trace(network, indices, values, values[-1].argmax(-1), supports=True)
-        B = len(values[0])
-        if kind in ("bits", "bits_per_channel"):
-            def certified(k):  # k = MAX_SEARCH_BITS + 2 - bits: fewer bits, larger k
-                bits = MAX_SEARCH_BITS + 2 - k
-                return joint_certified(network, t, {
-                    i: WeightSet("box", _cells(W, bits, kind == "bits_per_channel"))
-                    for i, W in zip(indices, matrices)})
-            k = _search(certified, 2, MAX_SEARCH_BITS, B, x.device)
-            bits = (MAX_SEARCH_BITS + 2 - k).to(torch.float64)
-            out.append(torch.where(k >= 2, bits, math.nan))
-        elif kind == "prune_global":
-            magnitudes = torch.sort(torch.cat([W.abs().flatten() for W in matrices])).values
-            N = len(magnitudes)
+        for kind in kinds:
+            out[kind].append(_level(network, t, indices, matrices, kind, values[0]))
+    return {kind: torch.cat(parts) for kind, parts in out.items()}
 
-            def certified(k):
-                threshold = torch.where(k > 0, magnitudes[(k - 1).clamp(min=0)], -1.0)
-                return joint_certified(network, t, {
-                    i: WeightSet("box", _pruning_box(W, threshold))
-                    for i, W in zip(indices, matrices)})
-            out.append(_search(certified, 1, N, B, x.device).clamp(min=0) / N)
-        else:
-            sizes = [torch.linalg.matrix_norm(W) for W in matrices]
 
-            def certified_at(r):
-                return joint_certified(network, t, {i: WeightSet("ball", r * s)
-                                                    for i, s in zip(indices, sizes)})
-            out.append(_bisect(certified_at, B, values[0]))
-    return torch.cat(out)
+def _level(network: Graph, t, indices, matrices, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """One chunk's mildest level of ``kind`` (``mildest``) on its joint trace ``t``."""
+    B = len(x)
+    if kind in ("bits", "bits_per_channel"):
+        def certified(k):  # k = MAX_SEARCH_BITS + 2 - bits: fewer bits, larger k
+            bits = MAX_SEARCH_BITS + 2 - k
+            return joint_certified(network, t, {
+                i: WeightSet("box", _cells(W, bits, kind == "bits_per_channel"))
+                for i, W in zip(indices, matrices)})
+        k = _search(certified, 2, MAX_SEARCH_BITS, B, x.device)
+        bits = (MAX_SEARCH_BITS + 2 - k).to(torch.float64)
+        return torch.where(k >= 2, bits, math.nan)
+    if kind == "prune_global":
+        magnitudes = torch.sort(torch.cat([W.abs().flatten() for W in matrices])).values
+        N = len(magnitudes)
+
+        def certified(k):
+            threshold = torch.where(k > 0, magnitudes[(k - 1).clamp(min=0)], -1.0)
+            return joint_certified(network, t, {
+                i: WeightSet("box", _pruning_box(W, threshold))
+                for i, W in zip(indices, matrices)})
+        return _search(certified, 1, N, B, x.device).clamp(min=0) / N
+    sizes = [torch.linalg.matrix_norm(W) for W in matrices]
+
+    def certified_at(r):
+        return joint_certified(network, t, {i: WeightSet("ball", r * s)
+                                            for i, s in zip(indices, sizes)})
+    return _bisect(certified_at, B, x)
 
 
 def _bisect(certified, batch: int, like: torch.Tensor) -> torch.Tensor:
