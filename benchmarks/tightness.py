@@ -17,7 +17,7 @@ the same held-out inputs twice in one process with ``certify.radii.radius.layer_
   ``REFINE_LIMIT``, and in the Frobenius norm SDP-CROWN's offsets of the ReLUs over the l2
   ball of their inputs' reach (``ball="auto"``, ``Activation.ball_offset``).
 
-Both use the same radius search (``radius.local_lower``), so the columns differ by the
+Both use the same radius search (``local_search.local_lower``), so the columns differ by the
 region, the enclosures, the refinement rule and the ball offsets alone.
 
 Reported per layer and norm, over the inputs with a verified witness: the median of

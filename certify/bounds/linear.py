@@ -308,7 +308,8 @@ def refine_work(graph: Graph, start: int) -> float:
     return work
 
 
-def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torch.Tensor):
+def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torch.Tensor,
+                  C: torch.Tensor | None = None):
     """Slope of ``|m_j(z + dz) - m_j(z)| <= rho' slope_j`` on the region (mean value theorem).
 
     Every Jacobian of the margins along a segment in the region lies in the interval
@@ -316,9 +317,9 @@ def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torc
     rules (interval rows from several consumers add up; constants have none). With ``J`` the
     entrywise largest magnitude, ``|J(z') dz| <= <J, |dz|>``, bounded over the region by
     ``Region.dual_of_magnitude``. ``None`` where an operator has no interval Jacobian (max
-    pooling).
+    pooling). ``C``: the rows ``(B, R, classes)`` when not every class's (``class_rows``).
     """
-    C = _class_vectors(graph, y)
+    C = class_rows(graph, y) if C is None else C
     rows = {graph.output: (C, C)}
     moving = set(graph.downstream(start))
     for i in reversed(graph.downstream(start)):
@@ -337,18 +338,20 @@ def jacobian_line(graph: Graph, start: int, region: Region, boxes: dict, y: torc
     return region.dual_of_magnitude(torch.maximum(lo.abs(), hi.abs())) * (1 + ROUND)
 
 
-def _class_vectors(graph: Graph, y: torch.Tensor) -> torch.Tensor:
-    """``e_y - e_j`` for every class ``j``, ``(B, C, C)``."""
+def class_rows(graph: Graph, y: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """``e_y - e_j`` for every class ``j``, ``(B, C, C)``, or for the classes ``(B, K)``
+    only, ``(B, K, C)``."""
     n = graph.nodes[graph.output].shape[0]
     eye = torch.eye(n, dtype=torch.float64, device=y.device)
-    return eye[y][:, None, :] - eye[None, :, :]
+    return eye[y][:, None, :] - (eye[None, :, :] if classes is None else eye[classes])
 
 
 @dataclass(frozen=True)
 class MarginLines:
     """``m_j >= value_j - rho' slope_j`` for every ``rho' <= rho``, one line per method
-    (stacked on the first axis, ``(K, B, C)``), and the interval-arithmetic lower bound
-    at ``rho`` itself (``(B, C)``)."""
+    (stacked on the first axis, ``(K, B, C)``; ``-inf`` for a class whose lines were not
+    computed), and the interval-arithmetic lower bound at ``rho`` itself (``(B, C)``; it holds
+    for every ``rho' <= rho`` too, the boxes of a smaller region being inside)."""
 
     value: torch.Tensor
     slope: torch.Tensor
@@ -364,9 +367,11 @@ class MarginLines:
         return (self.lower(rho) > 0).scatter(-1, y[:, None], True).all(-1)
 
     def root(self, y: torch.Tensor) -> torch.Tensor:
-        """The largest ``rho'`` where, for every class, some line is still positive."""
+        """The largest ``rho'`` where, for every class, some line is still positive (a
+        class interval arithmetic certifies does not limit it)."""
         root = torch.where(self.value > 0, self.value / self.slope, torch.zeros_like(self.value))
-        return root.amax(0).scatter(-1, y[:, None], math.inf).amin(-1)
+        root = torch.where(self.interval > 0, math.inf, root.amax(0))
+        return root.scatter(-1, y[:, None], math.inf).amin(-1)
 
 
 def _interval_margins(graph: Graph, boxes: dict, y: torch.Tensor) -> torch.Tensor:
@@ -389,14 +394,24 @@ def _interval_margins(graph: Graph, boxes: dict, y: torch.Tensor) -> torch.Tenso
 
 def margin_lines(graph: Graph, start: int, region: Region, rho: torch.Tensor, y: torch.Tensor,
                  values, constants: dict | None = None, refine: bool = True,
-                 enclose: bool = False, ball: bool = False) -> MarginLines:
+                 enclose: bool = False, ball: bool = False,
+                 known: torch.Tensor | None = None) -> MarginLines:
     """Lower bounds of every margin over ``z + rho' U``, ``rho' <= rho`` (section 4): the
     CROWN line and the interval-Jacobian line (``jacobian_line``), and interval arithmetic.
     ``ball`` (the l2 ball): the CROWN line's activation offsets also use the ball of every
     activation input's reach (``backward``'s ``balls``; offsets made on the larger region
-    stay valid on a smaller one, so the line does too)."""
+    stay valid on a smaller one, so the line does too). ``known`` ``(B, C)``: lower bounds of
+    the margins at ``rho`` proven already; the lines (one backward row per class) are then
+    computed only for the classes that neither they nor interval arithmetic certify, the
+    others' lines read ``-inf``."""
     boxes, reach = boxes_and_reach(graph, start, region, rho, values, constants, refine, enclose)
-    C = _class_vectors(graph, y)
+    interval = _interval_margins(graph, boxes, y)
+    classes = None
+    if known is not None:
+        needed = ~((known > 0) | (interval > 0)).scatter(-1, y[:, None], True)
+        count = int(needed.sum(-1).max())
+        classes = needed.to(interval.dtype).topk(max(count, 1), dim=-1).indices
+    C = class_rows(graph, y, classes)
     balls = {i: (values[i], r) for i, r in reach.items()} if ball else None
     f = backward(graph, start, {graph.output: C}, C.new_zeros(C.shape[:2]), boxes, values,
                  lower=True, balls=balls)
@@ -408,11 +423,20 @@ def margin_lines(graph: Graph, start: int, region: Region, rho: torch.Tensor, y:
         value, size = value + at_z, size + magnitude
         slope = region.dual(f.A) * (1 + ROUND)
     values_, slopes = [value - ROUND * size], [slope]
-    jacobian = jacobian_line(graph, start, region, boxes, y)
+    jacobian = jacobian_line(graph, start, region, boxes, y, C)
     if jacobian is not None:  # anchored at the unperturbed margins
         logits = values[graph.output]
         m = logits.gather(-1, y[:, None]) - logits
+        m = m if classes is None else m.gather(-1, classes)
         values_.append(m - ROUND * (logits.abs().amax(-1, keepdim=True) + m.abs()))
         slopes.append(jacobian)
-    return MarginLines(torch.stack(values_), torch.stack(slopes),
-                       _interval_margins(graph, boxes, y))
+    else:  # a line that says nothing, so that every evaluation has the same methods
+        values_.append(torch.full_like(value, -math.inf))
+        slopes.append(torch.zeros_like(slope))
+    value, slope = torch.stack(values_), torch.stack(slopes)
+    if classes is not None:
+        index = classes.expand(len(value), *classes.shape)
+        value = value.new_full((len(value), *interval.shape), -math.inf).scatter(-1, index,
+                                                                                  value)
+        slope = slope.new_zeros(value.shape).scatter(-1, index, slope)
+    return MarginLines(value, slope, interval)

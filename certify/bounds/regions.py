@@ -25,7 +25,7 @@ per group here: row ``c`` of group ``i`` meets ``P_i`` only, so ``A P~^T`` is co
 Floating point: ``A P~^T`` is computed with rounding; ``dual`` adds a rigorous bound of that
 rounding (``gamma ||A||_F ||P~||_F``, ``gamma = (L + 2) eps``; for the max norm
 ``gamma sum_cj |A_cj| ||P~_:j||_1``), and the column norms are inflated like
-``radius.region_scale``.
+``local_search.region_scale``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class WeightRegion(Region):
         return self.P.reshape(B, n, g, gL // g).transpose(1, 2)
 
     def _column_norms(self) -> torch.Tensor:
-        """``||P~_:j||_2`` ``(B, g, L)`` per group, inflated like ``radius.region_scale``."""
+        """``||P~_:j||_2`` ``(B, g, L)`` per group, inflated like ``local_search.region_scale``."""
         return torch.linalg.vector_norm(self._blocks(), dim=2) * (1 + self.P.shape[1] * 1e-15)
 
     def _rows(self, A: torch.Tensor) -> torch.Tensor:

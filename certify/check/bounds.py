@@ -80,7 +80,7 @@ def region_scale(P: np.ndarray, norm: str) -> np.ndarray:
 
 
 def section4_region(layer: AffineTwin, z, P, norm: str) -> Region:
-    """``certify.radii.radius.region`` in numpy: the Z-space ball or box for one column, the
+    """``certify.radii.local_search.region`` in numpy: the Z-space ball or box for one column, the
     reachable set ``{D P~}`` (``WeightRegion``) for several."""
     scale = region_scale(P, norm)
     if norm == "fro":

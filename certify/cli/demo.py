@@ -205,7 +205,7 @@ def _compression_check(network, document, x, config) -> LevelCheck:
     certified where ``dz`` lies in the fro ball or the max box of section 4."""
     from certify.closed_forms.compressions import Compression
     from certify.radii.compressed import compression_check
-    from certify.radii.radius import region_scale
+    from certify.radii.local_search import region_scale
 
     entry = next(e for e in document["layers"] if e["name"] == LAYER)
     lower = {n: torch.tensor([np.inf if v is None else v for v in entry[n]["lower"]],

@@ -34,7 +34,7 @@ When the output is not a dense layer (an operator after the logits), ``|Delta m_
 
 The class is certified when ``(1 + SAFETY) |Delta m_j|``-bound ``< m_j`` for every
 ``j != y``: operator norms, ``sigma_max`` and row norms are rigorous float64 upper bounds
-(``certify.bounds.lipschitz``, ``certify.radii.radius.region_scale``) and ``SAFETY`` (relative 1e-9)
+(``certify.bounds.lipschitz``, ``certify.radii.local_search.region_scale``) and ``SAFETY`` (relative 1e-9)
 absorbs the rounding of this short recursion. With one nonzero budget the recursion is the
 single-layer global Lipschitz bound of ``certify.radii.radius``; every term is attained by
 width-one chains, so it cannot be tightened without looking inside the layers.

@@ -45,21 +45,20 @@ import torch
 from certify.bounds import deviations, lipschitz
 from certify.bounds.linear import (ENCLOSE_WORK, REFINE_BELOW, REFINE_GAIN, REFINE_LIMIT,
                                    REFINE_PROBE, REFINE_WORK, enclosed, enclosure_work,
-                                   margin_lines, refine_work)
-from certify.bounds.regions import Region, WeightRegion
+                                   refine_work)
+from certify.bounds.regions import WeightRegion
 from certify.closed_forms.perturbation import class_pair_radius
-from certify.closed_forms.thresholds import singular_values_upper
 from certify.graph.graph import Graph
 from certify.graph.inputs import InputError, affine_index, inputs_for
 from certify.graph.operators import Affine
+from certify.radii.local_search import local_lower, region, region_scale
 from certify.radii.methods import check_switch, method_options
 from certify.radii.witness import WITNESS_GAP, Witness, first_order, weight_norm, witness
 
 SAFETY = 1e-9
-CONVERGED = 1e-3  # the local search stops for an input once its bracket is this narrow
 NORMS = ("fro", "max")
+KEEP_LINES_FROM = 32  # classes from which the local search keeps its lines by default
 CONCRETISE = ("weight", "output")  # the local bound's region for layers with several columns
-ENCLOSURE_ENTRIES = 2**25  # coefficients of one enclosure held at once (256 MiB in float64)
 
 
 @dataclass(frozen=True)
@@ -97,19 +96,6 @@ def _columns(layer: Affine, h: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([P, torch.ones_like(P[:, :1])], dim=1) if bias else P
 
 
-def region_scale(P: torch.Tensor, norm: str) -> torch.Tensor:
-    """How far ``Z`` can move per unit ``||D||`` (section 4), per input.
-
-    ``fro``: ``sigma_max(P~)`` (an upper bound), the l2 radius in ``Z``.
-    ``max``: ``||P~_:j||_1`` per column ``j`` (the same for every output channel).
-    """
-    if norm == "fro":
-        if P.shape[-1] == 1:
-            return torch.linalg.vector_norm(P[..., 0], dim=-1) * (1 + P.shape[1] * 1e-15)
-        return torch.stack([singular_values_upper(p)[0] for p in P])
-    return P.abs().sum(dim=1) * (1 + P.shape[1] * 1e-15)  # (B, L)
-
-
 def global_lower(network: Graph, index: int, scale: torch.Tensor, constants: dict, y, margins,
                  norm: str):
     """Section 5: ``min_j m_j / (||W_L^T c_j|| L * scale(P~))``, ``L`` the Lipschitz constant
@@ -133,123 +119,10 @@ def global_exists(network: Graph, index: int, norm: str, constants: dict) -> boo
     return bool(torch.isfinite(torch.as_tensor(lip, device=network.device)).all())
 
 
-def region(layer: Affine, Z: torch.Tensor, P: torch.Tensor, norm: str,
-           scale: torch.Tensor | None = None, concretise: str = "weight") -> Region:
-    """The section-4 region ``Z + rho U`` of a weight ball of radius ``rho``
-    (``certify.bounds.regions``): for one column ``P~ = h`` the l2 ball of radius ``||h||_2``
-    (``fro``) or the box ``|dZ_c| <= ||h||_1``, exact; for several columns the reachable set
-    ``{D P~}`` (``WeightRegion``), with ``unit`` the Z-space ball of radius
-    ``sigma_max(P~)`` or the box ``|dZ_cj| <= ||P~_:j||_1``. ``scale``:
-    ``region_scale(P~, norm)`` when already computed. ``concretise="output"``: the Z-space
-    ball or box for several columns too (looser; the bound of earlier releases)."""
-    scale = region_scale(P, norm) if scale is None else scale
-    if norm == "fro":
-        unit = scale
-    else:
-        B, L = scale.shape
-        unit = layer.uncolumns(scale[:, None, :].expand(B, layer.weight.shape[0], L),
-                               Z.shape[1:])
-    if P.shape[-1] == 1 or concretise == "output":
-        return Region(Z, norm, unit)
-    return WeightRegion(Z, norm, unit, P, layer)
-
-
-def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
-                P: torch.Tensor, scale: torch.Tensor, cap: torch.Tensor, constants: dict | None,
-                evaluations: int = 16, refine: bool = True,
-                shrink: torch.Tensor | float = 2.0,
-                floor: torch.Tensor | None = None,
-                concretise: str = "weight", enclose: bool = False,
-                ball: bool = False) -> torch.Tensor:
-    """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
-
-    Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
-    margin, a line ``value - rho' slope`` valid for all ``rho' <= rho``: ``rho`` is certified
-    when every line is positive there, and the lines' common root ``g(rho)`` is the largest
-    radius they certify. The best radius these bounds reach is the fixed point
-    ``g(rho*) = rho*``: the search looks for it by the secant method on
-    ``log g(rho) - log rho`` over ``log rho`` (from one evaluation, at ``g(rho)``), kept
-    inside the bracket ``[lo, hi]`` of the largest certified and smallest failed radius,
-    and geometric bisection where the secant cannot guide (no line positive, a certificate
-    beyond the lines' root, two steps that did not halve the bracket); while nothing is
-    certified it falls by ``shrink``, or to the failure's root if that is higher. An input
-    leaves the search once ``hi <= lo (1 + CONVERGED)``. Only radii certified by their own
-    evaluation are returned, so that ``certify check`` can confirm each by one evaluation at
-    the claimed radius.
-    ``values``: every node's unperturbed value; ``P``: the layer input as columns ``P~``,
-    ``scale`` its ``region_scale``; ``constants``: ``lipschitz.node_constants(network,
-    index, "fro")`` for ``fro``. ``shrink``: per input (larger where no global bound
-    brackets the radius from below). ``floor``: radii already certified otherwise (the global
-    bound), where positive the bracket's lower end, and the search starts in the geometric
-    middle. ``concretise``: as in ``region``. ``enclose``: forward enclosures tighten the
-    intermediate boxes (``linear_bounds.intermediate_bounds``), evaluated on at most
-    ``ENCLOSURE_ENTRIES`` coefficients at a time. ``ball`` (``fro``): the margins' backward
-    pass takes SDP-CROWN's offsets over the l2 balls of the reaches (``linear_bounds.
-    margin_lines``). ``evaluations``: at most this many per input.
-    """
-    layer = network.layer(index)
-    chunk = len(cap)
-    if enclose:
-        widest = max((math.prod(network.nodes[i].shape) for i in enclosed(network, index)),
-                     default=1)
-        dimension = region(layer, values[index][:1], P[:1], norm, scale[:1],
-                           concretise).dimension
-        chunk = max(1, int(ENCLOSURE_ENTRIES // (dimension * widest)))
-    lo, hi = torch.zeros_like(cap), cap.clone()
-    if floor is not None:
-        lo = torch.where(floor > 0, torch.minimum(floor, cap), lo)
-    rho = torch.where(lo > 0, torch.sqrt(lo * hi), cap / shrink)
-    shrink = torch.as_tensor(shrink, dtype=cap.dtype, device=cap.device).expand_as(cap)
-    # The secant's points: log rho and log(g / rho) of the last two evaluations; the widths
-    # log(hi / lo) after the two before.
-    t0, h0 = torch.full_like(cap, math.nan), torch.full_like(cap, math.nan)
-    t1, h1 = t0.clone(), h0.clone()
-    w0, w1 = torch.full_like(cap, math.inf), torch.full_like(cap, math.inf)
-    # Each input's radius depends on that input alone, so the inputs whose bracket has
-    # closed leave the batch and the evaluations go to the others.
-    todo = torch.nonzero(hi > lo * (1 + CONVERGED))[:, 0]
-    for _ in range(evaluations):
-        if not len(todo):
-            break
-        r, a, b = rho[todo], lo[todo], hi[todo]
-        ok, g = [], []
-        for piece in todo.split(chunk):  # bounded memory for the enclosures
-            part = [v[piece] for v in values]
-            where = region(layer, part[index], P[piece], norm, scale[piece], concretise)
-            lines = margin_lines(network, index, where, rho[piece], y[piece], part,
-                                 constants if norm == "fro" else None, refine, enclose,
-                                 ball)
-            ok.append(lines.certified(rho[piece], y[piece]))
-            g.append(lines.root(y[piece]))
-        ok, g = torch.cat(ok), torch.cat(g)
-        a, b = torch.where(ok, torch.maximum(a, r), a), torch.where(ok, b, torch.minimum(b, r))
-        lo[todo], hi[todo] = a, b
-        t0[todo], h0[todo] = t1[todo], h1[todo]
-        t1[todo], h1[todo] = r.log(), (g / r).log()
-        # The secant's zero of h(t) = log(g / rho) at t = log rho; from one point, g itself.
-        dt, dh = t1[todo] - t0[todo], h1[todo] - h0[todo]
-        secant = torch.where(torch.isfinite(h0[todo]), t1[todo] - h1[todo] * dt / dh,
-                             g.log()).exp()
-        # Geometric bisection instead where the secant cannot guide: no line positive, a
-        # certificate beyond the lines' root (interval arithmetic), or two steps that did
-        # not halve the bracket.
-        now = (b / a).log()
-        blind = ~torch.isfinite(secant) | ~torch.isfinite(h1[todo]) | \
-            (ok & (g <= r * (1 + CONVERGED))) | (now > w0[todo] / 2)
-        w0[todo], w1[todo] = w1[todo], now
-        low, high = a * (1 + CONVERGED / 2), b / (1 + CONVERGED / 2)
-        inside = torch.where((low < high) & ~blind, secant.clamp(min=low).minimum(high),
-                             torch.sqrt(a * b))
-        fall = torch.maximum(g * (1 - 1e-7), b / shrink[todo]).minimum(b / (1 + CONVERGED))
-        rho[todo] = torch.where(a > 0, inside, fall)
-        todo = todo[b > a * (1 + CONVERGED)]
-    return lo
-
-
 def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 bias: bool = False, refine: bool | str = "auto", concretise: str = "weight",
                 enclose: bool | str = "auto", ball: bool | str = "auto",
-                deviation: bool | str = "auto",
+                deviation: bool | str = "auto", keep_lines: bool | str = "auto",
                 clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
@@ -280,7 +153,11 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     remainders), beside the linear bounds' search (unchanged, so that no radius falls
     below theirs), and the larger certifies; ``"auto"``: where every downstream operator
     has the rules (``deviations.supported``); ``True`` raises ``InputError`` where one
-    lacks them (``method`` names ``deviation`` where it is used).
+    lacks them (``method`` names ``deviation`` where it is used). ``keep_lines``: the local
+    search keeps its margin lines across evaluations and computes new ones only for the
+    classes they do not certify (``local_search.local_lower``; the same radii up to the
+    search's path, one confirming evaluation more); ``"auto"``: with at least
+    ``KEEP_LINES_FROM`` classes, where the rows of the classes dominate the work.
     ``clock(phase)`` is entered around
     each phase (for timing breakdowns).
 
@@ -295,7 +172,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     if concretise not in CONCRETISE:
         raise InputError(f"concretise must be one of {CONCRETISE}, got {concretise!r}")
     for name, value in (("refine", refine), ("enclose", enclose), ("ball", ball),
-                        ("deviation", deviation)):
+                        ("deviation", deviation), ("keep_lines", keep_lines)):
         check_switch(name, value)
     x = inputs_for(network, x)
     index = affine_index(network, index)
@@ -369,6 +246,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             # infinite and the section-5 bound does not exist: the linear bounds alone
             # certify, with more evaluations.
             exists = global_exists(network, index, norm, constants)
+            if keep_lines == "auto":
+                keep_lines = values[-1].shape[-1] >= KEEP_LINES_FROM
 
             def search(part, refined: bool, floor: torch.Tensor) -> torch.Tensor:
                 """The local search for the inputs ``part`` (an index or a slice)."""
@@ -376,7 +255,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                     network, index, [v[part] for v in values], y[part], norm, P[part],
                     scale[part], cap[part], constants, refine=refined, shrink=shrink[part],
                     floor=floor, concretise=concretise, enclose=enclose, ball=ball,
-                    evaluations=16 if exists else 24) * (1 - SAFETY)
+                    evaluations=16 if exists else 24, keep_lines=bool(keep_lines)) * \
+                    (1 - SAFETY)
 
             local = search(slice(None), refine, lower_global)
             weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)

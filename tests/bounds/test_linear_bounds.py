@@ -18,7 +18,7 @@ from certify.capture.export import capture
 from certify.bounds.linear import Region, intermediate_bounds, margin_lines
 from certify.check.bounds import local_lower_bounds
 from certify.check.forward import NumpyGraph
-from certify.radii.radius import region as section4_region
+from certify.radii.local_search import region as section4_region
 
 
 @st.composite

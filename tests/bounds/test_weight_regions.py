@@ -29,7 +29,7 @@ from certify.bounds.linear import intermediate_bounds, margin_lines
 from certify.check.bounds import local_lower_bounds
 from certify.check.forward import NumpyGraph
 from certify.radii.methods import merged_method
-from certify.radii.radius import region
+from certify.radii.local_search import region
 from certify.bounds.regions import WeightRegion
 
 

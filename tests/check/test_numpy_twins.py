@@ -50,7 +50,8 @@ from certify.check.operators import activation as numpy_activation
 from certify.check.operators import twin
 from certify.graph.operators import Activation, AvgPool, Interpolate, Pad
 from certify.graph.operators import activation_shapes as torch_activation
-from certify.radii.radius import _columns, predictions, region, region_scale
+from certify.radii.local_search import region, region_scale
+from certify.radii.radius import _columns, predictions
 from certify.radii.radius import global_lower as torch_global_lower
 
 RTOL = 1e-12

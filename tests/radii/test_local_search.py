@@ -1,4 +1,4 @@
-"""The local bound's radius search (``radius.local_lower``) and the cached operator norms.
+"""The local bound's radius search (``local_search.local_lower``) and the cached operator norms.
 
 Oracle for the search: plain bisection on "is ``rho`` certified by its own evaluation?"
 (``margin_lines(...).certified``), 60 halvings of the log-bracket between 0 (or the global
@@ -21,8 +21,8 @@ from certify.bounds import lipschitz
 from certify.capture.export import capture
 from certify.bounds.linear import margin_lines
 from certify.graph.operators import Affine
-from certify.radii.radius import (CONVERGED, _columns, global_lower, local_lower, region,
-                            region_scale)
+from certify.radii.local_search import CONVERGED, local_lower, region, region_scale
+from certify.radii.radius import _columns, global_lower
 from certify.radii.witness import witness
 
 MODELS = st.one_of(mlps(), cnns(), residual_cnns())

@@ -19,7 +19,8 @@ from torch import nn
 
 from certify.bounds.linear import enclosed
 from certify.capture.export import capture
-from certify.radii.radius import _columns, region
+from certify.radii.local_search import region
+from certify.radii.radius import _columns
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, lambda: nn.LeakyReLU(0.1), nn.ELU]
 

@@ -165,8 +165,16 @@ class Affine(Operator):
         """Rows ``A`` ``(B, R, *out)`` composed with the linear part, ``weight`` for ``W``."""
         if not self.is_conv:
             return A @ weight
-        (rows,) = adjoints(lambda x: self.linear(x, weight), A, [in_shape])
-        return rows
+        if self.transposed:
+            (rows,) = adjoints(lambda x: self.linear(x, weight), A, [in_shape])
+            return rows
+        # The convolution's adjoint directly (autograd would run the convolution first).
+        B, R = A.shape[:2]
+        W = weight.reshape(self.weight.shape)
+        transpose = torch.nn.grad.conv1d_input if W.ndim == 3 else torch.nn.grad.conv2d_input
+        rows = transpose((B * R, *in_shape), W, A.reshape(B * R, *A.shape[2:]), self.stride,
+                         self.padding, self.dilation, self.groups)
+        return rows.reshape(B, R, *in_shape)
 
     def backward(self, A, boxes, lower):
         d = row_sum(A * self._bias_rows(A.shape[2:]))
