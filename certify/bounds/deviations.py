@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from certify.bounds.first_order import first_order, sources
+from certify.graph.gradients import output_gradients
 from certify.graph.graph import Graph
 from certify.graph.operators import Activation, Add, Affine, LayerNorm, ScaleShift
 from certify.graph.operators.base import ROUND
@@ -137,7 +138,7 @@ def stretches(network: Graph, index: int, values) -> dict:
 def gradients(network: Graph, keys, values, y: torch.Tensor) -> dict:
     """``G_k`` ``(B, C, *shape)``: the gradients of every margin ``o_y - o_j`` at the clean
     point with respect to an additive change of each node ``k`` of ``keys``' output (section
-    9), signed, by one backward pass per class."""
+    9), signed, by batched backward passes (``output_gradients``)."""
     keys = sorted(keys)
     nodes = sorted({i for k in keys for i in network.downstream(k)})
     with torch.enable_grad():
@@ -149,13 +150,7 @@ def gradients(network: Graph, keys, values, y: torch.Tensor) -> dict:
             run[i] = out + shifts[i] if i in shifts else out
         logits = run[-1]
         margins = logits.gather(-1, y[:, None]) - logits
-        grads = {k: [] for k in keys}
-        for j in range(logits.shape[-1]):
-            parts = torch.autograd.grad(margins[:, j].sum(), [shifts[k] for k in keys],
-                                        retain_graph=True, allow_unused=True)
-            for k, part in zip(keys, parts):
-                grads[k].append(torch.zeros_like(values[k]) if part is None else part)
-    return {k: torch.stack(v, 1) for k, v in grads.items()}
+        return dict(zip(keys, output_gradients(margins, [shifts[k] for k in keys])))
 
 
 def margin_gradients(network: Graph, index: int, values, y: torch.Tensor) -> dict:

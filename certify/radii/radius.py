@@ -53,7 +53,8 @@ from certify.graph.inputs import InputError, affine_index, inputs_for
 from certify.graph.operators import Affine
 from certify.radii.local_search import local_lower, region, region_scale
 from certify.radii.methods import check_switch, method_options
-from certify.radii.witness import WITNESS_GAP, Witness, first_order, weight_norm, witness
+from certify.radii.witness import (WITNESS_GAP, Witness, candidates, first_order, weight_norm,
+                                   witness)
 
 SAFETY = 1e-9
 NORMS = ("fro", "max")
@@ -189,7 +190,8 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
         y, margins = class_margins(values[-1])
         P = _columns(layer, h, bias)
     with clock("estimate"):
-        estimate = first_order(network, index, P, Z, y, norm, values)[0]
+        estimate, _, _, ratio = first_order(network, index, P, Z, y, norm, values)
+        steer = candidates(ratio)
     if network.is_last_dense(index):
         with clock("exact"):
             pair = class_pair_radius(values[-1], h, norm, bias=bias)
@@ -201,12 +203,14 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                                    h, dim=-1).clamp(min=1e-300), min=1e-9, max=1.0)
             upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:],
                                start=Witness(full=pair.minimiser * (1 + past[:, None, None])),
-                               values=values, minimum_norm_steps=0)  # it is minimal
+                               values=values, minimum_norm_steps=0,  # it is minimal
+                               classes=steer)
         lower = lower_global = lower_local = pair.value * (1 - SAFETY)
         method = "exact"
     else:
         with clock("witness"):
-            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:], values=values)
+            upper, D = witness(network, index, P, y, norm, bias, Z.shape[1:], values=values,
+                               classes=steer)
         with clock("global"):
             scale = region_scale(P, norm)
             constants = lipschitz.node_constants(network, index, norm)

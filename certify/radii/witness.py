@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from certify.graph.gradients import output_gradients
 from certify.graph.operators import Affine
 
 WITNESS_GAP = 1e-12  # relative: how far another logit must pass the predicted one
+WITNESS_CLASSES = 16  # classes a witness search steers toward (every class can flip it)
 
 
 def augmented_weight(layer: Affine, bias: bool) -> torch.Tensor:
@@ -27,19 +29,17 @@ def augmented_weight(layer: Affine, bias: bool) -> torch.Tensor:
     return torch.cat([W, layer.bias[:, None]], dim=1) if bias else W
 
 
-def _margin_gradients(network, index, Z, y, values):
-    """``g_j = d m_j / d Z`` for every class ``j`` as columns ``(B, C, m, L)``, and the
-    logits (every node that does not depend on the layer held at its value in ``values``)."""
+def _margin_gradients(network, index, Z, y, values, classes=None):
+    """``g_j = d m_j / d Z`` for every class ``j`` (or the classes ``(B, K)``) as columns
+    ``(B, C, m, L)``, and the logits (every node that does not depend on the layer held at its
+    value in ``values``)."""
     Z = Z.detach().requires_grad_(True)
     logits = network.run(index, Z, values)
-    layer = network.layer(index)
-    grads = []
-    for j in range(logits.shape[-1]):
-        m = logits.gather(-1, y[:, None])[:, 0] - logits[:, j]
-        (g,) = torch.autograd.grad(m.sum(), Z, retain_graph=True, allow_unused=True)
-        g = torch.zeros_like(Z) if g is None else g
-        grads.append(layer.columns(g))
-    return torch.stack(grads, dim=1), logits.detach()
+    m = logits.gather(-1, y[:, None]) - logits
+    m = m if classes is None else m.gather(-1, classes)
+    (g,) = output_gradients(m, [Z])
+    return network.layer(index).columns(g.flatten(0, 1)).unflatten(0, g.shape[:2]), \
+        logits.detach()
 
 
 def _gradient(g: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
@@ -61,12 +61,24 @@ def _dual(G: torch.Tensor, norm: str) -> torch.Tensor:
     return torch.linalg.matrix_norm(G) if norm == "fro" else G.abs().sum(dim=(-2, -1))
 
 
-def first_order(network, index, P, Z, y, norm, values):
-    """Section 3 estimate ``min_j m_j / ||g_j P~^T||_dual``; also ``g``, the margins and ratios."""
-    g, logits = _margin_gradients(network, index, Z, y, values)
+def first_order(network, index, P, Z, y, norm, values, classes=None):
+    """Section 3 estimate ``min_j m_j / ||g_j P~^T||_dual``; also ``g``, the margins and ratios.
+    ``classes`` ``(B, K)``: over these classes only (``g``, margins and ratios per column)."""
+    g, logits = _margin_gradients(network, index, Z, y, values, classes)
     m = logits.gather(-1, y[:, None]) - logits
-    ratio = (m / _dual_norms(g, P, norm)).scatter(-1, y[:, None], math.inf)
-    return ratio.amin(dim=-1), g, m, ratio
+    ratio = (m / _dual_norms(g, P, norm)) if classes is None else \
+        m.gather(-1, classes) / _dual_norms(g, P, norm)
+    if classes is None:
+        ratio = ratio.scatter(-1, y[:, None], math.inf)
+        return ratio.amin(dim=-1), g, m, ratio
+    ratio = torch.where(classes == y[:, None], math.inf, ratio)
+    return ratio.amin(dim=-1), g, m.gather(-1, classes), ratio
+
+
+def candidates(ratio: torch.Tensor, count: int = WITNESS_CLASSES) -> torch.Tensor:
+    """The ``count`` classes ``(B, count)`` of smallest first-order ratio (``first_order``'s):
+    the ones a witness search steers toward."""
+    return ratio.topk(min(count, ratio.shape[-1]), dim=-1, largest=False).indices
 
 
 def _step(G: torch.Tensor, m: torch.Tensor, norm: str) -> torch.Tensor:
@@ -181,7 +193,8 @@ def _dense_step(g: torch.Tensor, m: torch.Tensor, h: torch.Tensor, norm: str) ->
 
 def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None = None,
             iterations: int = 50, overshoot: float = 1.02,
-            values=(), minimum_norm_steps: int = 30) -> tuple[torch.Tensor, Witness]:
+            values=(), minimum_norm_steps: int = 30,
+            classes: torch.Tensor | None = None) -> tuple[torch.Tensor, Witness]:
     """A verified ``D`` that changes the class, per input; ``(upper, D)``.
 
     Weight-space DeepFool from ``start`` (zero by default): step to the minimal-norm ``D``
@@ -192,7 +205,9 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
     ``minimum_norm_steps`` of a fast-minimum-norm attack from there (``_minimum_norm``), which
     finds a smaller witness where DeepFool's is not locally minimal, or one where DeepFool
     found none, shrunk again. ``upper`` is ``inf`` where no witness was found. ``values``:
-    every node's unperturbed value (``network.values(x)``).
+    every node's unperturbed value (``network.values(x)``). ``classes`` ``(B, K)``: the
+    DeepFool steps steer toward these classes only (``candidates``: one backward row per
+    class and step); whether a step flips is decided by a forward pass over every class.
     """
     layer = network.layer(index)
     W = augmented_weight(layer, bias)
@@ -206,7 +221,7 @@ def witness(network, index, P, y, norm, bias, out_shape, start: Witness | None =
         if done.all():
             break
         Z = _perturbed(layer, Z0, D, P, out_shape)
-        _, g, m, ratio = first_order(network, index, P, Z, y, norm, values)
+        _, g, m, ratio = first_order(network, index, P, Z, y, norm, values, classes)
         j = ratio.argmin(dim=-1)
         # No first-order direction (every margin gradient is zero, e.g. dead ReLUs): stuck.
         stuck = ~torch.isfinite(ratio[rows, j])

@@ -68,12 +68,13 @@ def _bisection(net, index, values, y, P, scale, cap, norm, constants, floor) -> 
     return lo
 
 
-@given(MODELS, st.integers(0, 2**16), st.sampled_from(["fro", "max"]))
-def test_the_search_reaches_what_bisection_certifies(model_and_shape, seed, norm):
+@given(MODELS, st.integers(0, 2**16), st.sampled_from(["fro", "max"]), st.booleans())
+def test_the_search_reaches_what_bisection_certifies(model_and_shape, seed, norm, keep_lines):
+    """With or without the lines kept across evaluations (``KeptLines``)."""
     for net, index, values, y, P, scale, cap, constants, floor in _problems(
             model_and_shape, seed, norm):
         ours = local_lower(net, index, values, y, norm, P, scale, cap, constants,
-                           evaluations=40, floor=floor)
+                           evaluations=40, floor=floor, keep_lines=keep_lines)
         best = _bisection(net, index, values, y, P, scale, cap, norm, constants, floor)
         assert (ours >= best / (1 + 2 * CONVERGED)).all(), (ours, best)
         found = ours > floor  # the floor is the global bound's, certified without lines
