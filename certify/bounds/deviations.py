@@ -49,6 +49,7 @@ from certify.graph.operators.enclosure import Enclosure
 # The search's radius is lowered by this fraction, so that an independent recomputation
 # (certify check's numpy twin), whose rounding differs, confirms it.
 CHECK_SLACK = 1e-6
+GRADIENT_BYTES = 2**30  # the margin gradients of one piece of inputs (1 GiB)
 
 
 def unsupported(network: Graph, index: int) -> str | None:
@@ -286,7 +287,16 @@ def deviation_lower(network: Graph, index: int, values, y: torch.Tensor, P: torc
     first-order radius ``min_j m_j / g_j`` (no larger radius can be certified) down by
     factors of 8 until one is certified, then geometric bisection to ``converged``. Each
     radius returned is certified by its own evaluation (``certify check`` confirms it by
-    one), then lowered by ``CHECK_SLACK``."""
+    one), then lowered by ``CHECK_SLACK``. The inputs go in pieces whose margin gradients
+    (one per class and entry of every nonlinear node) take at most ``GRADIENT_BYTES``."""
+    nodes = network.downstream(index)
+    entries = sum(math.prod(network.nodes[i].shape) for i in nodes
+                  if i == index or network.nodes[i].op.nonlinear)
+    piece = max(1, GRADIENT_BYTES // (8 * entries * values[-1].shape[-1]))
+    if len(cap) > piece:
+        return torch.cat([deviation_lower(network, index, [v[part] for v in values], y[part],
+                                          P[part], norm, cap[part], evaluations, converged)
+                          for part in torch.arange(len(cap), device=cap.device).split(piece)])
     t = trace(network, index, values, y, P, norm)
     first = (t.margins / t.g).amin(-1)
     hi = torch.minimum(cap, first).clamp(min=0)

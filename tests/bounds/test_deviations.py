@@ -179,3 +179,23 @@ def test_limiting_names_what_takes_the_binding_margin():
     names = deviations.limiting(net, index, values, y, P, "fro", 2 * lower)
     assert all(name == "first order" or "Activation" in name for name in names), names
     assert any("Activation" in name for name in names), names
+
+
+@settings(max_examples=8, deadline=None)
+@given(model_and_shape=st.one_of(mlps(), cnns()), norm=st.sampled_from(["fro", "max"]),
+       seed=st.integers(0, 2**16), pick=st.integers(0, 3))
+def test_pieces_of_inputs_give_the_radii_of_one_batch(model_and_shape, norm, seed, pick):
+    """Under a memory bound for one input's gradients the inputs go one by one: each radius
+    depends on its input alone, so the radii are those of the whole batch at once."""
+    drawn = _drawn_layer(model_and_shape, seed, pick, norm)
+    if drawn is None:
+        return
+    net, x, index, values, y, P = drawn
+    cap = torch.full((len(x),), 10.0, dtype=DT)
+    whole = deviations.deviation_lower(net, index, values, y, P, norm, cap)
+    saved, deviations.GRADIENT_BYTES = deviations.GRADIENT_BYTES, 1
+    try:
+        one_by_one = deviations.deviation_lower(net, index, values, y, P, norm, cap)
+    finally:
+        deviations.GRADIENT_BYTES = saved
+    assert torch.allclose(whole, one_by_one, rtol=1e-9, atol=0)

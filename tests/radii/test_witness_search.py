@@ -22,7 +22,7 @@ from torch import nn
 from certify.capture.export import capture
 from certify.radii.radius import _columns, class_margins
 from certify.models.small import load
-from certify.radii.witness import _flips, _unperturbed, witness
+from certify.radii.witness import _flips, _unperturbed, candidates, first_order, witness
 
 
 def both_searches(net, x, index, norm):
@@ -94,3 +94,32 @@ def test_the_attack_shrinks_deepfool_witnesses_on_a_trained_cnn():
         assert float(ratio.median()) < 0.995 and float(ratio.min()) < 0.9, (
             f"{norm}: median {float(ratio.median()):.3f}, min {float(ratio.min()):.3f}")
         assert float(ratio.max()) <= 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 3), st.sampled_from(["fro", "max"]))
+def test_witnesses_steered_toward_few_classes_flip(seed, count, norm):
+    """Forty classes, DeepFool steered toward the ``count`` of smallest first-order ratio
+    (``candidates``): every witness changes the class in a module of torch's own with the
+    perturbed weight (oracle independent of the graph's forward), and steering toward every
+    class finds at least as many."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 40)).double().eval()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    net = capture(model, x)
+    index = net.affine_indices[0]
+    values = net.values(x)
+    y, _ = class_margins(values[-1])
+    P = _columns(net.layer(index), x, False)
+    ratio = first_order(net, index, P, values[index], y, norm, values)[3]
+    upper, D = witness(net, index, P, y, norm, False, values[index].shape[1:], values=values,
+                       classes=candidates(ratio, count))
+    every, _ = witness(net, index, P, y, norm, False, values[index].shape[1:], values=values)
+    found = torch.isfinite(upper)
+    assert int(found.sum()) >= int(torch.isfinite(every).sum()) - 1
+    for b in torch.nonzero(found)[:, 0].tolist():
+        perturbed = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 40)).double()
+        perturbed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            perturbed[0].weight += D.matrix()[b]
+            assert perturbed(x[b:b + 1]).argmax(-1).item() != y[b].item()
