@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from certify.certificate.memory import chunked
 from certify.certificate.schema import FORMAT, array_sha256
 from certify.closed_forms.thresholds import thresholds
 from certify.graph import devices
@@ -216,12 +217,14 @@ def chunk_starts(n: int, chunk: int) -> range:
 def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
                     bias: bool = False, chunk: int = 64, progress: bool = True,
                     device: torch.device | str | None = None,
-                    refine: bool | str = "auto") -> Result:
+                    refine: bool | str = "auto", memory: int | None = None) -> Result:
     """Radii of every affine layer of the graph for both norms, in chunks of inputs, with
     thresholds; computed on ``device`` (default the CPU), always in float64. ``refine``: the
     local bound's backward refinement, as in ``radius.layer_radii`` (``True``: every input
     of every layer, usually tighter where the default skips it as too costly, and
-    slower).
+    slower). ``memory``: a budget in bytes of this process's resident memory, to which the
+    chunks (at most ``chunk`` inputs) are fitted (``certify.certificate.memory.chunked``; on
+    the CPU only); ``None``: chunks of ``chunk`` inputs.
 
     Raises ``certify.graph.inputs.InputTypeError`` / ``InputError`` for inputs that are not floats,
     are not finite or do not fit the network, as ``layer_radii`` does, ``InputError`` for a
@@ -229,19 +232,21 @@ def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
     device this machine lacks."""
     check_switch("refine", refine)
     x = inputs_for(network, x)
-    starts = chunk_starts(len(x), chunk)
+    chunk_starts(len(x), chunk)  # validates chunk
     device = devices.resolve(device)
     on_device = network.to(device)
     jobs = len(network.affine_indices) * len(NORMS)
-    bar = tqdm(total=len(starts) * jobs, desc="certifying", unit="layer-norm",
+    bar = tqdm(total=len(x) * jobs, desc="certifying", unit="input-layer-norm",
                disable=not progress)
 
-    def done(index, norm):
-        bar.update()
-        bar.set_postfix(layer=network.nodes[index].name, norm=norm)
+    def certified(start: int, stop: int) -> ChunkRadii:
+        def done(index, norm):
+            bar.update(stop - start)
+            bar.set_postfix(layer=network.nodes[index].name, norm=norm)
+        return certify_chunk(on_device, x[start:stop].to(device), start, bias, done, refine)
 
-    chunks = [certify_chunk(on_device, x[i:i + chunk].to(device), i, bias, done, refine)
-              for i in starts]
+    chunks = chunked(len(x), chunk, memory if device.type == "cpu" else None, certified,
+                     warn=bar.write)
     bar.close()
     return merge(network, x, chunks, model_sha256=model_sha256, bias=bias, device=device)
 

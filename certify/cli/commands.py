@@ -95,8 +95,9 @@ def model(args: argparse.Namespace) -> int:
     # Checked before the long certification run, so that a wrong --budgets fails at once.
     budgets = _budgets_certified(args, network, torch.from_numpy(x))
     compressions = _compressions(network, args.compress or [])
+    memory = {} if args.backend != "serial" else {"memory": _memory_budget(args.memory)}
     result = run(network, torch.from_numpy(x), model_sha256=digest, bias=args.bias,
-                 chunk=args.chunk, device=args.device, refine=REFINE[args.refine])
+                 chunk=args.chunk, device=args.device, refine=REFINE[args.refine], **memory)
     if compressions:
         result.document["compression_checks"] = compression_checks(
             network, torch.from_numpy(x), compressions, result.document, args.chunk)
@@ -184,6 +185,25 @@ def _compression_option(text: str):
         return parse_compression(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _memory_option(text: str) -> str | int | None:
+    """``--memory``: ``auto``, ``none`` or a size in bytes (``certificate.memory.parse_budget``)."""
+    if text in ("auto", "none"):
+        return text
+    from certify.certificate.memory import parse_budget
+
+    try:
+        return parse_budget(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}, or auto, or none") from None
+
+
+def _memory_budget(option: str | int) -> int | None:
+    """Bytes of the budget ``--memory`` names (``auto``: measured now)."""
+    from certify.certificate.memory import default_budget
+
+    return {"auto": default_budget, "none": lambda: None}.get(option, lambda: option)()
 
 
 def compression_checks(network, x, compressions, document: dict, chunk: int) -> list[dict]:
@@ -334,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="write a plot of radii and singular values per layer (PNG "
                    "unless the name asks for another format)")
     p.add_argument("--chunk", type=positive("--chunk"), default=64, metavar="N",
-                   help="inputs per batch (memory; default 64)")
+                   help="inputs per batch, at most (default 64; --memory may make them fewer)")
+    p.add_argument("--memory", type=_memory_option, default="auto", metavar="SIZE",
+                   help="resident memory the certification keeps within, by fitting its "
+                   "chunks of inputs (8G, 512M, ...; auto, the default: half the memory "
+                   "available at the start; none: chunks of --chunk); serial backend on the "
+                   "CPU")
     p.add_argument("--refine", choices=tuple(REFINE), default="auto",
                    help="backward refinement of the local bound: auto (default: where it "
                    "pays at a bounded cost), always (every input of every layer: usually "
