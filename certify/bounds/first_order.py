@@ -47,9 +47,12 @@ class Sources:
             return forms.square().sum(1)
         if self.mix is None:
             return forms.abs().sum(1)
-        B, p, r = len(forms), forms.shape[1], self.mix.shape[1]
+        B, p, (r, n) = len(forms), forms.shape[1], self.mix.shape[1:]
         rows = forms.reshape(B, p // r, r, -1)
-        return torch.einsum("bakN,bkt->batN", rows, self.mix).abs().sum((1, 2)) \
+        # (B, m, n) products per entry: in pieces of entries within SYMBOL_ENTRIES
+        piece = max(1, SYMBOL_ENTRIES // (B * (p // r) * n))
+        return torch.cat([torch.einsum("bakN,bkt->batN", part, self.mix).abs().sum((1, 2))
+                          for part in rows.split(piece, dim=-1)], dim=-1) \
             .reshape(forms.shape[:1] + forms.shape[2:])
 
 

@@ -138,17 +138,23 @@ def _refine(graph: Graph, start: int, i: int, wanted: torch.Tensor, boxes: dict,
     # The wanted entries of every input, padded with repeats of a wanted (or any) entry.
     order = torch.argsort(wanted.to(torch.int8), dim=-1, descending=True, stable=True)[:, :k]
     op = graph.nodes[i].op
-    if i != start and isinstance(op, Affine) and not op.is_conv and len(shape) == 1:
-        # A dense layer's rows are its weight rows: no one-hot pass through it.
-        source = graph.input_of(i)
-        f = backward(graph, start, {source: op.weight[order]}, op.bias[order], boxes, values,
-                     lower=False)
-    else:
-        A = lo.new_zeros(B, k, math.prod(shape))
-        A.scatter_(-1, order[..., None], 1.0)
-        f = backward(graph, start, {i: A.reshape(B, k, *shape)}, lo.new_zeros(B, k), boxes,
-                     values, lower=False)
-    center, spread, slack = _concretise(f, region, rho)
+    # Each row's bound is its own: the rows go in pieces of at most REFINE_ENTRIES entries
+    # on the widest node they cross, so memory stays bounded where every entry is wanted.
+    widest = max(math.prod(graph.nodes[j].shape) for j in graph.downstream(start) if j <= i)
+    piece = max(1, REFINE_ENTRIES // (B * widest))
+    bounds = []
+    for rows in order.split(piece, dim=1):
+        if i != start and isinstance(op, Affine) and not op.is_conv and len(shape) == 1:
+            # A dense layer's rows are its weight rows: no one-hot pass through it.
+            f = backward(graph, start, {graph.input_of(i): op.weight[rows]}, op.bias[rows],
+                         boxes, values, lower=False)
+        else:
+            A = lo.new_zeros(B, rows.shape[1], math.prod(shape))
+            A.scatter_(-1, rows[..., None], 1.0)
+            f = backward(graph, start, {i: A.reshape(B, rows.shape[1], *shape)},
+                         lo.new_zeros(B, rows.shape[1]), boxes, values, lower=False)
+        bounds.append(_concretise(f, region, rho))
+    center, spread, slack = (torch.cat(part, dim=1) for part in zip(*bounds))
     # Only the wanted entries: the padding must not tighten an input's boxes, or its bound
     # would depend on the other inputs of the batch (and the checker's batch is another).
     hit = wanted.gather(-1, order)
@@ -278,6 +284,7 @@ def boxes_and_reach(graph: Graph, start: int, region: Region, rho: torch.Tensor,
 # ``enclose="auto"``: forward enclosures where ``enclosure_work`` is positive and at most
 # ENCLOSE_WORK multiply-adds per input and evaluation.
 ENCLOSE_WORK = 1e9
+REFINE_ENTRIES = 2**25  # entries of one refinement pass's rows on its widest node (256 MiB)
 REFINE_WORK = 1e6
 REFINE_LIMIT = 1e8
 REFINE_BELOW = 0.5

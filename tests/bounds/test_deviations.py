@@ -199,3 +199,36 @@ def test_pieces_of_inputs_give_the_radii_of_one_batch(model_and_shape, norm, see
     finally:
         deviations.GRADIENT_BYTES = saved
     assert torch.allclose(whole, one_by_one, rtol=1e-9, atol=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_the_max_norm_support_in_pieces_equals_it_at_once(seed):
+    """The max-norm support of forms over ``v = vec(D U)`` (``Sources.support``) per entry,
+    in pieces of one entry (``SYMBOL_ENTRIES`` below one), equals it computed at once, and
+    equals the definition ``||c U^T||_1`` computed here entry by entry. The second
+    convolution has 4 positions for 54 patch entries: the SVD's symbols (``mix``)."""
+    from certify.bounds import first_order
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16, 5)).double().eval()
+    x = torch.randn(3, 1, 8, 8, dtype=DT)
+    net = capture(model, x)
+    index = net.affine_indices[1]
+    values, _, P = _setup(net, x, index, "max")
+    source = first_order.sources(net.layer(index), values[index], P, "max")
+    assert source.mix is not None
+    forms = torch.randn(len(x), source.basis.shape[1], 5, dtype=DT)
+    whole = source.support(forms)
+    saved, first_order.SYMBOL_ENTRIES = first_order.SYMBOL_ENTRIES, 1
+    try:
+        pieces = source.support(forms)
+    finally:
+        first_order.SYMBOL_ENTRIES = saved
+    assert torch.allclose(whole, pieces, rtol=1e-12, atol=0)
+    r = source.mix.shape[1]
+    for b in range(len(x)):
+        for e in range(5):
+            c = forms[b, :, e].reshape(-1, r)  # m x r
+            assert torch.isclose(whole[b, e], (c @ source.mix[b]).abs().sum(), rtol=1e-12)

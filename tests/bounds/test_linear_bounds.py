@@ -177,3 +177,23 @@ def test_numpy_checker_recomputes_the_same_bounds(model_and_shape, norm, refine,
         mask[np.arange(len(y)), y.numpy()] = False
         np.testing.assert_allclose(ours.numpy()[mask], theirs[mask], rtol=1e-7,
                                    atol=1e-9 * np.abs(theirs[mask]).max())
+
+
+@settings(max_examples=15, deadline=None)
+@given(*PROBLEMS)
+def test_refinement_in_pieces_gives_the_same_boxes(model_and_shape, norm, refine, size, seed):
+    """The refinement's rows in pieces of one (``REFINE_ENTRIES`` below any node) bound every
+    entry as all rows at once do: each row's bound is its own."""
+    from certify.bounds import linear
+
+    for net, index, region, y, values in regions(model_and_shape, norm, size, seed):
+        rho = torch.ones(len(region.z), dtype=torch.float64)
+        whole = intermediate_bounds(net, index, region, rho, values, refine=True)
+        saved, linear.REFINE_ENTRIES = linear.REFINE_ENTRIES, 1
+        try:
+            pieces = intermediate_bounds(net, index, region, rho, values, refine=True)
+        finally:
+            linear.REFINE_ENTRIES = saved
+        for i, (lo, hi) in whole.items():
+            assert torch.allclose(lo, pieces[i][0], rtol=1e-12, atol=1e-300)
+            assert torch.allclose(hi, pieces[i][1], rtol=1e-12, atol=1e-300)
