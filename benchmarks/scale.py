@@ -3,9 +3,11 @@ code beside a baseline revision, in one run.
 
 Each (model, code) pair runs in a subprocess of its own (``--worker``), so the peak resident
 memory it reports is that row's; the baseline is the tree of ``--baseline`` (a git revision,
-extracted to a temporary folder with ``git archive``). Models are torchvision architectures
-with random weights and calibrated batch norms (``tests/support/torchvision_models.py``) at
-32 x 32 with 10 or 1,000 classes; inputs are random. Per layer both norms are certified with
+extracted to a temporary folder with ``git archive``). Models: the MNIST CNN of the
+benchmarks (``certify.models.small.mnist_cnn``, random weights, uniform random inputs) and
+torchvision architectures with random weights and calibrated batch norms
+(``tests/support/torchvision_models.py``) at 32 x 32 with 10 or 1,000 classes on random
+inputs. Per layer both norms are certified with
 the defaults (``layer_radii``) and timed; the ratio divides by one float64 forward+backward
 pass of the captured graph on the same inputs; ``lower`` is the median lower radius,
 new over baseline.
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from docs_blocks import invoked, replace_block  # noqa: E402
 
 BASELINE = "2f7169b"  # main before issue 29's work
-ROWS = ("resnet18:10:0,10,19", "resnet18:1000:16,19", "mobilenet_v2:1000:-4,-2")
+ROWS = ("mnist_cnn:10:0,1,2", "resnet18:10:0,10,19", "resnet18:1000:16,19")
 
 
 def worker(model_name: str, classes: int, layers: list[int], inputs: int) -> dict:
@@ -49,9 +51,16 @@ def worker(model_name: str, classes: int, layers: list[int], inputs: int) -> dic
     from certify.radii import layer_radii  # noqa: PLC0415
 
     torch.set_num_threads(2)
-    model, side = build(model_name, classes=classes)
-    x = torch.randn(inputs, 3, side, side, dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    if model_name == "mnist_cnn":  # the small MNIST CNN of the benchmarks, random weights
+        from certify.models.small import mnist_cnn  # noqa: PLC0415
+
+        torch.manual_seed(0)
+        model = mnist_cnn().double().eval()
+        x = torch.rand(inputs, 1, 28, 28, dtype=torch.float64, generator=generator)
+    else:
+        model, side = build(model_name, classes=classes)
+        x = torch.randn(inputs, 3, side, side, dtype=torch.float64, generator=generator)
     network = capture(model, x)
     start = time.perf_counter()
     for _ in range(3):
@@ -99,6 +108,32 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Seconds per input of every timed layer and norm, baseline beside now (log scale)."""
+    import matplotlib  # noqa: PLC0415 (only when plotting)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    labels, old, new = [], [], []
+    for spec, pair in report["rows"].items():
+        model, classes, _ = spec.split(":")
+        for a, b in zip(pair["baseline"]["rows"], pair["now"]["rows"]):
+            labels.append(f"{model}/{classes}\n{b['layer'].split('+')[0]} {b['norm']}")
+            old.append(a["seconds"] / report["inputs"])
+            new.append(b["seconds"] / report["inputs"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(labels)), 4))
+    at = range(len(labels))
+    ax.bar([i - 0.2 for i in at], old, 0.4, label=f"baseline {report['baseline']}")
+    ax.bar([i + 0.2 for i in at], new, 0.4, label="now")
+    ax.set_xticks(list(at), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("model / classes, layer and norm")
+    ax.set_ylabel("seconds per input (2 CPU threads)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -107,6 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inputs", type=int, default=2)
     parser.add_argument("--baseline", default=BASELINE, help="git revision (default %(default)s)")
     parser.add_argument("--out", default="scale.json")
+    parser.add_argument("--plot", default="scale.png", help="the plot to write")
     parser.add_argument("--docs", action="store_true",
                         help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -127,8 +163,10 @@ def main(argv=None) -> int:
                 print(f"{spec} {label} ...", file=sys.stderr, flush=True)
                 pair[label] = run(code, spec, args.inputs)
             report["rows"][spec] = pair
-            print(table({**report, "rows": {spec: pair}}).splitlines()[-1], flush=True)
+            print("\n".join(table({**report, "rows": {spec: pair}}).splitlines()[2:]),
+                  flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    plot(report, Path(args.plot))
     text = table(report)
     print(text)
     if args.docs:
