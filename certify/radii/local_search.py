@@ -26,11 +26,12 @@ METHODS = 2  # margin lines per evaluation: CROWN's and the interval Jacobian's
 ENCLOSURE_ENTRIES = 2**25  # coefficients of one enclosure held at once (256 MiB in float64)
 
 
-@dataclass(frozen=True)
+@dataclass
 class KeptLines:
     """The margin lines of a search's evaluations so far, per input and class: the newest
     ``value - rho' slope`` of each method (``(K, B, C)``), made at ``made`` ``(B, C)`` and so
-    valid for every ``rho' <= made`` (``-inf`` where none was made)."""
+    valid for every ``rho' <= made`` (``-inf`` where none was made). The search's working
+    state, updated in place (``put``)."""
 
     value: torch.Tensor
     slope: torch.Tensor
