@@ -17,6 +17,7 @@ larger earlier peak, so the chunks stay within the budget, smaller than they cou
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -35,7 +36,6 @@ def available() -> int:
         text = Path("/proc/meminfo").read_text()
         return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) * 1024
     except (OSError, AttributeError):
-        import os  # noqa: PLC0415 (only where /proc is missing)
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

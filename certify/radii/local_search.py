@@ -162,6 +162,13 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     w0, w1 = torch.full_like(cap, math.inf), torch.full_like(cap, math.inf)
     # Each input's radius depends on that input alone, so the inputs whose bracket has
     # closed leave the batch and the evaluations go to the others.
+    def evaluate(piece: torch.Tensor, at: torch.Tensor, known: torch.Tensor | None):
+        """``margin_lines`` of the inputs ``piece`` at the radii ``at``."""
+        part = [v[piece] for v in values]
+        where = region(layer, part[index], P[piece], norm, scale[piece], concretise)
+        return margin_lines(network, index, where, at, y[piece], part,
+                            constants if norm == "fro" else None, refine, enclose, ball, known)
+
     kept = KeptLines.empty(len(cap), values[-1].shape[-1], cap) if keep_lines else None
     fresh = lo.clone()  # the floor, or the largest radius certified without kept lines
     todo = torch.nonzero(hi > lo * (1 + CONVERGED))[:, 0]
@@ -171,12 +178,9 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
         r, a, b = rho[todo], lo[todo], hi[todo]
         ok, g = [], []
         for piece in todo.split(chunk):  # bounded memory for the enclosures
-            part = [v[piece] for v in values]
-            where = region(layer, part[index], P[piece], norm, scale[piece], concretise)
             mine = None if kept is None else kept.rows(piece)
-            lines = margin_lines(network, index, where, rho[piece], y[piece], part,
-                                 constants if norm == "fro" else None, refine, enclose,
-                                 ball, None if mine is None else mine.lower(rho[piece]))
+            lines = evaluate(piece, rho[piece],
+                             None if mine is None else mine.lower(rho[piece]))
             if mine is not None:
                 alone = lines.certified(rho[piece], y[piece])
                 fresh[piece] = torch.where(alone, torch.maximum(fresh[piece], rho[piece]),
@@ -214,11 +218,7 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     # certify check repeats), or the largest radius so confirmed is returned.
     unconfirmed = torch.nonzero(lo > fresh)[:, 0]
     for piece in unconfirmed.split(chunk) if len(unconfirmed) else ():
-        part = [v[piece] for v in values]
-        where = region(layer, part[index], P[piece], norm, scale[piece], concretise)
-        lines = margin_lines(network, index, where, lo[piece], y[piece], part,
-                             constants if norm == "fro" else None, refine, enclose, ball,
-                             torch.full_like(part[-1], -math.inf))
+        lines = evaluate(piece, lo[piece], torch.full_like(values[-1][piece], -math.inf))
         fresh[piece] = torch.where(lines.certified(lo[piece], y[piece]), lo[piece],
                                    fresh[piece])
     return fresh

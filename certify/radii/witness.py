@@ -66,13 +66,11 @@ def first_order(network, index, P, Z, y, norm, values, classes=None):
     ``classes`` ``(B, K)``: over these classes only (``g``, margins and ratios per column)."""
     g, logits = _margin_gradients(network, index, Z, y, values, classes)
     m = logits.gather(-1, y[:, None]) - logits
-    ratio = (m / _dual_norms(g, P, norm)) if classes is None else \
-        m.gather(-1, classes) / _dual_norms(g, P, norm)
     if classes is None:
-        ratio = ratio.scatter(-1, y[:, None], math.inf)
-        return ratio.amin(dim=-1), g, m, ratio
-    ratio = torch.where(classes == y[:, None], math.inf, ratio)
-    return ratio.amin(dim=-1), g, m.gather(-1, classes), ratio
+        classes = torch.arange(m.shape[-1], device=m.device).expand_as(m)
+    m = m.gather(-1, classes)
+    ratio = torch.where(classes == y[:, None], math.inf, m / _dual_norms(g, P, norm))
+    return ratio.amin(dim=-1), g, m, ratio
 
 
 def candidates(ratio: torch.Tensor, count: int = WITNESS_CLASSES) -> torch.Tensor:
