@@ -68,7 +68,7 @@ class Linear:
 
 
 def backward(graph: Graph, start: int, seeds: dict, d: torch.Tensor, boxes: dict, values,
-             lower: bool, balls: dict | None = None) -> Linear:
+             lower: bool, balls: dict | None = None, alphas: dict | None = None) -> Linear:
     """Walk the rows ``seeds`` (node -> ``(B, R, *shape)``) back to node ``start``.
 
     ``boxes[i]`` bounds node ``i`` (every downstream node the walk meets); ``values`` are the
@@ -77,6 +77,8 @@ def backward(graph: Graph, start: int, seeds: dict, d: torch.Tensor, boxes: dict
     ``balls[i]``: ``(center, radius)`` of an l2 ball containing node ``i``'s values as well;
     with ``lower``, an activation reading node ``i`` takes the larger of its lines' offset
     and the offset over box and ball together (``Activation.ball_offset``, SDP-CROWN's).
+    ``alphas[i]``: the lower slopes of activation node ``i``'s unstable entries, per row
+    (``Activation.backward``'s ``alpha``; ``certify.bounds.slopes``).
     """
     e = torch.zeros_like(d)
     size = d.abs()
@@ -93,7 +95,11 @@ def backward(graph: Graph, start: int, seeds: dict, d: torch.Tensor, boxes: dict
             continue
         node = graph.nodes[i]
         A = rows.pop(i)
-        inputs, d_add, e_add = node.op.backward(A, [boxes[j] for j in node.inputs], lower)
+        box = [boxes[j] for j in node.inputs]
+        if alphas and i in alphas:
+            inputs, d_add, e_add = node.op.backward(A, box, lower, alpha=alphas[i])
+        else:
+            inputs, d_add, e_add = node.op.backward(A, box, lower)
         j = node.inputs[0]
         if lower and balls and j in balls and node.op.nonlinear and d_add is not None:
             offset = node.op.ball_offset(A, inputs[0], boxes[j], *balls[j])
@@ -412,6 +418,28 @@ def margin_lines(graph: Graph, start: int, region: Region, rho: torch.Tensor, y:
     computed only for the classes that neither they nor interval arithmetic certify, the
     others' lines read ``-inf``."""
     boxes, reach = boxes_and_reach(graph, start, region, rho, values, constants, refine, enclose)
+    return lines_on(graph, start, region, y, values, boxes, reach, ball, known)
+
+
+def crown_line(graph: Graph, start: int, region: Region, C: torch.Tensor, values, boxes: dict,
+               balls: dict | None, alphas: dict | None = None):
+    """CROWN's line ``value - rho' slope`` of the rows ``C`` ``(B, R, classes)`` on the
+    boxes (``backward`` from the logits, concretised over the region's unit set): ``value``
+    and ``slope``, ``(B, R)`` each, rounding slack taken off ``value``."""
+    f = backward(graph, start, {graph.output: C}, C.new_zeros(C.shape[:2]), boxes, values,
+                 lower=True, balls=balls, alphas=alphas)
+    value, size = f.d - f.e, f.size + f.e
+    if f.A is None:
+        return value - ROUND * size, torch.zeros_like(value)
+    at_z, magnitude = region.value(f.A)
+    return value + at_z - ROUND * (size + magnitude), region.dual(f.A) * (1 + ROUND)
+
+
+def lines_on(graph: Graph, start: int, region: Region, y: torch.Tensor, values, boxes: dict,
+             reach: dict, ball: bool, known: torch.Tensor | None = None,
+             alphas: dict | None = None) -> MarginLines:
+    """``margin_lines`` on boxes and reaches already computed (``boxes_and_reach`` at the
+    radius); ``alphas``: CROWN's lower slopes (``backward``), every class's rows."""
     interval = _interval_margins(graph, boxes, y)
     classes = None
     if known is not None:
@@ -420,16 +448,8 @@ def margin_lines(graph: Graph, start: int, region: Region, rho: torch.Tensor, y:
         classes = needed.to(interval.dtype).topk(max(count, 1), dim=-1).indices
     C = class_rows(graph, y, classes)
     balls = {i: (values[i], r) for i, r in reach.items()} if ball else None
-    f = backward(graph, start, {graph.output: C}, C.new_zeros(C.shape[:2]), boxes, values,
-                 lower=True, balls=balls)
-    value, size = f.d - f.e, f.size + f.e
-    if f.A is None:
-        slope = torch.zeros_like(value)
-    else:
-        at_z, magnitude = region.value(f.A)
-        value, size = value + at_z, size + magnitude
-        slope = region.dual(f.A) * (1 + ROUND)
-    values_, slopes = [value - ROUND * size], [slope]
+    value, slope = crown_line(graph, start, region, C, values, boxes, balls, alphas)
+    values_, slopes = [value], [slope]
     jacobian = jacobian_line(graph, start, region, boxes, y, C)
     if jacobian is not None:  # anchored at the unperturbed margins
         logits = values[graph.output]

@@ -27,7 +27,9 @@ Schema (``format`` = ``FORMAT``)::
 ``device`` is where the torch computation ran (numbers agree across devices to rounding).
 ``lower`` is a certificate, ``upper`` the norm of a witness (``null``: none found; its
 perturbation is stored in the ``.witnesses.npz`` file beside the JSON), ``estimate`` the
-first-order value. Thresholds are taken against the smallest ``lower`` of the layer.
+first-order value. Where a layer's ``method`` names ``optimised``, the same file holds the
+ReLU slopes its lower bounds used, ``<layer>/<norm>/slopes/<node>`` (bytes ``(inputs, classes,
+*node shape)``, ``certify.bounds.slopes``), which ``certify check`` repeats. Thresholds are taken against the smallest ``lower`` of the layer.
 ``multilayer``: per input the certified ``t`` of ``certify.radii.multilayer.uniform_budget``, no
 change of every affine layer at once with ``||D_k|| <= t ||W~_k||`` (in that norm) changes
 the class; ``min`` is the smallest over the inputs.
@@ -52,6 +54,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from certify.bounds.slopes import ADAPTIVE
 from certify.certificate.memory import chunked
 from certify.certificate.schema import FORMAT, array_sha256
 from certify.closed_forms.thresholds import thresholds
@@ -61,7 +64,7 @@ from certify.graph.inputs import InputError, inputs_for
 from certify.radii import whole_model
 from certify.radii.multilayer import uniform_budget
 from certify.radii.whole_model import MILDEST_KINDS, whole_model_supported
-from certify.radii.methods import check_switch, merged_method
+from certify.radii.methods import check_steps, check_switch, merged_method
 from certify.radii.radius import NORMS, LayerRadii, layer_radii
 from certify.radii.witness import Witness
 from certify.version import __version__
@@ -107,20 +110,34 @@ def _on_cpu(r: LayerRadii) -> LayerRadii:
     return replace(r, lower=r.lower.cpu(), upper=r.upper.cpu(), estimate=r.estimate.cpu(),
                    lower_global=r.lower_global.cpu(), lower_local=r.lower_local.cpu(),
                    witness=Witness(**{k: None if t is None else t.cpu() for k, t in
-                                      (("left", w.left), ("right", w.right), ("full", w.full))}))
+                                      (("left", w.left), ("right", w.right), ("full", w.full))}),
+                   slopes={node: c.cpu() for node, c in r.slopes.items()})
+
+
+def _slope_arrays(key: str, parts: list[LayerRadii]) -> dict[str, np.ndarray]:
+    """The slope codes of one layer and norm (``LayerRadii.slopes``) for all inputs:
+    ``ADAPTIVE`` (CROWN's slopes) for the chunks that optimised none."""
+    arrays = {}
+    for node in sorted(set().union(*(p.slopes for p in parts))):
+        shape = next(p.slopes[node].shape[1:] for p in parts if node in p.slopes)
+        arrays[f"{key}/slopes/{node}"] = np.concatenate([
+            p.slopes[node].numpy() if node in p.slopes else
+            np.full((len(p.lower), *shape), ADAPTIVE, dtype=np.uint8) for p in parts])
+    return arrays
 
 
 def certify_chunk(network: Graph, x: torch.Tensor, start: int = 0, bias: bool = False,
-                  done=lambda index, norm: None, refine: bool | str = "auto") -> ChunkRadii:
+                  done=lambda index, norm: None, refine: bool | str = "auto",
+                  optimise: int = 0) -> ChunkRadii:
     """Radii of every affine layer for both norms, and the uniform budget, for one batch
     ``x`` on the device of the graph and ``x``; ``done(index, norm)`` after each layer and
-    norm (progress); ``refine`` as in ``layer_radii``. Every number depends on this batch
+    norm (progress); ``refine`` and ``optimise`` as in ``layer_radii``. Every number depends on this batch
     only (section 2: radii are per input), so chunks can be certified anywhere and merged."""
     radii = {}
     for index in network.affine_indices:
         for norm in NORMS:
             radii[index, norm] = _on_cpu(layer_radii(network, x, index, norm, bias,
-                                                     refine=refine))
+                                                     refine=refine, optimise=optimise))
             done(index, norm)
     budgets = {norm: uniform_budget(network, x, norm, bias).cpu() for norm in NORMS}
     mildest = None
@@ -164,6 +181,7 @@ def merge(network: Graph, x: torch.Tensor, chunks: list[ChunkRadii], *, model_sh
                               "prune_ratio": t.prune_ratio},
             }
             witnesses |= _witness_arrays(f"{name}/{norm}", [p.witness for p in parts])
+            witnesses |= _slope_arrays(f"{name}/{norm}", parts)
         layers.append(entry)
     multilayer = {}
     for norm in NORMS:
@@ -217,20 +235,23 @@ def chunk_starts(n: int, chunk: int) -> range:
 def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
                     bias: bool = False, chunk: int = 64, progress: bool = True,
                     device: torch.device | str | None = None,
-                    refine: bool | str = "auto", memory: int | None = None) -> Result:
+                    refine: bool | str = "auto", memory: int | None = None,
+                    optimise: int = 0) -> Result:
     """Radii of every affine layer of the graph for both norms, in chunks of inputs, with
     thresholds; computed on ``device`` (default the CPU), always in float64. ``refine``: the
     local bound's backward refinement, as in ``radius.layer_radii`` (``True``: every input
     of every layer, usually tighter where the default skips it as too costly, and
     slower). ``memory``: a budget in bytes of this process's resident memory, to which the
     chunks (at most ``chunk`` inputs) are fitted (``certify.certificate.memory.chunked``; on
-    the CPU only); ``None``: chunks of ``chunk`` inputs.
+    the CPU only); ``None``: chunks of ``chunk`` inputs. ``optimise``: steps of the
+    optimised ReLU slopes, as in ``radius.layer_radii`` (0: CROWN's).
 
     Raises ``certify.graph.inputs.InputTypeError`` / ``InputError`` for inputs that are not floats,
     are not finite or do not fit the network, as ``layer_radii`` does, ``InputError`` for a
-    ``chunk`` below 1 or an unknown ``refine``, and ``certify.graph.devices.DeviceError`` for a
+    ``chunk`` below 1, an unknown ``refine`` or a bad ``optimise``, and ``certify.graph.devices.DeviceError`` for a
     device this machine lacks."""
     check_switch("refine", refine)
+    check_steps(optimise)
     x = inputs_for(network, x)
     chunk_starts(len(x), chunk)  # validates chunk
     device = devices.resolve(device)
@@ -243,7 +264,8 @@ def certify_network(network: Graph, x: torch.Tensor, *, model_sha256: str,
         def done(index, norm):
             bar.update(stop - start)
             bar.set_postfix(layer=network.nodes[index].name, norm=norm)
-        return certify_chunk(on_device, x[start:stop].to(device), start, bias, done, refine)
+        return certify_chunk(on_device, x[start:stop].to(device), start, bias, done, refine,
+                             optimise)
 
     chunks = chunked(len(x), chunk, memory if device.type == "cpu" else None, certified,
                      warn=bar.write)

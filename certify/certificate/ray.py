@@ -24,7 +24,7 @@ from certify.certificate.document import ChunkRadii, Result, certify_chunk, chun
 from certify.graph import devices
 from certify.graph.graph import Graph
 from certify.graph.inputs import InputError, inputs_for
-from certify.radii.radius import check_switch
+from certify.radii.methods import check_steps, check_switch
 
 RETRIES = 3  # reruns of a chunk whose worker died (worker crashes, not Python errors)
 INSTALL = "pip install 'certify[ray]'"
@@ -46,27 +46,30 @@ def ray_module():
 
 
 def _chunk_task(network: Graph, x: torch.Tensor, start: int, bias: bool,
-                device: str, refine: bool | str) -> ChunkRadii:
+                device: str, refine: bool | str, optimise: int) -> ChunkRadii:
     """One chunk on a worker (the Ray task's body)."""
     device = devices.resolve(device)
-    return certify_chunk(network.to(device), x.to(device), start, bias, refine=refine)
+    return certify_chunk(network.to(device), x.to(device), start, bias, refine=refine,
+                         optimise=optimise)
 
 
 def certify_on_ray(network: Graph, x: torch.Tensor, *, model_sha256: str, bias: bool = False,
                    chunk: int = 64, workers: int = 2, address: str | None = None,
                    device: torch.device | str | None = None,
-                   progress: bool = True, refine: bool | str = "auto") -> Result:
+                   progress: bool = True, refine: bool | str = "auto",
+                   optimise: int = 0) -> Result:
     """``certificate.certify_network`` with each chunk certified by a Ray task, at most
     ``workers`` at a time, on the cluster at ``address`` (a local one of ``workers`` CPUs
     when ``None``; a Ray session already running in this process is used as it is).
 
     On CUDA each task asks for ``1 / workers`` of a GPU, so ``workers`` chunks share one.
     Raises ``RayMissingError`` without Ray, ``InputError`` for bad inputs, ``chunk``,
-    ``workers`` or ``refine`` (before any work starts), and the first chunk's error if one
+    ``workers``, ``refine`` or ``optimise`` (before any work starts), and the first chunk's error if one
     fails."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive number of Ray workers, got {workers!r}")
     check_switch("refine", refine)
+    check_steps(optimise)
     ray = ray_module()
     x = inputs_for(network, x)
     starts = chunk_starts(len(x), chunk)
@@ -86,7 +89,7 @@ def certify_on_ray(network: Graph, x: torch.Tensor, *, model_sha256: str, bias: 
             while waiting and len(running) < workers:
                 i = waiting.pop(0)
                 running.append(task.remote(graph, x[i:i + chunk], i, bias, str(device),
-                                               refine))
+                                               refine, optimise))
             ready, running = ray.wait(running, num_returns=1)
             chunks.append(_result(ray, ready[0]))
             bar.update()

@@ -119,11 +119,12 @@ class Linear:
 
 
 def backward(graph: NumpyGraph, start: int, seeds: dict, d, boxes, values, lower,
-             balls: dict | None = None) -> Linear:
+             balls: dict | None = None, alphas: dict | None = None) -> Linear:
     """Rows ``seeds`` (node -> ``(B, R, *shape)``) walked back to node ``start`` through
     every operator's linear rule; rows on constants enter ``d``. ``balls`` (node ->
     ``(center, radius)``), with ``lower``: an activation's offset is the larger of its
-    lines' and SDP-CROWN's over box and ball (``ActivationTwin.ball_offset``)."""
+    lines' and SDP-CROWN's over box and ball (``ActivationTwin.ball_offset``). ``alphas``
+    (node -> rows like its ``A``): an activation's lower slopes (``ActivationTwin.backward``)."""
     e, size = np.zeros_like(d), np.abs(d)
     rows = dict(seeds)
     moving = set(graph.downstream(start))
@@ -141,7 +142,11 @@ def backward(graph: NumpyGraph, start: int, seeds: dict, d, boxes, values, lower
             continue
         node = graph.nodes[i]
         A = rows.pop(i)
-        inputs, d_add, e_add = node.twin.backward(A, [boxes[j] for j in node.inputs], lower)
+        box = [boxes[j] for j in node.inputs]
+        if alphas and i in alphas:
+            inputs, d_add, e_add = node.twin.backward(A, box, lower, alpha=alphas[i])
+        else:
+            inputs, d_add, e_add = node.twin.backward(A, box, lower)
         source = node.inputs[0]
         if lower and balls and source in balls and getattr(node.twin, "piecewise_linear", False):
             offset = node.twin.ball_offset(A, inputs[0], boxes[source], *balls[source])
@@ -344,13 +349,15 @@ ENCLOSURE_ENTRIES = 2**25
 
 
 def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: str,
-                       refine: bool, enclose: bool = False, ball: bool = False) -> np.ndarray:
+                       refine: bool, enclose: bool = False, ball: bool = False,
+                       alphas: dict | None = None) -> np.ndarray:
     """Lower bounds ``(B, C)`` of every margin over the section-4 region of radius ``rho``
     around layer ``index``'s output: the best of the CROWN line, the interval-Jacobian line
     and interval arithmetic (``certify.bounds.linear.margin_lines``, recomputed in numpy);
     ``enclose``: with forward enclosures, for at most ``ENCLOSURE_ENTRIES`` coefficients at
     a time; ``ball`` (``fro``): the activations' offsets over the balls of their inputs'
-    reaches too. ``P``: the layer's ``P~`` (``columns``)."""
+    reaches too; ``alphas`` (node -> ``(B, C, *x)``): the CROWN line's lower ReLU slopes
+    (``certify.bounds.slopes``). ``P``: the layer's ``P~`` (``columns``)."""
     region = section4_region(graph.layer(index), values[index], P, norm)
     if enclose:
         widest = max([int(np.prod(graph.nodes[i].shape)) for i in enclosed(graph, index)],
@@ -359,13 +366,14 @@ def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: s
         if len(y) > chunk:
             return np.concatenate([local_lower_bounds(
                 graph, index, [v[k:k + chunk] for v in values], P[k:k + chunk],
-                rho[k:k + chunk], y[k:k + chunk], norm, refine, True, ball)
+                rho[k:k + chunk], y[k:k + chunk], norm, refine, True, ball,
+                None if alphas is None else {i: a[k:k + chunk] for i, a in alphas.items()})
                 for k in range(0, len(y), chunk)])
     boxes, reach = intermediate_bounds(graph, index, region, rho, values, refine, enclose)
     C = class_vectors(graph, y)
     balls = {i: (values[i], r) for i, r in reach.items()} if ball else None
     f = backward(graph, index, {graph.output: C}, np.zeros(C.shape[:2]), boxes, values, True,
-                 balls)
+                 balls, alphas)
     value, size = f.d - f.e, f.size + f.e
     if f.A is not None:
         at_z, magnitude = region.value(f.A)

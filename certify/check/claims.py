@@ -25,7 +25,8 @@ the numpy twins ``forward``, ``bounds`` and ``compressions`` of ``certify.check`
 * ``lower``, last dense layer: the exact class-pair formula (section 3); other layers:
   the numpy global Lipschitz bound (section 5) reaches it, or the numpy local bound
   (interval propagation, backward refinement when ``method`` says ``refined``, CROWN (with
-  SDP-CROWN's offsets when it says ``ball``) and
+  SDP-CROWN's offsets when it says ``ball``, with the stored ReLU slopes when it says
+  ``optimised``: bytes ``k`` read as ``alpha = k / 254``, 255 for CROWN's own) and
   the interval Jacobian; for a layer with several columns concretised over ``{D P~}``,
   ``certify.check.regions``) certifies the section-4 region of that radius, or, when
   ``method`` names ``deviation``, the second-order bound of section 9 at that radius
@@ -75,6 +76,10 @@ ESTIMATE_SLACK = 1e-6  # the estimate divides by a gradient norm from another im
 # round a perturbed forward pass to either class: a few ulps through the network, far
 # below the gap a witness keeps after its bisection (relative 2^-30 of its margin, typically).
 WITNESS_TIE = 1e-12
+# Stored ReLU slopes (method "optimised"): byte k is alpha = k / SLOPE_STEPS, the lower slope
+# s + (1 - s) alpha of an unstable entry; SLOPE_ADAPTIVE keeps CROWN's.
+SLOPE_STEPS = 254
+SLOPE_ADAPTIVE = 255
 
 
 class CheckInputError(ValueError):
@@ -236,6 +241,11 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
             # with forward enclosures; "ball": with SDP-CROWN's offsets (Frobenius norm);
             # "deviation": the inputs neither confirms, by the deviation bound.
             options = set(claims["method"].partition("(")[2].rstrip(")").split(","))
+            alphas = None
+            if "optimised" in options:
+                alphas = _stored_slopes(witnesses, f"{name}/{norm}", graph, index, len(lower))
+                report.claim(not isinstance(alphas, str), f"{where}: slopes {alphas}")
+                alphas = None if isinstance(alphas, str) else alphas
             for refine in (False, True) if "refined" in options else (False,):
                 rest = ~confirmed & (lower > 0)
                 if not rest.any():
@@ -243,7 +253,9 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
                 bounds = local_lower_bounds(graph, index, [v[rest] for v in values], P[rest],
                                             lower[rest], y[rest], norm, refine=refine,
                                             enclose="forward" in options,
-                                            ball="ball" in options and norm == "fro")
+                                            ball="ball" in options and norm == "fro",
+                                            alphas=None if alphas is None else
+                                            {i: a[rest] for i, a in alphas.items()})
                 bounds[np.arange(len(bounds)), y[rest]] = np.inf
                 confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
             rest = ~confirmed & (lower > 0)
@@ -256,6 +268,30 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
         report.claim(bad.size == 0, f"{where}: lower of inputs {_first(bad)} is not confirmed")
         check_thresholds(report, where, layer.matrix, claims["threshold"], float(lower.min()),
                          norm, graph.is_dense(index))
+
+
+def _stored_slopes(witnesses, key: str, graph: NumpyGraph, index: int, n: int):
+    """The stored ReLU slopes of one layer and norm (``<key>/slopes/<node>``), node index ->
+    ``alpha`` ``(n, C, *x)`` (``-1``: CROWN's slope), or a reason they cannot be used: none
+    stored, a node that is not a convex piecewise-linear activation downstream of the layer,
+    a shape or type that does not fit it."""
+    prefix, alphas = f"{key}/slopes/", {}
+    names = {node.name: i for i, node in enumerate(graph.nodes)}
+    downstream = set(graph.downstream(index))
+    classes = graph.nodes[graph.output].shape[0]
+    for stored in (k for k in witnesses.keys() if k.startswith(prefix)):
+        node = stored[len(prefix):]
+        i = names.get(node)
+        twin = None if i is None else graph.nodes[i].twin
+        if i not in downstream or not getattr(twin, "piecewise_linear", False) or \
+                not 0 <= (twin.slope if twin.kind == "leaky_relu" else 0.0) <= 1:
+            return f"{stored} name no ReLU or convex LeakyReLU downstream of the layer"
+        codes = np.asarray(witnesses[stored])
+        shape = (n, classes, *graph.nodes[i].shape)
+        if codes.dtype != np.uint8 or codes.shape != shape:
+            return f"{stored} are {codes.dtype} of shape {codes.shape}, need uint8 {shape}"
+        alphas[i] = np.where(codes == SLOPE_ADAPTIVE, -1.0, codes / SLOPE_STEPS)
+    return alphas or f"{prefix}* are missing from the witnesses file"
 
 
 def _stored_witness(witnesses, key: str, shape: tuple[int, ...]):

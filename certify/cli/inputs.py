@@ -56,6 +56,18 @@ def positive(name: str):
     return parse
 
 
+def steps_option(text: str) -> int:
+    """``--optimise``: a whole number of steps, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--optimise must be a whole number of steps (0 or "
+                                         f"more, e.g. 20), got {text!r}")
+    return value
+
+
 def read_data(path: str):
     """``x`` (and ``y`` if present) from a ``.npz`` archive, or ``x`` from a ``.npy`` array."""
     import numpy as np

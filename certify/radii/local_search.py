@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from certify.bounds.linear import MarginLines, enclosed, margin_lines
+from certify.bounds import slopes
+from certify.bounds.linear import MarginLines, boxes_and_reach, enclosed, lines_on, margin_lines
 from certify.bounds.regions import Region, WeightRegion
 from certify.closed_forms.thresholds import singular_values_upper
 from certify.graph.graph import Graph
@@ -111,7 +112,8 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
                 shrink: torch.Tensor | float = 2.0,
                 floor: torch.Tensor | None = None,
                 concretise: str = "weight", enclose: bool = False,
-                ball: bool = False, keep_lines: bool = False) -> torch.Tensor:
+                ball: bool = False, keep_lines: bool = False, optimise: int = 0,
+                codes: dict | None = None) -> torch.Tensor:
     """The largest ``rho`` found whose region is certified by the linear bounds (section 4).
 
     Each evaluation at ``rho`` makes the relaxations on ``Z + rho U`` and yields, for every
@@ -141,6 +143,11 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     (``KeptLines``) or interval arithmetic do not certify; a radius certified with kept lines
     is then confirmed by an evaluation of its own at the end (else the largest radius so
     confirmed is returned), so that every radius returned is certified by one evaluation.
+    ``optimise``: each evaluation's CROWN line takes lower slopes optimised by that many
+    steps (``certify.bounds.slopes``); ``codes`` (a dict, filled in place): the slopes' codes
+    of the evaluation that certified each returned radius (node -> ``(B, C, *x)`` bytes,
+    ``slopes.ADAPTIVE`` for inputs whose radius no optimised evaluation certified), which
+    ``certify check`` needs to repeat it.
     """
     layer = network.layer(index)
     chunk = len(cap)
@@ -163,11 +170,36 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     # Each input's radius depends on that input alone, so the inputs whose bracket has
     # closed leave the batch and the evaluations go to the others.
     def evaluate(piece: torch.Tensor, at: torch.Tensor, known: torch.Tensor | None):
-        """``margin_lines`` of the inputs ``piece`` at the radii ``at``."""
+        """``margin_lines`` of the inputs ``piece`` at the radii ``at``; with ``optimise``,
+        on optimised slopes, whose codes stay in ``found`` until ``record`` keeps those of
+        the inputs certified."""
         part = [v[piece] for v in values]
         where = region(layer, part[index], P[piece], norm, scale[piece], concretise)
-        return margin_lines(network, index, where, at, y[piece], part,
-                            constants if norm == "fro" else None, refine, enclose, ball, known)
+        fro = constants if norm == "fro" else None
+        if not optimise:
+            return margin_lines(network, index, where, at, y[piece], part, fro, refine,
+                                enclose, ball, known)
+        boxes, reach = boxes_and_reach(network, index, where, at, part, fro, refine, enclose)
+        balls = {i: (part[i], r) for i, r in reach.items()} if ball else None
+        found.clear()
+        found.update(slopes.optimise(network, index, where, at, y[piece], part, boxes, balls,
+                                     optimise))
+        alphas = {i: slopes.decode(c) for i, c in found.items()}
+        return lines_on(network, index, where, y[piece], part, boxes, reach, ball, alphas=alphas)
+
+    def record(piece: torch.Tensor, certified: torch.Tensor) -> None:
+        """The codes of the last evaluation become those of the inputs ``piece[certified]``."""
+        for i, c in found.items():
+            codes[i][piece[certified]] = c[certified]
+
+    found: dict = {}
+    if optimise:
+        if codes is None:
+            raise ValueError("local_lower(optimise=...) needs a codes dict to fill")
+        classes = values[-1].shape[-1]
+        for i in slopes.optimisable(network, index):
+            codes[i] = torch.full((len(cap), classes, *network.nodes[i].shape), slopes.ADAPTIVE,
+                                  dtype=torch.uint8, device=cap.device)
 
     kept = KeptLines.empty(len(cap), values[-1].shape[-1], cap) if keep_lines else None
     fresh = lo.clone()  # the floor, or the largest radius certified without kept lines
@@ -181,8 +213,11 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
             mine = None if kept is None else kept.rows(piece)
             lines = evaluate(piece, rho[piece],
                              None if mine is None else mine.lower(rho[piece]))
-            if mine is not None:
-                alone = lines.certified(rho[piece], y[piece])
+            alone = lines.certified(rho[piece], y[piece])
+            if mine is None:
+                record(piece, alone)  # lo becomes rho there
+            else:
+                record(piece, alone & (rho[piece] > fresh[piece]))
                 fresh[piece] = torch.where(alone, torch.maximum(fresh[piece], rho[piece]),
                                            fresh[piece])
                 mine = mine.updated(lines, rho[piece])
@@ -219,6 +254,7 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     unconfirmed = torch.nonzero(lo > fresh)[:, 0]
     for piece in unconfirmed.split(chunk) if len(unconfirmed) else ():
         lines = evaluate(piece, lo[piece], torch.full_like(values[-1][piece], -math.inf))
-        fresh[piece] = torch.where(lines.certified(lo[piece], y[piece]), lo[piece],
-                                   fresh[piece])
+        certified = lines.certified(lo[piece], y[piece])
+        record(piece, certified)
+        fresh[piece] = torch.where(certified, lo[piece], fresh[piece])
     return fresh

@@ -8,8 +8,9 @@ from __future__ import annotations
 from certify.graph.inputs import InputError
 
 # The local bound's options, as ``method`` names them; "deviation": the second-order bound of
-# THEORY.md section 9 (certify.bounds.deviations) certified some inputs.
-OPTIONS = ("forward", "refined", "ball", "deviation")
+# THEORY.md section 9 (certify.bounds.deviations) certified some inputs; "optimised": some
+# were certified on optimised ReLU slopes (certify.bounds.slopes), stored in the witnesses.
+OPTIONS = ("forward", "refined", "ball", "deviation", "optimised")
 
 
 def check_switch(name: str, value) -> None:
@@ -19,13 +20,19 @@ def check_switch(name: str, value) -> None:
         raise InputError(f"{name} must be True, False or 'auto', got {value!r}")
 
 
+def check_steps(optimise) -> None:
+    """``InputError`` unless ``optimise`` (steps of the optimised slopes) is an int >= 0."""
+    if isinstance(optimise, bool) or not isinstance(optimise, int) or optimise < 0:
+        raise InputError(f"optimise must be a number of steps (an int >= 0), got {optimise!r}")
+
+
 def method_options(enclose: bool, refine: bool, ball: bool = False,
-                   deviation: bool = False) -> str:
+                   deviation: bool = False, optimised: bool = False) -> str:
     """The local bound's options as ``method`` names them, in ``OPTIONS``' order:
     ``forward`` (enclosures), ``refined`` (some inputs refined), ``ball`` (SDP-CROWN's
-    offsets), ``deviation`` (section 9's bound), e.g. ``(forward,ball)``; nothing without
-    any."""
-    used = (enclose, refine, ball, deviation)
+    offsets), ``deviation`` (section 9's bound), ``optimised`` (optimised slopes), e.g.
+    ``(forward,ball)``; nothing without any."""
+    used = (enclose, refine, ball, deviation, optimised)
     options = [name for name, on in zip(OPTIONS, used) if on]
     return f"({','.join(options)})" if options else ""
 

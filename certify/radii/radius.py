@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from certify.bounds import deviations, lipschitz
+from certify.bounds import deviations, lipschitz, slopes
 from certify.bounds.linear import (ENCLOSE_WORK, REFINE_BELOW, REFINE_GAIN, REFINE_LIMIT,
                                    REFINE_PROBE, REFINE_WORK, enclosed, enclosure_work,
                                    refine_work)
@@ -52,7 +52,7 @@ from certify.graph.graph import Graph
 from certify.graph.inputs import InputError, affine_index, inputs_for
 from certify.graph.operators import Affine
 from certify.radii.local_search import local_lower, region, region_scale
-from certify.radii.methods import check_switch, method_options
+from certify.radii.methods import check_steps, check_switch, method_options
 from certify.radii.witness import (WITNESS_GAP, Witness, candidates, first_order, weight_norm,
                                    witness)
 
@@ -60,6 +60,10 @@ SAFETY = 1e-9
 NORMS = ("fro", "max")
 KEEP_LINES_FROM = 32  # classes from which the local search keeps its lines by default
 CONCRETISE = ("weight", "output")  # the local bound's region for layers with several columns
+# ``optimise``: the inputs below OPTIMISE_BELOW times their witness get a second search, of at
+# most OPTIMISE_EVALUATIONS evaluations, on optimised slopes.
+OPTIMISE_BELOW = 0.95
+OPTIMISE_EVALUATIONS = 6
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class LayerRadii:
     method: str  # "exact" (last dense layer), else "lipschitz+crown" (or "crown") and
     # method_options: "(forward)", "(refined)", "(ball)", "(forward,refined,ball)", ...
     witness: "Witness"  # attains ``upper`` where it is finite
+    # ``optimise``: node name -> the slope codes ``(B, C, *x)`` the certificate's lower
+    # bound used (``certify.bounds.slopes``; ``ADAPTIVE``: CROWN's own); empty without.
+    slopes: dict = field(default_factory=dict)
 
 
 def predictions(network: Graph, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +131,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 bias: bool = False, refine: bool | str = "auto", concretise: str = "weight",
                 enclose: bool | str = "auto", ball: bool | str = "auto",
                 deviation: bool | str = "auto", keep_lines: bool | str = "auto",
-                clock=lambda phase: nullcontext()) -> LayerRadii:
+                optimise: int = 0, clock=lambda phase: nullcontext()) -> LayerRadii:
     """All three radii of affine step ``index`` for every input in ``x`` (one norm).
 
     ``x``: a batch of finite floating-point inputs (any precision, computed in float64);
@@ -159,6 +166,11 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     classes they do not certify (``local_search.local_lower``; the same radii up to the
     search's path, one confirming evaluation more); ``"auto"``: with at least
     ``KEEP_LINES_FROM`` classes, where the rows of the classes dominate the work.
+    ``optimise``: a number of steps; the inputs whose radius stays below ``OPTIMISE_BELOW``
+    times their witness get a second local search from it, whose CROWN lines take lower
+    ReLU slopes optimised by that many steps at each evaluation (``certify.bounds.slopes``,
+    alpha-CROWN); where it certifies more, ``slopes`` holds the codes that ``certify check``
+    repeats (``method`` then names ``optimised``). 0 (the default): CROWN's slopes.
     ``clock(phase)`` is entered around
     each phase (for timing breakdowns).
 
@@ -175,6 +187,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     for name, value in (("refine", refine), ("enclose", enclose), ("ball", ball),
                         ("deviation", deviation), ("keep_lines", keep_lines)):
         check_switch(name, value)
+    check_steps(optimise)
     x = inputs_for(network, x)
     index = affine_index(network, index)
     layer = network.layer(index)
@@ -192,6 +205,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     with clock("estimate"):
         estimate, _, _, ratio = first_order(network, index, P, Z, y, norm, values)
         steer = candidates(ratio)
+    codes = {}  # optimised slopes: node -> codes (B, C, *x), where they certified
     if network.is_last_dense(index):
         with clock("exact"):
             pair = class_pair_radius(values[-1], h, norm, bias=bias)
@@ -253,14 +267,16 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             if keep_lines == "auto":
                 keep_lines = values[-1].shape[-1] >= KEEP_LINES_FROM
 
-            def search(part, refined: bool, floor: torch.Tensor) -> torch.Tensor:
+            def search(part, refined: bool, floor: torch.Tensor, steps: int = 0,
+                       codes: dict | None = None) -> torch.Tensor:
                 """The local search for the inputs ``part`` (an index or a slice)."""
                 return local_lower(
                     network, index, [v[part] for v in values], y[part], norm, P[part],
                     scale[part], cap[part], constants, refine=refined, shrink=shrink[part],
                     floor=floor, concretise=concretise, enclose=enclose, ball=ball,
-                    evaluations=16 if exists else 24, keep_lines=bool(keep_lines)) * \
-                    (1 - SAFETY)
+                    evaluations=OPTIMISE_EVALUATIONS if steps else 16 if exists else 24,
+                    keep_lines=bool(keep_lines) and not steps, optimise=steps,
+                    codes=codes) * (1 - SAFETY)
 
             local = search(slice(None), refine, lower_global)
             weak = torch.isfinite(upper) & (local < REFINE_BELOW * upper)
@@ -277,13 +293,29 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
                 if gain >= REFINE_GAIN and len(rest):
                     local[rest] = torch.maximum(local[rest], search(rest, True, local[rest]))
                 refine = True
+            weak = torch.isfinite(upper) & (local < OPTIMISE_BELOW * upper)
+            if optimise and slopes.optimisable(network, index) and weak.any():
+                chosen = torch.nonzero(weak)[:, 0]
+                again = search(chosen, refine, local[chosen], optimise, codes)
+                better = again > local[chosen]
+                local = local.clone()
+                local[chosen] = torch.maximum(local[chosen], again)
+                for i, part in codes.items():  # the slopes that certified each radius
+                    full = torch.full((len(x), *part.shape[1:]), slopes.ADAPTIVE,
+                                      dtype=part.dtype, device=part.device)
+                    full[chosen[better]] = part[better]
+                    codes[i] = full
+                if not better.any():
+                    codes = {}
             lower_local = torch.maximum(torch.maximum(lower_global, local), second)
+            if codes and not bool(((local > lower_global) & (local > second)).any()):
+                codes = {}  # another bound certifies every radius
         lower = lower_local
         method = ("lipschitz+crown" if exists else "crown") + method_options(
-            enclose, refine, ball, deviation and bool((second > 0).any()))
+            enclose, refine, ball, deviation and bool((second > 0).any()), bool(codes))
     if (lower > upper).any():
         bad = torch.nonzero(lower > upper)[:5, 0].tolist()
         raise AssertionError(f"soundness violated at inputs {bad}: lower > verified upper")
     return LayerRadii(network.nodes[index].name, tuple(layer.weight.shape), norm, lower, upper,
-                      estimate,
-                      lower_global, lower_local, method, D)
+                      estimate, lower_global, lower_local, method, D,
+                      {network.nodes[i].name: c for i, c in codes.items()})

@@ -1,7 +1,8 @@
 """Small real models certified through the command line, for the checker's tests.
 
 ``--factory certified_models:<name>`` targets (pytest puts ``tests/support/`` on ``sys.path``):
-an MLP, a CNN with max pooling, and a ResNet block with a projection shortcut, each with
+an MLP, a CNN with max pooling, a ResNet block with a projection shortcut, and a deep ReLU
+MLP (for the optimised slopes), each with
 data that carries labels ``y``. ``certify(tmp, name)`` writes the model's state dict and
 data, runs ``certify model`` with compression checks, and returns the command-line
 arguments that ``certify check`` needs.
@@ -48,14 +49,24 @@ def resnet() -> nn.Module:
                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(36, 3))
 
 
-INPUTS = {"mlp": (4, 4), "cnn": (1, 10, 10), "resnet": (1, 6, 6)}
+def deep_mlp() -> nn.Module:
+    """Six ReLU layers, where CROWN's fixed slopes compound (``--optimise`` pays)."""
+    torch.manual_seed(3)
+    layers = [nn.Flatten(), nn.Linear(16, 16), nn.ReLU()]
+    for _ in range(5):
+        layers += [nn.Linear(16, 16), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(16, 4))
+
+
+INPUTS = {"mlp": (4, 4), "cnn": (1, 10, 10), "resnet": (1, 6, 6), "deep_mlp": (4, 4)}
 COMPRESSIONS = {"mlp": ["rank=2@3", "bits=3@1", "prune=0.4@5", "bits_per_channel=4"],
                 "cnn": ["rank=1@0", "prune=0.5"],
                 "resnet": ["bits=4@2.proj", "prune_global=0.1@2.proj,6"]}
 
 
-def certify(tmp, name: str, inputs: int = 12) -> list[str]:
-    """Certify model ``name`` into ``tmp/cert.json``; the arguments of ``certify check``."""
+def certify(tmp, name: str, inputs: int = 12, options: tuple[str, ...] = ()) -> list[str]:
+    """Certify model ``name`` into ``tmp/cert.json`` (with more ``certify model``
+    ``options``); the arguments of ``certify check``."""
     model = globals()[name]()
     torch.save(model.state_dict(), tmp / "model.pt")
     rng = np.random.default_rng(0)
@@ -64,6 +75,6 @@ def certify(tmp, name: str, inputs: int = 12) -> list[str]:
     np.savez(tmp / "data.npz", x=x, y=rng.integers(0, classes, inputs))
     args = [str(tmp / "model.pt"), "--factory", f"certified_models:{name}",
             "--data", str(tmp / "data.npz")]
-    compress = [a for c in COMPRESSIONS[name] for a in ("--compress", c)]
-    assert main(["model", *args, "--out", str(tmp / "cert.json"), *compress]) == 0
+    compress = [a for c in COMPRESSIONS.get(name, ()) for a in ("--compress", c)]
+    assert main(["model", *args, "--out", str(tmp / "cert.json"), *compress, *options]) == 0
     return args

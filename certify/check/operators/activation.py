@@ -252,13 +252,20 @@ class ActivationTwin(Twin):
         return kink_lines(self(lo), self(hi), lo, hi,
                           self.slope if self.kind == "leaky_relu" else 0.0)
 
-    def backward(self, A, boxes, lower):
+    def backward(self, A, boxes, lower, alpha=None):
+        """``alpha`` (rows like ``A``): each row's lower slope ``s + (1 - s) alpha`` on the
+        unstable entries, clipped to ``[s, 1]``; CROWN's where ``alpha < 0``."""
         lo, hi = boxes[0]
         s = self.slope if self.kind == "leaky_relu" else 0.0
         if lower and self.piecewise_linear and 0 <= s <= 1:
             s_lower, s_upper, b_upper = self.adaptive(lo, hi)
+            s_lower = s_lower[:, None]
+            if alpha is not None:
+                chosen = np.clip(s + (1 - s) * alpha, s, 1.0)
+                unstable = ((lo < 0) & (hi > 0))[:, None]
+                s_lower = np.where(unstable & (alpha >= 0), chosen, s_lower)
             positive, negative = np.maximum(A, 0), np.minimum(A, 0)
-            return (positive * s_lower[:, None] + negative * s_upper[:, None],), \
+            return (positive * s_lower + negative * s_upper[:, None],), \
                 row_sum(negative * b_upper[:, None]), None
         lam, mu, nu = self.symmetric(lo, hi)
         return (A * lam[:, None],), row_sum(A * mu[:, None]), row_sum(np.abs(A) * nu[:, None])

@@ -282,12 +282,28 @@ class Activation(Operator):
         ``phi(x) <= s_u x + b_u`` on ``[lo, hi]``."""
         return kink_lines(self(lo), self(hi), lo, hi, torch.full_like(lo, self.slope))
 
-    def backward(self, A, boxes, lower):
+    @property
+    def optimisable(self) -> bool:
+        """Are CROWN's lower slopes free (``Activation.backward``'s ``alpha``)? For a convex
+        piecewise-linear ``phi``: ReLU, LeakyReLU with a slope in ``[0, 1]``."""
+        return self.piecewise_linear and 0 <= self.slope <= 1
+
+    def backward(self, A, boxes, lower, alpha=None):
+        """The linear rule (see the module). ``alpha`` ``(B, R, *x)``, with ``lower`` on an
+        ``optimisable`` kind: each row's lower slope on an unstable entry is
+        ``s + (1 - s) alpha`` (``s`` the negative slope; every value in ``[s, 1]`` keeps
+        ``phi(x) >= slope x`` on the box, alpha-CROWN's freedom), CROWN's choice where
+        ``alpha < 0``."""
         lo, hi = boxes[0]
-        if lower and self.piecewise_linear and 0 <= self.slope <= 1:
+        if lower and self.optimisable:
             s_lower, s_upper, b_upper = self.adaptive(lo, hi)
+            s_lower = s_lower[:, None]
+            if alpha is not None:
+                chosen = (self.slope + (1 - self.slope) * alpha).clamp(min=self.slope, max=1.0)
+                unstable = ((lo < 0) & (hi > 0))[:, None]
+                s_lower = torch.where(unstable & (alpha >= 0), chosen, s_lower)
             positive, negative = A.clamp(min=0), A.clamp(max=0)
-            return (positive * s_lower[:, None] + negative * s_upper[:, None],), \
+            return (positive * s_lower + negative * s_upper[:, None],), \
                 row_sum(negative * b_upper[:, None]), None
         lam, mu, nu = self.symmetric(lo, hi)
         return (A * lam[:, None],), row_sum(A * mu[:, None]), row_sum(A.abs() * nu[:, None])

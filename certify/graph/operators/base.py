@@ -52,12 +52,14 @@ def batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def adjoints(f, A: torch.Tensor, in_shapes) -> tuple[torch.Tensor, ...]:
-    """``A J_i`` for a map ``f`` linear in its inputs (``A``: ``(B, R, *out)``), by autograd."""
+    """``A J_i`` for a map ``f`` linear in its inputs (``A``: ``(B, R, *out)``), by autograd;
+    differentiable in ``A`` where ``A`` requires a gradient (``certify.bounds.slopes``)."""
     B, R = A.shape[:2]
-    xs = [A.new_zeros(B * R, *shape, requires_grad=True) for shape in in_shapes]
-    out = f(*xs)
-    grads = torch.autograd.grad(out, xs, grad_outputs=A.reshape(B * R, *out.shape[1:]),
-                                allow_unused=True)
+    with torch.enable_grad():
+        xs = [A.new_zeros(B * R, *shape, requires_grad=True) for shape in in_shapes]
+        out = f(*xs)
+        grads = torch.autograd.grad(out, xs, grad_outputs=A.reshape(B * R, *out.shape[1:]),
+                                    allow_unused=True, create_graph=A.requires_grad)
     return tuple(A.new_zeros(B, R, *shape) if g is None
                  else g.reshape(B, R, *shape) for g, shape in zip(grads, in_shapes))
 
