@@ -132,8 +132,11 @@ def _concretise(f: Linear, region: Region, rho: torch.Tensor):
 
 
 def _refine(graph: Graph, start: int, i: int, wanted: torch.Tensor, boxes: dict, values,
-            region: Region, rho: torch.Tensor):
-    """Backward-pass bounds on node ``i``'s value for the ``wanted`` entries."""
+            region: Region, rho: torch.Tensor, adaptive: bool = False):
+    """Backward-pass bounds on node ``i``'s value for the ``wanted`` entries: the two-sided
+    pass (``backward``'s ``lower=False``: one line per activation, for both ends); with
+    ``adaptive`` intersected with the lower bounds of the rows and of their negatives under
+    CROWN's adaptive lines (``lower=True``, a tighter line on each side, two more passes)."""
     lo, hi = boxes[i]
     B, shape = lo.shape[0], lo.shape[1:]
     flat_lo, flat_hi = lo.reshape(B, -1), hi.reshape(B, -1)
@@ -148,25 +151,35 @@ def _refine(graph: Graph, start: int, i: int, wanted: torch.Tensor, boxes: dict,
     # on the widest node they cross, so memory stays bounded where every entry is wanted.
     widest = max(math.prod(graph.nodes[j].shape) for j in graph.downstream(start) if j <= i)
     piece = max(1, REFINE_ENTRIES // (B * widest))
-    bounds = []
-    for rows in order.split(piece, dim=1):
-        if i != start and isinstance(op, Affine) and not op.is_conv and len(shape) == 1:
-            # A dense layer's rows are its weight rows: no one-hot pass through it.
-            f = backward(graph, start, {graph.input_of(i): op.weight[rows]}, op.bias[rows],
-                         boxes, values, lower=False)
+    dense = i != start and isinstance(op, Affine) and not op.is_conv and len(shape) == 1
+
+    def low(rows, sign: float, lower: bool):
+        """``sign x_rows`` bounded below (and above, two-sided) by one backward pass."""
+        if dense:  # a dense layer's rows are its weight rows: no one-hot pass through it
+            f = backward(graph, start, {graph.input_of(i): sign * op.weight[rows]},
+                         sign * op.bias[rows], boxes, values, lower=lower)
         else:
             A = lo.new_zeros(B, rows.shape[1], math.prod(shape))
-            A.scatter_(-1, rows[..., None], 1.0)
+            A.scatter_(-1, rows[..., None], sign)
             f = backward(graph, start, {i: A.reshape(B, rows.shape[1], *shape)},
-                         lo.new_zeros(B, rows.shape[1]), boxes, values, lower=False)
-        bounds.append(_concretise(f, region, rho))
-    center, spread, slack = (torch.cat(part, dim=1) for part in zip(*bounds))
+                         lo.new_zeros(B, rows.shape[1]), boxes, values, lower=lower)
+        center, spread, slack = _concretise(f, region, rho)
+        return center - spread - slack, center + spread + slack
+
+    bounds = []
+    for rows in order.split(piece, dim=1):
+        below, above = low(rows, 1.0, False)
+        if adaptive:
+            below = torch.maximum(below, low(rows, 1.0, True)[0])
+            above = torch.minimum(above, -low(rows, -1.0, True)[0])
+        bounds.append((below, above))
+    below, above = (torch.cat(part, dim=1) for part in zip(*bounds))
     # Only the wanted entries: the padding must not tighten an input's boxes, or its bound
     # would depend on the other inputs of the batch (and the checker's batch is another).
     hit = wanted.gather(-1, order)
     old_lo, old_hi = flat_lo.gather(-1, order), flat_hi.gather(-1, order)
-    new_lo = torch.where(hit, torch.maximum(old_lo, center - spread - slack), old_lo)
-    new_hi = torch.where(hit, torch.minimum(old_hi, center + spread + slack), old_hi)
+    new_lo = torch.where(hit, torch.maximum(old_lo, below), old_lo)
+    new_hi = torch.where(hit, torch.minimum(old_hi, above), old_hi)
     return (flat_lo.scatter(-1, order, new_lo).reshape(lo.shape),
             flat_hi.scatter(-1, order, new_hi).reshape(hi.shape))
 
@@ -204,15 +217,16 @@ def enclosure_work(graph: Graph, start: int, dimension: int) -> float:
 
 def intermediate_bounds(graph: Graph, start: int, region: Region, rho: torch.Tensor, values,
                         constants: dict | None = None, refine: bool = True,
-                        enclose: bool = False) -> dict:
+                        enclose: bool = False, adaptive: bool = False) -> dict:
     """Boxes containing every downstream node's value over ``z + rho U`` (node -> (lo, hi)),
     and points for the constants they read (``boxes_and_reach``'s boxes)."""
-    return boxes_and_reach(graph, start, region, rho, values, constants, refine, enclose)[0]
+    return boxes_and_reach(graph, start, region, rho, values, constants, refine, enclose,
+                           adaptive)[0]
 
 
 def boxes_and_reach(graph: Graph, start: int, region: Region, rho: torch.Tensor, values,
                     constants: dict | None = None, refine: bool = True,
-                    enclose: bool = False) -> tuple[dict, dict]:
+                    enclose: bool = False, adaptive: bool = False) -> tuple[dict, dict]:
     """Boxes containing every downstream node's value over ``z + rho U`` (node -> (lo, hi)),
     and points for the constants they read; for the l2 ball also the reaches (node -> ``r``,
     ``(B,)``, ``||x_i - values[i]||_2 <= r``; empty for the box).
@@ -221,7 +235,8 @@ def boxes_and_reach(graph: Graph, start: int, region: Region, rho: torch.Tensor,
     (``constants``: ``lipschitz.node_constants(graph, start, "fro")``); with ``enclose``,
     intersected with the bounds of forward enclosures (``certify.graph.operators.enclosure``,
     from ``region.coefficients``) on the nodes of ``enclosed``; then, for the nodes that
-    feed a nonlinear operator, refined by backward passes (``refine``).
+    feed a nonlinear operator, refined by backward passes (``refine``; ``adaptive``: with
+    CROWN's adaptive lines as well, ``_refine``).
     """
     forward = enclosed(graph, start) if enclose else []
     if forward:
@@ -276,7 +291,7 @@ def boxes_and_reach(graph: Graph, start: int, region: Region, rho: torch.Tensor,
             wanted = consumers[0].unstable(lo, hi)
             for op in consumers[1:]:
                 wanted = wanted | op.unstable(lo, hi)
-            boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho)
+            boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho, adaptive)
         if i in forward and enclosures[i] is None:  # no forward rule: its box
             enclosures[i] = Enclosure.box(*boxes[i])
     return boxes, reach

@@ -175,8 +175,10 @@ def _concretise(f: Linear, region: Region, rho):
     return center, spread, ROUND * (size + spread)
 
 
-def _refine(graph, start, i, wanted, boxes, values, region, rho):
-    """Backward-pass bounds of node ``i``'s ``wanted`` entries, intersected with its box."""
+def _refine(graph, start, i, wanted, boxes, values, region, rho, adaptive=False):
+    """Backward-pass bounds of node ``i``'s ``wanted`` entries, intersected with its box:
+    the two-sided pass, and with ``adaptive`` the lower bounds of the rows and of their
+    negatives under CROWN's adaptive lines too."""
     lo, hi = boxes[i]
     B = len(lo)
     flat_lo, flat_hi = lo.reshape(B, -1).copy(), hi.reshape(B, -1).copy()
@@ -186,21 +188,29 @@ def _refine(graph, start, i, wanted, boxes, values, region, rho):
         return lo, hi
     order = np.argsort(~wanted, axis=-1, kind="stable")[:, :k]
     twin = graph.nodes[i].twin
-    if i != start and isinstance(twin, AffineTwin) and graph.is_dense(i):
-        f = backward(graph, start, {graph.input_of(i): twin.matrix[order]}, twin.bias[order],
-                     boxes, values, lower=False)
-    else:
-        A = np.zeros((B, k, flat_lo.shape[1]))
-        np.put_along_axis(A, order[..., None], 1.0, axis=-1)
-        f = backward(graph, start, {i: A.reshape(B, k, *lo.shape[1:])}, np.zeros((B, k)),
-                     boxes, values, lower=False)
-    center, spread, slack = _concretise(f, region, rho)
+
+    def bounds(sign, lower):
+        if i != start and isinstance(twin, AffineTwin) and graph.is_dense(i):
+            f = backward(graph, start, {graph.input_of(i): sign * twin.matrix[order]},
+                         sign * twin.bias[order], boxes, values, lower=lower)
+        else:
+            A = np.zeros((B, k, flat_lo.shape[1]))
+            np.put_along_axis(A, order[..., None], sign, axis=-1)
+            f = backward(graph, start, {i: A.reshape(B, k, *lo.shape[1:])}, np.zeros((B, k)),
+                         boxes, values, lower=lower)
+        center, spread, slack = _concretise(f, region, rho)
+        return center - spread - slack, center + spread + slack
+
+    below, above = bounds(1.0, False)
+    if adaptive:
+        below = np.maximum(below, bounds(1.0, True)[0])
+        above = np.minimum(above, -bounds(-1.0, True)[0])
     # Only the wanted entries (the padding would make the bound depend on the batch).
     hit = np.take_along_axis(wanted, order, -1)
     old_lo = np.take_along_axis(flat_lo, order, -1)
     old_hi = np.take_along_axis(flat_hi, order, -1)
-    new_lo = np.where(hit, np.maximum(old_lo, center - spread - slack), old_lo)
-    new_hi = np.where(hit, np.minimum(old_hi, center + spread + slack), old_hi)
+    new_lo = np.where(hit, np.maximum(old_lo, below), old_lo)
+    new_hi = np.where(hit, np.minimum(old_hi, above), old_hi)
     np.put_along_axis(flat_lo, order, new_lo, -1)
     np.put_along_axis(flat_hi, order, new_hi, -1)
     return flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
@@ -226,15 +236,17 @@ def enclosed(graph: NumpyGraph, start: int) -> list[int]:
 
 
 def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, values,
-                        refine: bool, enclose: bool = False) -> tuple[dict, dict]:
+                        refine: bool, enclose: bool = False,
+                        adaptive: bool = False) -> tuple[dict, dict]:
     """Boxes of every downstream node over ``z + rho U`` (and points for the constants
     they read), and for the l2 ball the reaches (node -> ``r >= ||x_i - nominal_i||_2``):
     interval propagation, for the l2 ball intersected with the reach bounds of
     affine layers (``r_i >= ||x_i - nominal_i||_2``: the operators' l2 constants or the
     box's farthest corner); with ``enclose``, intersected with the bounds of forward
     enclosures (``certify.check.operators.enclosure``) on the nodes of ``enclosed``; for
-    nodes feeding a nonlinear operator, refined by backward passes (``refine``) on the
-    entries their consumers mark unstable."""
+    nodes feeding a nonlinear operator, refined by backward passes (``refine``; with
+    CROWN's adaptive lines too when ``adaptive``) on the entries their consumers mark
+    unstable."""
     forward = set(enclosed(graph, start)) if enclose else set()
     enclosures = {start: Enclosure(region.z, np.zeros_like(region.z), region.coefficients(),
                                    None, np.abs(region.z))} if forward else {}
@@ -285,7 +297,7 @@ def intermediate_bounds(graph: NumpyGraph, start: int, region: Region, rho, valu
             wanted = np.zeros(lo.shape, dtype=bool)
             for twin in consumers:
                 wanted |= twin.unstable(lo, hi)
-            boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho)
+            boxes[i] = _refine(graph, start, i, wanted, boxes, values, region, rho, adaptive)
         if i in forward and enclosures[i] is None:
             enclosures[i] = Enclosure.box(*boxes[i])
     return boxes, reach
@@ -350,14 +362,15 @@ ENCLOSURE_ENTRIES = 2**25
 
 def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: str,
                        refine: bool, enclose: bool = False, ball: bool = False,
-                       alphas: dict | None = None) -> np.ndarray:
+                       alphas: dict | None = None, adaptive: bool = False) -> np.ndarray:
     """Lower bounds ``(B, C)`` of every margin over the section-4 region of radius ``rho``
     around layer ``index``'s output: the best of the CROWN line, the interval-Jacobian line
     and interval arithmetic (``certify.bounds.linear.margin_lines``, recomputed in numpy);
     ``enclose``: with forward enclosures, for at most ``ENCLOSURE_ENTRIES`` coefficients at
     a time; ``ball`` (``fro``): the activations' offsets over the balls of their inputs'
     reaches too; ``alphas`` (node -> ``(B, C, *x)``): the CROWN line's lower ReLU slopes
-    (``certify.bounds.slopes``). ``P``: the layer's ``P~`` (``columns``)."""
+    (``certify.bounds.slopes``); ``adaptive``: the refinement with CROWN's adaptive lines
+    too. ``P``: the layer's ``P~`` (``columns``)."""
     region = section4_region(graph.layer(index), values[index], P, norm)
     if enclose:
         widest = max([int(np.prod(graph.nodes[i].shape)) for i in enclosed(graph, index)],
@@ -367,9 +380,11 @@ def local_lower_bounds(graph: NumpyGraph, index: int, values, P, rho, y, norm: s
             return np.concatenate([local_lower_bounds(
                 graph, index, [v[k:k + chunk] for v in values], P[k:k + chunk],
                 rho[k:k + chunk], y[k:k + chunk], norm, refine, True, ball,
-                None if alphas is None else {i: a[k:k + chunk] for i, a in alphas.items()})
+                None if alphas is None else {i: a[k:k + chunk] for i, a in alphas.items()},
+                adaptive)
                 for k in range(0, len(y), chunk)])
-    boxes, reach = intermediate_bounds(graph, index, region, rho, values, refine, enclose)
+    boxes, reach = intermediate_bounds(graph, index, region, rho, values, refine, enclose,
+                                       adaptive)
     C = class_vectors(graph, y)
     balls = {i: (values[i], r) for i, r in reach.items()} if ball else None
     f = backward(graph, index, {graph.output: C}, np.zeros(C.shape[:2]), boxes, values, True,

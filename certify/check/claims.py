@@ -25,10 +25,12 @@ the numpy twins ``forward``, ``bounds`` and ``compressions`` of ``certify.check`
 * ``lower``, last dense layer: the exact class-pair formula (section 3); other layers:
   the numpy global Lipschitz bound (section 5) reaches it, or the numpy local bound
   (interval propagation, backward refinement when ``method`` says ``refined``, CROWN (with
-  SDP-CROWN's offsets when it says ``ball``, with the stored ReLU slopes when it says
-  ``optimised``: bytes ``k`` read as ``alpha = k / 254``, 255 for CROWN's own) and
+  SDP-CROWN's offsets when it says ``ball``) and
   the interval Jacobian; for a layer with several columns concretised over ``{D P~}``,
-  ``certify.check.regions``) certifies the section-4 region of that radius, or, when
+  ``certify.check.regions``), or, when ``method`` names ``optimised``, the same bound
+  refined with CROWN's adaptive lines as well and with the stored ReLU slopes (bytes ``k``
+  read as ``alpha = k / 254``, 255 for CROWN's own; ``certify.bounds.slopes``) certifies
+  the section-4 region of that radius, or, when
   ``method`` names ``deviation``, the second-order bound of section 9 at that radius
   (``certify.check.deviations``: exact first order, bounded remainders) keeps every margin
   positive; ``lower <= upper``;
@@ -241,11 +243,6 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
             # with forward enclosures; "ball": with SDP-CROWN's offsets (Frobenius norm);
             # "deviation": the inputs neither confirms, by the deviation bound.
             options = set(claims["method"].partition("(")[2].rstrip(")").split(","))
-            alphas = None
-            if "optimised" in options:
-                alphas = _stored_slopes(witnesses, f"{name}/{norm}", graph, index, len(lower))
-                report.claim(not isinstance(alphas, str), f"{where}: slopes {alphas}")
-                alphas = None if isinstance(alphas, str) else alphas
             for refine in (False, True) if "refined" in options else (False,):
                 rest = ~confirmed & (lower > 0)
                 if not rest.any():
@@ -253,12 +250,22 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
                 bounds = local_lower_bounds(graph, index, [v[rest] for v in values], P[rest],
                                             lower[rest], y[rest], norm, refine=refine,
                                             enclose="forward" in options,
-                                            ball="ball" in options and norm == "fro",
-                                            alphas=None if alphas is None else
-                                            {i: a[rest] for i, a in alphas.items()})
+                                            ball="ball" in options and norm == "fro")
                 bounds[np.arange(len(bounds)), y[rest]] = np.inf
                 confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
             rest = ~confirmed & (lower > 0)
+            if "optimised" in options:  # the stored slopes, on refined adaptive boxes
+                alphas = _stored_slopes(witnesses, f"{name}/{norm}", graph, index, len(lower))
+                report.claim(not isinstance(alphas, str), f"{where}: slopes {alphas}")
+                if rest.any() and not isinstance(alphas, str):
+                    bounds = local_lower_bounds(
+                        graph, index, [v[rest] for v in values], P[rest], lower[rest], y[rest],
+                        norm, refine=True, enclose="forward" in options,
+                        ball="ball" in options and norm == "fro",
+                        alphas={i: a[rest] for i, a in alphas.items()}, adaptive=True)
+                    bounds[np.arange(len(bounds)), y[rest]] = np.inf
+                    confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
+                rest = ~confirmed & (lower > 0)
             if "deviation" in options and rest.any():  # section 9's bound, one evaluation
                 bounds = margin_bounds(graph, index, [v[rest] for v in values], P[rest],
                                        lower[rest], y[rest], norm)

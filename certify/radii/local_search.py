@@ -144,7 +144,8 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     is then confirmed by an evaluation of its own at the end (else the largest radius so
     confirmed is returned), so that every radius returned is certified by one evaluation.
     ``optimise``: each evaluation's CROWN line takes lower slopes optimised by that many
-    steps (``certify.bounds.slopes``); ``codes`` (a dict, filled in place): the slopes' codes
+    steps (``certify.bounds.slopes``), and its refinement CROWN's adaptive lines as well
+    (``linear.boxes_and_reach``'s ``adaptive``); ``codes`` (a dict, filled in place): the slopes' codes
     of the evaluation that certified each returned radius (node -> ``(B, C, *x)`` bytes,
     ``slopes.ADAPTIVE`` for inputs whose radius no optimised evaluation certified), which
     ``certify check`` needs to repeat it.
@@ -179,7 +180,8 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
         if not optimise:
             return margin_lines(network, index, where, at, y[piece], part, fro, refine,
                                 enclose, ball, known)
-        boxes, reach = boxes_and_reach(network, index, where, at, part, fro, refine, enclose)
+        boxes, reach = boxes_and_reach(network, index, where, at, part, fro, refine, enclose,
+                                       adaptive=True)
         balls = {i: (part[i], r) for i, r in reach.items()} if ball else None
         found.clear()
         found.update(slopes.optimise(network, index, where, at, y[piece], part, boxes, balls,

@@ -167,8 +167,9 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
     search's path, one confirming evaluation more); ``"auto"``: with at least
     ``KEEP_LINES_FROM`` classes, where the rows of the classes dominate the work.
     ``optimise``: a number of steps; the inputs whose radius stays below ``OPTIMISE_BELOW``
-    times their witness get a second local search from it, whose CROWN lines take lower
-    ReLU slopes optimised by that many steps at each evaluation (``certify.bounds.slopes``,
+    times their witness get a second local search from it, refined (with CROWN's adaptive
+    lines as well as the two-sided ones), whose CROWN lines take lower ReLU slopes
+    optimised by that many steps at each evaluation (``certify.bounds.slopes``,
     alpha-CROWN); where it certifies more, ``slopes`` holds the codes that ``certify check``
     repeats (``method`` then names ``optimised``). 0 (the default): CROWN's slopes.
     ``clock(phase)`` is entered around
@@ -296,7 +297,7 @@ def layer_radii(network: Graph, x: torch.Tensor, index: int, norm: str,
             weak = torch.isfinite(upper) & (local < OPTIMISE_BELOW * upper)
             if optimise and slopes.optimisable(network, index) and weak.any():
                 chosen = torch.nonzero(weak)[:, 0]
-                again = search(chosen, refine, local[chosen], optimise, codes)
+                again = search(chosen, True, local[chosen], optimise, codes)
                 better = again > local[chosen]
                 local = local.clone()
                 local[chosen] = torch.maximum(local[chosen], again)

@@ -49,12 +49,14 @@ PROBLEMS = (st.one_of(mlps(), cnns(), deep_cnns(), residual_mlps(), residual_cnn
 
 
 @settings(max_examples=40, deadline=None)
-@given(*PROBLEMS)
-def test_intervals_contain_sampled_values(model_and_shape, norm, refine, size, seed):
+@given(*PROBLEMS, st.booleans())
+def test_intervals_contain_sampled_values(model_and_shape, norm, refine, size, seed, adaptive):
+    """``adaptive``: the refinement with CROWN's adaptive lines as well."""
     generator = torch.Generator().manual_seed(seed)
     for net, index, region, y, values in regions(model_and_shape, norm, size, seed):
         rho = torch.ones(len(region.z), dtype=torch.float64)
-        boxes = intermediate_bounds(net, index, region, rho, values, refine=refine)
+        boxes = intermediate_bounds(net, index, region, rho, values, refine=refine,
+                                    adaptive=adaptive)
         assert set(net.downstream(index)) <= set(boxes)
         for point in samples(region, rho, generator):
             sampled = net.rerun(index, point, values)

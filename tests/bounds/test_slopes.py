@@ -27,8 +27,10 @@ PROBLEMS = (st.one_of(mlps(activations=RELUS), cnns(), deep_cnns(), residual_mlp
 
 
 def optimised(net, index, region, rho, y, values, refine, ball, steps=8):
-    """Boxes at ``rho``, the codes of ``steps`` optimisation steps, and the lines on them."""
-    boxes, reach = boxes_and_reach(net, index, region, rho, values, refine=refine)
+    """Boxes at ``rho`` (refined with CROWN's adaptive lines too, when ``refine``), the
+    codes of ``steps`` optimisation steps, and the lines on them."""
+    boxes, reach = boxes_and_reach(net, index, region, rho, values, refine=refine,
+                                   adaptive=refine)
     balls = {i: (values[i], r) for i, r in reach.items()} if ball else None
     codes = slopes.optimise(net, index, region, rho, y, values, boxes, balls, steps)
     alphas = {i: slopes.decode(c) for i, c in codes.items()}
@@ -121,7 +123,7 @@ def test_numpy_checker_recomputes_the_optimised_bounds(model_and_shape, norm, re
         alphas = {i: np.where(c.numpy() == 255, -1.0, c.numpy() / 254) for i, c in codes.items()}
         theirs = local_lower_bounds(NumpyGraph.of(net), index, [v.numpy() for v in values],
                                     P.numpy(), rho.numpy(), y.numpy(), norm, refine,
-                                    ball=norm == "fro", alphas=alphas)
+                                    ball=norm == "fro", alphas=alphas, adaptive=refine)
         mask = np.ones(theirs.shape, dtype=bool)
         mask[np.arange(len(y)), y.numpy()] = False
         np.testing.assert_allclose(ours.numpy()[mask], theirs[mask], rtol=1e-7,

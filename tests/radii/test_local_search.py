@@ -12,14 +12,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from networks import cnns, mlps, residual_cnns
 from torch import nn
 
 from certify.bounds import lipschitz
 from certify.capture.export import capture
-from certify.bounds.linear import margin_lines
+from certify.bounds import slopes
+from certify.bounds.linear import boxes_and_reach, lines_on, margin_lines
 from certify.graph.operators import Affine
 from certify.radii.local_search import CONVERGED, local_lower, region, region_scale
 from certify.radii.radius import _columns, global_lower
@@ -81,6 +82,31 @@ def test_the_search_reaches_what_bisection_certifies(model_and_shape, seed, norm
         if found.any():  # each radius certified by its own evaluation, as the checker needs
             assert _certified(net, index, [v[found] for v in values], y[found], P[found],
                               scale[found], ours[found], norm, constants).all()
+
+
+@settings(max_examples=8)
+@given(mlps(), st.integers(0, 2**16), st.sampled_from(["fro", "max"]))
+def test_the_optimised_search_certifies_each_radius_with_its_codes(model_and_shape, seed, norm):
+    """From the plain search's radius, the search on optimised slopes never ends lower, and
+    each radius it raises is certified by one evaluation with the codes it recorded (what
+    ``certify check`` repeats)."""
+    for net, index, values, y, P, scale, cap, constants, floor in _problems(
+            model_and_shape, seed, norm):
+        plain = local_lower(net, index, values, y, norm, P, scale, cap, constants, floor=floor)
+        codes = {}
+        ours = local_lower(net, index, values, y, norm, P, scale, cap, constants, floor=plain,
+                           optimise=5, codes=codes, evaluations=4)
+        assert (ours >= plain).all()
+        found = ours > plain
+        if not found.any():
+            continue
+        part = [v[found] for v in values]
+        where = region(net.layer(index), part[index], P[found], norm, scale[found])
+        boxes, reach = boxes_and_reach(net, index, where, ours[found], part,
+                                       constants if norm == "fro" else None, adaptive=True)
+        alphas = {i: slopes.decode(c[found]) for i, c in codes.items()}
+        lines = lines_on(net, index, where, y[found], part, boxes, reach, False, alphas=alphas)
+        assert lines.certified(ours[found], y[found]).all()
 
 
 @pytest.mark.parametrize("norm", ["fro", "max"])
