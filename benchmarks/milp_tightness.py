@@ -15,6 +15,7 @@ Usage::
 
     python benchmarks/milp_tightness.py                 # 50 networks x 5 inputs, ~1 minute
     python benchmarks/milp_tightness.py --networks 10 --bias --leaky
+    python benchmarks/milp_tightness.py --optimise 20   # the optimised slopes' mode
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bias", action="store_true", help="perturb the bias too")
     parser.add_argument("--leaky", action="store_true", help="LeakyReLU(0.1) instead of ReLU")
+    parser.add_argument("--optimise", type=int, default=0, metavar="STEPS",
+                        help="layer_radii(optimise=STEPS): optimised ReLU slopes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = defaultdict(lambda: {"low": [], "up": [], "no_witness": 0, "seconds": 0.0})
@@ -63,7 +66,7 @@ def main(argv=None) -> None:
         for position, index in enumerate(affine):
             key = "last layer" if index == affine[-1] else f"{label}, layer {position + 1}"
             start = time.perf_counter()
-            r = layer_radii(net, x, index, "max", args.bias)
+            r = layer_radii(net, x, index, "max", args.bias, optimise=args.optimise)
             exact = exact_max_radius(net, x, index, args.bias, cap=r.upper).rho
             row = rows[key]
             row["seconds"] += time.perf_counter() - start
@@ -74,7 +77,8 @@ def main(argv=None) -> None:
             row["up"] += list(exact[ok] / upper[ok])
     print(f"{args.networks} networks x {args.inputs} inputs, seed {args.seed}, "
           f"bias {'perturbed' if args.bias else 'fixed'}, "
-          f"{'LeakyReLU(0.1)' if args.leaky else 'ReLU'}; norm: entrywise max")
+          f"{'LeakyReLU(0.1)' if args.leaky else 'ReLU'}; norm: entrywise max"
+          + (f"; optimise={args.optimise}" if args.optimise else ""))
     header = ("layer", "n", "lower/exact med", "min", "max (<= 1)", "exact/upper med", "min",
               "no witness", "s (certify+MILP)")
     print("| " + " | ".join(header) + " |")
