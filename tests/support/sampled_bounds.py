@@ -3,7 +3,8 @@ attacked points (``bounds/``): ``upto`` (a node's value when node ``start`` take
 ``copies`` (every node's value for stacked copies of the batch), ``margins`` (``o_y - o_j``
 when node ``start`` takes ``z``) and ``tolerance`` (the rounding allowed in the comparisons);
 ``regions`` (random section-4 regions of each layer of a model), ``samples`` (points of a
-region) and ``minimised`` (projected gradient descent over a region, the attack).
+region), ``minimised`` (projected gradient descent over a region, the attack) and
+``attacked_margins`` (that attack on the margins).
 """
 
 from __future__ import annotations
@@ -113,3 +114,10 @@ def minimised(f, region: Region, rho: torch.Tensor, generator, steps: int = 40):
             step = torch.sign(grad) * rho.reshape(1, -1, *[1] * (grad.ndim - 2)) * region.unit
         point = _project(region, rho, point - step * 0.5 * 0.9**t)
     return best.T  # (B, K)
+
+
+def attacked_margins(net: Graph, index: int, region: Region, rho: torch.Tensor, y, values,
+                     generator) -> torch.Tensor:
+    """The smallest margins ``(B, C)`` that ``minimised`` finds over ``z + rho U``."""
+    return minimised(lambda p: margins(net, index, p, y.repeat(len(p) // len(y)), values),
+                     region, rho, generator)
