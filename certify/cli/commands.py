@@ -368,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                    "tighter on wide and deep layers, and several times slower there) or never "
                    "(fastest)")
     p.add_argument("--optimise", type=steps_option, default=0, metavar="STEPS",
-                   help="optimise the ReLU slopes of the local bound (alpha-CROWN) by STEPS "
-                   "gradient steps per evaluation, for the inputs below 0.95 of their "
-                   "witness (default 0: CROWN's slopes); tighter on ReLU networks and several "
-                   "times slower there; the slopes go into the witnesses file for certify check")
+                   help="a second, refined search for the inputs below 0.95 of their witness, "
+                   "with the margins' ReLU slopes optimised (alpha-CROWN) by STEPS gradient "
+                   "steps per evaluation (default 0: none); tighter on ReLU networks and 2 to "
+                   "30 times slower there; the slopes go into the witnesses file for certify "
+                   "check")
     p.add_argument("--compress", action="append", type=_compression_option,
                    metavar="KIND=LEVEL[@LAYER,...]",
                    help="also apply a compression (rank=8, bits=4, bits_per_channel=4, "
