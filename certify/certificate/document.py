@@ -317,8 +317,8 @@ def compare(a: Result, b: Result) -> Agreement:
         u, v = a.witnesses.get(key), b.witnesses.get(key)
         if u is None or v is None or u.shape != v.shape:
             mismatches.append(f"witnesses/{key}")
-        else:
-            worst = max(worst, relative(u, v))
+        else:  # in float64: the slopes' bytes would wrap around when subtracted
+            worst = max(worst, relative(u.astype(np.float64), v.astype(np.float64)))
     return Agreement(worst, tuple(mismatches))
 
 

@@ -29,7 +29,7 @@ from sklearn.datasets import load_digits
 
 import matrix_models
 from certify.capture.export import capture
-from certify.certificate.document import certify_chunk, certify_network, compare, merge
+from certify.certificate.document import Result, certify_chunk, certify_network, compare, merge
 from certify.cli import main
 
 if os.environ.get("CI") is None:
@@ -128,6 +128,13 @@ def test_compare_sees_a_rounding_difference_and_a_changed_class(residual):
     b.witnesses[next(iter(b.witnesses))] *= 1 + 1e-3
     assert compare(a, b).mismatches == ("/predictions[2]",)
     assert compare(a, b).max_relative > 0.9e-3
+
+
+def test_compare_reads_the_slopes_bytes_as_numbers():
+    """Bytes 3 and 5 differ by 2 / 5, not by the 254 their unsigned difference wraps to."""
+    a = Result({}, {"fc/fro/slopes/relu": np.array([3, 7], dtype=np.uint8)})
+    b = Result({}, {"fc/fro/slopes/relu": np.array([5, 7], dtype=np.uint8)})
+    assert compare(a, b).max_relative == pytest.approx(0.4)
 
 
 def test_merge_refuses_chunks_lost_or_counted_twice(residual):
