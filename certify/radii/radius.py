@@ -63,7 +63,7 @@ CONCRETISE = ("weight", "output")  # the local bound's region for layers with se
 # ``optimise``: the inputs below OPTIMISE_BELOW times their witness get a second search, of at
 # most OPTIMISE_EVALUATIONS evaluations, on optimised slopes.
 OPTIMISE_BELOW = 0.95
-OPTIMISE_EVALUATIONS = 6
+OPTIMISE_EVALUATIONS = 10
 
 
 @dataclass(frozen=True)
