@@ -16,7 +16,7 @@ from certify.cli import main
 @pytest.fixture(scope="module")
 def optimised(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deep")
-    args = certify(tmp, "deep_mlp", inputs=8, options=("--optimise", "20"))
+    args = certify(tmp, "deep_mlp", inputs=6, options=("--optimise", "5"))
     return tmp, args, json.loads((tmp / "cert.json").read_text())
 
 
