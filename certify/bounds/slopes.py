@@ -71,26 +71,28 @@ def optimise(graph: Graph, start: int, region: Region, rho: torch.Tensor, y: tor
         value, slope = crown_line(graph, start, region, C, values, boxes, balls, alpha)
         return value - rho[:, None] * slope
 
-    plain = bound(None).detach()
+    if not nodes:
+        return {}
     best = {i: a.detach().clone() for i, a in alphas.items()}
-    best_bound = plain.clone()
-    if nodes and steps > 0:
-        optimiser = torch.optim.Adam(list(alphas.values()), lr=LEARNING_RATE, maximize=True)
-        for step in range(steps + 1):
-            now = bound(alphas)
-            better = now.detach() > best_bound
-            best_bound = torch.where(better, now.detach(), best_bound)
-            for i, a in alphas.items():
-                mask = better.reshape(B, R, *[1] * (a.ndim - 2))
-                best[i] = torch.where(mask, a.detach(), best[i])
-            if step == steps or not now.requires_grad:  # done, or no slope reaches it
-                break
-            optimiser.zero_grad()
-            now.sum().backward()
-            optimiser.step()
-            with torch.no_grad():
-                for a in alphas.values():
-                    a.clamp_(0, 1)
+    plain = None  # CROWN's bound: the first step's, whose slopes are CROWN's
+    optimiser = torch.optim.Adam(list(alphas.values()), lr=LEARNING_RATE, maximize=True)
+    for step in range(steps + 1):
+        now = bound(alphas)
+        if plain is None:
+            plain = best_bound = now.detach()
+        better = now.detach() > best_bound
+        best_bound = torch.where(better, now.detach(), best_bound)
+        for i, a in alphas.items():
+            mask = better.reshape(B, R, *[1] * (a.ndim - 2))
+            best[i] = torch.where(mask, a.detach(), best[i])
+        if step == steps or not now.requires_grad:  # done, or no slope reaches it
+            break
+        optimiser.zero_grad()
+        now.sum().backward()
+        optimiser.step()
+        with torch.no_grad():
+            for a in alphas.values():
+                a.clamp_(0, 1)
     codes = {i: encode(best[i], unstable[i]) for i in nodes}
     rounded = bound({i: decode(c) for i, c in codes.items()}).detach()
     worse = rounded < plain

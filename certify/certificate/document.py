@@ -28,8 +28,9 @@ Schema (``format`` = ``FORMAT``)::
 ``lower`` is a certificate, ``upper`` the norm of a witness (``null``: none found; its
 perturbation is stored in the ``.witnesses.npz`` file beside the JSON), ``estimate`` the
 first-order value. Where a layer's ``method`` names ``optimised``, the same file holds the
-ReLU slopes its lower bounds used, ``<layer>/<norm>/slopes/<node>`` (bytes ``(inputs, classes,
-*node shape)``, ``certify.bounds.slopes``), which ``certify check`` repeats. Thresholds are taken against the smallest ``lower`` of the layer.
+ReLU slopes its lower bounds used, ``<layer>/<norm>/slopes/<node>`` (bytes ``(inputs,
+classes, *node shape)``, ``certify.bounds.slopes``), which ``certify check`` repeats.
+Thresholds are taken against the smallest ``lower`` of the layer.
 ``multilayer``: per input the certified ``t`` of ``certify.radii.multilayer.uniform_budget``, no
 change of every affine layer at once with ``||D_k|| <= t ||W~_k||`` (in that norm) changes
 the class; ``min`` is the smallest over the inputs.
@@ -131,8 +132,9 @@ def certify_chunk(network: Graph, x: torch.Tensor, start: int = 0, bias: bool = 
                   optimise: int = 0) -> ChunkRadii:
     """Radii of every affine layer for both norms, and the uniform budget, for one batch
     ``x`` on the device of the graph and ``x``; ``done(index, norm)`` after each layer and
-    norm (progress); ``refine`` and ``optimise`` as in ``layer_radii``. Every number depends on this batch
-    only (section 2: radii are per input), so chunks can be certified anywhere and merged."""
+    norm (progress); ``refine`` and ``optimise`` as in ``layer_radii``. Every number depends
+    on this batch only (section 2: radii are per input), so chunks can be certified anywhere
+    and merged."""
     radii = {}
     for index in network.affine_indices:
         for norm in NORMS:

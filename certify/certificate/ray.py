@@ -64,8 +64,8 @@ def certify_on_ray(network: Graph, x: torch.Tensor, *, model_sha256: str, bias: 
 
     On CUDA each task asks for ``1 / workers`` of a GPU, so ``workers`` chunks share one.
     Raises ``RayMissingError`` without Ray, ``InputError`` for bad inputs, ``chunk``,
-    ``workers``, ``refine`` or ``optimise`` (before any work starts), and the first chunk's error if one
-    fails."""
+    ``workers``, ``refine`` or ``optimise`` (before any work starts), and the first chunk's
+    error if one fails."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be a positive number of Ray workers, got {workers!r}")
     check_switch("refine", refine)

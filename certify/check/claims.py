@@ -243,28 +243,29 @@ def _check_layer(report: Report, entry: dict, witnesses, graph: NumpyGraph, inde
             # with forward enclosures; "ball": with SDP-CROWN's offsets (Frobenius norm);
             # "deviation": the inputs neither confirms, by the deviation bound.
             options = set(claims["method"].partition("(")[2].rstrip(")").split(","))
+
+            def confirm(rest: np.ndarray, **bound) -> None:
+                """Confirm the claims of the inputs ``rest`` whose margins the local bound
+                (with the options ``bound``) keeps positive."""
+                bounds = local_lower_bounds(
+                    graph, index, [v[rest] for v in values], P[rest], lower[rest], y[rest],
+                    norm, enclose="forward" in options,  # noqa: B023 (called in this pass)
+                    ball="ball" in options and norm == "fro", **bound)  # noqa: B023
+                bounds[np.arange(len(bounds)), y[rest]] = np.inf
+                confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True  # noqa: B023
+
             for refine in (False, True) if "refined" in options else (False,):
                 rest = ~confirmed & (lower > 0)
                 if not rest.any():
                     break
-                bounds = local_lower_bounds(graph, index, [v[rest] for v in values], P[rest],
-                                            lower[rest], y[rest], norm, refine=refine,
-                                            enclose="forward" in options,
-                                            ball="ball" in options and norm == "fro")
-                bounds[np.arange(len(bounds)), y[rest]] = np.inf
-                confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
+                confirm(rest, refine=refine)
             rest = ~confirmed & (lower > 0)
             if "optimised" in options:  # the stored slopes, on refined adaptive boxes
                 alphas = _stored_slopes(witnesses, f"{name}/{norm}", graph, index, len(lower))
                 report.claim(not isinstance(alphas, str), f"{where}: slopes {alphas}")
                 if rest.any() and not isinstance(alphas, str):
-                    bounds = local_lower_bounds(
-                        graph, index, [v[rest] for v in values], P[rest], lower[rest], y[rest],
-                        norm, refine=True, enclose="forward" in options,
-                        ball="ball" in options and norm == "fro",
-                        alphas={i: a[rest] for i, a in alphas.items()}, adaptive=True)
-                    bounds[np.arange(len(bounds)), y[rest]] = np.inf
-                    confirmed[np.nonzero(rest)[0][(bounds > 0).all(-1)]] = True
+                    confirm(rest, refine=True, adaptive=True,
+                            alphas={i: a[rest] for i, a in alphas.items()})
                 rest = ~confirmed & (lower > 0)
             if "deviation" in options and rest.any():  # section 9's bound, one evaluation
                 bounds = margin_bounds(graph, index, [v[rest] for v in values], P[rest],

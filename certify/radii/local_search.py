@@ -145,8 +145,9 @@ def local_lower(network: Graph, index: int, values, y: torch.Tensor, norm: str,
     confirmed is returned), so that every radius returned is certified by one evaluation.
     ``optimise``: each evaluation's CROWN line takes lower slopes optimised by that many
     steps (``certify.bounds.slopes``), and its refinement CROWN's adaptive lines as well
-    (``linear.boxes_and_reach``'s ``adaptive``); ``codes`` (a dict, filled in place): the slopes' codes
-    of the evaluation that certified each returned radius (node -> ``(B, C, *x)`` bytes,
+    (``linear.boxes_and_reach``'s ``adaptive``); ``codes`` (a dict, filled in place): the
+    slopes' codes of the evaluation that certified each returned radius (node ->
+    ``(B, C, *x)`` bytes,
     ``slopes.ADAPTIVE`` for inputs whose radius no optimised evaluation certified), which
     ``certify check`` needs to repeat it.
     """
